@@ -1,0 +1,352 @@
+"""The operator's interface: one TOML file read into frozen dataclasses.
+
+Every key is optional; built-in routes cover every family, and a file overrides a route
+by name. Every error names the key and what is wrong, so a typo never starts a
+half-configured server. No Twisted imports here: this is plain data.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+from urllib.parse import urlsplit
+
+from pkgproxy.families import FAMILIES
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object, key: str = "") -> int:
+    """Parse ``"10GiB"``, ``"500MB"`` or a plain number of bytes."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a size like '10GiB', got {value!r}")
+    if isinstance(value, int):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (m := _QUANTITY.match(value)):
+        number, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ConfigError(key, f"expected a size like '10GiB', got {value!r}")
+    if unit not in _SIZE_UNITS:
+        raise ConfigError(key, f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, TiB)")
+    size = int(number * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise ConfigError(key, f"must be greater than zero, got {value!r}")
+    return size
+
+
+def parse_duration(value: object, key: str = "") -> float:
+    """Parse ``"60s"``, ``"10m"``, ``"1h"`` or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration like '60s', got {value!r}")
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    elif isinstance(value, str) and (m := _QUANTITY.match(value)):
+        number, unit = float(m.group(1)), m.group(2).lower()
+    else:
+        raise ConfigError(key, f"expected a duration like '60s' or '10m', got {value!r}")
+    if unit not in _DURATION_UNITS:
+        raise ConfigError(key, f"unknown duration unit {unit!r} in {value!r} (use ms, s, m, h, d)")
+    return number * _DURATION_UNITS[unit]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One upstream repository and the client-facing names it is reached by."""
+
+    name: str
+    family: str
+    prefix: str
+    upstream: str
+    forward: tuple[str, ...] = ()
+    index_ttl: float = 60.0
+    immutable: bool = False
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where the cache lives and how large it may grow."""
+
+    dir: str = "pkgproxy-cache"
+    max_size: int = 10 * 1024**3
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """How pkgproxy talks to upstreams: timeouts and connection limits."""
+
+    connect_timeout: float = 10.0
+    header_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_connections_per_host: int = 16
+    max_redirects: int = 5
+    ca_bundle: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole effective configuration."""
+
+    listen: tuple[str, ...] = ("tcp:3142",)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    admin_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    routes: tuple[Route, ...] = ()
+
+    def enabled_routes(self) -> tuple[Route, ...]:
+        """The routes that serve requests."""
+        return tuple(r for r in self.routes if r.enabled)
+
+
+BUILTIN_ROUTES: tuple[Route, ...] = (
+    Route(
+        name="debian",
+        family="debian",
+        prefix="/debian/",
+        upstream="https://deb.debian.org/debian/",
+        forward=("http://deb.debian.org/debian/", "http://ftp.debian.org/debian/"),
+    ),
+    Route(
+        name="debian-security",
+        family="debian",
+        prefix="/debian-security/",
+        upstream="https://deb.debian.org/debian-security/",
+        forward=(
+            "http://deb.debian.org/debian-security/",
+            "http://security.debian.org/debian-security/",
+        ),
+    ),
+)
+
+
+def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a table, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for k in data:
+        if k not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(f"{where}{k}", f"unknown key (known keys: {known})")
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _str_list(value: object, key: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(key, f"must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _positive_int(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(key, f"must be a whole number greater than zero, got {value!r}")
+    return value
+
+
+def check_url(value: str, key: str) -> str:
+    """Return ``value`` if it is an absolute http(s) URL ending in ``/``."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be an http:// or https:// URL, got {value!r}")
+    if parts.username or parts.password:
+        raise ConfigError(key, "credentials in the URL are not supported")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not have a query or fragment")
+    if not value.endswith("/"):
+        raise ConfigError(key, f"must end with '/', got {value!r} (try {value + '/'!r})")
+    return value
+
+
+_ROUTE_KEYS = {"family", "prefix", "upstream", "forward", "index_ttl", "immutable", "enabled"}
+_ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_RESERVED_PREFIXES = ("/_pkgproxy/", "/v2/")
+
+
+def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
+    where = f"routes.{name}."
+    if not _ROUTE_NAME.match(name):
+        raise ConfigError(f"routes.{name}", "route names are lower-case letters, digits, . _ -")
+    _check_keys(data, _ROUTE_KEYS, where)
+    if base is None:
+        for required in ("family", "upstream"):
+            if required not in data:
+                raise ConfigError(where + required, "required for a new route")
+        base = Route(name=name, family="", prefix=f"/{name}/", upstream="")
+    changes: dict[str, Any] = {}
+    if "family" in data:
+        family = _str(data["family"], where + "family")
+        if family not in FAMILIES:
+            known = ", ".join(sorted(FAMILIES))
+            raise ConfigError(where + "family", f"unknown family {family!r} (known: {known})")
+        changes["family"] = family
+    if "prefix" in data:
+        prefix = _str(data["prefix"], where + "prefix")
+        if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
+            raise ConfigError(where + "prefix", f"must look like '/name/', got {prefix!r}")
+        if prefix.startswith(_RESERVED_PREFIXES):
+            raise ConfigError(where + "prefix", f"{prefix!r} is reserved")
+        changes["prefix"] = prefix
+    if "upstream" in data:
+        changes["upstream"] = check_url(_str(data["upstream"], where + "upstream"), where + "upstream")
+    if "forward" in data:
+        forward = _str_list(data["forward"], where + "forward")
+        for i, f in enumerate(forward):
+            check_url(f, f"{where}forward[{i}]")
+        changes["forward"] = forward
+    if "index_ttl" in data:
+        changes["index_ttl"] = parse_duration(data["index_ttl"], where + "index_ttl")
+    if "immutable" in data:
+        changes["immutable"] = _bool(data["immutable"], where + "immutable")
+    if "enabled" in data:
+        changes["enabled"] = _bool(data["enabled"], where + "enabled")
+    return replace(base, **changes)
+
+
+def _check_route_table(routes: tuple[Route, ...]) -> None:
+    seen_prefix: dict[str, str] = {}
+    seen_forward: dict[str, str] = {}
+    for r in routes:
+        if not r.enabled:
+            continue
+        if r.prefix in seen_prefix:
+            raise ConfigError(
+                f"routes.{r.name}.prefix",
+                f"{r.prefix!r} is already the prefix of route {seen_prefix[r.prefix]!r}",
+            )
+        seen_prefix[r.prefix] = r.name
+        for f in r.forward:
+            if f in seen_forward:
+                raise ConfigError(
+                    f"routes.{r.name}.forward",
+                    f"{f!r} is already a forward prefix of route {seen_forward[f]!r}",
+                )
+            seen_forward[f] = r.name
+
+
+_TOP_KEYS = {"listen", "admin_networks", "cache", "upstream", "routes"}
+_CACHE_KEYS = {"dir", "max_size"}
+_UPSTREAM_KEYS = {
+    "connect_timeout",
+    "header_timeout",
+    "idle_timeout",
+    "max_connections_per_host",
+    "max_redirects",
+    "ca_bundle",
+}
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from parsed TOML, over the built-in defaults."""
+    _check_keys(data, _TOP_KEYS, "")
+    cfg = Config(routes=BUILTIN_ROUTES)
+    if "listen" in data:
+        listen = _str_list(data["listen"], "listen")
+        if not listen:
+            raise ConfigError("listen", "needs at least one strports description")
+        cfg = replace(cfg, listen=listen)
+    if "admin_networks" in data:
+        nets = _str_list(data["admin_networks"], "admin_networks")
+        for i, n in enumerate(nets):
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as e:
+                raise ConfigError(f"admin_networks[{i}]", str(e)) from None
+        cfg = replace(cfg, admin_networks=nets)
+
+    cache = _table(data, "cache")
+    _check_keys(cache, _CACHE_KEYS, "cache.")
+    cc = cfg.cache
+    if "dir" in cache:
+        cc = replace(cc, dir=_str(cache["dir"], "cache.dir"))
+    if "max_size" in cache:
+        cc = replace(cc, max_size=parse_size(cache["max_size"], "cache.max_size"))
+    cfg = replace(cfg, cache=cc)
+
+    up = _table(data, "upstream")
+    _check_keys(up, _UPSTREAM_KEYS, "upstream.")
+    uc = cfg.upstream
+    for k in ("connect_timeout", "header_timeout", "idle_timeout"):
+        if k in up:
+            seconds = parse_duration(up[k], f"upstream.{k}")
+            if seconds <= 0:
+                raise ConfigError(f"upstream.{k}", "must be greater than zero")
+            uc = replace(uc, **{k: seconds})
+    for k in ("max_connections_per_host", "max_redirects"):
+        if k in up:
+            uc = replace(uc, **{k: _positive_int(up[k], f"upstream.{k}")})
+    if "ca_bundle" in up:
+        uc = replace(uc, ca_bundle=_str(up["ca_bundle"], "upstream.ca_bundle"))
+    cfg = replace(cfg, upstream=uc)
+
+    routes = {r.name: r for r in cfg.routes}
+    for name, rdata in _table(data, "routes").items():
+        if not isinstance(rdata, dict):
+            raise ConfigError(f"routes.{name}", "must be a table")
+        routes[name] = _route(name, rdata, routes.get(name))
+    cfg = replace(cfg, routes=tuple(routes.values()))
+    _check_route_table(cfg.routes)
+    return cfg
+
+
+def load_config(path: str | None) -> Config:
+    """Read the TOML file at ``path`` (or nothing: the defaults)."""
+    if path is None:
+        return config_from_dict({})
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError("", f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("", f"{path} is not valid TOML: {e}") from None
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(e.key, f"{e.message} (in {path})") from None

@@ -1,0 +1,566 @@
+"""One upstream fetch of one cache key, shared by every client that wants it.
+
+The body goes to a temp file as it arrives, hashed on the way (in the disk pool, so the
+reactor never hashes); every subscriber reads that file at its own pace through
+:class:`~pkgproxy.web.producer.BodyProducer`. The temp file is the buffer, so a slow
+client costs disk reads, not memory, and never slows the others. Only a complete 200
+whose length and digests check out is committed; anything else is discarded and every
+subscriber's response ends as a failed transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+
+from pkgproxy import httputil
+from pkgproxy.families import CacheClass, Decision
+from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+
+if TYPE_CHECKING:
+    from pkgproxy.cache.store import CacheStore, Entry
+    from pkgproxy.diskpool import DiskPool
+
+log = Logger()
+
+#: Upstream response headers replayed to clients from the cache.
+STORED_HEADERS = (b"content-type", b"content-encoding", b"content-language", b"content-disposition")
+#: Error bodies are relayed from memory, so they are capped.
+MAX_ERROR_BODY = 64 * 1024
+#: Upstream is paused when this much is waiting for the disk, resumed below the low mark.
+HIGH_WATER = 8 * 1024 * 1024
+LOW_WATER = 2 * 1024 * 1024
+
+
+class State(Enum):
+    """Where a fetch is in its life."""
+
+    HEADERS = "headers"  # waiting for the upstream's status line
+    STREAMING = "streaming"  # 200: the body is arriving into the temp file
+    DONE = "done"  # body complete and verified (committed, or not storable)
+    FAILED = "failed"  # the transfer or its verification failed
+    ANSWERED = "answered"  # not a body to stream: 304, an error status, no connection
+
+
+class Outcome(Enum):
+    """What subscribers are told once the upstream has answered."""
+
+    STREAM = "stream"  # read the body from the fetch
+    NOT_MODIFIED = "not_modified"  # the stale entry is good again; serve it
+    RESPONSE = "response"  # relay an upstream status and small body (404, 500, ...)
+    UNREACHABLE = "unreachable"  # no usable answer; ``error`` says why
+
+
+@dataclass
+class FetchRequest:
+    """Everything a fetch needs to know about the client-independent request."""
+
+    key: str
+    url: str
+    decision: Decision
+    stale: Entry | None = None
+    extra_headers: dict[bytes, bytes] = field(default_factory=dict)
+
+
+class _SharedFile:
+    """An fd read by several subscribers with ``pread``; closed by its last user."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._refs = 1
+
+    def acquire(self) -> _SharedFile:
+        self._refs += 1
+        return self
+
+    def release(self) -> None:
+        self._refs -= 1
+        if self._refs == 0:
+            os.close(self.fd)
+
+
+class Fetch:
+    """A single upstream download with any number of subscribers.
+
+    :ivar written: bytes of the body safely in the temp file.
+    :ivar length: the body length the upstream announced, if any.
+    """
+
+    def __init__(
+        self,
+        request: FetchRequest,
+        client: UpstreamClient,
+        store: CacheStore,
+        diskpool: DiskPool,
+        clock: IReactorTime,
+        idle_timeout: float,
+    ) -> None:
+        self.request = request
+        self.key = request.key
+        self._client = client
+        self._store = store
+        self._pool = diskpool
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self.state = State.HEADERS
+        self.outcome: Outcome | None = None
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.error: UpstreamError | None = None
+        self.error_body = b""
+        self.length: int | None = None
+        self.written = 0
+        self.entry: Entry | None = None
+        self.sha256: str | None = None
+        self.subscribers = 0
+        self.started_at = clock.seconds()
+        self._file: _SharedFile | None = None
+        self._temp: str | None = None
+        self._hashers: dict[str, Any] = {}
+        self._answer_waiters: list[Deferred[Fetch]] = []
+        self._progress_waiters: list[Deferred[None]] = []
+        self._settled_callbacks: list[Callable[[Fetch], None]] = []
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writing = False
+        self._body_ended: Failure | None = None
+        self._sink: _BodySink | None = None
+        self.upstream: UpstreamResponse | None = None
+
+    # -- what subscribers see ------------------------------------------------------
+
+    def answered(self) -> Deferred[Fetch]:
+        """A new Deferred for this caller, fired once :attr:`outcome` is known."""
+        d: Deferred[Fetch] = Deferred()
+        if self.outcome is not None:
+            d.callback(self)
+        else:
+            self._answer_waiters.append(d)
+        return d
+
+    def open_body(self) -> _SharedFile:
+        """A reference to the temp file for one subscriber; release it when done."""
+        assert self._file is not None
+        return self._file.acquire()
+
+    def available(self) -> int:
+        """Bytes a subscriber may send now.
+
+        While the body is unverified the last byte is held back when the length is known,
+        so no client sees a complete response that then fails verification.
+        """
+        if self.state is State.DONE:
+            return self.written
+        if self.length is not None and self.written >= self.length:
+            return self.length - 1
+        return self.written
+
+    @property
+    def complete(self) -> bool:
+        """The body is whole and verified."""
+        return self.state is State.DONE
+
+    @property
+    def failed(self) -> bool:
+        """The transfer failed; subscribers must abort their responses."""
+        return self.state is State.FAILED
+
+    def wait(self) -> Deferred[None]:
+        """Fires when more bytes are written or the fetch ends."""
+        d: Deferred[None] = Deferred()
+        if self.state in (State.DONE, State.FAILED):
+            d.callback(None)
+        else:
+            self._progress_waiters.append(d)
+        return d
+
+    def when_settled(self, f: Callable[[Fetch], None]) -> None:
+        """Call ``f(self)`` once the fetch has nothing more to do with the cache."""
+        self._settled_callbacks.append(f)
+
+    # -- the work ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Send the upstream request."""
+        headers = dict(self.request.extra_headers)
+        stale = self.request.stale
+        if stale is not None:
+            if stale.etag:
+                headers[b"if-none-match"] = stale.etag.encode("latin-1")
+            if stale.last_modified:
+                headers[b"if-modified-since"] = stale.last_modified.encode("latin-1")
+        d = self._client.request(b"GET", self.request.url, headers)
+        d.addCallbacks(self._got_response, self._unreachable)
+        d.addErrback(self._bug)
+
+    def _bug(self, f: Failure) -> None:
+        log.failure("fetch of {url} failed unexpectedly", f, url=self.request.url)
+        if self.outcome is None:
+            self._answer(Outcome.UNREACHABLE, error=UpstreamError("protocol", "internal error"))
+        elif self.state is State.STREAMING:
+            self._fail("internal error")
+
+    def _unreachable(self, f: Failure) -> None:
+        err = f.value if isinstance(f.value, UpstreamError) else UpstreamError("protocol", str(f))
+        log.warn("upstream {url}: {error}", url=self.request.url, error=str(err))
+        self.state = State.ANSWERED
+        self._answer(Outcome.UNREACHABLE, error=err)
+        self._settle()
+
+    def _got_response(self, resp: UpstreamResponse) -> Deferred[None] | None:
+        self.upstream = resp
+        self.status = resp.status
+        if resp.status == 304 and self.request.stale is not None:
+            resp.discard()
+            self._refresh(self.request.stale, resp)
+            self.state = State.ANSWERED
+            self._answer(Outcome.NOT_MODIFIED)
+            self._settle()
+            return None
+        if resp.status != 200:
+            return self._relay(resp)
+        self.headers = _stored_headers(resp, self.request.url)
+        length = resp.response.length
+        self.length = length if isinstance(length, int) else None
+        known = self.request.decision.size
+        if known is not None and self.length is not None and known != self.length:
+            resp.discard()
+            self.state = State.ANSWERED
+            msg = f"upstream length {self.length} differs from the expected {known}"
+            log.warn("{url}: {msg}", url=self.request.url, msg=msg)
+            self._answer(Outcome.UNREACHABLE, error=UpstreamError("verify", msg))
+            self._settle()
+            return None
+        self._temp = self._store.temp_name(self.key)
+        temp = self._temp
+        d = self._pool.run(os.open, temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
+        def opened(fd: int) -> None:
+            self._file = _SharedFile(fd)
+            algos = {"sha256", *self.request.decision.digests}
+            self._hashers = {a: hashlib.new(a) for a in algos}
+            self.state = State.STREAMING
+            self._answer(Outcome.STREAM)
+            self._sink = _BodySink(self, self._clock, self._idle_timeout)
+            resp.response.deliverBody(self._sink)
+
+        def not_opened(f: Failure) -> None:
+            resp.discard()
+            log.failure("cannot create temp file {path}", f, path=temp)
+            self.state = State.ANSWERED
+            self._answer(Outcome.UNREACHABLE, error=UpstreamError("disk", "cache disk error", 503))
+            self._settle()
+
+        d.addCallbacks(opened, not_opened)
+        return d
+
+    def _relay(self, resp: UpstreamResponse) -> Deferred[None]:
+        """Collect a small non-200 answer to pass on to every subscriber."""
+        self.headers = {
+            k: v for k in (b"content-type",) if (v := resp.header(k)) is not None  # type: ignore[misc]
+        }
+        done: Deferred[None] = Deferred()
+        collector = _Collector(done, MAX_ERROR_BODY)
+        resp.response.deliverBody(collector)
+
+        def finish(_: object) -> None:
+            resp.release()
+            self.error_body = b"".join(collector.chunks)
+            self.state = State.ANSWERED
+            self._answer(Outcome.RESPONSE)
+            self._settle()
+
+        done.addBoth(finish)
+        return done
+
+    def _refresh(self, entry: Entry, resp: UpstreamResponse) -> None:
+        now = self._clock.seconds()
+        etag = resp.header(b"etag")
+        lm = resp.header(b"last-modified")
+        if etag:
+            entry.etag = etag.decode("latin-1")
+        if lm:
+            entry.last_modified = lm.decode("latin-1")
+        entry.fetched = now
+        if entry.expires is not None:
+            entry.expires = now + self._ttl(resp, now)
+        self._store.update(entry)
+        self.entry = entry
+
+    def _ttl(self, resp: UpstreamResponse, now: float) -> float:
+        ttl = self.request.decision.ttl
+        if ttl is not None:
+            return ttl
+        return httputil.freshness_lifetime(
+            resp.header(b"cache-control"),
+            resp.header(b"expires"),
+            resp.header(b"date"),
+            resp.header(b"last-modified"),
+            now,
+        )
+
+    def _answer(self, outcome: Outcome, error: UpstreamError | None = None) -> None:
+        self.outcome = outcome
+        self.error = error
+        waiters, self._answer_waiters = self._answer_waiters, []
+        for d in waiters:
+            d.callback(self)
+
+    def _notify(self) -> None:
+        waiters, self._progress_waiters = self._progress_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- body, called by the sink --------------------------------------------------
+
+    def _data(self, data: bytes) -> None:
+        if self.state is not State.STREAMING:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes > HIGH_WATER and self._sink is not None:
+            self._sink.pause()
+        self._write_next()
+
+    def _ended(self, reason: Failure) -> None:
+        self._body_ended = reason
+        if self.upstream is not None:
+            self.upstream.release()
+        self._write_next()
+
+    def _write_next(self) -> None:
+        if self._writing or self.state is not State.STREAMING:
+            return
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            self._writing = True
+            assert self._file is not None
+            d = self._pool.run(_write_and_hash, self._file.fd, data, self.written, self._hashers)
+            d.addCallbacks(self._wrote, self._write_failed)
+            return
+        if self._body_ended is not None:
+            self._finish_body(self._body_ended)
+
+    def _wrote(self, n: int) -> None:
+        self._writing = False
+        self._pending_bytes -= n
+        self.written += n
+        if self._pending_bytes < LOW_WATER and self._sink is not None:
+            self._sink.resume()
+        self._notify()
+        self._write_next()
+
+    def _write_failed(self, f: Failure) -> None:
+        self._writing = False
+        log.failure("writing {path} failed", f, path=self._temp)
+        if self._sink is not None:
+            self._sink.abort()
+        self._fail(f"cache disk error: {f.getErrorMessage()}")
+
+    def _finish_body(self, reason: Failure) -> None:
+        problem = self._check(reason)
+        if problem is not None:
+            log.warn("not caching {url}: {problem}", url=self.request.url, problem=problem)
+            self._fail(problem)
+            return
+        self.sha256 = self._hashers["sha256"].hexdigest()
+        self.state = State.DONE
+        self._notify()
+        if self._storable(reason):
+            self._commit()
+        else:
+            self._discard_temp()
+            self._settle()
+
+    def _check(self, reason: Failure) -> str | None:
+        """Why the body must not be served as complete, or ``None`` if it is good."""
+        if not reason.check(ResponseDone, PotentialDataLoss):
+            return f"transfer failed after {self.written} bytes: {reason.getErrorMessage()}"
+        if self.length is not None and self.written != self.length:
+            return f"got {self.written} bytes, upstream announced {self.length}"
+        want = self.request.decision
+        if want.size is not None and self.written != want.size:
+            return f"got {self.written} bytes, the index says {want.size}"
+        for algo, hexdigest in want.digests.items():
+            got = self._hashers[algo].hexdigest()
+            if got != hexdigest.lower():
+                return f"{algo} mismatch: got {got}, expected {hexdigest}"
+        return None
+
+    def _storable(self, reason: Failure) -> bool:
+        decision = self.request.decision
+        if decision.cache_class is CacheClass.PASS:
+            return False
+        resp = self.upstream
+        assert resp is not None
+        if decision.cache_class is CacheClass.MUTABLE and not httputil.storable(
+            resp.header(b"cache-control")
+        ):
+            return False
+        if reason.check(PotentialDataLoss) and not (decision.digests or decision.size):
+            # The body ended with the connection and nothing says how long it should
+            # be: it may be truncated, so it is served but not kept.
+            return False
+        return True
+
+    def _commit(self) -> None:
+        from pkgproxy.cache.store import Entry
+
+        resp = self.upstream
+        assert resp is not None and self._temp is not None and self.sha256 is not None
+        now = self._clock.seconds()
+        immutable = self.request.decision.cache_class is CacheClass.IMMUTABLE
+        etag = resp.header(b"etag")
+        lm = resp.header(b"last-modified")
+        entry = Entry(
+            key=self.key,
+            url=self.request.url,
+            file="",
+            size=self.written,
+            sha256=self.sha256,
+            headers={k.decode(): v.decode("latin-1") for k, v in self.headers.items()},
+            etag=etag.decode("latin-1") if etag else None,
+            last_modified=lm.decode("latin-1") if lm else httputil.http_date(now),
+            fetched=now,
+            expires=None if immutable else now + self._ttl(resp, now),
+            last_access=now,
+        )
+        d = self._store.commit(entry, self._temp)
+
+        def committed(e: Entry) -> None:
+            self.entry = e
+
+        def failed(f: Failure) -> None:
+            log.failure("cannot commit {url} to the cache", f, url=self.request.url)
+
+        d.addCallbacks(committed, failed)
+        d.addBoth(lambda _: self._settle())
+
+    def _fail(self, why: str) -> None:
+        self.state = State.FAILED
+        self.error = UpstreamError("transfer", why)
+        self._discard_temp()
+        self._notify()
+        self._settle()
+
+    def _discard_temp(self) -> None:
+        if self._temp is not None:
+            self._store.discard(self._temp)
+        if self._file is not None:
+            self._file.release()
+            self._file = None
+
+    def _settle(self) -> None:
+        if self._file is not None:
+            self._file.release()
+            self._file = None
+        callbacks, self._settled_callbacks = self._settled_callbacks, []
+        for f in callbacks:
+            f(self)
+
+
+def _write_and_hash(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
+    """Runs in the disk pool: one writer per fetch at a time, so order is kept."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        offset += n
+        view = view[n:]
+    for h in hashers.values():
+        h.update(data)
+    return len(data)
+
+
+def _stored_headers(resp: UpstreamResponse, url: str) -> dict[bytes, bytes]:
+    out = {}
+    for name in STORED_HEADERS:
+        v = resp.header(name)
+        if v is not None:
+            out[name] = v
+    enc = out.get(b"content-encoding", b"").strip().lower()
+    if enc in (b"", b"identity") or url.split("?")[0].endswith(httputil.COMPRESSED_SUFFIXES):
+        # The wire bytes of a .gz/.xz/.deb are the file itself: never announce them as
+        # content-coded, or a client would unpack them on the fly.
+        out.pop(b"content-encoding", None)
+    return out
+
+
+class _BodySink(Protocol):
+    """Receives the upstream body; enforces the idle timeout; exposes flow control."""
+
+    def __init__(self, fetch: Fetch, clock: IReactorTime, idle_timeout: float) -> None:
+        self._fetch = fetch
+        self._clock = clock
+        self._timeout = idle_timeout
+        self._timer: IDelayedCall | None = None
+        self._paused = False
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._timeout)
+        else:
+            self._timer = self._clock.callLater(self._timeout, self._idle)
+
+    def _idle(self) -> None:
+        log.warn("upstream went silent for {t}s", t=self._timeout)
+        self.abort()
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._paused:
+            self._arm()
+        self._fetch._data(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._fetch._ended(reason)
+
+    def pause(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            self._arm()
+            self.transport.resumeProducing()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+
+class _Collector(Protocol):
+    """Keeps at most ``cap`` bytes of a small body."""
+
+    def __init__(self, done: Deferred[None], cap: int) -> None:
+        self.chunks: list[bytes] = []
+        self._left = cap
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._left > 0:
+            self.chunks.append(data[: self._left])
+            self._left -= len(data)
+
+    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+        self._done.callback(None)

@@ -1,0 +1,113 @@
+"""``twistd pkgproxy``: command-line options and the service tree.
+
+The only module that touches the global reactor: everything below receives it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+from twisted.web.server import Site
+
+from pkgproxy import __version__
+from pkgproxy.config import Config, ConfigError, load_config, parse_size
+from pkgproxy.diskpool import DiskPool
+from pkgproxy.fetch.registry import InFlight
+from pkgproxy.upstream.client import UpstreamService, require_service_identity
+from pkgproxy.web.root import ProxyResource
+
+
+class Options(usage.Options):
+    """Options override the config file, which overrides the built-in defaults."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Caching proxy for Debian, Ubuntu, Alpine, PyPI, npm and OCI registries. "
+        "Every option is optional: with none, it listens on tcp:3142 and caches in "
+        "./pkgproxy-cache."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see etc/pkgproxy.toml)."],
+        ["cache-dir", "d", None, "Cache directory (overrides cache.dir)."],
+        ["max-size", "m", None, "Cache size budget, e.g. 10GiB (overrides cache.max_size)."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Listen on a strports description, e.g. tcp:3142 (repeatable)."""
+        self["listen"].append(description)
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"pkgproxy {__version__}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        try:
+            cfg = load_config(self["config"])
+            if self["cache-dir"]:
+                cfg = replace(cfg, cache=replace(cfg.cache, dir=self["cache-dir"]))
+            if self["max-size"]:
+                size = parse_size(self["max-size"], "--max-size")
+                cfg = replace(cfg, cache=replace(cfg.cache, max_size=size))
+            if self["listen"]:
+                cfg = replace(cfg, listen=tuple(self["listen"]))
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        from twisted.internet import reactor
+        from twisted.internet.endpoints import serverFromString
+
+        for desc in cfg.listen:
+            try:
+                serverFromString(reactor, desc)
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(f"listen: bad description {desc!r}: {e}") from None
+        if os.path.exists(cfg.cache.dir) and not os.path.isdir(cfg.cache.dir):
+            raise usage.UsageError(f"cache.dir: {cfg.cache.dir} exists and is not a directory")
+        try:
+            require_service_identity()
+        except ImportError:
+            raise usage.UsageError(
+                "service_identity is not installed: TLS host names cannot be checked "
+                "(pip install service-identity)"
+            ) from None
+        self.config = cfg
+
+
+def build_service(cfg: Config, reactor: Any) -> MultiService:
+    """The service tree: disk pool, cache, upstream pool, then the listeners.
+
+    Listeners are added last so that they stop first on shutdown.
+    """
+    from pkgproxy.cache.store import CacheStore
+
+    top = MultiService()
+    pool = DiskPool(reactor)
+    pool.setServiceParent(top)
+    store = CacheStore(cfg.cache.dir, cfg.cache.max_size, pool, reactor)
+    store.setServiceParent(top)
+    upstream = UpstreamService(reactor, cfg.upstream)
+    upstream.setServiceParent(top)
+    root = ProxyResource(
+        cfg, store, InFlight(), upstream.client, pool, reactor, cfg.upstream.idle_timeout
+    )
+    site = Site(root, reactor=reactor)
+    site.displayTracebacks = False
+    for desc in cfg.listen:
+        strports.service(desc, site, reactor=reactor).setServiceParent(top)
+    return top
+
+
+def makeService(options: Options) -> IService:
+    """Called by twistd with parsed :class:`Options`."""
+    from twisted.internet import reactor
+
+    return build_service(options.config, reactor)

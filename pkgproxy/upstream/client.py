@@ -1,0 +1,244 @@
+"""The upstream side: one pooled Agent, bounded per host, raw bytes, redirects inside.
+
+Why not treq here: treq always wraps its agent in a gzip ContentDecoderAgent, and a
+cache must store the bytes exactly as the repository signed them. Why redirects inside:
+apt, pip and Docker clients must never be sent away from the cache (and apt refuses
+https-to-http redirects anyway).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+from twisted.application.service import Service
+from twisted.internet import error as net_error
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredSemaphore,
+    inlineCallbacks,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseFailed,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IResponse
+
+from pkgproxy.config import UpstreamConfig
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+_SENSITIVE = (b"authorization", b"cookie", b"proxy-authorization")
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or did not answer usefully.
+
+    :ivar kind: a short word for metrics and logs: ``connect``, ``timeout``, ``tls``,
+        ``redirect``, ``protocol``.
+    :ivar gateway_status: the status to answer a client with (502 or 504).
+    """
+
+    def __init__(self, kind: str, message: str, gateway_status: int = 502) -> None:
+        self.kind = kind
+        self.gateway_status = gateway_status
+        super().__init__(message)
+
+
+@dataclass
+class UpstreamResponse:
+    """An upstream answer whose body has not been read yet.
+
+    The caller must either deliver the body (``response.deliverBody``) or call
+    :meth:`discard`, and call ``release`` when done, which frees the per-host slot.
+    """
+
+    url: str
+    status: int
+    headers: Headers
+    response: IResponse
+    release: Callable[[], None]
+
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of one response header."""
+        values = self.headers.getRawHeaders(name)
+        return values[-1] if values else None
+
+    def discard(self) -> None:
+        """Drop the body and release the slot.
+
+        A small body (a redirect, a HEAD answer) is read to its end so the connection
+        goes back to the pool; a large one closes the connection.
+        """
+        self.response.deliverBody(_Discard())
+        self.release()
+
+
+class _Discard(Protocol):
+    _left = 64 * 1024
+
+    def dataReceived(self, data: bytes) -> None:
+        self._left -= len(data)
+        if self._left < 0 and self.transport is not None:
+            self.transport.stopProducing()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    p = urlsplit(url)
+    port = p.port or (443 if p.scheme == "https" else 80)
+    return (p.scheme, (p.hostname or "").lower(), port)
+
+
+def _describe(f: Failure) -> UpstreamError:
+    """Map a Twisted failure to an :class:`UpstreamError` an operator can read."""
+    e = f.value
+    if isinstance(e, UpstreamError):
+        return e
+    if isinstance(e, CancelledError | net_error.TimeoutError):
+        return UpstreamError("timeout", "upstream did not answer in time", 504)
+    if isinstance(e, net_error.DNSLookupError):
+        return UpstreamError("dns", f"upstream host name did not resolve: {e}")
+    if isinstance(e, net_error.ConnectionRefusedError):
+        return UpstreamError("connect", "upstream refused the connection")
+    if isinstance(e, net_error.ConnectError):
+        return UpstreamError("connect", f"cannot connect to upstream: {e}")
+    if isinstance(e, ResponseFailed):
+        inner = e.reasons[0].value if e.reasons else e
+        if "SSL" in type(inner).__name__ or "certificate" in str(inner).lower():
+            return UpstreamError("tls", f"TLS failure talking to upstream: {inner}")
+        return UpstreamError("protocol", f"upstream connection failed: {inner!r}")
+    return UpstreamError("protocol", f"upstream request failed: {e!r}")
+
+
+class UpstreamClient:
+    """Sends requests upstream through one agent, with limits.
+
+    :param agent: production: a pooled :class:`Agent`; tests: any ``IAgent``.
+    """
+
+    def __init__(self, agent: IAgent, clock: IReactorTime, config: UpstreamConfig) -> None:
+        self._agent = agent
+        self._clock = clock
+        self._config = config
+        self._slots: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
+
+    def _slot(self, url: str) -> DeferredSemaphore:
+        origin = _origin(url)
+        sem = self._slots.get(origin)
+        if sem is None:
+            sem = self._slots[origin] = DeferredSemaphore(self._config.max_connections_per_host)
+        return sem
+
+    def active(self) -> int:
+        """How many upstream requests hold a connection slot now."""
+        return sum(s.limit - s.tokens for s in self._slots.values())
+
+    def request(
+        self, method: bytes, url: str, headers: dict[bytes, bytes] | None = None
+    ) -> Deferred[UpstreamResponse]:
+        """Send one request, following redirects; errors arrive as :class:`UpstreamError`."""
+        d: Deferred[UpstreamResponse] = Deferred.fromCoroutine(
+            self._request(method, url, dict(headers or {}))
+        )
+        return d.addErrback(lambda f: Failure(_describe(f)))
+
+    async def _request(
+        self, method: bytes, url: str, headers: dict[bytes, bytes]
+    ) -> UpstreamResponse:
+        for _hop in range(self._config.max_redirects + 1):
+            resp = await self._one(method, url, headers)
+            if resp.status not in _REDIRECTS:
+                return resp
+            location = resp.header(b"location")
+            resp.discard()
+            if not location:
+                raise UpstreamError("redirect", f"upstream sent {resp.status} without Location")
+            target = urljoin(url, location.decode("latin-1"))
+            if urlsplit(target).scheme not in ("http", "https"):
+                raise UpstreamError("redirect", f"upstream redirected to {target!r}")
+            if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
+                raise UpstreamError("redirect", f"refusing https to http redirect to {target}")
+            if _origin(target) != _origin(url):
+                headers = {k: v for k, v in headers.items() if k.lower() not in _SENSITIVE}
+            if resp.status == 303 and method != b"HEAD":
+                method = b"GET"
+            url = target
+        raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
+
+    async def _one(
+        self, method: bytes, url: str, headers: dict[bytes, bytes]
+    ) -> UpstreamResponse:
+        sem = self._slot(url)
+        await sem.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                sem.release()
+
+        hdrs = Headers({k: [v] for k, v in headers.items()})
+        hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
+        d = self._agent.request(method, url.encode("ascii"), hdrs)
+        timer = self._clock.callLater(self._config.header_timeout, d.cancel)
+        try:
+            response: IResponse = await d
+        except BaseException:
+            release()
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
+        return UpstreamResponse(url, response.code, response.headers, response, release)
+
+
+class UpstreamService(Service):
+    """Owns the persistent connection pool, so it is closed when the server stops."""
+
+    def __init__(self, reactor: Any, config: UpstreamConfig) -> None:
+        self._reactor = reactor
+        self._config = config
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = config.max_connections_per_host
+        self.pool.cachedConnectionTimeout = 120
+        policy = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
+        self.agent = Agent(
+            reactor, contextFactory=policy, connectTimeout=config.connect_timeout, pool=self.pool
+        )
+        self.client = UpstreamClient(self.agent, reactor, config)
+
+    @inlineCallbacks
+    def stopService(self):  # type: ignore[no-untyped-def]
+        super().stopService()
+        yield self.pool.closeCachedConnections()
+
+
+def _trust_root(ca_bundle: str | None) -> Any:
+    """The platform's trust store, or the operator's CA bundle."""
+    if ca_bundle is None:
+        return None
+    from twisted.internet.ssl import Certificate, trustRootFromCertificates
+
+    with open(ca_bundle, "rb") as f:
+        pem = f.read()
+    certs = []
+    marker = b"-----END CERTIFICATE-----"
+    for block in pem.split(marker):
+        if b"-----BEGIN CERTIFICATE-----" in block:
+            certs.append(Certificate.loadPEM(block + marker))
+    return trustRootFromCertificates(certs)
+
+
+def require_service_identity() -> None:
+    """Refuse to run without service_identity: Twisted would only warn and then check
+    host names rudimentarily, which is not good enough for a cache others trust."""
+    import service_identity  # noqa: F401

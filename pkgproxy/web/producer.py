@@ -1,0 +1,235 @@
+"""Sending a body from disk: one push producer for complete files and downloads alike.
+
+A complete cache file is just a source whose every byte is available and verified; an
+in-flight download is a source that grows. The producer reads only while its client is
+not paused, through the disk pool, from its own offset: a slow client never holds memory
+and never slows the upstream or the other clients.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from pkgproxy.diskpool import DiskPool
+
+log = Logger()
+
+CHUNK = 256 * 1024
+#: A client that stops reading for this long is cut off, so it cannot pin an fd forever.
+STALL_TIMEOUT = 300.0
+
+
+class FileRef(Protocol):
+    """An open file shared by readers (see ``fetch._SharedFile``)."""
+
+    fd: int
+
+    def release(self) -> None: ...
+
+
+class Source(Protocol):
+    """What the producer needs to know about the bytes it sends."""
+
+    def available(self) -> int: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+    @property
+    def failed(self) -> bool: ...
+
+    def wait(self) -> Deferred[None]: ...
+
+
+class CompleteSource:
+    """A verified file of known size: everything is available at once."""
+
+    complete = True
+    failed = False
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def available(self) -> int:
+        return self._size
+
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+
+class OwnedFile:
+    """An fd that belongs to one reader."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+@implementer(IPushProducer)
+class BodyProducer:
+    """Writes ``[start, end)`` of a source to a request, then finishes or aborts it.
+
+    :param end: exclusive end, or ``None`` when the length is unknown (then the body
+        ends when the source completes).
+    :param on_close: called once, however the response ends.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        file: FileRef,
+        source: Source,
+        start: int,
+        end: int | None,
+        pool: DiskPool,
+        clock: IReactorTime,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._request: Request | None = request
+        self._file: FileRef | None = file
+        self._source = source
+        self._offset = start
+        self._end = end
+        self._pool = pool
+        self._clock = clock
+        self._on_close = on_close
+        self._paused = False
+        self._busy = False  # a read or a wait is outstanding
+        self._pumping = False
+        self._again = False
+        self._stall: IDelayedCall | None = None
+
+    def start(self) -> None:
+        """Register with the request and begin sending."""
+        assert self._request is not None
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._pump()
+
+    # IPushProducer
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self._stall is None and self._request is not None:
+            self._stall = self._clock.callLater(STALL_TIMEOUT, self._stalled)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+        self._pump()
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    # the loop
+
+    def _pump(self) -> None:
+        if self._pumping:
+            self._again = True
+            return
+        self._pumping = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                self._step()
+        finally:
+            self._pumping = False
+
+    def _step(self) -> None:
+        if self._request is None or self._paused or self._busy:
+            return
+        src = self._source
+        limit = src.available() if self._end is None else min(src.available(), self._end)
+        if self._offset < limit:
+            n = min(CHUNK, limit - self._offset)
+            self._busy = True
+            assert self._file is not None
+            d = self._pool.run(os.pread, self._file.fd, n, self._offset)
+            d.addCallbacks(self._got, self._read_failed)
+            return
+        # available() holds back a download's last byte until it is verified, so
+        # reaching the end here means the bytes sent are the ones promised.
+        if self._end is not None and self._offset >= self._end:
+            self._finish()
+            return
+        if self._end is None and src.complete and self._offset >= src.available():
+            self._finish()
+            return
+        if src.failed:
+            self._abort()
+            return
+        self._busy = True
+        src.wait().addCallback(self._waited)
+
+    def _waited(self, _: object) -> None:
+        self._busy = False
+        self._pump()
+
+    def _got(self, data: bytes) -> None:
+        self._busy = False
+        if self._request is None:
+            return
+        if not data:
+            self._read_failed(Failure(OSError("short read from cache file")))
+            return
+        self._offset += len(data)
+        self._request.write(data)
+        self._pump()
+
+    def _read_failed(self, f: Failure) -> None:
+        self._busy = False
+        log.failure("reading a cached body failed", f)
+        self._abort()
+
+    def _stalled(self) -> None:
+        self._stall = None
+        log.info("client stopped reading for {t}s; closing its connection", t=STALL_TIMEOUT)
+        self._abort()
+
+    # ends
+
+    def _finish(self) -> None:
+        request = self._request
+        self._close()
+        if request is not None:
+            request.unregisterProducer()
+            request.finish()
+
+    def _abort(self) -> None:
+        """End the response as a failed transfer: the client must not see a clean end."""
+        request = self._request
+        self._close()
+        if request is not None:
+            request.unregisterProducer()
+            transport = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+
+    def _close(self) -> None:
+        if self._stall is not None and self._stall.active():
+            self._stall.cancel()
+        self._stall = None
+        self._request = None
+        if self._file is not None:
+            self._file.release()
+            self._file = None
+        if self._on_close is not None:
+            cb, self._on_close = self._on_close, None
+            cb()

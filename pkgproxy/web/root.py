@@ -1,0 +1,410 @@
+"""The proxy's resource: route a request, answer from the cache or join a fetch.
+
+Routing is done here rather than by ``Site`` traversal because a forward-proxy request
+carries an absolute URI, which Twisted keeps whole in ``request.path``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from pkgproxy import httputil
+from pkgproxy.cache.store import CacheStore, Entry
+from pkgproxy.config import Config, Route
+from pkgproxy.diskpool import DiskPool
+from pkgproxy.families import FAMILIES, CacheClass, Decision
+from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
+from pkgproxy.fetch.registry import InFlight
+from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from pkgproxy.web.producer import BodyProducer, CompleteSource, OwnedFile
+
+log = Logger()
+
+#: A client's ``max-age=0`` on an index revalidated less than this long ago is answered
+#: from the cache: a fleet running ``apt update`` together makes one upstream check.
+REVALIDATE_WINDOW = 30.0
+ADMIN_PREFIX = b"/_pkgproxy/"
+
+
+@dataclass
+class _Ctx:
+    """One client request, as the proxy understands it."""
+
+    request: Request
+    route: Route
+    key: str
+    url: str
+    decision: Decision
+    gone: bool = False
+    retried: bool = False
+
+
+def _reason(request: Request, code: int, message: str) -> bytes:
+    """A one-line plain-text error: what went wrong and, where it helps, what to do."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"via", b"1.1 pkgproxy")
+    body = f"pkgproxy: {message}\n".encode()
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return b"" if request.method == b"HEAD" else body
+
+
+class ProxyResource(Resource):
+    """Every request lands here; see the module docstring."""
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        config: Config,
+        store: CacheStore,
+        inflight: InFlight,
+        client: UpstreamClient,
+        diskpool: DiskPool,
+        clock: IReactorTime,
+        idle_timeout: float,
+    ) -> None:
+        super().__init__()
+        self._routes = sorted(config.enabled_routes(), key=lambda r: -len(r.prefix))
+        self._forward = sorted(
+            ((f, r) for r in config.enabled_routes() for f in r.forward),
+            key=lambda fr: -len(fr[0]),
+        )
+        self._store = store
+        self._inflight = inflight
+        self._client = client
+        self._pool = diskpool
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+
+    # -- routing -----------------------------------------------------------------
+
+    def _route(self, uri: str) -> tuple[Route, str] | None:
+        """The route for a request target and the path below its upstream base."""
+        if uri.startswith("/"):
+            for r in self._routes:
+                if uri.startswith(r.prefix):
+                    return r, uri[len(r.prefix) :]
+            return None
+        for prefix, r in self._forward:
+            if uri.startswith(prefix):
+                return r, uri[len(prefix) :]
+        return None
+
+    def render(self, request: Request) -> bytes | int:
+        uri = request.uri.decode("latin-1")
+        if request.method not in (b"GET", b"HEAD"):
+            if request.method == b"CONNECT":
+                return _reason(
+                    request, http.NOT_ALLOWED,
+                    "CONNECT tunnels are not offered: a tunnel cannot be cached. Use "
+                    "http:// sources through this proxy, or its reverse paths such as "
+                    "/debian/.",
+                )
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _reason(request, http.NOT_ALLOWED, f"{request.method.decode()} is not allowed")
+        if request.path.startswith(ADMIN_PREFIX):
+            return self._admin(request)
+        if not self._store.ready:
+            request.setHeader(b"retry-after", b"5")
+            return _reason(request, http.SERVICE_UNAVAILABLE, "the cache is still starting")
+        if "://" in uri.split("?", 1)[0] and not uri.startswith(("http://", "/")):
+            return _reason(request, http.BAD_REQUEST, "only http:// absolute URIs are proxied")
+        found = self._route(uri)
+        if found is None:
+            if uri.startswith("/"):
+                known = ", ".join(r.prefix for r in self._routes)
+                return _reason(
+                    request, http.NOT_FOUND,
+                    f"no route for {request.path.decode('latin-1')}; routes: {known}",
+                )
+            return _reason(
+                request, http.FORBIDDEN,
+                f"{urlsplit(uri).netloc or uri} is not a configured upstream of this proxy",
+            )
+        route, rest = found
+        path, sep, query = rest.partition("?")
+        try:
+            path = httputil.canonical_path(path)
+        except httputil.BadPath as e:
+            return _reason(request, http.BAD_REQUEST, str(e))
+        decision = FAMILIES[route.family](route, path)
+        suffix = f"{path}?{query}" if sep else path
+        ctx = _Ctx(request, route, f"{route.name}:{suffix}", route.upstream + suffix, decision)
+        request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
+        self._handle(ctx)
+        return NOT_DONE_YET
+
+    def _admin(self, request: Request) -> bytes:
+        if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
+            ready = self._store.ready or request.path == b"/_pkgproxy/health"
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.setResponseCode(200 if ready else 503)
+            return b"ok\n" if ready else b"starting\n"
+        return _reason(request, http.NOT_FOUND, "no such admin page")
+
+    # -- the decision ---------------------------------------------------------------
+
+    def _handle(self, ctx: _Ctx) -> None:
+        req = ctx.request
+        entry = self._store.get(ctx.key)
+        now = self._clock.seconds()
+        if entry is not None and ctx.decision.cache_class is not CacheClass.PASS:
+            if entry.expires is None:
+                self._serve_entry(ctx, entry, b"HIT")
+                return
+            if entry.is_fresh(now) and not (
+                httputil.client_wants_revalidation(
+                    req.getHeader(b"cache-control"), req.getHeader(b"pragma")
+                )
+                and now - entry.fetched >= REVALIDATE_WINDOW
+            ):
+                self._serve_entry(ctx, entry, b"HIT")
+                return
+        fetch = self._inflight.get(ctx.key)
+        if fetch is None and entry is None and req.method == b"HEAD":
+            self._head_upstream(ctx)
+            return
+        stale = entry if ctx.decision.cache_class is not CacheClass.PASS else None
+
+        def factory() -> Fetch:
+            return Fetch(
+                FetchRequest(ctx.key, ctx.url, ctx.decision, stale),
+                self._client, self._store, self._pool, self._clock, self._idle_timeout,
+            )
+
+        fetch, started = self._inflight.join(ctx.key, factory)
+        d = fetch.answered()
+        d.addCallback(self._answered, ctx, started)
+        d.addErrback(self._internal_error, ctx)
+
+    def _answered(self, fetch: Fetch, ctx: _Ctx, started: bool) -> None:
+        if ctx.gone:
+            return
+        stale = fetch.request.stale
+        if fetch.outcome is Outcome.STREAM:
+            self._serve_stream(ctx, fetch, b"MISS" if started else b"COALESCED")
+        elif fetch.outcome is Outcome.NOT_MODIFIED:
+            entry = fetch.entry or stale
+            assert entry is not None
+            self._serve_entry(ctx, entry, b"REVALIDATED")
+        elif fetch.outcome is Outcome.RESPONSE:
+            if stale is not None and fetch.status >= 500:
+                self._serve_stale(ctx, stale, f"upstream answered {fetch.status}")
+            else:
+                self._relay(ctx, fetch)
+        else:
+            err = fetch.error or UpstreamError("protocol", "no answer")
+            if stale is not None:
+                self._serve_stale(ctx, stale, str(err))
+            else:
+                self._write_error(ctx, err.gateway_status, f"upstream {ctx.url}: {err}")
+
+    def _internal_error(self, f: Failure, ctx: _Ctx) -> None:
+        log.failure("request for {url} failed", f, url=ctx.url)
+        self._write_error(ctx, http.INTERNAL_SERVER_ERROR, "internal error")
+
+    def _write_error(self, ctx: _Ctx, code: int, message: str) -> None:
+        if ctx.gone:
+            return
+        body = _reason(ctx.request, code, message)
+        if body:
+            ctx.request.write(body)
+        ctx.request.finish()
+
+    # -- answers ----------------------------------------------------------------------
+
+    def _serve_stale(self, ctx: _Ctx, entry: Entry, why: str) -> None:
+        log.warn("serving stale {key}: {why}", key=ctx.key, why=why)
+        ctx.request.setHeader(b"warning", b'110 pkgproxy "Response is Stale"')
+        self._serve_entry(ctx, entry, b"STALE")
+
+    def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
+        req = ctx.request
+        etag = entry.etag or f'"{entry.sha256}"'
+        self._set_headers(req, entry.headers, x_cache, etag, entry.last_modified)
+        if self._not_modified(req, etag, entry.last_modified):
+            req.setResponseCode(http.NOT_MODIFIED)
+            req.finish()
+            return
+        span = self._range(req, entry.size, etag, entry.last_modified)
+        if span is None:
+            return
+        start, end = span
+        if req.method == b"HEAD":
+            req.finish()
+            return
+        self._store.pin(entry)
+        d = self._pool.run(_open_read, self._store.path_of(entry))
+
+        def opened(fd: int) -> None:
+            if ctx.gone:
+                OwnedFile(fd).release()
+                self._store.unpin(entry)
+                return
+            BodyProducer(
+                req, OwnedFile(fd), CompleteSource(entry.size), start, end, self._pool,
+                self._clock, on_close=lambda: self._store.unpin(entry),
+            ).start()
+
+        def missing(f: Failure) -> None:
+            self._store.unpin(entry)
+            log.warn("cache file of {key} is unreadable ({e}); fetching again",
+                     key=ctx.key, e=f.getErrorMessage())
+            self._store.remove(entry.key)
+            if ctx.gone:
+                return
+            if ctx.retried:
+                self._write_error(ctx, http.SERVICE_UNAVAILABLE, "cache file unreadable")
+                return
+            ctx.retried = True
+            for h in (b"content-length", b"content-range", b"etag", b"last-modified"):
+                req.responseHeaders.removeHeader(h)
+            req.setResponseCode(http.OK)
+            self._handle(ctx)
+
+        d.addCallbacks(opened, missing)
+
+    def _serve_stream(self, ctx: _Ctx, fetch: Fetch, x_cache: bytes) -> None:
+        req = ctx.request
+        up = fetch.upstream
+        etag_b = up.header(b"etag") if up is not None else None
+        lm_b = up.header(b"last-modified") if up is not None else None
+        etag = etag_b.decode("latin-1") if etag_b else None
+        lm = lm_b.decode("latin-1") if lm_b else None
+        headers = {k.decode(): v.decode("latin-1") for k, v in fetch.headers.items()}
+        self._set_headers(req, headers, x_cache, etag, lm, ranges=fetch.length is not None)
+        start, end = 0, fetch.length
+        if fetch.length is not None:
+            span = self._range(req, fetch.length, etag, lm)
+            if span is None:
+                return
+            start, end = span
+        if req.method == b"HEAD":
+            req.finish()
+            return
+        file = fetch.open_body()
+        fetch.subscribers += 1
+
+        def closed() -> None:
+            fetch.subscribers -= 1
+
+        BodyProducer(req, file, fetch, start, end, self._pool, self._clock, closed).start()
+
+    def _relay(self, ctx: _Ctx, fetch: Fetch) -> None:
+        req = ctx.request
+        req.setResponseCode(fetch.status)
+        for k, v in fetch.headers.items():
+            req.setHeader(k, v)
+        req.setHeader(b"via", b"1.1 pkgproxy")
+        req.setHeader(b"x-cache", b"MISS")
+        req.setHeader(b"content-length", str(len(fetch.error_body)).encode())
+        if req.method != b"HEAD":
+            req.write(fetch.error_body)
+        req.finish()
+
+    def _head_upstream(self, ctx: _Ctx) -> None:
+        """A HEAD on a miss asks upstream for headers only: no body is downloaded."""
+        d = self._client.request(b"HEAD", ctx.url)
+
+        def got(resp: UpstreamResponse) -> None:
+            resp.discard()
+            if ctx.gone:
+                return
+            req = ctx.request
+            req.setResponseCode(resp.status)
+            for name in (b"content-type", b"content-length", b"last-modified", b"etag"):
+                v = resp.header(name)
+                if v is not None:
+                    req.setHeader(name, v)
+            req.setHeader(b"via", b"1.1 pkgproxy")
+            req.setHeader(b"x-cache", b"MISS")
+            if resp.status == 200:
+                req.setHeader(b"accept-ranges", b"bytes")
+            req.finish()
+
+        def failed(f: Failure) -> None:
+            err = f.value
+            if isinstance(err, UpstreamError):
+                self._write_error(ctx, err.gateway_status, f"upstream {ctx.url}: {err}")
+            else:
+                self._internal_error(f, ctx)
+
+        d.addCallbacks(got, failed)
+
+    # -- header helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _set_headers(
+        req: Request,
+        headers: dict[str, str],
+        x_cache: bytes,
+        etag: str | None,
+        last_modified: str | None,
+        ranges: bool = True,
+    ) -> None:
+        for k, v in headers.items():
+            req.setHeader(k.encode(), v.encode("latin-1"))
+        if etag:
+            req.setHeader(b"etag", etag.encode("latin-1"))
+        if last_modified:
+            req.setHeader(b"last-modified", last_modified.encode("latin-1"))
+        if ranges:
+            req.setHeader(b"accept-ranges", b"bytes")
+        req.setHeader(b"via", b"1.1 pkgproxy")
+        req.setHeader(b"x-cache", x_cache)
+
+    @staticmethod
+    def _not_modified(req: Request, etag: str, last_modified: str | None) -> bool:
+        inm = req.getHeader(b"if-none-match")
+        if inm is not None:
+            tags = {t.strip().removeprefix("W/") for t in inm.decode("latin-1").split(",")}
+            return "*" in tags or etag in tags
+        ims = httputil.parse_http_date(req.getHeader(b"if-modified-since"))
+        lm = httputil.parse_http_date(last_modified)
+        return ims is not None and lm is not None and lm <= ims
+
+    @staticmethod
+    def _range(
+        req: Request, size: int, etag: str | None, last_modified: str | None
+    ) -> tuple[int, int] | None:
+        """Decide between 200 and 206 and set the length headers.
+
+        :return: the span to send, or ``None`` when a 416 has been answered.
+        """
+        header = req.getHeader(b"range")
+        if_range = req.getHeader(b"if-range")
+        if header is not None and if_range is not None:
+            value = if_range.decode("latin-1").strip()
+            if value != etag and value != last_modified:
+                header = None  # the client's partial copy is of another version
+        try:
+            span = httputil.parse_range(header, size)
+        except httputil.Unsatisfiable:
+            req.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
+            req.setHeader(b"content-range", f"bytes */{size}".encode())
+            req.setHeader(b"content-length", b"0")
+            req.finish()
+            return None
+        if span is None:
+            req.setHeader(b"content-length", str(size).encode())
+            return (0, size)
+        start, end = span
+        req.setResponseCode(http.PARTIAL_CONTENT)
+        req.setHeader(b"content-range", f"bytes {start}-{end - 1}/{size}".encode())
+        req.setHeader(b"content-length", str(end - start).encode())
+        return span
+
+
+def _open_read(path: str) -> int:
+    import os
+
+    return os.open(path, os.O_RDONLY)
