@@ -150,10 +150,13 @@ class Fetch:
             self._answer_waiters.append(d)
         return d
 
-    def open_body(self) -> _SharedFile:
-        """A reference to the temp file for one subscriber; release it when done."""
-        assert self._file is not None
-        return self._file.acquire()
+    def open_body(self) -> _SharedFile | None:
+        """A reference to the temp file for one subscriber; release it when done.
+
+        ``None`` once the fetch has settled: then :attr:`entry` holds the result, if it
+        was stored.
+        """
+        return self._file.acquire() if self._file is not None else None
 
     def available(self) -> int:
         """Bytes a subscriber may send now.

@@ -24,9 +24,12 @@ class InFlight:
         return self._fetches.get(key)
 
     def join(self, key: str, factory: Callable[[], Fetch]) -> tuple[Fetch, bool]:
-        """The fetch for ``key``, started by ``factory`` if there is none.
+        """The fetch for ``key``, made by ``factory`` if there is none.
 
-        :return: the fetch, and True if this call started it.
+        A new fetch is not started here: the caller subscribes first and then calls
+        ``start()``, so it cannot miss an answer that arrives at once.
+
+        :return: the fetch, and True if this call made it.
         """
         fetch = self._fetches.get(key)
         if fetch is not None:
@@ -36,7 +39,6 @@ class InFlight:
         self._fetches[key] = fetch
         self.started += 1
         fetch.when_settled(self._settled)
-        fetch.start()
         return fetch, True
 
     def _settled(self, fetch: Fetch) -> None:

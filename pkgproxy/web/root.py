@@ -24,7 +24,7 @@ from pkgproxy.families import FAMILIES, CacheClass, Decision
 from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
-from pkgproxy.web.producer import BodyProducer, CompleteSource, OwnedFile
+from pkgproxy.web.producer import BodyProducer, CompleteSource, FileRef, OwnedFile
 
 log = Logger()
 
@@ -185,13 +185,26 @@ class ProxyResource(Resource):
         d = fetch.answered()
         d.addCallback(self._answered, ctx, started)
         d.addErrback(self._internal_error, ctx)
+        if started:
+            fetch.start()
 
     def _answered(self, fetch: Fetch, ctx: _Ctx, started: bool) -> None:
         if ctx.gone:
             return
         stale = fetch.request.stale
         if fetch.outcome is Outcome.STREAM:
-            self._serve_stream(ctx, fetch, b"MISS" if started else b"COALESCED")
+            x_cache = b"MISS" if started else b"COALESCED"
+            file = fetch.open_body()
+            if file is not None:
+                self._serve_stream(ctx, fetch, file, x_cache)
+            elif fetch.entry is not None:
+                self._serve_entry(ctx, fetch.entry, x_cache)
+            elif fetch.failed or ctx.retried:
+                err = fetch.error or UpstreamError("transfer", "download failed")
+                self._write_error(ctx, http.BAD_GATEWAY, f"upstream {ctx.url}: {err}")
+            else:
+                ctx.retried = True  # finished before this client could join; ask again
+                self._handle(ctx)
         elif fetch.outcome is Outcome.NOT_MODIFIED:
             entry = fetch.entry or stale
             assert entry is not None
@@ -273,7 +286,9 @@ class ProxyResource(Resource):
 
         d.addCallbacks(opened, missing)
 
-    def _serve_stream(self, ctx: _Ctx, fetch: Fetch, x_cache: bytes) -> None:
+    def _serve_stream(
+        self, ctx: _Ctx, fetch: Fetch, file: FileRef, x_cache: bytes
+    ) -> None:
         req = ctx.request
         up = fetch.upstream
         etag_b = up.header(b"etag") if up is not None else None
@@ -286,12 +301,13 @@ class ProxyResource(Resource):
         if fetch.length is not None:
             span = self._range(req, fetch.length, etag, lm)
             if span is None:
+                file.release()
                 return
             start, end = span
         if req.method == b"HEAD":
+            file.release()
             req.finish()
             return
-        file = fetch.open_body()
         fetch.subscribers += 1
 
         def closed() -> None:

@@ -1,0 +1,109 @@
+"""Configuration: defaults, overrides by route name, and errors that name the key."""
+
+from __future__ import annotations
+
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from pkgproxy.config import ConfigError, config_from_dict, load_config, parse_duration, parse_size
+from pkgproxy.tap import Options
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """With no file: tcp:3142, ./pkgproxy-cache, 10 GiB and the built-in routes."""
+        cfg = load_config(None)
+        self.assertEqual(cfg.listen, ("tcp:3142",))
+        self.assertEqual(cfg.cache.dir, "pkgproxy-cache")
+        self.assertEqual(cfg.cache.max_size, 10 * 1024**3)
+        names = {r.name: r for r in cfg.routes}
+        self.assertEqual(names["debian"].upstream, "https://deb.debian.org/debian/")
+        self.assertEqual(names["debian-security"].prefix, "/debian-security/")
+
+    def test_override_builtin_route(self) -> None:
+        """A route of a built-in name changes only the keys given."""
+        cfg = config_from_dict({"routes": {"debian": {"upstream": "http://127.0.0.1:9/d/"}}})
+        r = {r.name: r for r in cfg.routes}["debian"]
+        self.assertEqual((r.upstream, r.prefix, r.family), ("http://127.0.0.1:9/d/", "/debian/",
+                                                            "debian"))
+
+    def test_new_generic_route(self) -> None:
+        """A new route needs a family and an upstream; the prefix defaults to its name."""
+        cfg = config_from_dict(
+            {"routes": {"files": {"family": "generic", "immutable": True,
+                                  "upstream": "http://h/"}}}
+        )
+        r = {r.name: r for r in cfg.routes}["files"]
+        self.assertEqual((r.prefix, r.immutable), ("/files/", True))
+
+    def test_disable_route(self) -> None:
+        """``enabled = false`` switches a built-in route off."""
+        cfg = config_from_dict({"routes": {"debian": {"enabled": False}}})
+        self.assertNotIn("debian", [r.name for r in cfg.enabled_routes()])
+
+    def test_units(self) -> None:
+        """Sizes and durations take the usual units."""
+        self.assertEqual(parse_size("10GiB"), 10 * 1024**3)
+        self.assertEqual(parse_size("500MB"), 500 * 1000**2)
+        self.assertEqual(parse_size(1234), 1234)
+        self.assertEqual(parse_duration("10m"), 600.0)
+        self.assertEqual(parse_duration("60s"), 60.0)
+        self.assertEqual(parse_duration(5), 5.0)
+
+    def assertConfigError(self, data: dict, key: str) -> str:
+        e = self.assertRaises(ConfigError, config_from_dict, data)
+        self.assertEqual(e.key, key)
+        self.assertTrue(str(e).startswith(key + ": "), str(e))
+        return str(e)
+
+    def test_errors_name_the_key(self) -> None:
+        """Every bad value is reported with the key it is under."""
+        self.assertConfigError({"cache": {"max_size": "lots"}}, "cache.max_size")
+        self.assertConfigError({"cache": {"sizee": 1}}, "cache.sizee")
+        self.assertConfigError({"listen": 3142}, "listen")
+        self.assertConfigError({"upstream": {"idle_timeout": "soon"}}, "upstream.idle_timeout")
+        self.assertConfigError({"routes": {"x": {"family": "generic"}}}, "routes.x.upstream")
+        self.assertConfigError(
+            {"routes": {"x": {"family": "nope", "upstream": "http://h/"}}}, "routes.x.family"
+        )
+        msg = self.assertConfigError(
+            {"routes": {"debian": {"upstream": "http://h/debian"}}}, "routes.debian.upstream"
+        )
+        self.assertIn("http://h/debian/", msg)
+        self.assertConfigError(
+            {"routes": {"debian": {"upstream": "ftp://h/"}}}, "routes.debian.upstream"
+        )
+        self.assertConfigError(
+            {"routes": {"x": {"family": "generic", "upstream": "http://h/",
+                              "prefix": "/debian/"}}},
+            "routes.x.prefix",
+        )
+        self.assertConfigError({"admin_networks": ["not-a-net"]}, "admin_networks[0]")
+
+    def test_bad_toml_file(self) -> None:
+        """A file that is not TOML is reported with its name."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("listen = [\n")
+        e = self.assertRaises(ConfigError, load_config, path)
+        self.assertIn(path, str(e))
+
+
+class OptionsTests(SynchronousTestCase):
+    def test_overrides(self) -> None:
+        """Command-line options win over the file and the defaults."""
+        o = Options()
+        o.parseOptions(["--listen", "tcp:0", "--listen", "tcp:1", "--cache-dir", "/tmp/x",
+                        "--max-size", "1GiB"])
+        self.assertEqual(o.config.listen, ("tcp:0", "tcp:1"))
+        self.assertEqual((o.config.cache.dir, o.config.cache.max_size), ("/tmp/x", 1024**3))
+
+    def test_bad_listen(self) -> None:
+        """A bad strports description is a usage error naming it."""
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--listen", "tpc:80"])
+        self.assertIn("tpc:80", str(e))
+
+    def test_bad_max_size(self) -> None:
+        """A bad --max-size is a usage error naming the option."""
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--max-size", "big"])
+        self.assertIn("--max-size", str(e))

@@ -1,0 +1,294 @@
+"""The whole request cycle in memory: routing, hits, misses, Range, HEAD, 304, faults."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseFailed
+
+from pkgproxy.testing import MemoryProxy
+
+UP = "http://upstream.test/debian/"
+LM = "Wed, 25 Nov 2026 22:33:12 GMT"
+
+
+def header(resp, name: str) -> str | None:
+    values = resp.headers.getRawHeaders(name)
+    return values[-1] if values else None
+
+
+class ProxyTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {"routes": {"debian": {"upstream": UP, "index_ttl": "60s"}}},
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        self.up = self.proxy.upstream
+
+
+class HitMissTests(ProxyTestCase):
+    def test_miss_then_hit(self) -> None:
+        """The first request goes upstream; the second is served from disk, same bytes."""
+        body = b"deb" * 100_000
+        self.up.add("/debian/pool/main/h/hello/hello_1.0_all.deb", body)
+        resp, got = self.proxy.get("/debian/pool/main/h/hello/hello_1.0_all.deb")
+        self.assertEqual((resp.code, got, header(resp, "x-cache")), (200, body, "MISS"))
+        resp, got = self.proxy.get("/debian/pool/main/h/hello/hello_1.0_all.deb")
+        self.assertEqual((resp.code, got, header(resp, "x-cache")), (200, body, "HIT"))
+        self.assertEqual(resp.length, len(body))
+        self.assertEqual(header(resp, "accept-ranges"), "bytes")
+        self.assertEqual(header(resp, "via"), "1.1 pkgproxy")
+        self.assertEqual(self.up.count("/debian/pool/main/h/hello/hello_1.0_all.deb"), 1)
+
+    def test_percent_encoded_names_share_one_entry(self) -> None:
+        """apt's ``%2b`` and a plain ``+`` reach one cache entry and one upstream URL."""
+        self.up.add("/debian/pool/main/t/t/t_1.0+b1~rc_all.deb", b"x")
+        self.proxy.get("/debian/pool/main/t/t/t_1.0%2bb1%7erc_all.deb")
+        resp, _ = self.proxy.get("/debian/pool/main/t/t/t_1.0+b1~rc_all.deb")
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+
+    def test_immutable_ignores_max_age_zero(self) -> None:
+        """A pool file is never refetched, even when the client asks for max-age=0."""
+        self.up.add("/debian/pool/main/a/a_1_all.deb", b"a")
+        self.proxy.get("/debian/pool/main/a/a_1_all.deb")
+        self.proxy.clock.advance(10 * 86400)
+        resp, _ = self.proxy.get(
+            "/debian/pool/main/a/a_1_all.deb", headers={"Cache-Control": "max-age=0"}
+        )
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+        self.assertEqual(self.up.count("/debian/pool/main/a/a_1_all.deb"), 1)
+
+    def test_coalesced(self) -> None:
+        """Two clients of one uncached file cause one upstream request."""
+        self.up.add("/debian/pool/main/b/b_1_all.deb", b"b" * 5000, hold=True)
+        first = self.proxy.start("/debian/pool/main/b/b_1_all.deb")
+        second = self.proxy.start("/debian/pool/main/b/b_1_all.deb")
+        self.up.release()
+        r1, b1 = first()
+        r2, b2 = second()
+        self.assertEqual((b1, b2), (b"b" * 5000, b"b" * 5000))
+        self.assertEqual(
+            sorted([header(r1, "x-cache"), header(r2, "x-cache")]), ["COALESCED", "MISS"]
+        )
+        self.assertEqual(self.up.count("/debian/pool/main/b/b_1_all.deb"), 1)
+
+    def test_content_encoding_on_compressed_file_is_dropped(self) -> None:
+        """A Packages.gz labelled Content-Encoding: gzip is stored and served as raw bytes."""
+        raw = gzip.compress(b"Package: x\n")
+        self.up.add(
+            "/debian/dists/s/main/binary-amd64/Packages.gz", raw,
+            headers={b"content-encoding": b"gzip"},
+        )
+        for _ in range(2):
+            resp, got = self.proxy.get("/debian/dists/s/main/binary-amd64/Packages.gz")
+            self.assertEqual(got, raw)
+            # treq's test client reports a missing Content-Encoding as an empty one.
+            self.assertFalse(header(resp, "content-encoding"))
+
+
+class RequestErrorTests(ProxyTestCase):
+    def test_unknown_prefix(self) -> None:
+        """A path outside every route gets 404 naming the configured prefixes."""
+        resp, body = self.proxy.get("/nowhere/x")
+        self.assertEqual(resp.code, 404)
+        self.assertIn(b"/debian/", body)
+        self.assertEqual(self.up.seen, [])
+
+    def test_dot_segments_refused(self) -> None:
+        """Encoded dot segments cannot climb out of a route."""
+        resp, body = self.proxy.get("/debian/pool/%2e%2e/%2e%2e/etc/passwd")
+        self.assertEqual(resp.code, 400)
+        self.assertEqual(self.up.seen, [])
+
+    def test_post_not_allowed(self) -> None:
+        """Only GET and HEAD are served."""
+        resp, _ = self.proxy.get("/debian/pool/x.deb", method="POST")
+        self.assertEqual(resp.code, 405)
+        self.assertEqual(header(resp, "allow"), "GET, HEAD")
+
+    def test_unconfigured_absolute_uri(self) -> None:
+        """A forward-proxy request for a host that is not an upstream is refused (403)."""
+        results = []
+        d = self.proxy.stub.request("GET", "http://proxy.test/x")
+        d.addCallback(results.append)
+        self.proxy.stub.flush()
+        self.assertEqual(results[0].code, 404)
+
+
+class RangeAndConditionalTests(ProxyTestCase):
+    path = "/debian/pool/main/r/r_1_all.deb"
+    body = bytes(range(256)) * 40
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.up.add(self.path, self.body, last_modified=LM.encode())
+        self.proxy.get(self.path)
+
+    def test_single_range(self) -> None:
+        """``bytes=a-b`` gives 206 with Content-Range."""
+        resp, got = self.proxy.get(self.path, headers={"Range": "bytes=100-199"})
+        self.assertEqual((resp.code, got), (206, self.body[100:200]))
+        self.assertEqual(header(resp, "content-range"), f"bytes 100-199/{len(self.body)}")
+
+    def test_suffix_and_open_ranges(self) -> None:
+        """``bytes=-n`` and ``bytes=n-`` are honoured."""
+        _, got = self.proxy.get(self.path, headers={"Range": "bytes=-10"})
+        self.assertEqual(got, self.body[-10:])
+        _, got = self.proxy.get(self.path, headers={"Range": "bytes=10000-"})
+        self.assertEqual(got, self.body[10000:])
+
+    def test_unsatisfiable(self) -> None:
+        """A start past the end gives 416 with ``bytes */size``."""
+        resp, _ = self.proxy.get(self.path, headers={"Range": f"bytes={len(self.body)}-"})
+        self.assertEqual(resp.code, 416)
+        self.assertEqual(header(resp, "content-range"), f"bytes */{len(self.body)}")
+
+    def test_if_range(self) -> None:
+        """apt's resume: the range is honoured only if If-Range names this version."""
+        resp, got = self.proxy.get(self.path, headers={"Range": "bytes=100-", "If-Range": LM})
+        self.assertEqual((resp.code, got), (206, self.body[100:]))
+        resp, got = self.proxy.get(
+            self.path,
+            headers={"Range": "bytes=100-", "If-Range": "Thu, 01 Jan 2026 00:00:00 GMT"},
+        )
+        self.assertEqual((resp.code, got), (200, self.body))
+
+    def test_if_modified_since(self) -> None:
+        """A client with the current copy gets 304."""
+        resp, got = self.proxy.get(self.path, headers={"If-Modified-Since": LM})
+        self.assertEqual((resp.code, got), (304, b""))
+
+    def test_if_none_match(self) -> None:
+        """The served ETag is the content digest, and If-None-Match with it gives 304."""
+        resp, _ = self.proxy.get(self.path)
+        etag = header(resp, "etag")
+        self.assertEqual(etag, f'"{hashlib.sha256(self.body).hexdigest()}"')
+        resp, _ = self.proxy.get(self.path, headers={"If-None-Match": etag})
+        self.assertEqual(resp.code, 304)
+
+    def test_head_hit(self) -> None:
+        """HEAD on a hit has the GET headers and no body."""
+        raw = self.proxy.raw(f"HEAD {self.path} HTTP/1.1\r\nHost: p\r\n\r\n".encode())
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(f"Content-Length: {len(self.body)}".encode(), head)
+        self.assertEqual(body, b"")
+
+    def test_pipelined_in_order(self) -> None:
+        """Three requests in one write are answered in request order."""
+        self.up.add("/debian/pool/main/r/s_1_all.deb", b"second")
+        self.proxy.get("/debian/pool/main/r/s_1_all.deb")
+        reqs = b"".join(
+            f"GET {p} HTTP/1.1\r\nHost: p\r\n\r\n".encode()
+            for p in (self.path, "/debian/pool/main/r/s_1_all.deb", self.path)
+        )
+        raw = self.proxy.raw(reqs)
+        first = raw.find(self.body)
+        second = raw.find(b"second")
+        third = raw.find(self.body, first + 1)
+        self.assertTrue(0 < first < second < third, (first, second, third))
+
+
+class HeadMissTests(ProxyTestCase):
+    def test_head_miss_downloads_nothing(self) -> None:
+        """HEAD on a miss is forwarded as HEAD: no body is fetched or stored."""
+        self.up.add("/debian/pool/main/h/h_1_all.deb", b"h" * 1000)
+        raw = self.proxy.raw(b"HEAD /debian/pool/main/h/h_1_all.deb HTTP/1.1\r\nHost: p\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertIn(b"Content-Length: 1000", head)
+        self.assertEqual(body, b"")
+        self.assertEqual(self.up.count("/debian/pool/main/h/h_1_all.deb", b"GET"), 0)
+        self.assertEqual(self.up.count("/debian/pool/main/h/h_1_all.deb", b"HEAD"), 1)
+        self.assertEqual(len(self.proxy.store), 0)
+
+
+class CommitRuleTests(ProxyTestCase):
+    def test_by_hash_mismatch_not_stored(self) -> None:
+        """A by-hash body that does not match its name fails and is not stored."""
+        good = b"Package: a\n"
+        hexd = hashlib.sha256(good).hexdigest()
+        path = f"/debian/dists/s/main/binary-amd64/by-hash/SHA256/{hexd}"
+        self.up.add(path, b"Package: b\n")
+        self.assertRaises(ResponseFailed, self.proxy.get, path)
+        self.assertEqual(len(self.proxy.store), 0)
+        self.up.add(path, good)
+        resp, got = self.proxy.get(path)
+        self.assertEqual((got, header(resp, "x-cache")), (good, "MISS"))
+        resp, _ = self.proxy.get(path)
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+        self.assertEqual(self.up.count(path), 2)
+
+    def test_server_error_relayed_not_stored(self) -> None:
+        """An upstream 500 reaches the client and nothing is kept."""
+        self.up.add("/debian/pool/main/e/e_1_all.deb", b"oops", status=500)
+        resp, body = self.proxy.get("/debian/pool/main/e/e_1_all.deb")
+        self.assertEqual((resp.code, body), (500, b"oops"))
+        self.proxy.get("/debian/pool/main/e/e_1_all.deb")
+        self.assertEqual(self.up.count("/debian/pool/main/e/e_1_all.deb"), 2)
+        self.assertEqual(len(self.proxy.store), 0)
+
+    def test_not_found_relayed(self) -> None:
+        """An upstream 404 is passed on as it is."""
+        resp, _ = self.proxy.get("/debian/dists/s/main/binary-amd64/Packages")
+        self.assertEqual(resp.code, 404)
+
+    def test_unreachable_upstream(self) -> None:
+        """With no upstream answer and nothing cached, the client gets a 5xx and a reason."""
+        self.up.down = True
+        resp, body = self.proxy.get("/debian/pool/main/u/u_1_all.deb")
+        self.assertEqual(resp.code, 503)
+
+
+class MutableTests(ProxyTestCase):
+    path = "/debian/dists/stable/InRelease"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.file = self.up.add(self.path, b"v1", etag=b'"e1"', last_modified=LM.encode())
+        resp, _ = self.proxy.get(self.path)
+        self.assertEqual(header(resp, "x-cache"), "MISS")
+
+    def test_fresh_within_ttl(self) -> None:
+        """Within index_ttl the index is served without asking upstream."""
+        self.proxy.clock.advance(59)
+        resp, _ = self.proxy.get(self.path)
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+
+    def test_fleet_max_age_zero_shares_one_check(self) -> None:
+        """max-age=0 right after a check is answered from the cache (one check per window)."""
+        resp, _ = self.proxy.get(self.path, headers={"Cache-Control": "max-age=0"})
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+        self.proxy.clock.advance(31)
+        resp, _ = self.proxy.get(self.path, headers={"Cache-Control": "max-age=0"})
+        self.assertEqual(header(resp, "x-cache"), "REVALIDATED")
+        self.assertEqual(self.up.count(self.path), 2)
+
+    def test_revalidated_with_304(self) -> None:
+        """After the TTL a conditional request is sent; a 304 keeps the stored body."""
+        self.proxy.clock.advance(61)
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (b"v1", "REVALIDATED"))
+        self.assertEqual(self.up.seen[-1].headers.get(b"if-none-match"), b'"e1"')
+        resp, _ = self.proxy.get(self.path)
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+
+    def test_changed_upstream(self) -> None:
+        """A new version upstream replaces the stored one after the TTL."""
+        self.file.body, self.file.etag = b"v2", b'"e2"'
+        self.proxy.clock.advance(61)
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (b"v2", "MISS"))
+        _, got = self.proxy.get(self.path)
+        self.assertEqual(got, b"v2")
+
+    def test_stale_when_upstream_fails(self) -> None:
+        """An index past its TTL is served stale, with a Warning, when upstream fails."""
+        self.up.down = True
+        self.proxy.clock.advance(61)
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((resp.code, got, header(resp, "x-cache")), (200, b"v1", "STALE"))
+        self.assertIn("110", header(resp, "warning") or "")
