@@ -58,7 +58,9 @@ def parse_size(value: object, key: str = "") -> int:
     else:
         raise ConfigError(key, f"expected a size like '10GiB', got {value!r}")
     if unit not in _SIZE_UNITS:
-        raise ConfigError(key, f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, TiB)")
+        raise ConfigError(
+            key, f"unknown size unit {unit!r} in {value!r} (use B, KiB, MiB, GiB, TiB)"
+        )
     size = int(number * _SIZE_UNITS[unit])
     if size <= 0:
         raise ConfigError(key, f"must be greater than zero, got {value!r}")
@@ -234,7 +236,9 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
             raise ConfigError(where + "prefix", f"{prefix!r} is reserved")
         changes["prefix"] = prefix
     if "upstream" in data:
-        changes["upstream"] = check_url(_str(data["upstream"], where + "upstream"), where + "upstream")
+        changes["upstream"] = check_url(
+            _str(data["upstream"], where + "upstream"), where + "upstream"
+        )
     if "forward" in data:
         forward = _str_list(data["forward"], where + "forward")
         for i, f in enumerate(forward):
@@ -311,19 +315,19 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
     up = _table(data, "upstream")
     _check_keys(up, _UPSTREAM_KEYS, "upstream.")
-    uc = cfg.upstream
+    uchanges: dict[str, Any] = {}
     for k in ("connect_timeout", "header_timeout", "idle_timeout"):
         if k in up:
             seconds = parse_duration(up[k], f"upstream.{k}")
             if seconds <= 0:
                 raise ConfigError(f"upstream.{k}", "must be greater than zero")
-            uc = replace(uc, **{k: seconds})
+            uchanges[k] = seconds
     for k in ("max_connections_per_host", "max_redirects"):
         if k in up:
-            uc = replace(uc, **{k: _positive_int(up[k], f"upstream.{k}")})
+            uchanges[k] = _positive_int(up[k], f"upstream.{k}")
     if "ca_bundle" in up:
-        uc = replace(uc, ca_bundle=_str(up["ca_bundle"], "upstream.ca_bundle"))
-    cfg = replace(cfg, upstream=uc)
+        uchanges["ca_bundle"] = _str(up["ca_bundle"], "upstream.ca_bundle")
+    cfg = replace(cfg, upstream=replace(cfg.upstream, **uchanges))
 
     routes = {r.name: r for r in cfg.routes}
     for name, rdata in _table(data, "routes").items():

@@ -29,8 +29,19 @@ HOP_BY_HOP = frozenset(
 #: File names whose bytes are already compressed: a Content-Encoding on them is an
 #: upstream mistake, and the raw wire bytes are the file.
 COMPRESSED_SUFFIXES = (
-    ".gz", ".xz", ".bz2", ".zst", ".lz4", ".lzma", ".tgz", ".apk", ".whl", ".deb", ".udeb",
-    ".zip", ".tar",
+    ".gz",
+    ".xz",
+    ".bz2",
+    ".zst",
+    ".lz4",
+    ".lzma",
+    ".tgz",
+    ".apk",
+    ".whl",
+    ".deb",
+    ".udeb",
+    ".zip",
+    ".tar",
 )
 
 

@@ -141,7 +141,12 @@ class MemoryProxy:
         self.upstream_agent = RequestTraversalAgent(self.upstream)
         self.client = UpstreamClient(self.upstream_agent, self.clock, self.config.upstream)
         self.root = ProxyResource(
-            self.config, self.store, self.inflight, self.client, self.pool, self.clock,
+            self.config,
+            self.store,
+            self.inflight,
+            self.client,
+            self.pool,
+            self.clock,
             self.config.upstream.idle_timeout,
         )
         self.stub = StubTreq(self.root)

@@ -24,14 +24,14 @@ class ConfigTests(SynchronousTestCase):
         """A route of a built-in name changes only the keys given."""
         cfg = config_from_dict({"routes": {"debian": {"upstream": "http://127.0.0.1:9/d/"}}})
         r = {r.name: r for r in cfg.routes}["debian"]
-        self.assertEqual((r.upstream, r.prefix, r.family), ("http://127.0.0.1:9/d/", "/debian/",
-                                                            "debian"))
+        self.assertEqual(
+            (r.upstream, r.prefix, r.family), ("http://127.0.0.1:9/d/", "/debian/", "debian")
+        )
 
     def test_new_generic_route(self) -> None:
         """A new route needs a family and an upstream; the prefix defaults to its name."""
         cfg = config_from_dict(
-            {"routes": {"files": {"family": "generic", "immutable": True,
-                                  "upstream": "http://h/"}}}
+            {"routes": {"files": {"family": "generic", "immutable": True, "upstream": "http://h/"}}}
         )
         r = {r.name: r for r in cfg.routes}["files"]
         self.assertEqual((r.prefix, r.immutable), ("/files/", True))
@@ -74,8 +74,7 @@ class ConfigTests(SynchronousTestCase):
             {"routes": {"debian": {"upstream": "ftp://h/"}}}, "routes.debian.upstream"
         )
         self.assertConfigError(
-            {"routes": {"x": {"family": "generic", "upstream": "http://h/",
-                              "prefix": "/debian/"}}},
+            {"routes": {"x": {"family": "generic", "upstream": "http://h/", "prefix": "/debian/"}}},
             "routes.x.prefix",
         )
         self.assertConfigError({"admin_networks": ["not-a-net"]}, "admin_networks[0]")
@@ -93,8 +92,18 @@ class OptionsTests(SynchronousTestCase):
     def test_overrides(self) -> None:
         """Command-line options win over the file and the defaults."""
         o = Options()
-        o.parseOptions(["--listen", "tcp:0", "--listen", "tcp:1", "--cache-dir", "/tmp/x",
-                        "--max-size", "1GiB"])
+        o.parseOptions(
+            [
+                "--listen",
+                "tcp:0",
+                "--listen",
+                "tcp:1",
+                "--cache-dir",
+                "/tmp/x",
+                "--max-size",
+                "1GiB",
+            ]
+        )
         self.assertEqual(o.config.listen, ("tcp:0", "tcp:1"))
         self.assertEqual((o.config.cache.dir, o.config.cache.max_size), ("/tmp/x", 1024**3))
 

@@ -77,8 +77,9 @@ class HttpRuleTests(SynchronousTestCase):
         now = 1_800_000_000.0
         date = httputil.http_date(now).encode()
         self.assertEqual(httputil.freshness_lifetime(b"max-age=300", None, date, None, now), 300)
-        self.assertEqual(httputil.freshness_lifetime(b"s-maxage=5, max-age=300", None, date,
-                                                     None, now), 5)
+        self.assertEqual(
+            httputil.freshness_lifetime(b"s-maxage=5, max-age=300", None, date, None, now), 5
+        )
         exp = httputil.http_date(now + 120).encode()
         self.assertEqual(httputil.freshness_lifetime(None, exp, date, None, now), 120)
         lm = httputil.http_date(now - 1000).encode()

@@ -32,8 +32,19 @@ class StoreTests(SynchronousTestCase):
         with open(temp, "wb") as f:
             f.write(body)
         now = self.clock.seconds()
-        e = Entry(key, "http://u/" + key, "", len(body), hashlib.sha256(body).hexdigest(), {},
-                  None, None, now, None, now)
+        e = Entry(
+            key,
+            "http://u/" + key,
+            "",
+            len(body),
+            hashlib.sha256(body).hexdigest(),
+            {},
+            None,
+            None,
+            now,
+            None,
+            now,
+        )
         result = self.successResultOf(store.commit(e, temp))
         return result
 

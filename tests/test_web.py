@@ -79,7 +79,8 @@ class HitMissTests(ProxyTestCase):
         """A Packages.gz labelled Content-Encoding: gzip is stored and served as raw bytes."""
         raw = gzip.compress(b"Package: x\n")
         self.up.add(
-            "/debian/dists/s/main/binary-amd64/Packages.gz", raw,
+            "/debian/dists/s/main/binary-amd64/Packages.gz",
+            raw,
             headers={b"content-encoding": b"gzip"},
         )
         for _ in range(2):

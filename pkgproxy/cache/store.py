@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
@@ -106,23 +106,32 @@ class _Database:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM entries ORDER BY last_access"
             ).fetchall()
-        return [
-            Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), *r[6:]) for r in rows
-        ]
+        return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), *r[6:]) for r in rows]
 
     def put(self, e: Entry) -> None:
         with self._lock:
             self._db.execute(
                 f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (e.key, e.url, e.file, e.size, e.sha256, json.dumps(e.headers), e.etag,
-                 e.last_modified, e.fetched, e.expires, e.last_access),
+                (
+                    e.key,
+                    e.url,
+                    e.file,
+                    e.size,
+                    e.sha256,
+                    json.dumps(e.headers),
+                    e.etag,
+                    e.last_modified,
+                    e.fetched,
+                    e.expires,
+                    e.last_access,
+                ),
             )
 
     def delete(self, keys: Iterable[str]) -> None:
         with self._lock:
             self._db.executemany("DELETE FROM entries WHERE key=?", [(k,) for k in keys])
 
-    def touch(self, updates: list[tuple[object, ...]]) -> None:
+    def touch(self, updates: Sequence[tuple[object, ...]]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
@@ -199,7 +208,8 @@ class CacheStore(Service):
             except OSError:
                 pass
         db = _Database(os.path.join(self.directory, "index.sqlite"))
-        kept, gone = [], []
+        kept: list[Entry] = []
+        gone: list[Entry] = []
         for e in db.load():
             try:
                 ok = os.stat(os.path.join(data, e.file)).st_size == e.size
@@ -231,7 +241,10 @@ class CacheStore(Service):
         log.info(
             "cache {dir}: {n} entries, {bytes} bytes; removed {removed} leftover files, "
             "{lost} index rows without a complete file",
-            dir=self.directory, n=len(entries), bytes=self.total_bytes, removed=removed,
+            dir=self.directory,
+            n=len(entries),
+            bytes=self.total_bytes,
+            removed=removed,
             lost=lost,
         )
         self.ready = True
@@ -328,8 +341,7 @@ class CacheStore(Service):
             self._unlink(temp_path)
             return f
 
-        d.addCallbacks(done, failed)
-        return d
+        return d.addCallbacks(done, failed)  # type: ignore[return-value]
 
     def _install(self, entry: Entry) -> None:
         old = self._entries.pop(entry.key, None)

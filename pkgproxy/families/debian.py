@@ -20,8 +20,12 @@ if TYPE_CHECKING:
 _BY_HASH = re.compile(
     r"(?:^|/)dists/.+/by-hash/(?P<algo>MD5Sum|SHA1|SHA256|SHA512)/(?P<hex>[0-9a-f]{32,128})$"
 )
-_HASH_ALGOS = {"MD5Sum": ("md5", 32), "SHA1": ("sha1", 40), "SHA256": ("sha256", 64),
-               "SHA512": ("sha512", 128)}
+_HASH_ALGOS = {
+    "MD5Sum": ("md5", 32),
+    "SHA1": ("sha1", 40),
+    "SHA256": ("sha256", 64),
+    "SHA512": ("sha512", 128),
+}
 _POOL = re.compile(
     r"(?:^|/)pool/.+/[^/]+\.(?:u?deb|ddeb|dsc|tar\.(?:gz|xz|bz2|lzma|zst)|diff\.gz"
     r"|buildinfo|changes|asc)$"

@@ -42,6 +42,7 @@ MAX_ERROR_BODY = 64 * 1024
 #: Upstream is paused when this much is waiting for the disk, resumed below the low mark.
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
+_DONE = Failure(ResponseDone())
 
 
 class State(Enum):
@@ -222,7 +223,7 @@ class Fetch:
         self._answer(Outcome.UNREACHABLE, error=err)
         self._settle()
 
-    def _got_response(self, resp: UpstreamResponse) -> Deferred[None] | None:
+    def _got_response(self, resp: UpstreamResponse) -> None:
         self.upstream = resp
         self.status = resp.status
         if resp.status == 304 and self.request.stale is not None:
@@ -233,7 +234,8 @@ class Fetch:
             self._settle()
             return None
         if resp.status != 200:
-            return self._relay(resp)
+            self._relay(resp)
+            return None
         self.headers = _stored_headers(resp, self.request.url)
         length = resp.response.length
         self.length = length if isinstance(length, int) else None
@@ -267,12 +269,13 @@ class Fetch:
             self._settle()
 
         d.addCallbacks(opened, not_opened)
-        return d
 
-    def _relay(self, resp: UpstreamResponse) -> Deferred[None]:
+    def _relay(self, resp: UpstreamResponse) -> None:
         """Collect a small non-200 answer to pass on to every subscriber."""
         self.headers = {
-            k: v for k in (b"content-type",) if (v := resp.header(k)) is not None  # type: ignore[misc]
+            k: v
+            for k in (b"content-type",)
+            if (v := resp.header(k)) is not None  # type: ignore[misc]
         }
         done: Deferred[None] = Deferred()
         collector = _Collector(done, MAX_ERROR_BODY)
@@ -286,7 +289,6 @@ class Fetch:
             self._settle()
 
         done.addBoth(finish)
-        return done
 
     def _refresh(self, entry: Entry, resp: UpstreamResponse) -> None:
         now = self._clock.seconds()
@@ -529,7 +531,7 @@ class _BodySink(Protocol):
             self._arm()
         self._fetch._data(data)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._fetch._ended(reason)
@@ -539,17 +541,17 @@ class _BodySink(Protocol):
             self._paused = True
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
-            self.transport.pauseProducing()
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
 
     def resume(self) -> None:
         if self._paused and self.transport is not None:
             self._paused = False
             self._arm()
-            self.transport.resumeProducing()
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
 
     def abort(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 class _Collector(Protocol):
@@ -565,5 +567,5 @@ class _Collector(Protocol):
             self.chunks.append(data[: self._left])
             self._left -= len(data)
 
-    def connectionLost(self, reason: Failure = ResponseDone()) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = _DONE) -> None:
         self._done.callback(None)

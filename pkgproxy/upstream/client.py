@@ -88,7 +88,7 @@ class _Discard(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._left -= len(data)
         if self._left < 0 and self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:
@@ -173,9 +173,7 @@ class UpstreamClient:
             url = target
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
 
-    async def _one(
-        self, method: bytes, url: str, headers: dict[bytes, bytes]
-    ) -> UpstreamResponse:
+    async def _one(self, method: bytes, url: str, headers: dict[bytes, bytes]) -> UpstreamResponse:
         sem = self._slot(url)
         await sem.acquire()
         released = False

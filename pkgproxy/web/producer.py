@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -218,7 +218,7 @@ class BodyProducer:
         self._close()
         if request is not None:
             request.unregisterProducer()
-            transport = request.channel.transport if request.channel else None
+            transport: Any = request.channel.transport if request.channel else None
             if transport is not None:
                 transport.abortConnection()
 

@@ -104,7 +104,8 @@ class ProxyResource(Resource):
         if request.method not in (b"GET", b"HEAD"):
             if request.method == b"CONNECT":
                 return _reason(
-                    request, http.NOT_ALLOWED,
+                    request,
+                    http.NOT_ALLOWED,
                     "CONNECT tunnels are not offered: a tunnel cannot be cached. Use "
                     "http:// sources through this proxy, or its reverse paths such as "
                     "/debian/.",
@@ -123,11 +124,13 @@ class ProxyResource(Resource):
             if uri.startswith("/"):
                 known = ", ".join(r.prefix for r in self._routes)
                 return _reason(
-                    request, http.NOT_FOUND,
+                    request,
+                    http.NOT_FOUND,
                     f"no route for {request.path.decode('latin-1')}; routes: {known}",
                 )
             return _reason(
-                request, http.FORBIDDEN,
+                request,
+                http.FORBIDDEN,
                 f"{urlsplit(uri).netloc or uri} is not a configured upstream of this proxy",
             )
         route, rest = found
@@ -178,7 +181,11 @@ class ProxyResource(Resource):
         def factory() -> Fetch:
             return Fetch(
                 FetchRequest(ctx.key, ctx.url, ctx.decision, stale),
-                self._client, self._store, self._pool, self._clock, self._idle_timeout,
+                self._client,
+                self._store,
+                self._pool,
+                self._clock,
+                self._idle_timeout,
             )
 
         fetch, started = self._inflight.join(ctx.key, factory)
@@ -264,14 +271,23 @@ class ProxyResource(Resource):
                 self._store.unpin(entry)
                 return
             BodyProducer(
-                req, OwnedFile(fd), CompleteSource(entry.size), start, end, self._pool,
-                self._clock, on_close=lambda: self._store.unpin(entry),
+                req,
+                OwnedFile(fd),
+                CompleteSource(entry.size),
+                start,
+                end,
+                self._pool,
+                self._clock,
+                on_close=lambda: self._store.unpin(entry),
             ).start()
 
         def missing(f: Failure) -> None:
             self._store.unpin(entry)
-            log.warn("cache file of {key} is unreadable ({e}); fetching again",
-                     key=ctx.key, e=f.getErrorMessage())
+            log.warn(
+                "cache file of {key} is unreadable ({e}); fetching again",
+                key=ctx.key,
+                e=f.getErrorMessage(),
+            )
             self._store.remove(entry.key)
             if ctx.gone:
                 return
@@ -286,9 +302,7 @@ class ProxyResource(Resource):
 
         d.addCallbacks(opened, missing)
 
-    def _serve_stream(
-        self, ctx: _Ctx, fetch: Fetch, file: FileRef, x_cache: bytes
-    ) -> None:
+    def _serve_stream(self, ctx: _Ctx, fetch: Fetch, file: FileRef, x_cache: bytes) -> None:
         req = ctx.request
         up = fetch.upstream
         etag_b = up.header(b"etag") if up is not None else None
