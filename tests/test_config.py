@@ -116,3 +116,13 @@ class OptionsTests(SynchronousTestCase):
         """A bad --max-size is a usage error naming the option."""
         e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--max-size", "big"])
         self.assertIn("--max-size", str(e))
+
+
+class ShippedConfigTests(SynchronousTestCase):
+    def test_example_config_loads(self) -> None:
+        """etc/pkgproxy.toml, the annotated reference, is a valid configuration."""
+        import os
+
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cfg = load_config(os.path.join(here, "etc", "pkgproxy.toml"))
+        self.assertEqual(cfg.cache.dir, "/var/cache/pkgproxy")
