@@ -42,6 +42,9 @@ class FakeFile:
     """What the fake upstream answers for one path.
 
     :ivar hold: when set, GET bodies are not sent until :meth:`FakeUpstream.release`.
+    :ivar partial: with ``hold``, send this many bytes of the body at once, the rest
+        on release (a transfer that stalls in the middle).
+    :ivar location: answer with this redirect target.
     """
 
     body: bytes
@@ -50,6 +53,8 @@ class FakeFile:
     etag: bytes | None = None
     last_modified: bytes | None = None
     hold: bool = False
+    partial: int = 0
+    location: bytes | None = None
 
 
 class FakeUpstream(Resource):
@@ -90,6 +95,8 @@ class FakeUpstream(Resource):
             request.setResponseCode(404)
             return b"not found"
         request.setResponseCode(f.status)
+        if f.location is not None:
+            request.setHeader(b"location", f.location)
         for k, v in f.headers.items():
             request.setHeader(k, v)
         if f.etag:
@@ -107,6 +114,8 @@ class FakeUpstream(Resource):
             return b""
         if f.hold:
             self._held.append((request, f))
+            if f.partial:
+                request.write(f.body[: f.partial])
             return NOT_DONE_YET
         return f.body
 
@@ -114,7 +123,9 @@ class FakeUpstream(Resource):
         """Send the bodies of held responses."""
         held, self._held = self._held, []
         for request, f in held:
-            request.write(f.body)
+            if request._disconnected:  # the proxy gave up on it
+                continue
+            request.write(f.body[f.partial :])
             request.finish()
 
 

@@ -112,6 +112,17 @@ class OptionsTests(SynchronousTestCase):
         e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--listen", "tpc:80"])
         self.assertIn("tpc:80", str(e))
 
+    def test_refuses_without_service_identity(self) -> None:
+        """Without service_identity TLS host names would go unchecked: refuse to start."""
+        from pkgproxy import tap
+
+        def missing() -> None:
+            raise ImportError("service_identity")
+
+        self.patch(tap, "require_service_identity", missing)
+        e = self.assertRaises(usage.UsageError, Options().parseOptions, [])
+        self.assertIn("service_identity", str(e))
+
     def test_bad_max_size(self) -> None:
         """A bad --max-size is a usage error naming the option."""
         e = self.assertRaises(usage.UsageError, Options().parseOptions, ["--max-size", "big"])

@@ -293,3 +293,69 @@ class MutableTests(ProxyTestCase):
         resp, got = self.proxy.get(self.path)
         self.assertEqual((resp.code, got, header(resp, "x-cache")), (200, b"v1", "STALE"))
         self.assertIn("110", header(resp, "warning") or "")
+
+
+class UpstreamLimitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {
+                "routes": {"debian": {"upstream": UP}},
+                "upstream": {
+                    "max_connections_per_host": 1,
+                    "header_timeout": "30s",
+                    "idle_timeout": "60s",
+                    "max_redirects": 2,
+                },
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        self.up = self.proxy.upstream
+
+    def test_per_host_cap(self) -> None:
+        """With one connection per host, a second download waits for the first."""
+        self.up.add("/debian/pool/a_1_all.deb", b"a", hold=True)
+        self.up.add("/debian/pool/b_1_all.deb", b"b")
+        first = self.proxy.start("/debian/pool/a_1_all.deb")
+        second = self.proxy.start("/debian/pool/b_1_all.deb")
+        self.assertEqual(self.up.count("/debian/pool/b_1_all.deb"), 0)
+        self.up.release()
+        self.assertEqual(first()[1], b"a")
+        self.assertEqual(second()[1], b"b")
+        self.assertEqual(self.up.count("/debian/pool/b_1_all.deb"), 1)
+
+    def test_header_timeout(self) -> None:
+        """An upstream that never answers gives 504 after header_timeout."""
+        self.up.add("/debian/pool/slow_1_all.deb", b"s", hold=True)
+        pending = self.proxy.start("/debian/pool/slow_1_all.deb")
+        self.proxy.clock.advance(31)
+        resp, body = pending()
+        self.assertEqual(resp.code, 504)
+        self.assertIn(b"in time", body)
+        self.assertEqual(len(self.proxy.store), 0)
+
+    def test_idle_timeout_mid_body(self) -> None:
+        """A body that stalls past idle_timeout fails the transfer; nothing is stored."""
+        self.up.add("/debian/pool/stall_1_all.deb", b"x" * 1000, hold=True, partial=100)
+        pending = self.proxy.start("/debian/pool/stall_1_all.deb")
+        self.proxy.clock.advance(61)
+        self.assertRaises(ResponseFailed, pending)
+        self.assertEqual(len(self.proxy.store), 0)
+        self.assertEqual(len(self.proxy.inflight), 0)
+
+    def test_redirect_followed_inside(self) -> None:
+        """A redirect is followed by the proxy; the client sees the file, not a 302."""
+        self.up.add("/debian/pool/r_1_all.deb", b"", status=302, location=b"/debian/moved.deb")
+        self.up.add("/debian/moved.deb", b"moved")
+        resp, body = self.proxy.get("/debian/pool/r_1_all.deb")
+        self.assertEqual((resp.code, body), (200, b"moved"))
+
+    def test_redirect_limit(self) -> None:
+        """A redirect loop ends in a 502 with a reason, after max_redirects."""
+        self.up.add(
+            "/debian/pool/loop_1_all.deb", b"", status=302, location=b"/debian/pool/loop_1_all.deb"
+        )
+        resp, body = self.proxy.get("/debian/pool/loop_1_all.deb")
+        self.assertEqual(resp.code, 502)
+        self.assertIn(b"redirects", body)
+        self.assertEqual(self.up.count("/debian/pool/loop_1_all.deb"), 3)

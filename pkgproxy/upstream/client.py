@@ -29,6 +29,7 @@ from twisted.web.client import (
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
     ResponseFailed,
+    ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IResponse
@@ -110,8 +111,10 @@ def _describe(f: Failure) -> UpstreamError:
         return UpstreamError("connect", "upstream refused the connection")
     if isinstance(e, net_error.ConnectError):
         return UpstreamError("connect", f"cannot connect to upstream: {e}")
-    if isinstance(e, ResponseFailed):
+    if isinstance(e, ResponseFailed | ResponseNeverReceived):
         inner = e.reasons[0].value if e.reasons else e
+        if isinstance(inner, CancelledError | net_error.TimeoutError):
+            return UpstreamError("timeout", "upstream did not answer in time", 504)
         if "SSL" in type(inner).__name__ or "certificate" in str(inner).lower():
             return UpstreamError("tls", f"TLS failure talking to upstream: {inner}")
         return UpstreamError("protocol", f"upstream connection failed: {inner!r}")
