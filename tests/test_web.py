@@ -359,3 +359,33 @@ class UpstreamLimitTests(SynchronousTestCase):
         self.assertEqual(resp.code, 502)
         self.assertIn(b"redirects", body)
         self.assertEqual(self.up.count("/debian/pool/loop_1_all.deb"), 3)
+
+
+class GenericRouteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {"routes": {"tools": {"family": "generic", "upstream": "http://upstream.test/t/"}}},
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        self.up = self.proxy.upstream
+
+    def test_freshness_from_upstream_headers(self) -> None:
+        """Without ``immutable``, a generic route keeps a file as long as max-age says."""
+        self.up.add("/t/a.json", b"{}", headers={b"cache-control": b"max-age=120"})
+        self.proxy.get("/tools/a.json")
+        self.proxy.clock.advance(100)
+        resp, _ = self.proxy.get("/tools/a.json")
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+        self.proxy.clock.advance(30)
+        resp, _ = self.proxy.get("/tools/a.json")
+        self.assertEqual(header(resp, "x-cache"), "MISS")
+        self.assertEqual(self.up.count("/t/a.json"), 2)
+
+    def test_no_store_is_not_stored(self) -> None:
+        """An upstream ``Cache-Control: no-store`` is honoured."""
+        self.up.add("/t/secret", b"s", headers={b"cache-control": b"no-store"})
+        self.proxy.get("/tools/secret")
+        self.assertEqual(len(self.proxy.store), 0)
+        resp, body = self.proxy.get("/tools/secret")
+        self.assertEqual((body, header(resp, "x-cache")), (b"s", "MISS"))
