@@ -17,7 +17,9 @@ from twisted.web.server import Site
 from pkgproxy import __version__
 from pkgproxy.config import Config, ConfigError, load_config, parse_size
 from pkgproxy.diskpool import DiskPool
+from pkgproxy.families import Facts
 from pkgproxy.fetch.registry import InFlight
+from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamService, require_service_identity
 from pkgproxy.web.root import ProxyResource
 
@@ -96,8 +98,17 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     store.setServiceParent(top)
     upstream = UpstreamService(reactor, cfg.upstream)
     upstream.setServiceParent(top)
+    learner = Learner(Facts(), store, pool, cfg.routes)
+    store.when_ready().addCallback(lambda _: learner.relearn())
     root = ProxyResource(
-        cfg, store, InFlight(), upstream.client, pool, reactor, cfg.upstream.idle_timeout
+        cfg,
+        store,
+        InFlight(),
+        upstream.client,
+        pool,
+        reactor,
+        cfg.upstream.idle_timeout,
+        learner,
     )
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False

@@ -23,7 +23,9 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config, config_from_dict
 from pkgproxy.diskpool import DiskPool
+from pkgproxy.families import Facts
 from pkgproxy.fetch.registry import InFlight
+from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamClient
 from pkgproxy.web.root import ProxyResource
 
@@ -151,6 +153,9 @@ class MemoryProxy:
         self.inflight = InFlight()
         self.upstream_agent = RequestTraversalAgent(self.upstream)
         self.client = UpstreamClient(self.upstream_agent, self.clock, self.config.upstream)
+        self.facts = Facts()
+        self.learner = Learner(self.facts, self.store, self.pool, self.config.routes)
+        self.learner.relearn()
         self.root = ProxyResource(
             self.config,
             self.store,
@@ -159,6 +164,7 @@ class MemoryProxy:
             self.pool,
             self.clock,
             self.config.upstream.idle_timeout,
+            self.learner,
         )
         self.stub = StubTreq(self.root)
 

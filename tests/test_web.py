@@ -389,3 +389,50 @@ class GenericRouteTests(SynchronousTestCase):
         self.assertEqual(len(self.proxy.store), 0)
         resp, body = self.proxy.get("/tools/secret")
         self.assertEqual((body, header(resp, "x-cache")), (b"s", "MISS"))
+
+
+class LearnedChecksTests(ProxyTestCase):
+    deb = b"!<arch>\ndebian-binary" + b"\x00" * 500
+
+    def packages(self, body: bytes) -> bytes:
+        import lzma
+
+        stanza = (
+            "Package: hello\nVersion: 1.0\nFilename: pool/main/h/hello/hello_1.0_all.deb\n"
+            f"Size: {len(body)}\nSHA256: {hashlib.sha256(body).hexdigest()}\n"
+            "Description: hi\n continuation line\n\n"
+        )
+        return lzma.compress(stanza.encode())
+
+    def test_pool_file_checked_against_packages(self) -> None:
+        """Once a Packages index is cached, a pool file must match its Size and SHA256."""
+        self.up.add("/debian/dists/s/main/binary-amd64/Packages.xz", self.packages(self.deb))
+        self.proxy.get("/debian/dists/s/main/binary-amd64/Packages.xz")
+        self.assertEqual(len(self.proxy.facts), 1)
+        path = "/debian/pool/main/h/hello/hello_1.0_all.deb"
+        self.up.add(path, self.deb[:-1] + b"X")
+        self.assertRaises(ResponseFailed, self.proxy.get, path)
+        self.assertEqual(len(self.proxy.store), 1)
+        self.up.add(path, self.deb)
+        resp, body = self.proxy.get(path)
+        self.assertEqual((body, header(resp, "x-cache")), (self.deb, "MISS"))
+        self.assertEqual(header(self.proxy.get(path)[0], "x-cache"), "HIT")
+
+    def test_checks_survive_restart(self) -> None:
+        """The checks are read again from the cached index when the cache reopens."""
+        by_hash = hashlib.sha256(self.packages(self.deb)).hexdigest()
+        index = f"/debian/dists/s/main/binary-amd64/by-hash/SHA256/{by_hash}"
+        self.up.add(index, self.packages(self.deb))
+        self.proxy.get(index)
+        self.proxy.close()
+        again = MemoryProxy(
+            {"routes": {"debian": {"upstream": UP}}}, cache_dir=self.proxy.config.cache.dir
+        )
+        self.addCleanup(again.close)
+        self.assertEqual(len(again.facts), 1)
+        again.upstream.add("/debian/pool/main/h/hello/hello_1.0_all.deb", b"short")
+        # The announced length already disagrees with the index: refused before any byte.
+        resp, body = again.get("/debian/pool/main/h/hello/hello_1.0_all.deb")
+        self.assertEqual(resp.code, 502)
+        self.assertIn(b"expected 521", body)
+        self.assertEqual(len(again.store), 1)

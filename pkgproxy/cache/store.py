@@ -282,6 +282,10 @@ class CacheStore(Service):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> list[Entry]:
+        """Every entry, least recently used first."""
+        return list(self._entries.values())
+
     def path_of(self, entry: Entry) -> str:
         """Where the entry's body is on disk."""
         return os.path.join(self.directory, "data", entry.file)

@@ -2,17 +2,23 @@
 
 ``pool/`` files and ``by-hash/`` indexes never change under their names, so they are kept
 forever and a client's ``max-age=0`` does not send them upstream again; a by-hash URL
-names its own digest, which the body must match before it is stored. Release files and
-the indexes under ``dists/`` change and are revalidated after the route's ``index_ttl``.
-See PROTOCOLS.md section 2.2 for the classes, checked in this order.
+names its own digest, which the body must match before it is stored, and a pool file
+must match the ``Size`` and ``SHA256`` of its ``Packages`` stanza once that index has
+been cached. Release files and the indexes under ``dists/`` change and are revalidated
+after the route's ``index_ttl``. PROTOCOLS.md section 2.2 gives the classes, checked in
+this order.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import IO, TYPE_CHECKING
 
-from pkgproxy.families import CacheClass, Decision
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
@@ -31,9 +37,11 @@ _POOL = re.compile(
     r"|buildinfo|changes|asc)$"
 )
 _PDIFF = re.compile(r"(?:^|/)dists/.+\.diff/(?!Index$)[^/]+$")
+_PACKAGES = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/Packages(?:\.(?:gz|xz|bz2))?$")
+_PACKAGES_BY_HASH = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/by-hash/SHA256/[0-9a-f]{64}$")
 
 
-def classify(route: Route, path: str) -> Decision:
+def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
     """Classify ``path`` (relative to the archive root, no query) of a Debian route."""
     m = _BY_HASH.search(path)
     if m:
@@ -41,8 +49,68 @@ def classify(route: Route, path: str) -> Decision:
         if len(m.group("hex")) == length:
             return Decision(CacheClass.IMMUTABLE, digests={algo: m.group("hex")})
         return Decision(CacheClass.PASS)
-    if _POOL.search(path) or _PDIFF.search(path):
+    if _POOL.search(path):
+        known = facts.get(route.name, path) if facts is not None else None
+        return Decision(CacheClass.IMMUTABLE).with_expect(known)
+    if _PDIFF.search(path):
         return Decision(CacheClass.IMMUTABLE)
     # Release files, indexes, the rest of dists/ and the odd file outside it (README,
     # project/trace) are all revalidated after the route's TTL.
     return Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
+
+
+def learns(path: str) -> bool:
+    """Packages indexes, by name or by hash, list what pool files must be."""
+    return bool(_PACKAGES.search(path) or _PACKAGES_BY_HASH.search(path))
+
+
+def _open(local_file: str) -> IO[bytes]:
+    """Open an index whatever its compression (a by-hash name does not say)."""
+    with open(local_file, "rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.open(local_file, "rb")  # type: ignore[return-value]
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(local_file, "rb")
+    if magic.startswith(b"BZh"):
+        return bz2.open(local_file, "rb")
+    return open(local_file, "rb")
+
+
+def stanzas(stream: IO[bytes]) -> Iterator[dict[str, str]]:
+    """The fields of each stanza of a deb822 file, continuation lines dropped."""
+    fields: dict[str, str] = {}
+    for raw in stream:
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if not line.strip():
+            if fields:
+                yield fields
+                fields = {}
+            continue
+        if line[0] in " \t":
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name] = value.strip()
+    if fields:
+        yield fields
+
+
+def learn(path: str, local_file: str) -> list[tuple[str, Expect]]:
+    """``Filename -> (Size, SHA256)`` from a Packages index (runs in the disk pool).
+
+    Anything that is not a Packages file (a by-hash name may hide a Translation) gives
+    nothing: its stanzas have no ``Filename``.
+    """
+    out = []
+    with _open(local_file) as stream:
+        for st in stanzas(stream):
+            filename, size, sha = st.get("Filename"), st.get("Size"), st.get("SHA256")
+            if not filename or not size or not size.isdigit():
+                continue
+            digests = {"sha256": sha.lower()} if sha and len(sha) == 64 else {}
+            out.append((filename, Expect(int(size), digests)))
+    return out
+
+
+FAMILY = Family(classify, learns, learn)

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pkgproxy.families import CacheClass, Decision
+from pkgproxy.families import CacheClass, Decision, Facts, Family
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
 
 
-def classify(route: Route, path: str) -> Decision:
+def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
     """Classify ``path`` of a generic route."""
     if route.immutable:
         return Decision(CacheClass.IMMUTABLE)
     return Decision(CacheClass.MUTABLE, ttl=None)
+
+
+FAMILY = Family(classify)

@@ -10,7 +10,6 @@ subscriber's response ends as a failed transfer.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
+from pkgproxy.digests import new_hasher
 from pkgproxy.families import CacheClass, Decision
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
@@ -73,6 +73,8 @@ class FetchRequest:
     decision: Decision
     stale: Entry | None = None
     extra_headers: dict[bytes, bytes] = field(default_factory=dict)
+    #: Called with the entry once it is committed (a family learning from an index).
+    on_commit: Callable[[Entry], object] | None = None
 
 
 class _SharedFile:
@@ -255,7 +257,7 @@ class Fetch:
         def opened(fd: int) -> None:
             self._file = _SharedFile(fd)
             algos = {"sha256", *self.request.decision.digests}
-            self._hashers = {a: hashlib.new(a) for a in algos}
+            self._hashers = {a: new_hasher(a) for a in algos}
             self.state = State.STREAMING
             self._answer(Outcome.STREAM)
             self._sink = _BodySink(self, self._clock, self._idle_timeout)
@@ -401,7 +403,7 @@ class Fetch:
             return f"got {self.written} bytes, the index says {want.size}"
         for algo, hexdigest in want.digests.items():
             got = self._hashers[algo].hexdigest()
-            if got != hexdigest.lower():
+            if got != hexdigest:
                 return f"{algo} mismatch: got {got}, expected {hexdigest}"
         return None
 
@@ -447,6 +449,8 @@ class Fetch:
 
         def committed(e: Entry) -> None:
             self.entry = e
+            if self.request.on_commit is not None:
+                self.request.on_commit(e)
 
         def failed(f: Failure) -> None:
             log.failure("cannot commit {url} to the cache", f, url=self.request.url)

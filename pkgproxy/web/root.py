@@ -20,9 +20,10 @@ from pkgproxy import httputil
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Config, Route
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.families import FAMILIES, CacheClass, Decision
+from pkgproxy.families import FAMILIES, CacheClass, Decision, Facts
 from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
+from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 from pkgproxy.web.producer import BodyProducer, CompleteSource, FileRef, OwnedFile
 
@@ -43,6 +44,7 @@ class _Ctx:
     key: str
     url: str
     decision: Decision
+    learn: bool = False
     gone: bool = False
     retried: bool = False
 
@@ -71,8 +73,10 @@ class ProxyResource(Resource):
         diskpool: DiskPool,
         clock: IReactorTime,
         idle_timeout: float,
+        learner: Learner | None = None,
     ) -> None:
         super().__init__()
+        self._learner = learner or Learner(Facts(), store, diskpool, config.routes)
         self._routes = sorted(config.enabled_routes(), key=lambda r: -len(r.prefix))
         self._forward = sorted(
             ((f, r) for r in config.enabled_routes() for f in r.forward),
@@ -139,9 +143,16 @@ class ProxyResource(Resource):
             path = httputil.canonical_path(path)
         except httputil.BadPath as e:
             return _reason(request, http.BAD_REQUEST, str(e))
-        decision = FAMILIES[route.family](route, path)
+        decision = FAMILIES[route.family].classify(route, path, self._learner.facts)
         suffix = f"{path}?{query}" if sep else path
-        ctx = _Ctx(request, route, f"{route.name}:{suffix}", route.upstream + suffix, decision)
+        ctx = _Ctx(
+            request,
+            route,
+            f"{route.name}:{suffix}",
+            route.upstream + suffix,
+            decision,
+            learn=self._learner.wants(route, path),
+        )
         request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
         self._handle(ctx)
         return NOT_DONE_YET
@@ -179,8 +190,9 @@ class ProxyResource(Resource):
         stale = entry if ctx.decision.cache_class is not CacheClass.PASS else None
 
         def factory() -> Fetch:
+            on_commit = self._learner.committed if ctx.learn else None
             return Fetch(
-                FetchRequest(ctx.key, ctx.url, ctx.decision, stale),
+                FetchRequest(ctx.key, ctx.url, ctx.decision, stale, on_commit=on_commit),
                 self._client,
                 self._store,
                 self._pool,

@@ -1,0 +1,90 @@
+"""Alpine Linux repositories (apk).
+
+``APKINDEX.tar.gz`` is the index, revalidated after the route's TTL. Packages (``.apk``)
+never change under their names once published, so they are kept forever, but only
+after they match the size (``S:``) and control checksum (``C:``) the cached index gives
+for them. PROTOCOLS.md section 3.
+"""
+
+from __future__ import annotations
+
+import gzip
+import posixpath
+import re
+import tarfile
+from typing import TYPE_CHECKING
+
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family
+
+if TYPE_CHECKING:
+    from pkgproxy.config import Route
+
+_BRANCH = r"(?:v\d+\.\d+|edge|latest-stable)"
+_INDEX = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/(?:APKINDEX\.tar\.gz|Packages\.adb)$")
+_PACKAGE = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/[^/]+\.apk$")
+_RELEASE = re.compile(rf"^{_BRANCH}/releases/")
+
+
+def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
+    """Classify ``path`` (relative to the mirror root) of an Alpine route."""
+    if _PACKAGE.match(path):
+        known = facts.get(route.name, path) if facts is not None else None
+        return Decision(CacheClass.IMMUTABLE).with_expect(known)
+    if _RELEASE.match(path) and "latest" not in path and not path.startswith("latest-stable/"):
+        return Decision(CacheClass.IMMUTABLE)
+    return Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
+
+
+def learns(path: str) -> bool:
+    """The v2 index lists size and checksum of every package beside it."""
+    return path.endswith("/APKINDEX.tar.gz") and bool(_INDEX.match(path))
+
+
+def parse_apkindex(text: str) -> list[tuple[str, int | None, str | None]]:
+    """``(file name, S:, C:)`` of each record of an APKINDEX text."""
+    out = []
+    for record in text.split("\n\n"):
+        fields = {}
+        for line in record.splitlines():
+            if len(line) > 2 and line[1] == ":":
+                fields[line[0]] = line[2:]
+        name, version = fields.get("P"), fields.get("V")
+        if not name or not version:
+            continue
+        size = fields.get("S")
+        out.append(
+            (
+                f"{name}-{version}.apk",
+                int(size) if size and size.isdigit() else None,
+                fields.get("C"),
+            )
+        )
+    return out
+
+
+def learn(path: str, local_file: str) -> list[tuple[str, Expect]]:
+    """Read ``APKINDEX`` out of the index archive (runs in the disk pool)."""
+    directory = posixpath.dirname(path)
+    # Two gzip streams, each a tar segment (signature, then index); gzip reads both as
+    # one stream, and ignore_zeros steps over the first segment's end marker.
+    with (
+        gzip.open(local_file, "rb") as gz,
+        tarfile.open(fileobj=gz, mode="r|", ignore_zeros=True) as tar,
+    ):
+        for member in tar:
+            if member.name == "APKINDEX" and member.isfile():
+                f = tar.extractfile(member)
+                if f is None:
+                    break
+                text = f.read().decode("utf-8", "replace")
+                return [
+                    (
+                        f"{directory}/{name}",
+                        Expect(size, {"apk-control": c} if c and c.startswith("Q1") else {}),
+                    )
+                    for name, size, c in parse_apkindex(text)
+                ]
+    return []
+
+
+FAMILY = Family(classify, learns, learn)
