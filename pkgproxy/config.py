@@ -147,7 +147,41 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         forward=(
             "http://deb.debian.org/debian-security/",
             "http://security.debian.org/debian-security/",
+            "http://security.debian.org/",
         ),
+    ),
+    # Ubuntu's archive is plain HTTP upstream too; apt checks the signed indexes.
+    Route(
+        name="ubuntu",
+        family="debian",
+        prefix="/ubuntu/",
+        upstream="http://archive.ubuntu.com/ubuntu/",
+        forward=("http://archive.ubuntu.com/ubuntu/", "http://*.archive.ubuntu.com/ubuntu/"),
+    ),
+    Route(
+        name="ubuntu-security",
+        family="debian",
+        prefix="/ubuntu-security/",
+        upstream="http://security.ubuntu.com/ubuntu/",
+        forward=("http://security.ubuntu.com/ubuntu/",),
+    ),
+    Route(
+        name="ubuntu-ports",
+        family="debian",
+        prefix="/ubuntu-ports/",
+        upstream="http://ports.ubuntu.com/ubuntu-ports/",
+        forward=(
+            "http://ports.ubuntu.com/ubuntu-ports/",
+            "http://*.ports.ubuntu.com/ubuntu-ports/",
+        ),
+    ),
+    Route(
+        name="alpine",
+        family="alpine",
+        prefix="/alpine/",
+        upstream="https://dl-cdn.alpinelinux.org/alpine/",
+        forward=("http://dl-cdn.alpinelinux.org/alpine/",),
+        index_ttl=300.0,
     ),
 )
 
@@ -243,6 +277,11 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         forward = _str_list(data["forward"], where + "forward")
         for i, f in enumerate(forward):
             check_url(f, f"{where}forward[{i}]")
+            if not f.startswith("http://"):
+                raise ConfigError(
+                    f"{where}forward[{i}]",
+                    "clients send only http:// URLs to a proxy (https:// becomes CONNECT)",
+                )
         changes["forward"] = forward
     if "index_ttl" in data:
         changes["index_ttl"] = parse_duration(data["index_ttl"], where + "index_ttl")

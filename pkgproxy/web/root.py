@@ -7,7 +7,6 @@ carries an absolute URI, which Twisted keeps whole in ``request.path``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -26,6 +25,7 @@ from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 from pkgproxy.web.producer import BodyProducer, CompleteSource, FileRef, OwnedFile
+from pkgproxy.web.routing import RouteError, RouteTable
 
 log = Logger()
 
@@ -77,31 +77,13 @@ class ProxyResource(Resource):
     ) -> None:
         super().__init__()
         self._learner = learner or Learner(Facts(), store, diskpool, config.routes)
-        self._routes = sorted(config.enabled_routes(), key=lambda r: -len(r.prefix))
-        self._forward = sorted(
-            ((f, r) for r in config.enabled_routes() for f in r.forward),
-            key=lambda fr: -len(fr[0]),
-        )
+        self._table = RouteTable(config.enabled_routes())
         self._store = store
         self._inflight = inflight
         self._client = client
         self._pool = diskpool
         self._clock = clock
         self._idle_timeout = idle_timeout
-
-    # -- routing -----------------------------------------------------------------
-
-    def _route(self, uri: str) -> tuple[Route, str] | None:
-        """The route for a request target and the path below its upstream base."""
-        if uri.startswith("/"):
-            for r in self._routes:
-                if uri.startswith(r.prefix):
-                    return r, uri[len(r.prefix) :]
-            return None
-        for prefix, r in self._forward:
-            if uri.startswith(prefix):
-                return r, uri[len(prefix) :]
-        return None
 
     def render(self, request: Request) -> bytes | int:
         uri = request.uri.decode("latin-1")
@@ -121,22 +103,10 @@ class ProxyResource(Resource):
         if not self._store.ready:
             request.setHeader(b"retry-after", b"5")
             return _reason(request, http.SERVICE_UNAVAILABLE, "the cache is still starting")
-        if "://" in uri.split("?", 1)[0] and not uri.startswith(("http://", "/")):
-            return _reason(request, http.BAD_REQUEST, "only http:// absolute URIs are proxied")
-        found = self._route(uri)
-        if found is None:
-            if uri.startswith("/"):
-                known = ", ".join(r.prefix for r in self._routes)
-                return _reason(
-                    request,
-                    http.NOT_FOUND,
-                    f"no route for {request.path.decode('latin-1')}; routes: {known}",
-                )
-            return _reason(
-                request,
-                http.FORBIDDEN,
-                f"{urlsplit(uri).netloc or uri} is not a configured upstream of this proxy",
-            )
+        try:
+            found = self._table.resolve(uri)
+        except RouteError as e:
+            return _reason(request, e.code, str(e))
         route, rest = found
         path, sep, query = rest.partition("?")
         try:

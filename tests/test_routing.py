@@ -1,0 +1,137 @@
+"""The route table in both modes, and the requests a cache must refuse."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pkgproxy.config import config_from_dict
+from pkgproxy.testing import MemoryProxy
+from pkgproxy.web.routing import RouteTable
+
+CONFIG = {
+    "routes": {
+        "debian": {
+            "upstream": "http://upstream.test/debian/",
+            "forward": ["http://deb.debian.org/debian/", "http://ftp.debian.org/debian/"],
+        },
+        "ubuntu": {"upstream": "http://upstream.test/ubuntu/"},
+    }
+}
+
+
+class RouteTableTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.table = RouteTable(config_from_dict(CONFIG).enabled_routes())
+
+    def resolve(self, target: str) -> tuple[str, str]:
+        route, rest = self.table.resolve(target)
+        return route.name, rest
+
+    def test_reverse_and_forward_meet(self) -> None:
+        """A path prefix and an absolute URI name the same route and path."""
+        self.assertEqual(self.resolve("/debian/pool/a.deb"), ("debian", "pool/a.deb"))
+        self.assertEqual(
+            self.resolve("http://deb.debian.org/debian/pool/a.deb"), ("debian", "pool/a.deb")
+        )
+        self.assertEqual(
+            self.resolve("http://DEB.Debian.ORG:80/debian/pool/a.deb"), ("debian", "pool/a.deb")
+        )
+
+    def test_builtin_forward_hosts(self) -> None:
+        """Built-in routes answer their public hosts, country mirrors included."""
+        self.assertEqual(
+            self.resolve("http://de.archive.ubuntu.com/ubuntu/dists/noble/InRelease"),
+            ("ubuntu", "dists/noble/InRelease"),
+        )
+        self.assertEqual(
+            self.resolve("http://security.ubuntu.com/ubuntu/pool/x.deb"),
+            ("ubuntu-security", "pool/x.deb"),
+        )
+        self.assertEqual(
+            self.resolve("http://ports.ubuntu.com/ubuntu-ports/pool/x.deb"),
+            ("ubuntu-ports", "pool/x.deb"),
+        )
+        self.assertEqual(
+            self.resolve("http://security.debian.org/debian-security/dists/x/InRelease"),
+            ("debian-security", "dists/x/InRelease"),
+        )
+        self.assertEqual(
+            self.resolve("http://dl-cdn.alpinelinux.org/alpine/v3.20/main/x86_64/APKINDEX.tar.gz"),
+            ("alpine", "v3.20/main/x86_64/APKINDEX.tar.gz"),
+        )
+
+    def test_query_kept(self) -> None:
+        """A query string stays with the path."""
+        self.assertEqual(self.resolve("http://deb.debian.org/debian/x?a=1"), ("debian", "x?a=1"))
+
+
+#: Request targets that must be refused, with the status, and never fetched.
+REFUSED = [
+    ("http://example.org/debian/pool/a.deb", 403),  # unknown host
+    ("http://127.0.0.1/debian/pool/a.deb", 403),  # literal IP
+    ("http://169.254.169.254/latest/meta-data/", 403),  # cloud metadata
+    ("http://deb.debian.org:8080/debian/pool/a.deb", 403),  # another port
+    ("http://deb.debian.org/other/pool/a.deb", 403),  # outside the mapped path
+    ("http://user:pw@deb.debian.org/debian/pool/a.deb", 403),  # userinfo
+    ("http://deb.debian.org@evil.example/debian/pool/a.deb", 403),  # userinfo trick
+    ("https://deb.debian.org/debian/pool/a.deb", 403),  # https through a proxy
+    ("ftp://deb.debian.org/debian/pool/a.deb", 400),  # another scheme
+    ("http://deb.debian.org:99999/debian/", 400),  # bad port
+    ("http:///debian/pool/a.deb", 400),  # no host
+    ("/unknown/pool/a.deb", 404),  # unknown reverse prefix
+    ("/debian/pool/%2e%2e/%2e%2e/x", 400),  # dot segments
+    ("/debian/pool/a%2fb.deb", 400),  # encoded slash
+]
+
+
+class RefusalTests(SynchronousTestCase):
+    def test_refused_without_upstream_contact(self) -> None:
+        """Each refused target gets its status and a one-line reason; nothing is fetched."""
+        proxy = MemoryProxy(CONFIG, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        for target, status in REFUSED:
+            raw = proxy.raw(f"GET {target} HTTP/1.1\r\nHost: deb.debian.org\r\n\r\n".encode())
+            head, _, body = raw.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(f"HTTP/1.1 {status} ".encode()), (target, head))
+            self.assertTrue(body.startswith(b"pkgproxy: "), (target, body))
+            self.assertEqual(body.count(b"\n"), 1, (target, body))
+        self.assertEqual(proxy.upstream.seen, [])
+        self.assertEqual(len(proxy.inflight), 0)
+
+    def test_connect_refused(self) -> None:
+        """CONNECT gets 405 with a text telling what to use instead."""
+        proxy = MemoryProxy(CONFIG, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        raw = proxy.raw(b"CONNECT deb.debian.org:443 HTTP/1.1\r\nHost: deb.debian.org\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 405 "), raw)
+        self.assertIn(b"http:// sources", raw)
+        self.assertEqual(proxy.upstream.seen, [])
+
+    def test_forward_and_reverse_share_one_entry(self) -> None:
+        """A file fetched by path is a hit by absolute URI; the Host header is ignored."""
+        proxy = MemoryProxy(CONFIG, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        proxy.upstream.add("/debian/pool/main/a/a_1_all.deb", b"A")
+        proxy.get("/debian/pool/main/a/a_1_all.deb")
+        raw = proxy.raw(
+            b"GET http://deb.debian.org/debian/pool/main/a/a_1_all.deb HTTP/1.1\r\n"
+            b"Host: example.org\r\nProxy-Authorization: Basic dTpw\r\n\r\n"
+        )
+        self.assertIn(b"X-Cache: HIT", raw)
+        self.assertTrue(raw.endswith(b"\r\n\r\nA"), raw)
+        self.assertEqual(proxy.upstream.count("/debian/pool/main/a/a_1_all.deb"), 1)
+
+    def test_client_credentials_not_forwarded(self) -> None:
+        """Authorization and Proxy-* headers from clients never reach the upstream."""
+        proxy = MemoryProxy(CONFIG, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        proxy.upstream.add("/debian/pool/main/b/b_1_all.deb", b"B")
+        proxy.raw(
+            b"GET http://deb.debian.org/debian/pool/main/b/b_1_all.deb HTTP/1.1\r\n"
+            b"Host: deb.debian.org\r\nAuthorization: Basic dTpw\r\n"
+            b"Proxy-Authorization: Basic dTpw\r\nProxy-Connection: keep-alive\r\n"
+            b"Cookie: c=1\r\n\r\n"
+        )
+        sent = proxy.upstream.seen[-1].headers
+        for name in (b"authorization", b"proxy-authorization", b"proxy-connection", b"cookie"):
+            self.assertNotIn(name, sent)
