@@ -69,9 +69,12 @@ class Options(usage.Options):
 
         for desc in cfg.listen:
             try:
-                serverFromString(reactor, desc)
+                endpoint = serverFromString(reactor, desc)
             except (ValueError, KeyError, TypeError) as e:
                 raise usage.UsageError(f"listen: bad description {desc!r}: {e}") from None
+            port = getattr(endpoint, "_port", None)
+            if isinstance(port, int) and not 0 <= port <= 65535:
+                raise usage.UsageError(f"listen: bad description {desc!r}: port must be 0-65535")
         if os.path.exists(cfg.cache.dir) and not os.path.isdir(cfg.cache.dir):
             raise usage.UsageError(f"cache.dir: {cfg.cache.dir} exists and is not a directory")
         try:

@@ -88,6 +88,7 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> bytes | int:
         uri = request.uri.decode("latin-1")
         if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
             if request.method == b"CONNECT":
                 return _reason(
                     request,
@@ -96,7 +97,6 @@ class ProxyResource(Resource):
                     "http:// sources through this proxy, or its reverse paths such as "
                     "/debian/.",
                 )
-            request.setHeader(b"allow", b"GET, HEAD")
             return _reason(request, http.NOT_ALLOWED, f"{request.method.decode()} is not allowed")
         if request.path.startswith(ADMIN_PREFIX):
             return self._admin(request)
