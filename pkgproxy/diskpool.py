@@ -39,7 +39,7 @@ class DiskPool(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._pool is not None:
+        if self._pool is not None and not self._pool.started:
             self._pool.start()
 
     def stopService(self) -> None:
@@ -54,7 +54,7 @@ class DiskPool(Service):
                 return succeed(f(*args, **kwargs))
             except BaseException:
                 return fail()
-        if not self._pool.started:
-            self._pool.start()
+        if not self.running:
+            return fail(RuntimeError("the disk pool is stopped"))
         d: Deferred[Any] = deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)  # type: ignore[arg-type]
         return d

@@ -20,6 +20,7 @@ from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Facts
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
+from pkgproxy.service import OrderedMultiService
 from pkgproxy.upstream.client import UpstreamService, require_service_identity
 from pkgproxy.web.root import ProxyResource
 
@@ -94,7 +95,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     """
     from pkgproxy.cache.store import CacheStore
 
-    top = MultiService()
+    top = OrderedMultiService()
     pool = DiskPool(reactor)
     pool.setServiceParent(top)
     store = CacheStore(cfg.cache.dir, cfg.cache.max_size, pool, reactor)

@@ -57,6 +57,8 @@ class Entry:
     fetched: float
     expires: float | None
     last_access: float
+    #: Other digests computed while it was downloaded (``sha256`` is its own field).
+    digests: dict[str, str] = field(default_factory=dict)
     readers: int = field(default=0, compare=False)
     obsolete: bool = field(default=False, compare=False)
 
@@ -82,11 +84,13 @@ CREATE TABLE IF NOT EXISTS entries (
     last_modified TEXT,
     fetched REAL NOT NULL,
     expires REAL,
-    last_access REAL NOT NULL
+    last_access REAL NOT NULL,
+    digests TEXT NOT NULL DEFAULT '{}'
 )
 """
 _COLUMNS = (
-    "key, url, file, size, sha256, headers, etag, last_modified, fetched, expires, last_access"
+    "key, url, file, size, sha256, headers, etag, last_modified, fetched, expires, last_access,"
+    " digests"
 )
 
 
@@ -106,12 +110,28 @@ class _Database:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM entries ORDER BY last_access"
             ).fetchall()
-        return [Entry(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), *r[6:]) for r in rows]
+        return [
+            Entry(
+                key=r[0],
+                url=r[1],
+                file=r[2],
+                size=r[3],
+                sha256=r[4],
+                headers=json.loads(r[5]),
+                etag=r[6],
+                last_modified=r[7],
+                fetched=r[8],
+                expires=r[9],
+                last_access=r[10],
+                digests=json.loads(r[11]),
+            )
+            for r in rows
+        ]
 
     def put(self, e: Entry) -> None:
         with self._lock:
             self._db.execute(
-                f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT OR REPLACE INTO entries ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     e.key,
                     e.url,
@@ -124,6 +144,7 @@ class _Database:
                     e.fetched,
                     e.expires,
                     e.last_access,
+                    json.dumps(e.digests),
                 ),
             )
 

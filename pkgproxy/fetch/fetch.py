@@ -73,8 +73,8 @@ class FetchRequest:
     decision: Decision
     stale: Entry | None = None
     extra_headers: dict[bytes, bytes] = field(default_factory=dict)
-    #: Called with the entry once it is committed (a family learning from an index).
-    on_commit: Callable[[Entry], object] | None = None
+    #: Called once the body is complete and verified, before any client sees its end.
+    on_verified: Callable[[], object] | None = None
 
 
 class _SharedFile:
@@ -385,6 +385,8 @@ class Fetch:
             return
         self.sha256 = self._hashers["sha256"].hexdigest()
         self.state = State.DONE
+        if self.request.on_verified is not None:
+            self.request.on_verified()
         self._notify()
         if self._storable(reason):
             self._commit()
@@ -444,13 +446,12 @@ class Fetch:
             fetched=now,
             expires=None if immutable else now + self._ttl(resp, now),
             last_access=now,
+            digests={a: h.hexdigest() for a, h in self._hashers.items() if a != "sha256"},
         )
         d = self._store.commit(entry, self._temp)
 
         def committed(e: Entry) -> None:
             self.entry = e
-            if self.request.on_commit is not None:
-                self.request.on_commit(e)
 
         def failed(f: Failure) -> None:
             log.failure("cannot commit {url} to the cache", f, url=self.request.url)
@@ -516,6 +517,7 @@ class _BodySink(Protocol):
         self._timeout = idle_timeout
         self._timer: IDelayedCall | None = None
         self._paused = False
+        self._timed_out = False
 
     def connectionMade(self) -> None:
         self._arm()
@@ -528,6 +530,7 @@ class _BodySink(Protocol):
 
     def _idle(self) -> None:
         log.warn("upstream went silent for {t}s", t=self._timeout)
+        self._timed_out = True
         self.abort()
 
     def dataReceived(self, data: bytes) -> None:
@@ -538,6 +541,10 @@ class _BodySink(Protocol):
     def connectionLost(self, reason: Failure = _DONE) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
+        if self._timed_out:
+            # A body delimited by the connection's end would look complete after the
+            # abort: it was cut off here, so it is a failure whatever Twisted says.
+            reason = Failure(UpstreamError("timeout", "upstream went silent mid-body", 504))
         self._fetch._ended(reason)
 
     def pause(self) -> None:

@@ -35,15 +35,19 @@ REVALIDATE_WINDOW = 30.0
 ADMIN_PREFIX = b"/_pkgproxy/"
 
 
+_UNDECIDED = Decision(CacheClass.PASS)
+
+
 @dataclass
 class _Ctx:
     """One client request, as the proxy understands it."""
 
     request: Request
     route: Route
+    path: str
     key: str
     url: str
-    decision: Decision
+    decision: Decision = _UNDECIDED
     learn: bool = False
     gone: bool = False
     retried: bool = False
@@ -86,6 +90,8 @@ class ProxyResource(Resource):
         self._idle_timeout = idle_timeout
 
     def render(self, request: Request) -> bytes | int:
+        # Twisted would label a body without a type text/html; unknown stays unknown.
+        request.defaultContentType = None
         uri = request.uri.decode("latin-1")
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
@@ -113,23 +119,30 @@ class ProxyResource(Resource):
             path = httputil.canonical_path(path)
         except httputil.BadPath as e:
             return _reason(request, http.BAD_REQUEST, str(e))
-        decision = FAMILIES[route.family].classify(route, path, self._learner.facts)
         suffix = f"{path}?{query}" if sep else path
-        ctx = _Ctx(
-            request,
-            route,
-            f"{route.name}:{suffix}",
-            route.upstream + suffix,
-            decision,
-            learn=self._learner.wants(route, path),
-        )
+        ctx = _Ctx(request, route, path, f"{route.name}:{suffix}", route.upstream + suffix)
         request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
-        self._handle(ctx)
+        if self._learner.busy(route.name):
+            # An index of this route was just verified and is being read: what this
+            # request fetches may be listed there, so wait for its checks.
+            self._learner.idle(route.name).addCallback(lambda _: self._classify(ctx))
+        else:
+            self._classify(ctx)
         return NOT_DONE_YET
+
+    def _classify(self, ctx: _Ctx) -> None:
+        if ctx.gone:
+            return
+        route = ctx.route
+        ctx.decision = FAMILIES[route.family].classify(route, ctx.path, self._learner.facts)
+        ctx.learn = self._learner.wants(route, ctx.path)
+        self._handle(ctx)
 
     def _admin(self, request: Request) -> bytes:
         if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
-            ready = self._store.ready or request.path == b"/_pkgproxy/health"
+            ready = (self._store.ready and self._learner.ready) or (
+                request.path == b"/_pkgproxy/health"
+            )
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.setResponseCode(200 if ready else 503)
             return b"ok\n" if ready else b"starting\n"
@@ -141,6 +154,11 @@ class ProxyResource(Resource):
         req = ctx.request
         entry = self._store.get(ctx.key)
         now = self._clock.seconds()
+        if entry is not None and not satisfies(entry, ctx.decision):
+            # Stored before an index said what it must be, and it is not that (or it
+            # cannot be told): fetch it again, and let the new copy replace it.
+            log.warn("cached {key} does not match its index; fetching again", key=ctx.key)
+            entry = None
         if entry is not None and ctx.decision.cache_class is not CacheClass.PASS:
             if entry.expires is None:
                 self._serve_entry(ctx, entry, b"HIT")
@@ -159,10 +177,15 @@ class ProxyResource(Resource):
             return
         stale = entry if ctx.decision.cache_class is not CacheClass.PASS else None
 
+        on_settled = None
+
         def factory() -> Fetch:
-            on_commit = self._learner.committed if ctx.learn else None
+            nonlocal on_settled
+            on_verified = None
+            if ctx.learn:
+                on_verified, on_settled = self._learner.hooks(ctx.route.name)
             return Fetch(
-                FetchRequest(ctx.key, ctx.url, ctx.decision, stale, on_commit=on_commit),
+                FetchRequest(ctx.key, ctx.url, ctx.decision, stale, on_verified=on_verified),
                 self._client,
                 self._store,
                 self._pool,
@@ -171,6 +194,8 @@ class ProxyResource(Resource):
             )
 
         fetch, started = self._inflight.join(ctx.key, factory)
+        if on_settled is not None:
+            fetch.when_settled(on_settled)
         d = fetch.answered()
         d.addCallback(self._answered, ctx, started)
         d.addErrback(self._internal_error, ctx)
@@ -414,6 +439,17 @@ class ProxyResource(Resource):
         req.setHeader(b"content-range", f"bytes {start}-{end - 1}/{size}".encode())
         req.setHeader(b"content-length", str(end - start).encode())
         return span
+
+
+def satisfies(entry: Entry, decision: Decision) -> bool:
+    """Whether a stored entry is known to be what the family now expects."""
+    if decision.size is not None and entry.size != decision.size:
+        return False
+    for algo, want in decision.digests.items():
+        have = entry.sha256 if algo == "sha256" else entry.digests.get(algo)
+        if have != want:
+            return False
+    return True
 
 
 def _open_read(path: str) -> int:

@@ -325,8 +325,9 @@ def start_pkgproxy(
 
     The repository root goes first on PYTHONPATH, so the code under test is this checkout's
     even without ``pip install``, and so is its ``twisted/plugins`` entry for ``pkgproxy``.
-    Waits until ``GET /_pkgproxy/health`` answers 200; fails the test with the log tails if
-    that takes longer than ``timeout`` seconds or the process exits.
+    Waits until ``GET /_pkgproxy/ready`` answers 200 (the cache is open and its indexes
+    read); fails the test with the log tails if that takes longer than ``timeout``
+    seconds or the process exits.
     """
     work = os.path.abspath(testcase.mktemp())
     os.makedirs(work)
@@ -352,7 +353,7 @@ def start_pkgproxy(
         cwd=work,  # twistd may drop files (dropin caches, pid files) in its cwd
     )
     testcase.addCleanup(server.stop)
-    error = _wait_health(server, "/_pkgproxy/health", timeout)
+    error = _wait_health(server, "/_pkgproxy/ready", timeout)
     if error:
         _fail_start(testcase, server, error)
     return server

@@ -1,0 +1,453 @@
+"""Misbehaving upstreams: nothing broken is stored, and the client is not told otherwise.
+
+Each test breaks one upstream response in one way, checks what the client saw, checks that
+nothing was committed (no entry, no temp file left, the next request goes upstream again)
+and, where it helps, that a good answer afterwards is fetched and cached normally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tests.integration.harness import (
+    FakeUpstream,
+    HTTPTestClient,
+    IntegrationTestCase,
+    ProxyUnderTest,
+    UpstreamConnection,
+    UpstreamRequest,
+    pattern,
+    response_head,
+    static,
+    wait_until,
+)
+
+BY_HASH_DIR = "dists/stable/main/binary-amd64/by-hash/SHA256/"
+
+
+class FaultTestCase(IntegrationTestCase):
+    """Helpers shared by the fault tests.
+
+    The upstream gets one connection slot (``max_connections_per_host = 1``): a fault
+    path that forgot to give its slot back would make the refetch after it hang.
+    """
+
+    async def files_setup(
+        self, upstream_config: dict[str, Any] | None = None
+    ) -> tuple[FakeUpstream, ProxyUnderTest]:
+        return await super().files_setup({"max_connections_per_host": 1, **(upstream_config or {})})
+
+    async def assertNotStoredAndRefetched(
+        self,
+        upstream: FakeUpstream,
+        proxy: ProxyUnderTest,
+        client: HTTPTestClient,
+        url: str,
+        upstream_path: bytes,
+        key: str,
+        good_body: bytes,
+    ) -> None:
+        """Nothing is cached for ``key``; the next request goes upstream and is cached."""
+        await proxy.settled()
+        await proxy.no_temp_files()
+        self.assertFalse(proxy.stored(key), f"{key} was stored")
+        before = upstream.count(upstream_path)
+        upstream.handlers[upstream_path] = static(good_body)
+        again = await client.get(url)
+        self.assertEqual(upstream.count(upstream_path), before + 1)
+        self.assertEqual(again.status, 200)
+        self.assertEqual(again.x_cache, b"MISS")
+        self.assertIsNone(again.error)
+        self.assertEqual(again.body, good_body)
+        await proxy.settled()
+        self.assertTrue(proxy.stored(key))
+        hit = await client.get(url)
+        self.assertEqual(hit.x_cache, b"HIT")
+        self.assertEqual(hit.body, good_body)
+        self.assertEqual(upstream.count(upstream_path), before + 1)
+
+
+class TruncationTests(FaultTestCase):
+    """Bodies that end before they should."""
+
+    async def test_chunked_body_cut_short(self) -> None:
+        """A chunked body whose connection closes mid-chunk is a failed transfer.
+
+        pkgproxy does not know the length, so it streams what it has; the client must
+        still see the response end without its final chunk, and nothing is stored.
+        """
+        body = pattern(600 * 1024, b"chunked")
+        upstream, proxy = await self.files_setup()
+
+        def cut(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, [(b"transfer-encoding", b"chunked")]))
+            conn.write(b"%x\r\n" % len(body) + body[: len(body) // 2])
+            conn.close()
+
+        upstream.handlers[b"/cut.bin"] = cut
+        client = self.client()
+        url = proxy.url("/files/cut.bin")
+        result = await client.get(url)
+        self.assertEqual(result.status, 200)
+        self.assertFailedTransfer(result)
+        self.assertLessEqual(result.received, len(body) // 2)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/cut.bin", "files:cut.bin", body
+        )
+
+    async def test_content_length_larger_than_body(self) -> None:
+        """An upstream that announces more than it sends, then closes: failed transfer.
+
+        The client is given the announced length and must see the connection end
+        before it is complete; nothing is stored.
+        """
+        body = pattern(1024 * 1024, b"short")
+        upstream, proxy = await self.files_setup()
+
+        def liar(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, [(b"content-length", b"%d" % len(body))]))
+            conn.write(body[: len(body) - 1000])
+            conn.close()
+
+        upstream.handlers[b"/short.bin"] = liar
+        client = self.client()
+        url = proxy.url("/files/short.bin")
+        result = await client.get(url)
+        self.assertEqual(result.status, 200)
+        self.assertEqual(result.announced, len(body))
+        self.assertFailedTransfer(result)
+        self.assertLess(result.received, len(body))
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/short.bin", "files:short.bin", body
+        )
+
+    async def test_close_delimited_body_is_relayed_but_not_stored(self) -> None:
+        """A body without length or chunking ends with the connection: served, not kept.
+
+        Such a body cannot be told apart from a truncated one, so pkgproxy passes it on
+        (it says so in its design) but does not commit it.
+        """
+        body = pattern(300 * 1024, b"eof")
+        upstream, proxy = await self.files_setup()
+
+        def until_close(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, [(b"connection", b"close")]) + body)
+            conn.close()
+
+        upstream.handlers[b"/eof.bin"] = until_close
+        client = self.client()
+        url = proxy.url("/files/eof.bin")
+        result = await client.get(url)
+        self.assertEqual(result.status, 200)
+        self.assertIsNone(result.error)
+        self.assertEqual(result.body, body)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/eof.bin", "files:eof.bin", body
+        )
+
+
+class OverrunTests(FaultTestCase):
+    """An upstream that sends more than its Content-Length."""
+
+    async def test_content_length_smaller_than_body(self) -> None:
+        """Bytes past the announced length are ignored, and do not leak into another answer.
+
+        Observed behaviour (Twisted's client stops at Content-Length and drops the rest
+        of that read): the client gets exactly Content-Length bytes, ending cleanly, and
+        that same prefix is what is stored and served as a HIT. The extra bytes are
+        shaped like a second response; a following request for another file on the
+        same upstream gets its own body, not them.
+        """
+        body = pattern(200 * 1024, b"overrun")
+        announced = 100 * 1024
+        smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!"
+        upstream, proxy = await self.files_setup()
+
+        def overrun(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            head = response_head(200, [(b"content-length", b"%d" % announced)])
+            conn.write(head + body + smuggled)
+            conn.done()
+
+        other = pattern(4096, b"other")
+        upstream.handlers[b"/over.bin"] = overrun
+        upstream.handlers[b"/other.bin"] = static(other)
+        client = self.client()
+        url = proxy.url("/files/over.bin")
+        result = await client.get(url)
+        self.assertEqual(result.status, 200)
+        self.assertEqual(result.announced, announced)
+        self.assertIsNone(result.error)
+        self.assertEqual(result.body, body[:announced])
+        await proxy.settled()
+
+        following = await client.get(proxy.url("/files/other.bin"))
+        self.assertEqual(following.status, 200)
+        self.assertEqual(following.body, other)
+        self.assertEqual(upstream.count(b"/other.bin"), 1)
+
+        entry = proxy.store.peek("files:over.bin")
+        if entry is not None:
+            self.assertEqual(entry.size, announced)
+            self.assertEqual(entry.sha256, hashlib.sha256(body[:announced]).hexdigest())
+            hit = await client.get(url)
+            self.assertEqual(hit.x_cache, b"HIT")
+            self.assertEqual(hit.body, body[:announced])
+            self.assertEqual(upstream.count(b"/over.bin"), 1)
+
+
+class ErrorStatusTests(FaultTestCase):
+    """Upstream error answers."""
+
+    async def test_500_is_relayed_and_not_stored(self) -> None:
+        """A 500 with a body reaches the client as a 500 with that body; nothing is stored."""
+        upstream, proxy = await self.files_setup()
+        error_body = b"<html>upstream is on fire</html>\n"
+        upstream.handlers[b"/err.bin"] = static(
+            error_body, [(b"content-type", b"text/html")], status=500
+        )
+        client = self.client()
+        url = proxy.url("/files/err.bin")
+        result = await client.get(url)
+        self.assertEqual(result.status, 500)
+        self.assertIsNone(result.error)
+        self.assertEqual(result.body, error_body)
+        second = await client.get(url)
+        self.assertEqual(second.status, 500)
+        self.assertEqual(upstream.count(b"/err.bin"), 2)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/err.bin", "files:err.bin", pattern(5000, b"fixed")
+        )
+
+
+class StallTests(FaultTestCase):
+    """An upstream that stops sending mid-body, past ``upstream.idle_timeout``."""
+
+    async def _stall_setup(self, headers: Callable[[bytes], list[tuple[bytes, bytes]]]) -> Any:
+        """A handler that sends ``headers(body)`` and 64 KiB of the body, then nothing."""
+        body = pattern(512 * 1024, b"stall")
+        upstream, proxy = await self.files_setup({"idle_timeout": "1s"})
+        stalled: list[UpstreamConnection] = []
+
+        def stall(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, headers(body)))
+            conn.write(body[: 64 * 1024])
+            stalled.append(conn)  # and say nothing more
+
+        upstream.handlers[b"/stall.bin"] = stall
+        return body, upstream, proxy, stalled
+
+    async def test_stall_with_content_length(self) -> None:
+        """A stall longer than idle_timeout (1 s) ends the transfer as failed; nothing stored."""
+        body, upstream, proxy, stalled = await self._stall_setup(
+            lambda b: [(b"content-length", b"%d" % len(b))]
+        )
+        client = self.client()
+        url = proxy.url("/files/stall.bin")
+        started = time.monotonic()
+        result = await client.get(url, timeout=10)
+        self.assertEqual(result.status, 200)
+        self.assertFailedTransfer(result)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        self.assertLess(result.received, len(body))
+        self.assertEqual(len(stalled), 1)
+        self.assertFalse(stalled[0].open, "pkgproxy should have closed the stalled connection")
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/stall.bin", "files:stall.bin", body
+        )
+
+    async def test_stall_of_close_delimited_body(self) -> None:
+        """A stall past idle_timeout on a body without length is a failed transfer too.
+
+        pkgproxy itself cut the upstream off, so it knows the body is incomplete: the
+        client must not get a clean end of a truncated body.
+        """
+        body, upstream, proxy, stalled = await self._stall_setup(
+            lambda b: [(b"connection", b"close")]
+        )
+        client = self.client()
+        url = proxy.url("/files/stall.bin")
+        result = await client.get(url, timeout=10)
+        self.assertEqual(result.status, 200)
+        self.assertLess(result.received, len(body))
+        self.assertFailedTransfer(result)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/stall.bin", "files:stall.bin", body
+        )
+
+
+class HeaderTimeoutTests(FaultTestCase):
+    """An upstream that accepts the request and never answers it."""
+
+    async def test_no_headers_within_header_timeout(self) -> None:
+        """No status line within ``upstream.header_timeout`` (1 s): the client gets a 504.
+
+        pkgproxy gives up on the upstream connection, answers 504 Gateway Timeout (the
+        status its own error mapping gives a timeout), and stores nothing.
+        """
+        upstream, proxy = await self.files_setup({"header_timeout": "1s"})
+        silent: list[UpstreamConnection] = []
+
+        def never(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            silent.append(conn)
+
+        upstream.handlers[b"/silent.bin"] = never
+        client = self.client()
+        url = proxy.url("/files/silent.bin")
+        started = time.monotonic()
+        result = await client.get(url, timeout=10)
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)
+        self.assertEqual(len(silent), 1)
+        self.assertEqual(result.status, 504, f"body: {result.body!r}")
+        self.assertIsNone(result.error)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, b"/silent.bin", "files:silent.bin", b"late but fine"
+        )
+
+
+class ByHashTests(FaultTestCase):
+    """Debian by-hash URLs name the SHA-256 their body must have."""
+
+    async def _debian(self) -> tuple[FakeUpstream, ProxyUnderTest]:
+        upstream = await self.start_upstream()
+        proxy = await self.start_proxy(
+            {
+                "upstream": {"max_connections_per_host": 1},
+                "routes": {"debian": {"upstream": upstream.url("/debian/")}},
+            }
+        )
+        return upstream, proxy
+
+    async def _mismatch(self, chunked: bool) -> None:
+        good = pattern(256 * 1024, b"packages")
+        bad = good[:-32] + b"tampered record in the index!!!\n"
+        self.assertEqual(len(bad), len(good))
+        digest = hashlib.sha256(good).hexdigest()
+        upstream, proxy = await self._debian()
+        path = BY_HASH_DIR + digest
+        up_path = b"/debian/" + path.encode()
+
+        def tampered(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            if chunked:
+                conn.write(response_head(200, [(b"transfer-encoding", b"chunked")]))
+                conn.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(bad), bad))
+            else:
+                conn.write(response_head(200, [(b"content-length", b"%d" % len(bad))]) + bad)
+            conn.done()
+
+        upstream.handlers[up_path] = tampered
+        client = self.client()
+        url = proxy.url("/debian/" + path)
+        result = await client.get(url)
+        self.assertEqual(result.status, 200)
+        self.assertFailedTransfer(result)
+        if not chunked:
+            self.assertLess(result.received, len(bad))
+        again = await client.get(url)
+        self.assertFailedTransfer(again)
+        self.assertEqual(upstream.count(up_path), 2)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, up_path, "debian:" + path, good
+        )
+
+    async def test_by_hash_mismatch(self) -> None:
+        """A by-hash body that does not match its hex is a failed transfer, never stored.
+
+        Every request for it goes upstream again; once the upstream sends the right
+        body, it is stored and served as a HIT.
+        """
+        await self._mismatch(chunked=False)
+
+    async def test_by_hash_mismatch_chunked(self) -> None:
+        """As above with a chunked upstream body: the client never gets the final chunk."""
+        await self._mismatch(chunked=True)
+
+    async def test_by_hash_match_is_stored(self) -> None:
+        """A by-hash body that matches its hex is stored and then served as a HIT."""
+        body = pattern(100 * 1024, b"release")
+        path = BY_HASH_DIR + hashlib.sha256(body).hexdigest()
+        upstream, proxy = await self._debian()
+        up_path = b"/debian/" + path.encode()
+        upstream.handlers[up_path] = static(body)
+        client = self.client()
+        url = proxy.url("/debian/" + path)
+        first = await client.get(url)
+        self.assertEqual((first.status, first.x_cache, first.error), (200, b"MISS", None))
+        self.assertEqual(first.body, body)
+        await proxy.settled()
+        self.assertTrue(proxy.stored("debian:" + path))
+        hit = await client.get(url)
+        self.assertEqual((hit.status, hit.x_cache, hit.body), (200, b"HIT", body))
+        self.assertEqual(upstream.count(up_path), 1)
+
+
+class LearnedChecksTests(FaultTestCase):
+    """A cached Debian ``Packages`` index says what its pool files must be."""
+
+    POOL = "pool/main/h/hello/hello_1.0_amd64.deb"
+
+    async def _debian_with_packages(self, deb: bytes) -> tuple[FakeUpstream, ProxyUnderTest]:
+        upstream = await self.start_upstream()
+        proxy = await self.start_proxy(
+            {
+                "upstream": {"max_connections_per_host": 1},
+                "routes": {"debian": {"upstream": upstream.url("/debian/")}},
+            }
+        )
+        packages = (
+            b"Package: hello\nVersion: 1.0\nArchitecture: amd64\n"
+            b"Filename: %s\nSize: %d\nSHA256: %s\n\n"
+            % (self.POOL.encode(), len(deb), hashlib.sha256(deb).hexdigest().encode())
+        )
+        index = "dists/stable/main/binary-amd64/Packages"
+        upstream.handlers[b"/debian/" + index.encode()] = static(packages)
+        got = await self.client().get(proxy.url("/debian/" + index))
+        self.assertEqual((got.status, got.x_cache, got.body), (200, b"MISS", packages))
+        await proxy.settled()
+        await wait_until(
+            lambda: proxy.learner.facts.get("debian", self.POOL) is not None,
+            5,
+            "the Packages index to be learned",
+        )
+        return upstream, proxy
+
+    async def test_pool_file_must_match_packages(self) -> None:
+        """A pool file whose body differs from its Packages SHA256 is a failed transfer.
+
+        Same size, other bytes: the client's response is aborted, nothing is stored;
+        the right body afterwards is stored and served as a HIT.
+        """
+        deb = pattern(150 * 1024, b"deb")
+        upstream, proxy = await self._debian_with_packages(deb)
+        up_path = b"/debian/" + self.POOL.encode()
+        upstream.handlers[up_path] = static(deb[:-6] + b"EVIL!\n")
+        client = self.client()
+        url = proxy.url("/debian/" + self.POOL)
+        result = await client.get(url)
+        self.assertEqual(result.status, 200)
+        self.assertFailedTransfer(result)
+        self.assertLess(result.received, len(deb))
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, up_path, "debian:" + self.POOL, deb
+        )
+
+    async def test_pool_file_length_must_match_packages(self) -> None:
+        """A pool file announced with another length than its Packages Size is refused.
+
+        pkgproxy does not start the download: the client gets a 502 at once, and
+        nothing is stored.
+        """
+        deb = pattern(150 * 1024, b"deb")
+        upstream, proxy = await self._debian_with_packages(deb)
+        up_path = b"/debian/" + self.POOL.encode()
+        upstream.handlers[up_path] = static(deb + b"trailing junk\n")
+        client = self.client()
+        url = proxy.url("/debian/" + self.POOL)
+        result = await client.get(url)
+        self.assertEqual(result.status, 502)
+        self.assertIsNone(result.error)
+        await self.assertNotStoredAndRefetched(
+            upstream, proxy, client, url, up_path, "debian:" + self.POOL, deb
+        )
