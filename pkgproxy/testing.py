@@ -172,27 +172,15 @@ class MemoryProxy:
         self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
     ) -> tuple[Any, bytes]:
         """One request through the proxy: ``(response, body)``; raises on a failed one."""
-        results: list[Any] = []
-        failures: list[Any] = []
-        d = self.stub.request(method, "http://proxy.test" + path, headers=headers)
+        return self.start(path, headers, method)()
 
-        def body(resp: Any) -> Any:
-            results.append(resp)
-            return self.stub.content(resp)
-
-        d.addCallback(body).addCallbacks(results.append, failures.append)
-        self.flush()
-        if failures:
-            failures[0].raiseException()
-        if len(results) != 2:
-            raise AssertionError("request did not complete")
-        return results[0], results[1]
-
-    def start(self, path: str, headers: dict[str, str] | None = None) -> Callable[[], Any]:
+    def start(
+        self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> Callable[[], tuple[Any, bytes]]:
         """Begin a request; the returned function completes it as :meth:`get` does."""
         results: list[Any] = []
         failures: list[Any] = []
-        d = self.stub.request("GET", "http://proxy.test" + path, headers=headers)
+        d = self.stub.request(method, "http://proxy.test" + path, headers=headers)
 
         def body(resp: Any) -> Any:
             results.append(resp)
