@@ -3,6 +3,12 @@
 When a family says a committed body is an index (a Debian Packages file, an Alpine
 APKINDEX), it is parsed in the disk pool and what it lists goes into :class:`Facts`.
 On start the cached indexes are read again, so the checks survive a restart.
+
+A family is "busy" from the moment one of its indexes is verified (its client is about
+to see the whole index and ask for what it lists) until what the index lists is in the
+facts; requests of a busy family wait for that, so none slips through unchecked. The
+unit is the family, not the route, because an index may list files another route of
+the family serves.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ log = Logger()
 def split_key(key: str) -> tuple[str, str]:
     """``(route name, path)`` of a cache key made by the proxy resource."""
     route, _, rest = key.partition(":")
-    return route, rest.split("?", 1)[0]
+    return route, rest.split("?", 1)[0].split("#", 1)[0]
 
 
 class Learner:
@@ -39,62 +45,58 @@ class Learner:
         self._pool = pool
         self._routes = {r.name: r for r in routes}
         self._pending: dict[str, int] = {}
+        self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         #: False until the indexes already in the cache have been read again.
         self.ready = False
-        self._idle_waiters: dict[str, list[Deferred[None]]] = {}
 
-    # A route is "busy" from the moment one of its indexes is verified (its client is
-    # about to see the whole index and ask for what it lists) until what it lists is in
-    # the facts; requests of a busy route wait, so none slips through unchecked.
+    def wants(self, route: Route, path: str) -> bool:
+        """Whether a body at ``path`` of ``route`` is an index to learn from."""
+        return FAMILIES[route.family].learns(path)
 
-    def busy(self, route: str) -> bool:
-        """Whether an index of ``route`` is being read now."""
-        return self._pending.get(route, 0) > 0
+    def busy(self, route: Route) -> bool:
+        """Whether an index of ``route``'s family is being read now."""
+        return self._pending.get(route.family, 0) > 0
 
-    def idle(self, route: str) -> Deferred[None]:
-        """Fires once no index of ``route`` is being read."""
+    def idle(self, route: Route) -> Deferred[None]:
+        """Fires once no index of ``route``'s family is being read."""
         d: Deferred[None] = Deferred()
         if self.busy(route):
-            self._idle_waiters.setdefault(route, []).append(d)
+            self._idle_waiters.setdefault(route.family, []).append(d)
         else:
             d.callback(None)
         return d
 
-    def _begin(self, route: str) -> None:
-        self._pending[route] = self._pending.get(route, 0) + 1
+    def _begin(self, family: str) -> None:
+        self._pending[family] = self._pending.get(family, 0) + 1
 
-    def _end(self, route: str) -> None:
-        self._pending[route] -= 1
-        if self._pending[route] <= 0:
-            del self._pending[route]
-            for d in self._idle_waiters.pop(route, []):
+    def _end(self, family: str) -> None:
+        self._pending[family] -= 1
+        if self._pending[family] <= 0:
+            del self._pending[family]
+            for d in self._idle_waiters.pop(family, []):
                 d.callback(None)
 
-    def hooks(self, route: str) -> tuple[Callable[[], None], Callable[[Fetch], None]]:
+    def hooks(self, route: Route) -> tuple[Callable[[], None], Callable[[Fetch], None]]:
         """``(on_verified, on_settled)`` for the fetch of an index of ``route``."""
         began = False
 
         def on_verified() -> None:
             nonlocal began
             began = True
-            self._begin(route)
+            self._begin(route.family)
 
         def on_settled(fetch: Fetch) -> None:
             if not began:
                 return
             if fetch.entry is None:
-                self._end(route)
+                self._end(route.family)
             else:
-                self.committed(fetch.entry).addBoth(lambda _: self._end(route))
+                self.committed(fetch.entry).addBoth(lambda _: self._end(route.family))
 
         return on_verified, on_settled
 
-    def wants(self, route: Route, path: str) -> bool:
-        """Whether a body at ``path`` of ``route`` is an index to learn from."""
-        return FAMILIES[route.family].learns(path)
-
     def committed(self, entry: Entry) -> Deferred[int]:
-        """Learn from a just-committed entry (a no-op for what is not an index)."""
+        """Learn from a committed entry (a no-op for what is not an index)."""
         name, path = split_key(entry.key)
         route = self._routes.get(name)
         family = FAMILIES[route.family] if route is not None else None
@@ -104,11 +106,11 @@ class Learner:
             return d
         self._store.pin(entry)
         parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run(
-            family.learn, path, self._store.path_of(entry)
+            family.learn, path, self._store.path_of(entry), entry.url
         )
 
         def learned(items: list[tuple[str, Expect]]) -> int:
-            n = self.facts.add(name, items)
+            n = self.facts.add(items)
             log.debug("learned {n} entries from {key}", n=n, key=entry.key)
             return n
 
@@ -124,34 +126,36 @@ class Learner:
 
     def relearn(self) -> Deferred[None]:
         """Read every cached index again (at start)."""
-        entries = [e for e in self._store.entries() if self._indexlike(e)]
+        entries = []
+        for e in self._store.entries():
+            name, path = split_key(e.key)
+            route = self._routes.get(name)
+            if route is not None and self.wants(route, path):
+                entries.append((route, e))
         d: Deferred[None] = Deferred()
         remaining = len(entries)
-        if remaining == 0:
+
+        def finished() -> None:
+            log.info("learned {n} artifact checks from cached indexes", n=len(self.facts))
             self.ready = True
             d.callback(None)
+
+        if remaining == 0:
+            finished()
             return d
 
         def one_done(_: object) -> None:
             nonlocal remaining
             remaining -= 1
             if remaining == 0:
-                log.info("learned {n} artifact checks from cached indexes", n=len(self.facts))
-                self.ready = True
-                d.callback(None)
+                finished()
 
-        def relearn_one(e: Entry) -> None:
-            route = split_key(e.key)[0]
-            self._begin(route)
+        def relearn_one(route: Route, e: Entry) -> None:
+            self._begin(route.family)
             learned = self.committed(e)
-            learned.addBoth(lambda _: self._end(route))
+            learned.addBoth(lambda _: self._end(route.family))
             learned.addBoth(one_done)
 
-        for e in entries:
-            relearn_one(e)
+        for route, e in entries:
+            relearn_one(route, e)
         return d
-
-    def _indexlike(self, e: Entry) -> bool:
-        name, path = split_key(e.key)
-        route = self._routes.get(name)
-        return route is not None and self.wants(route, path)

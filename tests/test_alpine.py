@@ -35,7 +35,8 @@ class AlpineTests(SynchronousTestCase):
     def test_package_checked_against_index(self) -> None:
         """A package listed in a cached index must have its size and checksum."""
         facts = Facts()
-        facts.add("alpine", [("v3.20/main/x86_64/a-1-r0.apk", Expect(10, {"apk-control": "Q1x"}))])
+        url = ROUTE.upstream + "v3.20/main/x86_64/a-1-r0.apk"
+        facts.add([(url, Expect(10, {"apk-control": "Q1x"}))])
         d = alpine.classify(ROUTE, "v3.20/main/x86_64/a-1-r0.apk", facts)
         self.assertEqual((d.size, dict(d.digests)), (10, {"apk-control": "Q1x"}))
         self.assertTrue(alpine.learns("v3.20/main/x86_64/APKINDEX.tar.gz"))

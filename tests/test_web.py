@@ -436,3 +436,75 @@ class LearnedChecksTests(ProxyTestCase):
         self.assertEqual(resp.code, 502)
         self.assertIn(b"expected 521", body)
         self.assertEqual(len(again.store), 1)
+
+
+def _links(raw: str, out: str, context) -> None:
+    """A rewriter for the test family: point absolute upstream links at the proxy."""
+    with open(raw, "rb") as f:
+        text = f.read().decode()
+    url = "http://upstream.test/files/a.whl"
+    with open(out, "wb") as f:
+        f.write(text.replace(url, context.public_path(url)).encode())
+
+
+def _doc_family(route, path, facts, request):
+    """Documents negotiated by Accept and rewritten; an old name answered locally."""
+    from pkgproxy.families import CacheClass, Decision, LocalAnswer
+
+    if path == "old":
+        return Decision(CacheClass.PASS, local=LocalAnswer(301, "moved", "/docs/new"))
+    variant = "json" if "json" in request.accept else "html"
+    return Decision(
+        CacheClass.MUTABLE,
+        ttl=60,
+        variant=variant,
+        upstream_headers={"Accept": variant},
+        response_headers={"Vary": "Accept"},
+        rewrite=_links,
+    )
+
+
+class RewriteTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from pkgproxy import families
+
+        families.FAMILIES["testdoc"] = families.Family(_doc_family)
+        self.addCleanup(families.FAMILIES.pop, "testdoc")
+        self.proxy = MemoryProxy(
+            {
+                "routes": {
+                    "docs": {"family": "testdoc", "upstream": "http://upstream.test/docs/"},
+                    "files": {
+                        "family": "generic",
+                        "prefix": "/dl/",
+                        "immutable": True,
+                        "upstream": "http://upstream.test/files/",
+                    },
+                }
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+
+    def test_rewritten_variant(self) -> None:
+        """The negotiated variant is fetched, rewritten, stored and served by its key."""
+        page = b'<a href="http://upstream.test/files/a.whl#sha256=00">a</a>'
+        self.proxy.upstream.add("/docs/page", page)
+        resp, body = self.proxy.get("/docs/page", headers={"Accept": "application/json"})
+        self.assertEqual(body, b'<a href="/dl/a.whl#sha256=00">a</a>')
+        self.assertEqual(self.proxy.upstream.seen[-1].headers[b"accept"], b"json")
+        self.assertEqual(header(resp, "vary"), "Accept")
+        self.assertEqual(header(resp, "etag"), f'"{hashlib.sha256(body).hexdigest()}"')
+        self.assertEqual(resp.length, len(body))
+        resp, again = self.proxy.get("/docs/page", headers={"Accept": "application/json"})
+        self.assertEqual((again, header(resp, "x-cache")), (body, "HIT"))
+        resp, _ = self.proxy.get("/docs/page", headers={"Accept": "text/html"})
+        self.assertEqual(header(resp, "x-cache"), "MISS")
+        self.assertEqual(self.proxy.upstream.seen[-1].headers[b"accept"], b"html")
+
+    def test_local_answer(self) -> None:
+        """A family can answer without asking upstream (a redirect to a canonical name)."""
+        raw = self.proxy.raw(b"GET /docs/old HTTP/1.1\r\nHost: p\r\n\r\n")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 301 "), raw)
+        self.assertIn(b"\r\nLocation: /docs/new\r\n", raw)
+        self.assertEqual(self.proxy.upstream.seen, [])

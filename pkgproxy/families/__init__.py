@@ -14,7 +14,7 @@ an artifact is stored.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,32 @@ class Expect:
 
 
 @dataclass(frozen=True)
+class RewriteContext:
+    """What a rewriter needs to know besides the document.
+
+    :ivar page_url: the upstream URL the document came from (for relative links).
+    :ivar public_path: maps an upstream URL to the path clients use for it through this
+        proxy (``/pypi/files/packages/...``), or ``None`` for a URL no route serves.
+    """
+
+    page_url: str
+    public_path: Callable[[str], str | None]
+
+
+#: ``(raw file, output file, context)``: writes the representation clients are served.
+Rewriter = Callable[[str, str, RewriteContext], None]
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """A response the proxy gives itself, without asking upstream (a redirect, a 404)."""
+
+    status: int
+    message: str
+    location: str | None = None
+
+
+@dataclass(frozen=True)
 class Decision:
     """What a family says about one URL.
 
@@ -51,40 +77,54 @@ class Decision:
         name, or one of :data:`pkgproxy.digests.SPECIAL`), in that algorithm's usual
         text form (lower-case hex for hashlib).
     :ivar size: the byte count the body must have, when the family knows it.
+    :ivar variant: which representation of the URL this is (from ``Accept``); part of
+        the cache key, so one client's variant is never served to another.
+    :ivar upstream_headers: headers to send upstream (the negotiated ``Accept``).
+    :ivar response_headers: headers to add to the response (``Vary``, a content type).
+    :ivar rewrite: turns the verified upstream body into what clients are served.
+    :ivar local: answer this without contacting upstream.
     """
 
     cache_class: CacheClass
     ttl: float | None = None
     digests: Mapping[str, str] = field(default_factory=dict)
     size: int | None = None
+    variant: str = ""
+    upstream_headers: Mapping[str, str] = field(default_factory=dict)
+    response_headers: Mapping[str, str] = field(default_factory=dict)
+    rewrite: Rewriter | None = None
+    local: LocalAnswer | None = None
 
     def with_expect(self, expect: Expect | None) -> Decision:
         """This decision, also checking what an index said."""
         if expect is None:
             return self
-        return Decision(
-            self.cache_class,
-            self.ttl,
-            {**expect.digests, **self.digests},
-            self.size if self.size is not None else expect.size,
+        return replace(
+            self,
+            digests={**expect.digests, **self.digests},
+            size=self.size if self.size is not None else expect.size,
         )
 
 
 class Facts:
-    """What cached indexes say, by route name and path: the checks for later downloads."""
+    """What cached indexes say, by upstream URL: the checks for later downloads.
+
+    Keyed by URL because an index may describe files another route serves (a PyPI page
+    lists files on the files host).
+    """
 
     def __init__(self) -> None:
-        self._known: dict[tuple[str, str], Expect] = {}
+        self._known: dict[str, Expect] = {}
 
-    def get(self, route: str, path: str) -> Expect | None:
-        """What must be true of ``path`` under ``route``, if an index said."""
-        return self._known.get((route, path))
+    def get(self, url: str) -> Expect | None:
+        """What must be true of the file at ``url``, if an index said."""
+        return self._known.get(url)
 
-    def add(self, route: str, items: Iterable[tuple[str, Expect]]) -> int:
+    def add(self, items: Iterable[tuple[str, Expect]]) -> int:
         """Record what an index lists; returns how many items it had."""
         n = 0
-        for path, expect in items:
-            self._known[(route, path)] = expect
+        for url, expect in items:
+            self._known[url] = expect
             n += 1
         return n
 
@@ -97,18 +137,26 @@ def _never(path: str) -> bool:
 
 
 @dataclass(frozen=True)
+class Request:
+    """What a family may know of the client's request besides its path."""
+
+    accept: str = ""
+
+
+@dataclass(frozen=True)
 class Family:
     """One repository format.
 
-    :ivar classify: ``(route, path, facts) -> Decision``; pure.
+    :ivar classify: ``(route, path, facts, request) -> Decision``; pure. ``path`` is
+        canonical, below the route's upstream base, and may carry a ``?query``.
     :ivar learns: whether the body at ``path`` is an index worth reading; pure.
-    :ivar learn: ``(path, local_file) -> [(artifact path, Expect)]``; reads a file, so
-        it runs in the disk pool.
+    :ivar learn: ``(path, local_file, url) -> [(artifact URL, Expect)]``; reads a file,
+        so it runs in the disk pool. ``url`` is the index's own upstream URL.
     """
 
-    classify: Callable[[Route, str, Facts], Decision]
+    classify: Callable[[Route, str, Facts, Request], Decision]
     learns: Callable[[str], bool] = _never
-    learn: Callable[[str, str], list[tuple[str, Expect]]] | None = None
+    learn: Callable[[str, str, str], list[tuple[str, Expect]]] | None = None
 
 
 def _families() -> dict[str, Family]:

@@ -9,12 +9,11 @@ for them. PROTOCOLS.md section 3.
 from __future__ import annotations
 
 import gzip
-import posixpath
 import re
 import tarfile
 from typing import TYPE_CHECKING
 
-from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
@@ -25,10 +24,12 @@ _PACKAGE = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/[^/]+\.apk$")
 _RELEASE = re.compile(rf"^{_BRANCH}/releases/")
 
 
-def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
+def classify(
+    route: Route, path: str, facts: Facts | None = None, request: Request | None = None
+) -> Decision:
     """Classify ``path`` (relative to the mirror root) of an Alpine route."""
     if _PACKAGE.match(path):
-        known = facts.get(route.name, path) if facts is not None else None
+        known = facts.get(route.upstream + path) if facts is not None else None
         return Decision(CacheClass.IMMUTABLE).with_expect(known)
     if _RELEASE.match(path) and "latest" not in path and not path.startswith("latest-stable/"):
         return Decision(CacheClass.IMMUTABLE)
@@ -62,9 +63,9 @@ def parse_apkindex(text: str) -> list[tuple[str, int | None, str | None]]:
     return out
 
 
-def learn(path: str, local_file: str) -> list[tuple[str, Expect]]:
+def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     """Read ``APKINDEX`` out of the index archive (runs in the disk pool)."""
-    directory = posixpath.dirname(path)
+    directory = url.rsplit("/", 1)[0]
     # Two gzip streams, each a tar segment (signature, then index); gzip reads both as
     # one stream, and ignore_zeros steps over the first segment's end marker.
     with (

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
-from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
@@ -41,7 +41,9 @@ _PACKAGES = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/Packages(?:\.(?:gz|xz|bz2)
 _PACKAGES_BY_HASH = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/by-hash/SHA256/[0-9a-f]{64}$")
 
 
-def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
+def classify(
+    route: Route, path: str, facts: Facts | None = None, request: Request | None = None
+) -> Decision:
     """Classify ``path`` (relative to the archive root, no query) of a Debian route."""
     m = _BY_HASH.search(path)
     if m:
@@ -50,7 +52,7 @@ def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
             return Decision(CacheClass.IMMUTABLE, digests={algo: m.group("hex")})
         return Decision(CacheClass.PASS)
     if _POOL.search(path):
-        known = facts.get(route.name, path) if facts is not None else None
+        known = facts.get(route.upstream + path) if facts is not None else None
         return Decision(CacheClass.IMMUTABLE).with_expect(known)
     if _PDIFF.search(path):
         return Decision(CacheClass.IMMUTABLE)
@@ -96,12 +98,14 @@ def stanzas(stream: IO[bytes]) -> Iterator[dict[str, str]]:
         yield fields
 
 
-def learn(path: str, local_file: str) -> list[tuple[str, Expect]]:
+def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     """``Filename -> (Size, SHA256)`` from a Packages index (runs in the disk pool).
 
     Anything that is not a Packages file (a by-hash name may hide a Translation) gives
     nothing: its stanzas have no ``Filename``.
     """
+    # Filename is relative to the archive root, which is above dists/.
+    root = url[: url.index("dists/")] if "dists/" in url else url.rsplit("/", 1)[0] + "/"
     out = []
     with _open(local_file) as stream:
         for st in stanzas(stream):
@@ -109,7 +113,7 @@ def learn(path: str, local_file: str) -> list[tuple[str, Expect]]:
             if not filename or not size or not size.isdigit():
                 continue
             digests = {"sha256": sha.lower()} if sha and len(sha) == 64 else {}
-            out.append((filename, Expect(int(size), digests)))
+            out.append((root + filename, Expect(int(size), digests)))
     return out
 
 

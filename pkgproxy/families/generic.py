@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pkgproxy.families import CacheClass, Decision, Facts, Family
+from pkgproxy.families import CacheClass, Decision, Facts, Family, Request
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
 
 
-def classify(route: Route, path: str, facts: Facts | None = None) -> Decision:
+def classify(
+    route: Route, path: str, facts: Facts | None = None, request: Request | None = None
+) -> Decision:
     """Classify ``path`` of a generic route."""
     if route.immutable:
         return Decision(CacheClass.IMMUTABLE)

@@ -10,6 +10,7 @@ subscriber's response ends as a failed transfer.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
 from pkgproxy.digests import new_hasher
-from pkgproxy.families import CacheClass, Decision
+from pkgproxy.families import CacheClass, Decision, RewriteContext
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ class FetchRequest:
     extra_headers: dict[bytes, bytes] = field(default_factory=dict)
     #: Called once the body is complete and verified, before any client sees its end.
     on_verified: Callable[[], object] | None = None
+    #: Passed to the decision's rewriter, if it has one.
+    rewrite_context: RewriteContext | None = None
 
 
 class _SharedFile:
@@ -259,7 +262,10 @@ class Fetch:
             algos = {"sha256", *self.request.decision.digests}
             self._hashers = {a: new_hasher(a) for a in algos}
             self.state = State.STREAMING
-            self._answer(Outcome.STREAM)
+            if self.request.decision.rewrite is None:
+                # A rewritten document is answered once it exists; anything else is
+                # streamed to clients from the first byte.
+                self._answer(Outcome.STREAM)
             self._sink = _BodySink(self, self._clock, self._idle_timeout)
             resp.response.deliverBody(self._sink)
 
@@ -383,6 +389,45 @@ class Fetch:
             log.warn("not caching {url}: {problem}", url=self.request.url, problem=problem)
             self._fail(problem)
             return
+        if self.request.decision.rewrite is not None:
+            self._rewrite(reason)
+            return
+        self._done(reason)
+
+    def _rewrite(self, reason: Failure) -> None:
+        """Turn the verified upstream document into the one clients get, then serve it."""
+        rewrite = self.request.decision.rewrite
+        context = self.request.rewrite_context
+        assert rewrite is not None and context is not None and self._temp is not None
+        raw, out = self._temp, self._store.temp_name(self.key)
+
+        def work() -> tuple[int, str, int]:
+            rewrite(raw, out, context)
+            h = hashlib.sha256()
+            size = 0
+            with open(out, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+            return os.open(out, os.O_RDWR), h.hexdigest(), size
+
+        def swapped(result: tuple[int, str, int]) -> None:
+            fd, digest, size = result
+            self._discard_temp()
+            self._temp, self._file = out, _SharedFile(fd)
+            self.written = self.length = size
+            self._hashers = {"sha256": _Known(digest)}
+            self._done(reason)
+            self._answer(Outcome.STREAM)
+
+        def failed(f: Failure) -> None:
+            log.failure("rewriting {url} failed", f, url=self.request.url)
+            self._store.discard(out)
+            self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")
+
+        self._pool.run(work).addCallbacks(swapped, failed)
+
+    def _done(self, reason: Failure) -> None:
         self.sha256 = self._hashers["sha256"].hexdigest()
         self.state = State.DONE
         if self.request.on_verified is not None:
@@ -461,8 +506,11 @@ class Fetch:
 
     def _fail(self, why: str) -> None:
         self.state = State.FAILED
-        self.error = UpstreamError("transfer", why)
+        error = UpstreamError("transfer", why)
         self._discard_temp()
+        if self.outcome is None:  # nobody was answered yet (a rewritten document)
+            self._answer(Outcome.UNREACHABLE, error=error)
+        self.error = error
         self._notify()
         self._settle()
 
@@ -480,6 +528,19 @@ class Fetch:
         callbacks, self._settled_callbacks = self._settled_callbacks, []
         for f in callbacks:
             f(self)
+
+
+class _Known:
+    """A digest already computed elsewhere, in the hasher interface."""
+
+    def __init__(self, hexdigest: str) -> None:
+        self._hex = hexdigest
+
+    def update(self, data: bytes, /) -> None:
+        raise AssertionError("nothing more is hashed")
+
+    def hexdigest(self) -> str:
+        return self._hex
 
 
 def _write_and_hash(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:

@@ -6,6 +6,7 @@ carries an absolute URI, which Twisted keeps whole in ``request.path``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +20,15 @@ from pkgproxy import httputil
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Config, Route
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.families import FAMILIES, CacheClass, Decision, Facts
+from pkgproxy.families import (
+    FAMILIES,
+    CacheClass,
+    Decision,
+    Facts,
+    LocalAnswer,
+    RewriteContext,
+)
+from pkgproxy.families import Request as FamilyRequest
 from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
@@ -122,10 +131,10 @@ class ProxyResource(Resource):
         suffix = f"{path}?{query}" if sep else path
         ctx = _Ctx(request, route, path, f"{route.name}:{suffix}", route.upstream + suffix)
         request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
-        if self._learner.busy(route.name):
+        if self._learner.busy(route):
             # An index of this route was just verified and is being read: what this
             # request fetches may be listed there, so wait for its checks.
-            self._learner.idle(route.name).addCallback(lambda _: self._classify(ctx))
+            self._learner.idle(route).addCallback(lambda _: self._classify(ctx))
         else:
             self._classify(ctx)
         return NOT_DONE_YET
@@ -134,9 +143,24 @@ class ProxyResource(Resource):
         if ctx.gone:
             return
         route = ctx.route
-        ctx.decision = FAMILIES[route.family].classify(route, ctx.path, self._learner.facts)
+        accept = (ctx.request.getHeader(b"accept") or b"").decode("latin-1")
+        decision = FAMILIES[route.family].classify(
+            route, ctx.path, self._learner.facts, FamilyRequest(accept=accept)
+        )
+        ctx.decision = decision
+        if decision.local is not None:
+            self._local(ctx, decision.local)
+            return
+        if decision.variant:
+            ctx.key = f"{ctx.key}#{decision.variant}"
         ctx.learn = self._learner.wants(route, ctx.path)
         self._handle(ctx)
+
+    def _local(self, ctx: _Ctx, answer: LocalAnswer) -> None:
+        req = ctx.request
+        if answer.location is not None:
+            req.setHeader(b"location", answer.location.encode("latin-1"))
+        self._write_error(ctx, answer.status, answer.message)
 
     def _admin(self, request: Request) -> bytes:
         if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
@@ -183,9 +207,20 @@ class ProxyResource(Resource):
             nonlocal on_settled
             on_verified = None
             if ctx.learn:
-                on_verified, on_settled = self._learner.hooks(ctx.route.name)
+                on_verified, on_settled = self._learner.hooks(ctx.route)
             return Fetch(
-                FetchRequest(ctx.key, ctx.url, ctx.decision, stale, on_verified=on_verified),
+                FetchRequest(
+                    ctx.key,
+                    ctx.url,
+                    ctx.decision,
+                    stale,
+                    extra_headers={
+                        k.encode(): v.encode("latin-1")
+                        for k, v in ctx.decision.upstream_headers.items()
+                    },
+                    on_verified=on_verified,
+                    rewrite_context=RewriteContext(ctx.url, self._table.public_path),
+                ),
                 self._client,
                 self._store,
                 self._pool,
@@ -256,8 +291,12 @@ class ProxyResource(Resource):
 
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
-        etag = entry.etag or f'"{entry.sha256}"'
-        self._set_headers(req, entry.headers, x_cache, etag, entry.last_modified)
+        etag = f'"{entry.sha256}"'
+        if entry.etag and ctx.decision.rewrite is None:
+            etag = entry.etag
+        self._set_headers(
+            req, entry.headers, ctx.decision.response_headers, x_cache, etag, entry.last_modified
+        )
         if self._not_modified(req, etag, entry.last_modified):
             req.setResponseCode(http.NOT_MODIFIED)
             req.finish()
@@ -317,7 +356,17 @@ class ProxyResource(Resource):
         etag = etag_b.decode("latin-1") if etag_b else None
         lm = lm_b.decode("latin-1") if lm_b else None
         headers = {k.decode(): v.decode("latin-1") for k, v in fetch.headers.items()}
-        self._set_headers(req, headers, x_cache, etag, lm, ranges=fetch.length is not None)
+        if ctx.decision.rewrite is not None:
+            etag = f'"{fetch.sha256}"'  # this is our representation, not the upstream's
+        self._set_headers(
+            req,
+            headers,
+            ctx.decision.response_headers,
+            x_cache,
+            etag,
+            lm,
+            ranges=fetch.length is not None,
+        )
         start, end = 0, fetch.length
         if fetch.length is not None:
             span = self._range(req, fetch.length, etag, lm)
@@ -383,12 +432,15 @@ class ProxyResource(Resource):
     def _set_headers(
         req: Request,
         headers: dict[str, str],
+        extra: Mapping[str, str],
         x_cache: bytes,
         etag: str | None,
         last_modified: str | None,
         ranges: bool = True,
     ) -> None:
         for k, v in headers.items():
+            req.setHeader(k.encode(), v.encode("latin-1"))
+        for k, v in extra.items():
             req.setHeader(k.encode(), v.encode("latin-1"))
         if etag:
             req.setHeader(b"etag", etag.encode("latin-1"))

@@ -43,6 +43,7 @@ class RouteTable:
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = sorted(routes, key=lambda r: -len(r.prefix))
+        self._by_upstream = sorted(routes, key=lambda r: -len(r.upstream))
         forwards = []
         for r in routes:
             for prefix in r.forward:
@@ -52,6 +53,17 @@ class RouteTable:
         self._forwards = sorted(
             forwards, key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host))
         )
+
+    def public_path(self, url: str) -> str | None:
+        """The path a client uses for an upstream URL, or ``None`` if no route has it.
+
+        Rewritten indexes point clients here instead of at the upstream: an absolute
+        path works whatever name the client used to reach the proxy.
+        """
+        for r in self._by_upstream:
+            if url.startswith(r.upstream):
+                return r.prefix + url[len(r.upstream) :]
+        return None
 
     def resolve(self, target: str) -> tuple[Route, str]:
         """``(route, rest)`` for a request target, ``rest`` still percent-encoded.

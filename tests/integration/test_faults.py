@@ -407,7 +407,7 @@ class LearnedChecksTests(FaultTestCase):
         self.assertEqual((got.status, got.x_cache, got.body), (200, b"MISS", packages))
         await proxy.settled()
         await wait_until(
-            lambda: proxy.learner.facts.get("debian", self.POOL) is not None,
+            lambda: proxy.learner.facts.get(upstream.url("/debian/") + self.POOL) is not None,
             5,
             "the Packages index to be learned",
         )
