@@ -444,7 +444,7 @@ def _links(raw: str, out: str, context) -> None:
         text = f.read().decode()
     url = "http://upstream.test/files/a.whl"
     with open(out, "wb") as f:
-        f.write(text.replace(url, context.public_path(url)).encode())
+        f.write(text.replace(url, context.public_url(url)).encode())
 
 
 def _doc_family(route, path, facts, request):
@@ -491,7 +491,7 @@ class RewriteTests(SynchronousTestCase):
         page = b'<a href="http://upstream.test/files/a.whl#sha256=00">a</a>'
         self.proxy.upstream.add("/docs/page", page)
         resp, body = self.proxy.get("/docs/page", headers={"Accept": "application/json"})
-        self.assertEqual(body, b'<a href="/dl/a.whl#sha256=00">a</a>')
+        self.assertEqual(body, b'<a href="http://proxy.test/dl/a.whl#sha256=00">a</a>')
         self.assertEqual(self.proxy.upstream.seen[-1].headers[b"accept"], b"json")
         self.assertEqual(header(resp, "vary"), "Accept")
         self.assertEqual(header(resp, "etag"), f'"{hashlib.sha256(body).hexdigest()}"')
@@ -501,6 +501,14 @@ class RewriteTests(SynchronousTestCase):
         resp, _ = self.proxy.get("/docs/page", headers={"Accept": "text/html"})
         self.assertEqual(header(resp, "x-cache"), "MISS")
         self.assertEqual(self.proxy.upstream.seen[-1].headers[b"accept"], b"html")
+
+    def test_links_follow_the_name_the_client_used(self) -> None:
+        """Clients that name the proxy differently each get links to that name."""
+        self.proxy.upstream.add("/docs/page", b"http://upstream.test/files/a.whl")
+        _, body = self.proxy.get("/docs/page")
+        self.assertEqual(body, b"http://proxy.test/dl/a.whl")
+        raw = self.proxy.raw(b"GET /docs/page HTTP/1.1\r\nHost: cache:3142\r\n\r\n")
+        self.assertTrue(raw.endswith(b"\r\n\r\nhttp://cache:3142/dl/a.whl"), raw)
 
     def test_local_answer(self) -> None:
         """A family can answer without asking upstream (a redirect to a canonical name)."""

@@ -46,12 +46,14 @@ class RewriteContext:
     """What a rewriter needs to know besides the document.
 
     :ivar page_url: the upstream URL the document came from (for relative links).
-    :ivar public_path: maps an upstream URL to the path clients use for it through this
-        proxy (``/pypi/files/packages/...``), or ``None`` for a URL no route serves.
+    :ivar public_url: maps an upstream URL to the URL a client uses for it through this
+        proxy, as that client reached the proxy (``http://cache:3142/pypi/files/...``,
+        or in forward mode the route's forward prefix); ``None`` for a URL no route
+        serves. A rewritten document is cached per client base for this reason.
     """
 
     page_url: str
-    public_path: Callable[[str], str | None]
+    public_url: Callable[[str], str | None]
 
 
 #: ``(raw file, output file, context)``: writes the representation clients are served.

@@ -58,6 +58,7 @@ class _Ctx:
     url: str
     decision: Decision = _UNDECIDED
     learn: bool = False
+    base: str | None = None
     gone: bool = False
     retried: bool = False
 
@@ -153,6 +154,10 @@ class ProxyResource(Resource):
             return
         if decision.variant:
             ctx.key = f"{ctx.key}#{decision.variant}"
+        if decision.rewrite is not None:
+            # The rewritten links name the proxy as this client reached it.
+            ctx.base = _client_base(ctx.request) if ctx.request.uri.startswith(b"/") else None
+            ctx.key = f"{ctx.key}@{ctx.base or 'forward'}"
         ctx.learn = self._learner.wants(route, ctx.path)
         self._handle(ctx)
 
@@ -219,7 +224,9 @@ class ProxyResource(Resource):
                         for k, v in ctx.decision.upstream_headers.items()
                     },
                     on_verified=on_verified,
-                    rewrite_context=RewriteContext(ctx.url, self._table.public_path),
+                    rewrite_context=RewriteContext(
+                        ctx.url, lambda url: self._table.public_url(url, ctx.base)
+                    ),
                 ),
                 self._client,
                 self._store,
@@ -491,6 +498,18 @@ class ProxyResource(Resource):
         req.setHeader(b"content-range", f"bytes {start}-{end - 1}/{size}".encode())
         req.setHeader(b"content-length", str(end - start).encode())
         return span
+
+
+def _client_base(request: Request) -> str:
+    """``scheme://host[:port]`` as the client named the proxy (its Host header)."""
+    scheme = "https" if request.isSecure() else "http"
+    host = request.getHeader(b"host")
+    if host:
+        name = host.decode("latin-1").strip()
+        if name and all(c.isalnum() or c in "-.:[]_" for c in name):
+            return f"{scheme}://{name}"
+    addr = request.getHost()
+    return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"
 
 
 def satisfies(entry: Entry, decision: Decision) -> bool:

@@ -54,15 +54,19 @@ class RouteTable:
             forwards, key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host))
         )
 
-    def public_path(self, url: str) -> str | None:
-        """The path a client uses for an upstream URL, or ``None`` if no route has it.
+    def public_url(self, url: str, base: str | None) -> str | None:
+        """The URL a client uses for an upstream URL, or ``None`` if no route has it.
 
-        Rewritten indexes point clients here instead of at the upstream: an absolute
-        path works whatever name the client used to reach the proxy.
+        :param base: ``http://host:port`` as a reverse-mode client reached the proxy;
+            ``None`` for a forward-mode client, which is given the route's first forward
+            prefix (and, for a route without one, nothing).
         """
         for r in self._by_upstream:
             if url.startswith(r.upstream):
-                return r.prefix + url[len(r.upstream) :]
+                rest = url[len(r.upstream) :]
+                if base is not None:
+                    return base + r.prefix + rest
+                return r.forward[0] + rest if r.forward else None
         return None
 
     def resolve(self, target: str) -> tuple[Route, str]:
