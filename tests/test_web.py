@@ -453,6 +453,8 @@ def _doc_family(route, path, facts, request):
 
     if path == "old":
         return Decision(CacheClass.PASS, local=LocalAnswer(301, "moved", "/docs/new"))
+    if path == "ping":
+        return Decision(CacheClass.PASS, local=LocalAnswer(200, "{}", None, "application/json"))
     variant = "json" if "json" in request.accept else "html"
     return Decision(
         CacheClass.MUTABLE,
@@ -515,4 +517,8 @@ class RewriteTests(SynchronousTestCase):
         raw = self.proxy.raw(b"GET /docs/old HTTP/1.1\r\nHost: p\r\n\r\n")
         self.assertTrue(raw.startswith(b"HTTP/1.1 301 "), raw)
         self.assertIn(b"\r\nLocation: /docs/new\r\n", raw)
+        resp, body = self.proxy.get("/docs/ping")
+        self.assertEqual(
+            (resp.code, body, header(resp, "content-type")), (200, b"{}", "application/json")
+        )
         self.assertEqual(self.proxy.upstream.seen, [])

@@ -62,11 +62,16 @@ Rewriter = Callable[[str, str, RewriteContext], None]
 
 @dataclass(frozen=True)
 class LocalAnswer:
-    """A response the proxy gives itself, without asking upstream (a redirect, a 404)."""
+    """A response the proxy gives itself, without asking upstream (a redirect, a 404).
+
+    An error's ``message`` is a one-line reason; a 2xx answer's is its whole body, sent
+    with ``content_type``.
+    """
 
     status: int
     message: str
     location: str | None = None
+    content_type: str = "text/plain; charset=utf-8"
 
 
 @dataclass(frozen=True)

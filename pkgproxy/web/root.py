@@ -165,7 +165,17 @@ class ProxyResource(Resource):
         req = ctx.request
         if answer.location is not None:
             req.setHeader(b"location", answer.location.encode("latin-1"))
-        self._write_error(ctx, answer.status, answer.message)
+        if answer.status >= 300:
+            self._write_error(ctx, answer.status, answer.message)
+            return
+        body = answer.message.encode()
+        req.setResponseCode(answer.status)
+        req.setHeader(b"content-type", answer.content_type.encode("latin-1"))
+        req.setHeader(b"content-length", str(len(body)).encode())
+        req.setHeader(b"via", b"1.1 pkgproxy")
+        if req.method != b"HEAD":
+            req.write(body)
+        req.finish()
 
     def _admin(self, request: Request) -> bytes:
         if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
