@@ -102,6 +102,9 @@ class CacheConfig:
 
     dir: str = "pkgproxy-cache"
     max_size: int = 10 * 1024**3
+    #: Hits up to this size are read in the reactor thread (cheaper than a thread hop on
+    #: a local disk); 0 sends every read to the disk pool (a slow or network disk).
+    sync_read_max: int = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,7 @@ def _check_route_table(routes: tuple[Route, ...]) -> None:
 
 
 _TOP_KEYS = {"listen", "admin_networks", "cache", "upstream", "routes"}
-_CACHE_KEYS = {"dir", "max_size"}
+_CACHE_KEYS = {"dir", "max_size", "sync_read_max"}
 _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
@@ -350,6 +353,12 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         cc = replace(cc, dir=_str(cache["dir"], "cache.dir"))
     if "max_size" in cache:
         cc = replace(cc, max_size=parse_size(cache["max_size"], "cache.max_size"))
+    if "sync_read_max" in cache:
+        value = cache["sync_read_max"]
+        zero = value in (0, "0")
+        cc = replace(
+            cc, sync_read_max=0 if zero else parse_size(value, "cache.sync_read_max")
+        )
     cfg = replace(cfg, cache=cc)
 
     up = _table(data, "upstream")

@@ -113,6 +113,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         reactor,
         cfg.upstream.idle_timeout,
         learner,
+        sync_read_max=cfg.cache.sync_read_max,
     )
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False

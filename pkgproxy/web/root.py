@@ -6,6 +6,7 @@ carries an absolute URI, which Twisted keeps whole in ``request.path``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,7 +34,13 @@ from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
-from pkgproxy.web.producer import BodyProducer, CompleteSource, FileRef, OwnedFile
+from pkgproxy.web.producer import (
+    BodyProducer,
+    CompleteSource,
+    FileRef,
+    OwnedFile,
+    SendfileProducer,
+)
 from pkgproxy.web.routing import RouteError, RouteTable
 
 log = Logger()
@@ -88,8 +95,10 @@ class ProxyResource(Resource):
         clock: IReactorTime,
         idle_timeout: float,
         learner: Learner | None = None,
+        sync_read_max: int = 64 * 1024,
     ) -> None:
         super().__init__()
+        self._sync_read_max = sync_read_max
         self._learner = learner or Learner(Facts(), store, diskpool, config.routes)
         self._table = RouteTable(config.enabled_routes())
         self._store = store
@@ -325,13 +334,29 @@ class ProxyResource(Resource):
         if req.method == b"HEAD":
             req.finish()
             return
+        path = self._store.path_of(entry)
+        if entry.size <= self._sync_read_max:
+            # A small file from a local disk is cheaper to read here than to hand to a
+            # thread and back; most package files and every index hit are small.
+            try:
+                data = _read_span(path, start, end)
+            except OSError as e:
+                self._unreadable(ctx, entry, str(e))
+                return
+            req.write(data)
+            req.finish()
+            return
         self._store.pin(entry)
-        d = self._pool.run(_open_read, self._store.path_of(entry))
+        d = self._pool.run(_open_read, path)
 
         def opened(fd: int) -> None:
+            unpin = lambda: self._store.unpin(entry)  # noqa: E731
             if ctx.gone:
                 OwnedFile(fd).release()
-                self._store.unpin(entry)
+                unpin()
+                return
+            if SendfileProducer.usable(req):
+                SendfileProducer(req, OwnedFile(fd), start, end, self._clock, unpin).start()
                 return
             BodyProducer(
                 req,
@@ -341,29 +366,30 @@ class ProxyResource(Resource):
                 end,
                 self._pool,
                 self._clock,
-                on_close=lambda: self._store.unpin(entry),
+                on_close=unpin,
             ).start()
 
         def missing(f: Failure) -> None:
             self._store.unpin(entry)
-            log.warn(
-                "cache file of {key} is unreadable ({e}); fetching again",
-                key=ctx.key,
-                e=f.getErrorMessage(),
-            )
-            self._store.remove(entry.key)
-            if ctx.gone:
-                return
-            if ctx.retried:
-                self._write_error(ctx, http.SERVICE_UNAVAILABLE, "cache file unreadable")
-                return
-            ctx.retried = True
-            for h in (b"content-length", b"content-range", b"etag", b"last-modified"):
-                req.responseHeaders.removeHeader(h)
-            req.setResponseCode(http.OK)
-            self._handle(ctx)
+            self._unreadable(ctx, entry, f.getErrorMessage())
 
         d.addCallbacks(opened, missing)
+
+    def _unreadable(self, ctx: _Ctx, entry: Entry, why: str) -> None:
+        """A cache file went missing or unreadable: drop the entry and fetch again once."""
+        req = ctx.request
+        log.warn("cache file of {key} is unreadable ({e}); fetching again", key=ctx.key, e=why)
+        self._store.remove(entry.key)
+        if ctx.gone:
+            return
+        if ctx.retried:
+            self._write_error(ctx, http.SERVICE_UNAVAILABLE, "cache file unreadable")
+            return
+        ctx.retried = True
+        for h in (b"content-length", b"content-range", b"etag", b"last-modified"):
+            req.responseHeaders.removeHeader(h)
+        req.setResponseCode(http.OK)
+        self._handle(ctx)
 
     def _serve_stream(self, ctx: _Ctx, fetch: Fetch, file: FileRef, x_cache: bytes) -> None:
         req = ctx.request
@@ -533,7 +559,17 @@ def satisfies(entry: Entry, decision: Decision) -> bool:
     return True
 
 
-def _open_read(path: str) -> int:
-    import os
+def _read_span(path: str, start: int, end: int) -> bytes:
+    """``[start, end)`` of a small file; a short read is an error, never a short body."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, end - start, start)
+    finally:
+        os.close(fd)
+    if len(data) != end - start:
+        raise OSError(f"short read: {len(data)} of {end - start} bytes")
+    return data
 
+
+def _open_read(path: str) -> int:
     return os.open(path, os.O_RDONLY)
