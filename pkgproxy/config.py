@@ -356,9 +356,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if "sync_read_max" in cache:
         value = cache["sync_read_max"]
         zero = value in (0, "0")
-        cc = replace(
-            cc, sync_read_max=0 if zero else parse_size(value, "cache.sync_read_max")
-        )
+        cc = replace(cc, sync_read_max=0 if zero else parse_size(value, "cache.sync_read_max"))
     cfg = replace(cfg, cache=cc)
 
     up = _table(data, "upstream")

@@ -21,11 +21,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from pkgproxy.cache.store import CacheStore
-from pkgproxy.config import Config, config_from_dict
+from pkgproxy.config import Config, Route, config_from_dict
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Facts
+from pkgproxy.fetch.fetch import Fetch
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
+from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.upstream.client import UpstreamClient
 from pkgproxy.web.root import ProxyResource
 
@@ -131,6 +133,20 @@ class FakeUpstream(Resource):
             request.finish()
 
 
+class Recorder(Observer):
+    """Keeps every report, for tests to read."""
+
+    def __init__(self) -> None:
+        self.requests: list[RequestRecord] = []
+        self.fetches: list[tuple[Route, Fetch]] = []
+
+    def request_done(self, record: RequestRecord) -> None:
+        self.requests.append(record)
+
+    def fetch_settled(self, route: Route, fetch: Fetch) -> None:
+        self.fetches.append((route, fetch))
+
+
 class MemoryProxy:
     """The proxy with a fake clock, synchronous disk work and a :class:`FakeUpstream`.
 
@@ -153,6 +169,7 @@ class MemoryProxy:
         self.inflight = InFlight()
         self.upstream_agent = RequestTraversalAgent(self.upstream)
         self.client = UpstreamClient(self.upstream_agent, self.clock, self.config.upstream)
+        self.observed = Recorder()
         self.facts = Facts()
         self.learner = Learner(self.facts, self.store, self.pool, self.config.routes)
         self.learner.relearn()
@@ -165,6 +182,7 @@ class MemoryProxy:
             self.clock,
             self.config.upstream.idle_timeout,
             self.learner,
+            observer=self.observed,
         )
         self.stub = StubTreq(self.root)
 

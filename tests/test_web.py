@@ -522,3 +522,30 @@ class RewriteTests(SynchronousTestCase):
             (resp.code, body, header(resp, "content-type")), (200, b"{}", "application/json")
         )
         self.assertEqual(self.proxy.upstream.seen, [])
+
+
+class ObserverTests(ProxyTestCase):
+    def test_request_and_fetch_reports(self) -> None:
+        """Every request is reported with its route, cache result and size; fetches too."""
+        self.up.add("/debian/pool/main/o/o_1_all.deb", b"o" * 1000)
+        self.proxy.get("/debian/pool/main/o/o_1_all.deb")
+        self.proxy.get("/debian/pool/main/o/o_1_all.deb")
+        self.proxy.get("/nowhere")
+        hit_miss = [
+            (r.route, r.cache, r.status, r.bytes_sent, r.completed)
+            for r in self.proxy.observed.requests
+        ]
+        self.assertEqual(
+            hit_miss,
+            [
+                ("debian", "MISS", 200, 1000, True),
+                ("debian", "HIT", 200, 1000, True),
+                ("", "", 404, hit_miss[2][3], True),
+            ],
+        )
+        self.assertIsNotNone(self.proxy.observed.requests[0].upstream_seconds)
+        self.assertIsNone(self.proxy.observed.requests[1].upstream_seconds)
+        [(route, fetch)] = self.proxy.observed.fetches
+        self.assertEqual(
+            (route.name, fetch.written, fetch.entry is not None), ("debian", 1000, True)
+        )

@@ -132,6 +132,8 @@ class Fetch:
         self.sha256: str | None = None
         self.subscribers = 0
         self.started_at = clock.seconds()
+        #: When the upstream's answer was known (headers, or the error).
+        self.answered_at = self.started_at
         self._file: _SharedFile | None = None
         self._temp: str | None = None
         self._hashers: dict[str, Any] = {}
@@ -325,6 +327,7 @@ class Fetch:
         )
 
     def _answer(self, outcome: Outcome, error: UpstreamError | None = None) -> None:
+        self.answered_at = self._clock.seconds()
         self.outcome = outcome
         self.error = error
         waiters, self._answer_waiters = self._answer_waiters, []

@@ -346,6 +346,8 @@ class SendfileProducer:
                 return
             self._offset += n
             sent_this_turn += n
+            # The body bypasses Request.write; keep its byte count true for the log.
+            self._request.sentLength += n
         self._finish()
 
     def _stalled(self) -> None:

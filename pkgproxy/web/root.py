@@ -33,6 +33,7 @@ from pkgproxy.families import Request as FamilyRequest
 from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
+from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 from pkgproxy.web.producer import (
     BodyProducer,
@@ -52,6 +53,17 @@ ADMIN_PREFIX = b"/_pkgproxy/"
 
 
 _UNDECIDED = Decision(CacheClass.PASS)
+_PROBES = (b"/_pkgproxy/health", b"/_pkgproxy/ready")
+
+
+@dataclass
+class _Trace:
+    """What the access log and metrics need to know of a request beyond its response."""
+
+    started: float
+    route: str = ""
+    family: str = ""
+    upstream_seconds: float | None = None
 
 
 @dataclass
@@ -96,8 +108,12 @@ class ProxyResource(Resource):
         idle_timeout: float,
         learner: Learner | None = None,
         sync_read_max: int = 64 * 1024,
+        observer: Observer | None = None,
+        admin: Resource | None = None,
     ) -> None:
         super().__init__()
+        self._observer = observer or Observer()
+        self._admin_resource = admin
         self._sync_read_max = sync_read_max
         self._learner = learner or Learner(Facts(), store, diskpool, config.routes)
         self._table = RouteTable(config.enabled_routes())
@@ -111,6 +127,12 @@ class ProxyResource(Resource):
     def render(self, request: Request) -> bytes | int:
         # Twisted would label a body without a type text/html; unknown stays unknown.
         request.defaultContentType = None
+        trace = _Trace(self._clock.seconds())
+        request.pkgproxy_trace = trace  # type: ignore[attr-defined]
+        request.notifyFinish().addCallbacks(
+            lambda _: self._report(request, trace, True),
+            lambda _: self._report(request, trace, False),
+        )
         uri = request.uri.decode("latin-1")
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
@@ -124,6 +146,9 @@ class ProxyResource(Resource):
                 )
             return _reason(request, http.NOT_ALLOWED, f"{request.method.decode()} is not allowed")
         if request.path.startswith(ADMIN_PREFIX):
+            if self._admin_resource is not None and request.path not in _PROBES:
+                result: bytes | int = self._admin_resource.render(request)
+                return result
             return self._admin(request)
         if not self._store.ready:
             request.setHeader(b"retry-after", b"5")
@@ -133,6 +158,7 @@ class ProxyResource(Resource):
         except RouteError as e:
             return _reason(request, e.code, str(e))
         route, rest = found
+        trace.route, trace.family = route.name, route.family
         path, sep, query = rest.partition("?")
         try:
             path = httputil.canonical_path(path)
@@ -185,6 +211,26 @@ class ProxyResource(Resource):
         if req.method != b"HEAD":
             req.write(body)
         req.finish()
+
+    def _report(self, request: Request, trace: _Trace, completed: bool) -> None:
+        """Tell the observer how a request ended (the access log and metrics)."""
+        peer = request.getClientAddress()
+        self._observer.request_done(
+            RequestRecord(
+                client=getattr(peer, "host", "-"),
+                method=request.method.decode("latin-1"),
+                uri=request.uri.decode("latin-1"),
+                status=request.code,
+                bytes_sent=request.sentLength,
+                cache=(request.responseHeaders.getRawHeaders(b"x-cache") or [b""])[-1].decode(),
+                route=trace.route,
+                family=trace.family,
+                duration=self._clock.seconds() - trace.started,
+                upstream_seconds=trace.upstream_seconds,
+                user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1"),
+                completed=completed,
+            )
+        )
 
     def _admin(self, request: Request) -> bytes:
         if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
@@ -257,6 +303,9 @@ class ProxyResource(Resource):
         fetch, started = self._inflight.join(ctx.key, factory)
         if on_settled is not None:
             fetch.when_settled(on_settled)
+        if started:
+            route = ctx.route
+            fetch.when_settled(lambda f: self._observer.fetch_settled(route, f))
         d = fetch.answered()
         d.addCallback(self._answered, ctx, started)
         d.addErrback(self._internal_error, ctx)
@@ -264,6 +313,8 @@ class ProxyResource(Resource):
             fetch.start()
 
     def _answered(self, fetch: Fetch, ctx: _Ctx, started: bool) -> None:
+        trace: _Trace = ctx.request.pkgproxy_trace  # type: ignore[attr-defined]
+        trace.upstream_seconds = fetch.answered_at - fetch.started_at
         if ctx.gone:
             return
         stale = fetch.request.stale
