@@ -549,3 +549,75 @@ class ObserverTests(ProxyTestCase):
         self.assertEqual(
             (route.name, fetch.written, fetch.entry is not None), ("debian", 1000, True)
         )
+
+
+class ReleasePinningTests(ProxyTestCase):
+    """Canonical index names follow the cached InRelease (PROTOCOLS.md 2.4)."""
+
+    index = "dists/stable/main/binary-amd64/Packages.xz"
+
+    def release(self, body: bytes, by_hash: bool = True) -> bytes:
+        lines = [
+            "-----BEGIN PGP SIGNED MESSAGE-----",
+            "Hash: SHA256",
+            "",
+            "Origin: Test",
+            "Suite: stable",
+            "Date: Thu, 26 Nov 2026 02:14:46 UTC",
+        ]
+        if by_hash:
+            lines.append("Acquire-By-Hash: yes")
+        lines += [
+            "SHA256:",
+            f" {hashlib.sha256(body).hexdigest()} {len(body):>8} main/binary-amd64/Packages.xz",
+            "-----BEGIN PGP SIGNATURE-----",
+            "",
+            "iQ==",
+            "-----END PGP SIGNATURE-----",
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+    def by_hash_path(self, body: bytes) -> str:
+        hexd = hashlib.sha256(body).hexdigest()
+        return f"/debian/dists/stable/main/binary-amd64/by-hash/SHA256/{hexd}"
+
+    def publish(self, body: bytes) -> None:
+        self.up.add("/debian/dists/stable/InRelease", self.release(body))
+        self.up.add(self.by_hash_path(body), body)
+        self.up.add("/debian/" + self.index, b"a mirror in mid-sync")
+
+    def test_canonical_index_fetched_by_hash(self) -> None:
+        """A listed index is fetched through its by-hash name and matches InRelease."""
+        v1 = b"packages v1" * 100
+        self.publish(v1)
+        self.proxy.get("/debian/dists/stable/InRelease")
+        resp, body = self.proxy.get("/debian/" + self.index)
+        self.assertEqual((resp.code, body), (200, v1))
+        self.assertEqual(self.up.count("/debian/" + self.index), 0)
+        self.assertEqual(self.up.count(self.by_hash_path(v1)), 1)
+        resp, _ = self.proxy.get("/debian/" + self.index, headers={"Cache-Control": "max-age=0"})
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+
+    def test_new_release_moves_the_index(self) -> None:
+        """When InRelease changes, the canonical index follows it at once."""
+        v1, v2 = b"packages v1" * 100, b"packages v2" * 100
+        self.publish(v1)
+        self.proxy.get("/debian/dists/stable/InRelease")
+        self.proxy.get("/debian/" + self.index)
+        self.publish(v2)
+        self.proxy.clock.advance(61)
+        self.proxy.get("/debian/dists/stable/InRelease")
+        _, body = self.proxy.get("/debian/" + self.index)
+        self.assertEqual(body, v2)
+
+    def test_without_by_hash_the_name_is_verified(self) -> None:
+        """Without Acquire-By-Hash the canonical name is fetched, and must match."""
+        v1 = b"packages v1" * 100
+        self.up.add("/debian/dists/stable/InRelease", self.release(v1, by_hash=False))
+        self.up.add("/debian/" + self.index, b"x" * len(v1))
+        self.proxy.get("/debian/dists/stable/InRelease")
+        self.assertRaises(ResponseFailed, self.proxy.get, "/debian/" + self.index)
+        self.assertIsNone(self.proxy.store.peek("debian:" + self.index))
+        self.up.add("/debian/" + self.index, v1)
+        _, body = self.proxy.get("/debian/" + self.index)
+        self.assertEqual(body, v1)

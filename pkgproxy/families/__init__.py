@@ -35,10 +35,15 @@ class CacheClass(Enum):
 
 @dataclass(frozen=True)
 class Expect:
-    """What an index says one artifact must be."""
+    """What an index says one artifact must be.
+
+    :ivar alternate: an upstream URL serving exactly these bytes under a name that never
+        changes (Debian's by-hash), to fetch instead of the listed name.
+    """
 
     size: int | None = None
     digests: Mapping[str, str] = field(default_factory=dict)
+    alternate: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,9 @@ class Decision:
     :ivar response_headers: headers to add to the response (``Vary``, a content type).
     :ivar rewrite: turns the verified upstream body into what clients are served.
     :ivar local: answer this without contacting upstream.
+    :ivar upstream_url: fetch this URL instead of the one the path maps to (the same
+        content under a name that cannot be out of step, such as a by-hash URL); the
+        entry is still stored under the requested path.
     """
 
     cache_class: CacheClass
@@ -101,6 +109,7 @@ class Decision:
     response_headers: Mapping[str, str] = field(default_factory=dict)
     rewrite: Rewriter | None = None
     local: LocalAnswer | None = None
+    upstream_url: str | None = None
 
     def with_expect(self, expect: Expect | None) -> Decision:
         """This decision, also checking what an index said."""
@@ -159,17 +168,27 @@ class Family:
     :ivar learns: whether the body at ``path`` is an index worth reading; pure.
     :ivar learn: ``(path, local_file, url) -> [(artifact URL, Expect)]``; reads a file,
         so it runs in the disk pool. ``url`` is the index's own upstream URL.
+    :ivar encoded_slash_ok: an encoded slash (``%2F``) in a request path is part of a
+        name and is taken as a real ``/`` (npm's ``@scope%2fname``), so every spelling is
+        one path; without it such a path is refused, since a segment hiding a ``/``
+        could name something outside its route.
     """
 
     classify: Callable[[Route, str, Facts, Request], Decision]
     learns: Callable[[str], bool] = _never
     learn: Callable[[str, str, str], list[tuple[str, Expect]]] | None = None
+    encoded_slash_ok: bool = False
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic
+    from pkgproxy.families import alpine, debian, generic, npm
 
-    return {"debian": debian.FAMILY, "alpine": alpine.FAMILY, "generic": generic.FAMILY}
+    return {
+        "debian": debian.FAMILY,
+        "alpine": alpine.FAMILY,
+        "generic": generic.FAMILY,
+        "npm": npm.FAMILY,
+    }
 
 
 FAMILIES: dict[str, Family] = _families()

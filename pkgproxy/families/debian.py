@@ -16,6 +16,7 @@ import gzip
 import lzma
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import IO, TYPE_CHECKING
 
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
@@ -38,6 +39,8 @@ _POOL = re.compile(
 )
 _PDIFF = re.compile(r"(?:^|/)dists/.+\.diff/(?!Index$)[^/]+$")
 _PACKAGES = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/Packages(?:\.(?:gz|xz|bz2))?$")
+_RELEASE = re.compile(r"(?:^|/)dists/.+/(?:InRelease|Release)$")
+_RELEASE_FILES = re.compile(r"(?:^|/)dists/.+/(?:InRelease|Release|Release\.gpg)$")
 _PACKAGES_BY_HASH = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/by-hash/SHA256/[0-9a-f]{64}$")
 
 
@@ -56,14 +59,21 @@ def classify(
         return Decision(CacheClass.IMMUTABLE).with_expect(known)
     if _PDIFF.search(path):
         return Decision(CacheClass.IMMUTABLE)
-    # Release files, indexes, the rest of dists/ and the odd file outside it (README,
-    # project/trace) are all revalidated after the route's TTL.
-    return Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
+    decision = Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
+    if facts is not None and "dists/" in path and not _RELEASE_FILES.search(path):
+        # An index the cached Release file lists: serve exactly the bytes it names, and
+        # fetch them by hash, so a mirror in mid-sync cannot cause a Hash Sum mismatch.
+        known = facts.get(route.upstream + path)
+        if known is not None:
+            return replace(decision.with_expect(known), upstream_url=known.alternate)
+    # Release files, the other indexes, the rest of dists/ and the odd file outside it
+    # (README, project/trace) are all revalidated after the route's TTL.
+    return decision
 
 
 def learns(path: str) -> bool:
-    """Packages indexes, by name or by hash, list what pool files must be."""
-    return bool(_PACKAGES.search(path) or _PACKAGES_BY_HASH.search(path))
+    """Release files list the indexes; Packages indexes list the pool files."""
+    return bool(_RELEASE.search(path) or _PACKAGES.search(path) or _PACKAGES_BY_HASH.search(path))
 
 
 def _open(local_file: str) -> IO[bytes]:
@@ -99,7 +109,53 @@ def stanzas(stream: IO[bytes]) -> Iterator[dict[str, str]]:
 
 
 def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
-    """``Filename -> (Size, SHA256)`` from a Packages index (runs in the disk pool).
+    """What an index lists (runs in the disk pool)."""
+    if _RELEASE.search(path):
+        return learn_release(local_file, url)
+    return learn_packages(local_file, url)
+
+
+def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
+    """Every index a Release file lists, with its size, SHA256 and by-hash URL.
+
+    Paths in the ``SHA256:`` field are relative to the suite directory (where the
+    Release file is). With ``Acquire-By-Hash: yes`` each index also exists, with the
+    same bytes, at ``<its directory>/by-hash/SHA256/<hex>``.
+    """
+    suite = url.rsplit("/", 1)[0] + "/"
+    with open(local_file, "rb") as f:
+        text = f.read().decode("utf-8", "replace")
+    if text.startswith("-----BEGIN PGP SIGNED MESSAGE-----"):
+        # The signed text starts after the armour headers' blank line and ends at the
+        # signature; the signature itself is apt's to check.
+        text = text.split("\n\n", 1)[-1].split("-----BEGIN PGP SIGNATURE-----", 1)[0]
+    by_hash = False
+    out = []
+    in_sha256 = False
+    for line in text.splitlines():
+        if not line[:1].isspace():
+            name, _, value = line.partition(":")
+            in_sha256 = name == "SHA256"
+            if name == "Acquire-By-Hash":
+                by_hash = value.strip().lower() == "yes"
+            continue
+        if not in_sha256:
+            continue
+        parts = line.split()
+        if len(parts) != 3 or not parts[1].isdigit() or len(parts[0]) != 64:
+            continue
+        hexd, size, rel = parts[0].lower(), int(parts[1]), parts[2]
+        out.append((suite + rel, Expect(size, {"sha256": hexd})))
+    if by_hash:
+        out = [
+            (u, replace(e, alternate=f"{u.rsplit('/', 1)[0]}/by-hash/SHA256/{e.digests['sha256']}"))
+            for u, e in out
+        ]
+    return out
+
+
+def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
+    """``Filename -> (Size, SHA256)`` from a Packages index.
 
     Anything that is not a Packages file (a by-hash name may hide a Translation) gives
     nothing: its stanzas have no ``Filename``.

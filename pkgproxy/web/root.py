@@ -160,6 +160,10 @@ class ProxyResource(Resource):
         route, rest = found
         trace.route, trace.family = route.name, route.family
         path, sep, query = rest.partition("?")
+        if FAMILIES[route.family].encoded_slash_ok:
+            # npm's @scope%2fname: the slash is part of the name, so it becomes a real
+            # one (every spelling, one key), and each segment is still checked below.
+            path = path.replace("%2f", "/").replace("%2F", "/")
         try:
             path = httputil.canonical_path(path)
         except httputil.BadPath as e:
@@ -189,6 +193,8 @@ class ProxyResource(Resource):
             return
         if decision.variant:
             ctx.key = f"{ctx.key}#{decision.variant}"
+        if decision.upstream_url is not None:
+            ctx.url = decision.upstream_url
         if decision.rewrite is not None:
             # The rewritten links name the proxy as this client reached it.
             ctx.base = _client_base(ctx.request) if ctx.request.uri.startswith(b"/") else None
@@ -253,15 +259,23 @@ class ProxyResource(Resource):
             # cannot be told): fetch it again, and let the new copy replace it.
             log.warn("cached {key} does not match its index; fetching again", key=ctx.key)
             entry = None
-        if entry is not None and ctx.decision.cache_class is not CacheClass.PASS:
-            if entry.expires is None:
+        decision = ctx.decision
+        if entry is not None and decision.cache_class is not CacheClass.PASS:
+            # Immutable content, or an index whose content a cached index names (and the
+            # entry matched it above): nothing to ask upstream.
+            pinned = bool(decision.digests) or decision.size is not None
+            if decision.cache_class is CacheClass.IMMUTABLE or pinned:
                 self._serve_entry(ctx, entry, b"HIT")
                 return
-            if entry.is_fresh(now) and not (
-                httputil.client_wants_revalidation(
-                    req.getHeader(b"cache-control"), req.getHeader(b"pragma")
+            if (
+                entry.expires is not None
+                and entry.is_fresh(now)
+                and not (
+                    httputil.client_wants_revalidation(
+                        req.getHeader(b"cache-control"), req.getHeader(b"pragma")
+                    )
+                    and now - entry.fetched >= REVALIDATE_WINDOW
                 )
-                and now - entry.fetched >= REVALIDATE_WINDOW
             ):
                 self._serve_entry(ctx, entry, b"HIT")
                 return
