@@ -621,3 +621,29 @@ class ReleasePinningTests(ProxyTestCase):
         self.up.add("/debian/" + self.index, v1)
         _, body = self.proxy.get("/debian/" + self.index)
         self.assertEqual(body, v1)
+
+
+class NegativeCacheTests(ProxyTestCase):
+    def test_missing_index_remembered_briefly(self) -> None:
+        """A 404 for an index is answered from memory for a while; a file's is not."""
+        path = "/debian/dists/stable/Release"
+        for _ in range(3):
+            resp, _ = self.proxy.get(path)
+            self.assertEqual(resp.code, 404)
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+        self.assertEqual(self.up.count(path), 1)
+        self.proxy.clock.advance(61)
+        self.assertEqual(self.proxy.get(path)[0].code, 404)
+        self.assertEqual(self.up.count(path), 2)
+        for _ in range(2):
+            self.proxy.get("/debian/pool/main/m/m_1_all.deb")
+        self.assertEqual(self.up.count("/debian/pool/main/m/m_1_all.deb"), 2)
+
+    def test_appears_after_revalidation(self) -> None:
+        """A client asking to revalidate, past the shared window, sees a new file."""
+        path = "/debian/dists/stable/Release"
+        self.proxy.get(path)
+        self.up.add(path, b"now here")
+        self.proxy.clock.advance(31)
+        resp, body = self.proxy.get(path, headers={"Cache-Control": "max-age=0"})
+        self.assertEqual((resp.code, body), (200, b"now here"))

@@ -18,6 +18,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgproxy import httputil
+from pkgproxy.cache.negative import NegativeCache
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Config, Route
 from pkgproxy.diskpool import DiskPool
@@ -112,6 +113,7 @@ class ProxyResource(Resource):
         admin: Resource | None = None,
     ) -> None:
         super().__init__()
+        self._negative = NegativeCache()
         self._observer = observer or Observer()
         self._admin_resource = admin
         self._sync_read_max = sync_read_max
@@ -123,6 +125,8 @@ class ProxyResource(Resource):
         self._pool = diskpool
         self._clock = clock
         self._idle_timeout = idle_timeout
+        #: Serve only from the cache, stale entries too; a miss is a 503, never a fetch.
+        self.offline = config.offline
 
     def render(self, request: Request) -> bytes | int:
         # Twisted would label a body without a type text/html; unknown stays unknown.
@@ -134,6 +138,14 @@ class ProxyResource(Resource):
             lambda _: self._report(request, trace, False),
         )
         uri = request.uri.decode("latin-1")
+        if (
+            self._admin_resource is not None
+            and request.path.startswith(ADMIN_PREFIX)
+            and request.path not in _PROBES
+        ):
+            # Admin actions are POSTs: the admin resource checks methods and access.
+            result: bytes | int = self._admin_resource.render(request)
+            return result
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             if request.method == b"CONNECT":
@@ -146,9 +158,6 @@ class ProxyResource(Resource):
                 )
             return _reason(request, http.NOT_ALLOWED, f"{request.method.decode()} is not allowed")
         if request.path.startswith(ADMIN_PREFIX):
-            if self._admin_resource is not None and request.path not in _PROBES:
-                result: bytes | int = self._admin_resource.render(request)
-                return result
             return self._admin(request)
         if not self._store.ready:
             request.setHeader(b"retry-after", b"5")
@@ -279,7 +288,20 @@ class ProxyResource(Resource):
             ):
                 self._serve_entry(ctx, entry, b"HIT")
                 return
+        if entry is None and decision.cache_class is CacheClass.MUTABLE:
+            absent = self._negative.get(ctx.key, now)
+            if absent is not None and not (
+                httputil.client_wants_revalidation(
+                    req.getHeader(b"cache-control"), req.getHeader(b"pragma")
+                )
+                and now - absent.fetched >= REVALIDATE_WINDOW
+            ):
+                self._send_small(ctx, absent.status, absent.headers, absent.body, b"HIT")
+                return
         fetch = self._inflight.get(ctx.key)
+        if self.offline and fetch is None:
+            self._offline(ctx, entry, now)
+            return
         if fetch is None and entry is None and req.method == b"HEAD":
             self._head_upstream(ctx)
             return
@@ -353,7 +375,16 @@ class ProxyResource(Resource):
             if stale is not None and fetch.status >= 500:
                 self._serve_stale(ctx, stale, f"upstream answered {fetch.status}")
             else:
-                self._relay(ctx, fetch)
+                if fetch.status in (404, 410) and ctx.decision.cache_class is CacheClass.MUTABLE:
+                    self._negative.put(
+                        ctx.key,
+                        fetch.status,
+                        fetch.headers,
+                        fetch.error_body,
+                        fetch.answered_at,
+                        ctx.decision.ttl,
+                    )
+                self._send_small(ctx, fetch.status, fetch.headers, fetch.error_body, b"MISS")
         else:
             err = fetch.error or UpstreamError("protocol", "no answer")
             if stale is not None:
@@ -379,6 +410,20 @@ class ProxyResource(Resource):
         log.warn("serving stale {key}: {why}", key=ctx.key, why=why)
         ctx.request.setHeader(b"warning", b'110 pkgproxy "Response is Stale"')
         self._serve_entry(ctx, entry, b"STALE")
+
+    def _offline(self, ctx: _Ctx, entry: Entry | None, now: float) -> None:
+        """Offline mode: answer from the cache (stale with a Warning), or 503."""
+        if entry is None or ctx.decision.cache_class is CacheClass.PASS:
+            self._write_error(
+                ctx,
+                http.SERVICE_UNAVAILABLE,
+                f"offline mode: {ctx.url} is not in the cache and upstreams are not contacted",
+            )
+        elif entry.is_fresh(now):
+            self._serve_entry(ctx, entry, b"HIT")
+        else:
+            ctx.request.setHeader(b"warning", b'110 pkgproxy "Response is Stale"')
+            self._serve_entry(ctx, entry, b"STALE")
 
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
@@ -493,16 +538,19 @@ class ProxyResource(Resource):
 
         BodyProducer(req, file, fetch, start, end, self._pool, self._clock, closed).start()
 
-    def _relay(self, ctx: _Ctx, fetch: Fetch) -> None:
+    def _send_small(
+        self, ctx: _Ctx, status: int, headers: dict[bytes, bytes], body: bytes, x_cache: bytes
+    ) -> None:
+        """Relay a small upstream answer held in memory (a 404, a 500 and its page)."""
         req = ctx.request
-        req.setResponseCode(fetch.status)
-        for k, v in fetch.headers.items():
+        req.setResponseCode(status)
+        for k, v in headers.items():
             req.setHeader(k, v)
         req.setHeader(b"via", b"1.1 pkgproxy")
-        req.setHeader(b"x-cache", b"MISS")
-        req.setHeader(b"content-length", str(len(fetch.error_body)).encode())
+        req.setHeader(b"x-cache", x_cache)
+        req.setHeader(b"content-length", str(len(body)).encode())
         if req.method != b"HEAD":
-            req.write(fetch.error_body)
+            req.write(body)
         req.finish()
 
     def _head_upstream(self, ctx: _Ctx) -> None:
