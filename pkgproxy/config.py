@@ -117,6 +117,21 @@ class UpstreamConfig:
     max_connections_per_host: int = 16
     max_redirects: int = 5
     ca_bundle: str | None = None
+    #: Connection failures in a row after which an upstream is not asked for a while.
+    failure_threshold: int = 5
+    retry_after: float = 15.0
+
+
+@dataclass(frozen=True)
+class AccessLogConfig:
+    """The access log: one line per request, in the ``pkgproxy.access`` log namespace.
+
+    It can be switched off because formatting a line per request costs CPU on a busy
+    cache; JSON is for log shippers that should not parse text.
+    """
+
+    enabled: bool = True
+    format: str = "text"
 
 
 @dataclass(frozen=True)
@@ -128,6 +143,11 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     admin_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
     routes: tuple[Route, ...] = ()
+    #: Bearer token admin actions must also present; ``None``: the network check only.
+    admin_token: str | None = field(default=None, repr=False)
+    #: Serve only from the cache: never contact an upstream (switchable at run time).
+    offline: bool = False
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
 
     def enabled_routes(self) -> tuple[Route, ...]:
         """The routes that serve requests."""
@@ -184,6 +204,15 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/alpine/",
         upstream="https://dl-cdn.alpinelinux.org/alpine/",
         forward=("http://dl-cdn.alpinelinux.org/alpine/",),
+        index_ttl=300.0,
+    ),
+    # Packuments revalidate after 5 minutes, the registry's own max-age.
+    Route(
+        name="npm",
+        family="npm",
+        prefix="/npm/",
+        upstream="https://registry.npmjs.org/",
+        forward=("http://registry.npmjs.org/",),
         index_ttl=300.0,
     ),
 )
@@ -316,7 +345,52 @@ def _check_route_table(routes: tuple[Route, ...]) -> None:
             seen_forward[f] = r.name
 
 
-_TOP_KEYS = {"listen", "admin_networks", "cache", "upstream", "routes"}
+_TOP_KEYS = {
+    "listen",
+    "admin_networks",
+    "admin_token",
+    "admin_token_file",
+    "offline",
+    "access_log",
+    "cache",
+    "upstream",
+    "routes",
+}
+_ACCESS_LOG_KEYS = {"enabled", "format"}
+_ACCESS_LOG_FORMATS = ("text", "json")
+#: A token shorter than this is too easy to guess from inside an admin network.
+MIN_TOKEN_LENGTH = 16
+
+
+def _token(value: object, key: str) -> str:
+    """A bearer token: printable ASCII without spaces (it travels in a header)."""
+    token = _str(value, key).strip()
+    if not all("!" <= c <= "~" for c in token):
+        raise ConfigError(key, "must be printable ASCII without spaces")
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            key,
+            f"must be at least {MIN_TOKEN_LENGTH} characters (try: openssl rand -hex 24)",
+        )
+    return token
+
+
+def _token_file(value: object, key: str) -> str:
+    """The token kept in a file of its own (e.g. a systemd credential), not in the config."""
+    path = _str(value, key)
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not a text file") from None
+    try:
+        return _token(content, key)
+    except ConfigError as e:
+        raise ConfigError(key, f"{e.message} (in {path})") from None
+
+
 _CACHE_KEYS = {"dir", "max_size", "sync_read_max"}
 _UPSTREAM_KEYS = {
     "connect_timeout",
@@ -325,6 +399,8 @@ _UPSTREAM_KEYS = {
     "max_connections_per_host",
     "max_redirects",
     "ca_bundle",
+    "failure_threshold",
+    "retry_after",
 }
 
 
@@ -345,6 +421,25 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             except ValueError as e:
                 raise ConfigError(f"admin_networks[{i}]", str(e)) from None
         cfg = replace(cfg, admin_networks=nets)
+    if "admin_token" in data and "admin_token_file" in data:
+        raise ConfigError("admin_token_file", "give admin_token or admin_token_file, not both")
+    if "admin_token" in data:
+        cfg = replace(cfg, admin_token=_token(data["admin_token"], "admin_token"))
+    if "admin_token_file" in data:
+        cfg = replace(cfg, admin_token=_token_file(data["admin_token_file"], "admin_token_file"))
+    if "offline" in data:
+        cfg = replace(cfg, offline=_bool(data["offline"], "offline"))
+    alog = _table(data, "access_log")
+    _check_keys(alog, _ACCESS_LOG_KEYS, "access_log.")
+    ac = cfg.access_log
+    if "enabled" in alog:
+        ac = replace(ac, enabled=_bool(alog["enabled"], "access_log.enabled"))
+    if "format" in alog:
+        fmt = _str(alog["format"], "access_log.format")
+        if fmt not in _ACCESS_LOG_FORMATS:
+            raise ConfigError("access_log.format", f"must be 'text' or 'json', got {fmt!r}")
+        ac = replace(ac, format=fmt)
+    cfg = replace(cfg, access_log=ac)
 
     cache = _table(data, "cache")
     _check_keys(cache, _CACHE_KEYS, "cache.")
@@ -362,13 +457,13 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     up = _table(data, "upstream")
     _check_keys(up, _UPSTREAM_KEYS, "upstream.")
     uchanges: dict[str, Any] = {}
-    for k in ("connect_timeout", "header_timeout", "idle_timeout"):
+    for k in ("connect_timeout", "header_timeout", "idle_timeout", "retry_after"):
         if k in up:
             seconds = parse_duration(up[k], f"upstream.{k}")
             if seconds <= 0:
                 raise ConfigError(f"upstream.{k}", "must be greater than zero")
             uchanges[k] = seconds
-    for k in ("max_connections_per_host", "max_redirects"):
+    for k in ("max_connections_per_host", "max_redirects", "failure_threshold"):
         if k in up:
             uchanges[k] = _positive_int(up[k], f"upstream.{k}")
     if "ca_bundle" in up:

@@ -25,6 +25,10 @@ from pkgproxy.upstream.client import UpstreamService, require_service_identity
 from pkgproxy.web.root import ProxyResource
 
 
+#: Seconds a client connection may sit idle between requests.
+CLIENT_IDLE_TIMEOUT = 120
+
+
 class Options(usage.Options):
     """Options override the config file, which overrides the built-in defaults."""
 
@@ -117,13 +121,32 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     )
     site = Site(root, reactor=reactor)
     site.displayTracebacks = False
+    # A client connection idle this long between requests is closed (Twisted's default
+    # is 12 hours); a client that stops reading mid-body is cut off by the producers.
+    site.timeOut = CLIENT_IDLE_TIMEOUT
     for desc in cfg.listen:
         strports.service(desc, site, reactor=reactor).setServiceParent(top)
     return top
 
 
+def raise_open_file_limit() -> None:
+    """Use the whole hard limit on open files: each client and each download holds one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def makeService(options: Options) -> IService:
     """Called by twistd with parsed :class:`Options`."""
     from twisted.internet import reactor
+
+    raise_open_file_limit()
 
     return build_service(options.config, reactor)

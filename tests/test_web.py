@@ -647,3 +647,50 @@ class NegativeCacheTests(ProxyTestCase):
         self.proxy.clock.advance(31)
         resp, body = self.proxy.get(path, headers={"Cache-Control": "max-age=0"})
         self.assertEqual((resp.code, body), (200, b"now here"))
+
+
+class _RefusingAgent:
+    """An agent whose upstream is down: every connection is refused."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def request(self, method, uri, headers=None, bodyProducer=None):
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.calls += 1
+        return fail(ConnectionRefusedError())
+
+
+class CircuitBreakerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {
+                "routes": {"debian": {"upstream": UP}},
+                "upstream": {"failure_threshold": 2, "retry_after": "10s"},
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+
+    def test_failing_upstream_is_paused(self) -> None:
+        """After repeated connection failures the upstream is not asked for a while."""
+        self.proxy.upstream.add("/debian/dists/s/InRelease", b"v1")
+        self.proxy.get("/debian/dists/s/InRelease")
+        agent = _RefusingAgent()
+        self.proxy.client._agent = agent
+        self.proxy.clock.advance(61)
+        for _ in range(2):
+            resp, _ = self.proxy.get("/debian/pool/x_1_all.deb")
+            self.assertEqual(resp.code, 502)
+        resp, body = self.proxy.get("/debian/pool/x_1_all.deb")
+        self.assertEqual(resp.code, 503)
+        self.assertIn(b"failed 2 times in a row", body)
+        self.assertEqual(agent.calls, 2)
+        resp, body = self.proxy.get("/debian/dists/s/InRelease")
+        self.assertEqual((body, header(resp, "x-cache")), (b"v1", "STALE"))
+        self.assertEqual(agent.calls, 2)
+        self.proxy.clock.advance(11)
+        self.proxy.get("/debian/pool/x_1_all.deb")
+        self.assertEqual(agent.calls, 3)
