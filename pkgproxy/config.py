@@ -215,6 +215,48 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         forward=("http://registry.npmjs.org/",),
         index_ttl=300.0,
     ),
+    # PyPI: the index and the files host are two routes; /pypi/files/ is the longer
+    # prefix. Project pages revalidate after 10 minutes, PyPI's own max-age.
+    Route(
+        name="pypi",
+        family="pypi",
+        prefix="/pypi/",
+        upstream="https://pypi.org/",
+        forward=("http://pypi.org/",),
+        index_ttl=600.0,
+    ),
+    Route(
+        name="pypi-files",
+        family="pypi",
+        prefix="/pypi/files/",
+        upstream="https://files.pythonhosted.org/",
+        forward=("http://files.pythonhosted.org/",),
+        index_ttl=600.0,
+    ),
+    # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub
+    # at /v2/ itself, others at /v2/<registry>/ or by containerd's ?ns=<registry>. The
+    # route name is the registry's name. index_ttl is how long a tag is trusted.
+    Route(
+        name="docker.io",
+        family="oci",
+        prefix="/v2/",
+        upstream="https://registry-1.docker.io/v2/",
+        index_ttl=300.0,
+    ),
+    Route(
+        name="ghcr.io",
+        family="oci",
+        prefix="/v2/ghcr.io/",
+        upstream="https://ghcr.io/v2/",
+        index_ttl=300.0,
+    ),
+    Route(
+        name="quay.io",
+        family="oci",
+        prefix="/v2/quay.io/",
+        upstream="https://quay.io/v2/",
+        index_ttl=300.0,
+    ),
 )
 
 
@@ -274,7 +316,6 @@ def check_url(value: str, key: str) -> str:
 
 _ROUTE_KEYS = {"family", "prefix", "upstream", "forward", "index_ttl", "immutable", "enabled"}
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_RESERVED_PREFIXES = ("/_pkgproxy/", "/v2/")
 
 
 def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
@@ -298,7 +339,7 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         prefix = _str(data["prefix"], where + "prefix")
         if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
             raise ConfigError(where + "prefix", f"must look like '/name/', got {prefix!r}")
-        if prefix.startswith(_RESERVED_PREFIXES):
+        if prefix.startswith("/_pkgproxy/"):
             raise ConfigError(where + "prefix", f"{prefix!r} is reserved")
         changes["prefix"] = prefix
     if "upstream" in data:
@@ -321,7 +362,16 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         changes["immutable"] = _bool(data["immutable"], where + "immutable")
     if "enabled" in data:
         changes["enabled"] = _bool(data["enabled"], where + "enabled")
-    return replace(base, **changes)
+    route = replace(base, **changes)
+    if route.family == "oci" and "prefix" not in data and not route.prefix.startswith("/v2/"):
+        route = replace(route, prefix=f"/v2/{name}/")
+    if (route.family == "oci") != route.prefix.startswith("/v2/"):
+        raise ConfigError(
+            where + "prefix",
+            "/v2/ is where OCI registries live: an oci route's prefix starts with /v2/ "
+            "(e.g. /v2/ghcr.io/), and no other route's does",
+        )
+    return route
 
 
 def _check_route_table(routes: tuple[Route, ...]) -> None:

@@ -77,6 +77,7 @@ class LocalAnswer:
     message: str
     location: str | None = None
     content_type: str = "text/plain; charset=utf-8"
+    headers: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,10 @@ class Decision:
     :ivar upstream_url: fetch this URL instead of the one the path maps to (the same
         content under a name that cannot be out of step, such as a by-hash URL); the
         entry is still stored under the requested path.
+    :ivar digest_header: a response header naming the body's digest as
+        ``algorithm:hex`` (OCI's ``Docker-Content-Digest``), checked before storing.
+    :ivar head_revalidate: revalidate a stale copy with HEAD, comparing
+        ``digest_header`` (a registry counts GETs against pull limits, not HEADs).
     """
 
     cache_class: CacheClass
@@ -110,6 +115,8 @@ class Decision:
     rewrite: Rewriter | None = None
     local: LocalAnswer | None = None
     upstream_url: str | None = None
+    digest_header: str | None = None
+    head_revalidate: bool = False
 
     def with_expect(self, expect: Expect | None) -> Decision:
         """This decision, also checking what an index said."""
@@ -172,22 +179,28 @@ class Family:
         name and is taken as a real ``/`` (npm's ``@scope%2fname``), so every spelling is
         one path; without it such a path is refused, since a segment hiding a ``/``
         could name something outside its route.
+    :ivar error_body: ``(status, message) -> (content type, body)`` for errors the
+        proxy itself answers on this family's routes, where the clients expect a format
+        of their own (OCI's JSON error list); plain text otherwise.
     """
 
     classify: Callable[[Route, str, Facts, Request], Decision]
     learns: Callable[[str], bool] = _never
     learn: Callable[[str, str, str], list[tuple[str, Expect]]] | None = None
     encoded_slash_ok: bool = False
+    error_body: Callable[[int, str], tuple[str, bytes]] | None = None
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic, npm
+    from pkgproxy.families import alpine, debian, generic, npm, oci, pypi
 
     return {
+        "oci": oci.FAMILY,
         "debian": debian.FAMILY,
         "alpine": alpine.FAMILY,
         "generic": generic.FAMILY,
         "npm": npm.FAMILY,
+        "pypi": pypi.FAMILY,
     }
 
 

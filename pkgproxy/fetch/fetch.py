@@ -37,7 +37,13 @@ if TYPE_CHECKING:
 log = Logger()
 
 #: Upstream response headers replayed to clients from the cache.
-STORED_HEADERS = (b"content-type", b"content-encoding", b"content-language", b"content-disposition")
+STORED_HEADERS = (
+    b"content-type",
+    b"content-encoding",
+    b"content-language",
+    b"content-disposition",
+    b"docker-content-digest",
+)
 #: Error bodies are relayed from memory, so they are capped.
 MAX_ERROR_BODY = 64 * 1024
 #: Upstream is paused when this much is waiting for the disk, resumed below the low mark.
@@ -137,6 +143,8 @@ class Fetch:
         self._file: _SharedFile | None = None
         self._temp: str | None = None
         self._hashers: dict[str, Any] = {}
+        #: Digests the body must have: the family's, and one a response header names.
+        self._expected: dict[str, str] = dict(request.decision.digests)
         self._answer_waiters: list[Deferred[Fetch]] = []
         self._progress_waiters: list[Deferred[None]] = []
         self._settled_callbacks: list[Callable[[Fetch], None]] = []
@@ -205,6 +213,16 @@ class Fetch:
 
     def start(self) -> None:
         """Send the upstream request."""
+        stale = self.request.stale
+        decision = self.request.decision
+        if stale is not None and decision.head_revalidate and decision.digest_header:
+            d = self._client.request(b"HEAD", self.request.url, dict(self.request.extra_headers))
+            d.addCallbacks(self._got_head, self._unreachable)
+            d.addErrback(self._bug)
+            return
+        self._get()
+
+    def _get(self) -> None:
         headers = dict(self.request.extra_headers)
         stale = self.request.stale
         if stale is not None:
@@ -215,6 +233,24 @@ class Fetch:
         d = self._client.request(b"GET", self.request.url, headers)
         d.addCallbacks(self._got_response, self._unreachable)
         d.addErrback(self._bug)
+
+    def _got_head(self, resp: UpstreamResponse) -> None:
+        """A HEAD revalidation: the same digest means the stale copy is current."""
+        resp.discard()
+        stale = self.request.stale
+        name = self.request.decision.digest_header
+        assert stale is not None and name is not None
+        now_digest = resp.header(name.encode())
+        had = stale.headers.get(name.lower())
+        if resp.status == 200 and now_digest and had and now_digest.decode("latin-1") == had:
+            self.upstream = resp
+            self._refresh(stale, resp)
+            self.state = State.ANSWERED
+            self._answer(Outcome.NOT_MODIFIED)
+            self._settle()
+            return
+        # Changed, or the HEAD was not conclusive: the GET decides (and reports errors).
+        self._get()
 
     def _bug(self, f: Failure) -> None:
         log.failure("fetch of {url} failed unexpectedly", f, url=self.request.url)
@@ -244,6 +280,14 @@ class Fetch:
             self._relay(resp)
             return None
         self.headers = _stored_headers(resp, self.request.url)
+        header = self.request.decision.digest_header
+        if header is not None:
+            named = (resp.header(header.encode()) or b"").decode("latin-1")
+            algo, _, hexd = named.partition(":")
+            if algo in ("sha256", "sha512") and hexd:
+                # Verified like any other digest, before anything is stored.
+                self._expected[algo] = hexd.lower()
+                self.headers[header.lower().encode()] = named.encode("latin-1")
         length = resp.response.length
         self.length = length if isinstance(length, int) else None
         known = self.request.decision.size
@@ -261,7 +305,7 @@ class Fetch:
 
         def opened(fd: int) -> None:
             self._file = _SharedFile(fd)
-            algos = {"sha256", *self.request.decision.digests}
+            algos = {"sha256", *self._expected}
             self._hashers = {a: new_hasher(a) for a in algos}
             self.state = State.STREAMING
             if self.request.decision.rewrite is None:
@@ -451,7 +495,7 @@ class Fetch:
         want = self.request.decision
         if want.size is not None and self.written != want.size:
             return f"got {self.written} bytes, the index says {want.size}"
-        for algo, hexdigest in want.digests.items():
+        for algo, hexdigest in self._expected.items():
             got = self._hashers[algo].hexdigest()
             if got != hexdigest:
                 return f"{algo} mismatch: got {got}, expected {hexdigest}"

@@ -8,10 +8,12 @@ https-to-http redirects anyway).
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import error as net_error
@@ -100,6 +102,53 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return (p.scheme, (p.hostname or "").lower(), port)
 
 
+def _auth_area(url: str) -> str:
+    """The part of a URL a token scope covers: an OCI repository (``.../v2/<name>``)."""
+    base = url.split("?", 1)[0]
+    for marker in ("/manifests/", "/blobs/", "/tags/", "/referrers/"):
+        if marker in base:
+            return base.split(marker, 1)[0]
+    return base.rsplit("/", 1)[0]
+
+
+def _challenge_params(value: str) -> dict[str, str]:
+    """The ``key="value"`` parameters of a ``WWW-Authenticate: Bearer`` challenge."""
+    return {
+        m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+        for m in re.finditer(r'([A-Za-z_]+)\s*=\s*(?:"([^"]*)"|([^,\s]*))', value[6:])
+    }
+
+
+async def _read_small(resp: UpstreamResponse, cap: int) -> bytes:
+    """Read a small body whole (a token answer), at most ``cap`` bytes; free the slot."""
+    done: Deferred[None] = Deferred()
+    collector = _Small(done, cap)
+    resp.response.deliverBody(collector)
+    try:
+        await done
+    finally:
+        resp.release()
+    return b"".join(collector.chunks)
+
+
+class _Small(Protocol):
+    def __init__(self, done: Deferred[None], cap: int) -> None:
+        self.chunks: list[bytes] = []
+        self._left = cap
+        self._done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._left > 0:
+            self.chunks.append(data[: self._left])
+        self._left -= len(data)
+        if self._left < 0 and self.transport is not None:
+            self.transport.stopProducing()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if not self._done.called:
+            self._done.callback(None)
+
+
 def _describe(f: Failure) -> UpstreamError:
     """Map a Twisted failure to an :class:`UpstreamError` an operator can read."""
     e = f.value
@@ -143,6 +192,10 @@ class UpstreamClient:
         self._config = config
         self._slots: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
         self._breakers: dict[tuple[str, str, int | None], _Breaker] = {}
+        #: Bearer tokens by (realm, service, scope), with their expiry time.
+        self._tokens: dict[tuple[str, str, str], tuple[bytes, float]] = {}
+        #: The token scope last asked for by each area of an upstream (see _auth_area).
+        self._scopes: dict[str, tuple[str, str, str]] = {}
 
     def _slot(self, url: str) -> DeferredSemaphore:
         origin = _origin(url)
@@ -168,7 +221,7 @@ class UpstreamClient:
         self, method: bytes, url: str, headers: dict[bytes, bytes]
     ) -> UpstreamResponse:
         for _hop in range(self._config.max_redirects + 1):
-            resp = await self._one(method, url, headers)
+            resp = await self._authorized(method, url, headers)
             if resp.status not in _REDIRECTS:
                 return resp
             location = resp.header(b"location")
@@ -186,6 +239,55 @@ class UpstreamClient:
                 method = b"GET"
             url = target
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
+
+    async def _authorized(
+        self, method: bytes, url: str, headers: dict[bytes, bytes]
+    ) -> UpstreamResponse:
+        """One request, answering a Bearer challenge (RFC 6750) with a token once.
+
+        Registries (Docker Hub, ghcr.io, a local distribution) challenge anonymous pulls
+        with ``WWW-Authenticate: Bearer realm=...,service=...,scope=...``; the token
+        service hands out a short-lived token for that scope, cached here until shortly
+        before it expires. Client credentials are never used: the proxy pulls
+        anonymously.
+        """
+        area = _auth_area(url)
+        token = self._tokens.get(self._scopes.get(area, ("", "", "")))
+        if token is not None and token[1] > self._clock.seconds():
+            headers = {**headers, b"authorization": b"Bearer " + token[0]}
+        resp = await self._one(method, url, headers)
+        challenge = resp.header(b"www-authenticate") if resp.status == 401 else None
+        if challenge is None or not challenge.lower().startswith(b"bearer"):
+            return resp
+        params = _challenge_params(challenge.decode("latin-1"))
+        realm = params.get("realm", "")
+        if urlsplit(realm).scheme not in ("http", "https"):
+            return resp
+        resp.discard()
+        key = (realm, params.get("service", ""), params.get("scope", ""))
+        value, expires = await self._token(key)
+        self._tokens[key] = (value, expires)
+        self._scopes[area] = key
+        return await self._one(method, url, {**headers, b"authorization": b"Bearer " + value})
+
+    async def _token(self, key: tuple[str, str, str]) -> tuple[bytes, float]:
+        """Ask a token service for a token: ``(token, expiry time)``."""
+        realm, service, scope = key
+        query = urlencode([(k, v) for k, v in (("service", service), ("scope", scope)) if v])
+        url = realm + ("&" if "?" in realm else "?") + query if query else realm
+        resp = await self._one(b"GET", url, {})
+        body = await _read_small(resp, 256 * 1024)
+        if resp.status != 200:
+            raise UpstreamError("auth", f"token service {realm} answered {resp.status}")
+        try:
+            data = json.loads(body)
+            token = data.get("token") or data.get("access_token")
+            lifetime = float(data.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamError("auth", f"token service {realm} sent no token") from None
+        if not isinstance(token, str) or not token:
+            raise UpstreamError("auth", f"token service {realm} sent no token")
+        return token.encode("latin-1"), self._clock.seconds() + max(0.0, lifetime - 10)
 
     async def _one(self, method: bytes, url: str, headers: dict[bytes, bytes]) -> UpstreamResponse:
         origin = _origin(url)

@@ -83,12 +83,20 @@ class _Ctx:
     retried: bool = False
 
 
-def _reason(request: Request, code: int, message: str) -> bytes:
-    """A one-line plain-text error: what went wrong and, where it helps, what to do."""
+def _reason(request: Request, code: int, message: str, family: str | None = None) -> bytes:
+    """A one-line error: what went wrong and, where it helps, what to do.
+
+    Plain text, unless the family's clients read errors in a format of their own.
+    """
     request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    formatter = FAMILIES[family].error_body if family in FAMILIES else None
+    if formatter is not None:
+        content_type, body = formatter(code, message)
+        request.setHeader(b"content-type", content_type.encode("latin-1"))
+    else:
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        body = f"pkgproxy: {message}\n".encode()
     request.setHeader(b"via", b"1.1 pkgproxy")
-    body = f"pkgproxy: {message}\n".encode()
     request.setHeader(b"content-length", str(len(body)).encode())
     return b"" if request.method == b"HEAD" else body
 
@@ -156,7 +164,12 @@ class ProxyResource(Resource):
                     "http:// sources through this proxy, or its reverse paths such as "
                     "/debian/.",
                 )
-            return _reason(request, http.NOT_ALLOWED, f"{request.method.decode()} is not allowed")
+            return _reason(
+                request,
+                http.NOT_ALLOWED,
+                f"{request.method.decode()} is not allowed: this is a read-only cache",
+                self._family_of(uri),
+            )
         if request.path.startswith(ADMIN_PREFIX):
             return self._admin(request)
         if not self._store.ready:
@@ -165,7 +178,7 @@ class ProxyResource(Resource):
         try:
             found = self._table.resolve(uri)
         except RouteError as e:
-            return _reason(request, e.code, str(e))
+            return _reason(request, e.code, str(e), e.family)
         route, rest = found
         trace.route, trace.family = route.name, route.family
         path, sep, query = rest.partition("?")
@@ -176,7 +189,7 @@ class ProxyResource(Resource):
         try:
             path = httputil.canonical_path(path)
         except httputil.BadPath as e:
-            return _reason(request, http.BAD_REQUEST, str(e))
+            return _reason(request, http.BAD_REQUEST, str(e), route.family)
         suffix = f"{path}?{query}" if sep else path
         ctx = _Ctx(request, route, path, f"{route.name}:{suffix}", route.upstream + suffix)
         request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
@@ -203,7 +216,8 @@ class ProxyResource(Resource):
         if decision.variant:
             ctx.key = f"{ctx.key}#{decision.variant}"
         if decision.upstream_url is not None:
-            ctx.url = decision.upstream_url
+            query = ctx.url.partition("?")[2]
+            ctx.url = decision.upstream_url + (f"?{query}" if query else "")
         if decision.rewrite is not None:
             # The rewritten links name the proxy as this client reached it.
             ctx.base = _client_base(ctx.request) if ctx.request.uri.startswith(b"/") else None
@@ -213,6 +227,8 @@ class ProxyResource(Resource):
 
     def _local(self, ctx: _Ctx, answer: LocalAnswer) -> None:
         req = ctx.request
+        for k, v in answer.headers.items():
+            req.setHeader(k.encode(), v.encode("latin-1"))
         if answer.location is not None:
             req.setHeader(b"location", answer.location.encode("latin-1"))
         if answer.status >= 300:
@@ -226,6 +242,13 @@ class ProxyResource(Resource):
         if req.method != b"HEAD":
             req.write(body)
         req.finish()
+
+    def _family_of(self, uri: str) -> str | None:
+        """The family a request target belongs to, if any (for the error format)."""
+        try:
+            return self._table.resolve(uri)[0].family
+        except RouteError as e:
+            return e.family
 
     def _report(self, request: Request, trace: _Trace, completed: bool) -> None:
         """Tell the observer how a request ended (the access log and metrics)."""
@@ -399,7 +422,7 @@ class ProxyResource(Resource):
     def _write_error(self, ctx: _Ctx, code: int, message: str) -> None:
         if ctx.gone:
             return
-        body = _reason(ctx.request, code, message)
+        body = _reason(ctx.request, code, message, ctx.route.family)
         if body:
             ctx.request.write(body)
         ctx.request.finish()

@@ -10,17 +10,25 @@ open proxy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pkgproxy.config import Route
 
 
 class RouteError(Exception):
-    """The request target is refused; ``code`` is the HTTP status to answer with."""
+    """The request target is refused; ``code`` is the HTTP status to answer with.
 
-    def __init__(self, code: int, message: str) -> None:
+    :ivar family: the family whose clients asked (to answer in their error format).
+    """
+
+    def __init__(self, code: int, message: str, family: str | None = None) -> None:
         self.code = code
+        self.family = family
         super().__init__(message)
+
+
+#: Other names containerd and the daemon use for Docker Hub.
+_REGISTRY_ALIASES = {"index.docker.io": "docker.io", "registry-1.docker.io": "docker.io"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +51,7 @@ class RouteTable:
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = sorted(routes, key=lambda r: -len(r.prefix))
+        self._registries = {r.name: r for r in routes if r.family == "oci"}
         self._by_upstream = sorted(routes, key=lambda r: -len(r.upstream))
         forwards = []
         for r in routes:
@@ -53,6 +62,21 @@ class RouteTable:
         self._forwards = sorted(
             forwards, key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host))
         )
+
+    def _registry(self, target: str) -> tuple[Route, str] | None:
+        """containerd names the registry in ``?ns=``; the parameter is not forwarded."""
+        path, _, query = target.partition("?")
+        if "ns=" not in query:
+            return None
+        params = parse_qsl(query, keep_blank_values=True)
+        ns = [v for k, v in params if k == "ns"]
+        rest_query = urlencode([(k, v) for k, v in params if k != "ns"])
+        name = ns[0].lower()
+        route = self._registries.get(_REGISTRY_ALIASES.get(name, name))
+        if route is None:
+            raise RouteError(403, f"registry {ns[0]!r} is not configured on this mirror", "oci")
+        rest = path[len("/v2/") :] if path.startswith("/v2/") else ""
+        return route, f"{rest}?{rest_query}" if rest_query else rest
 
     def public_url(self, url: str, base: str | None) -> str | None:
         """The URL a client uses for an upstream URL, or ``None`` if no route has it.
@@ -74,6 +98,10 @@ class RouteTable:
 
         :raises RouteError: not a target this proxy serves.
         """
+        if target.startswith("/v2/") or target in ("/v2", "/v2?"):
+            found = self._registry(target)
+            if found is not None:
+                return found
         if target.startswith("/"):
             for r in self.routes:
                 if target.startswith(r.prefix):

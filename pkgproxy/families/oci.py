@@ -1,0 +1,132 @@
+"""OCI registries (Docker Hub and any distribution-spec registry), pulled through.
+
+Blobs and manifests named by digest never change: they are kept forever and their
+sha256 must equal the digest before they are stored. A manifest named by a tag is an
+index of sorts: kept per ``Accept`` variant, revalidated after the route's TTL with a
+HEAD (which Docker Hub does not count as a pull) comparing ``Docker-Content-Digest``,
+and its body must match the digest the registry names. Writes are refused. The
+client-facing ``/v2/`` answers without ever challenging the client, so no Docker daemon
+is asked to send its user's registry password to the cache. PROTOCOLS.md section 6.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+from pkgproxy.families import CacheClass, Decision, Facts, Family, LocalAnswer, Request
+
+if TYPE_CHECKING:
+    from pkgproxy.config import Route
+
+_NAME = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
+_DIGEST = r"sha256:[a-f0-9]{64}"
+_MANIFEST_BY_DIGEST = re.compile(rf"^(?P<name>{_NAME})/manifests/(?P<digest>{_DIGEST})$")
+_MANIFEST_BY_TAG = re.compile(
+    rf"^(?P<name>{_NAME})/manifests/(?P<tag>[a-zA-Z0-9_][a-zA-Z0-9._-]{{0,127}})$"
+)
+_BLOB = re.compile(rf"^(?P<name>{_NAME})/blobs/(?P<digest>{_DIGEST})$")
+_TAGS = re.compile(rf"^(?P<name>{_NAME})/tags/list$")
+_REFERRERS = re.compile(rf"^(?P<name>{_NAME})/referrers/(?P<digest>{_DIGEST})$")
+
+#: What a manifest request asks for when the client names nothing: every current type.
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+)
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+#: Docker Hub's registry names; their one-component repositories live under library/.
+DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def error_body(status: int, message: str) -> tuple[str, bytes]:
+    """The OCI error document for an error the proxy answers itself."""
+    code = {
+        401: "UNAUTHORIZED",
+        403: "DENIED",
+        404: "NAME_UNKNOWN",
+        405: "UNSUPPORTED",
+        429: "TOOMANYREQUESTS",
+    }.get(status, "UNSUPPORTED" if status < 500 else "UNAVAILABLE")
+    doc = {"errors": [{"code": code, "message": message, "detail": None}]}
+    return "application/json", json.dumps(doc).encode()
+
+
+def _accept_variant(accept: str) -> tuple[str, str]:
+    """``(cache variant, Accept to send upstream)`` for a manifest-by-tag request.
+
+    The variant is the set of media types the client accepts, so a client that cannot
+    read an index is never served one that another client fetched.
+    """
+    types = sorted(
+        {part.split(";", 1)[0].strip().lower() for part in accept.split(",") if part.strip()}
+    )
+    if not types or types == ["*/*"]:
+        return "all", ", ".join(MANIFEST_TYPES)
+    return "+".join(types), ", ".join(types)
+
+
+def classify(
+    route: Route, path: str, facts: Facts | None = None, request: Request | None = None
+) -> Decision:
+    """Classify ``path`` (below the registry's ``/v2/``) of an OCI route."""
+    if path == "":
+        return Decision(
+            CacheClass.PASS,
+            local=LocalAnswer(200, "{}", None, "application/json", API_VERSION),
+        )
+    if path == "_catalog":
+        return Decision(CacheClass.PASS, local=LocalAnswer(404, "no catalog on a mirror"))
+    repo = path
+    match = (
+        _MANIFEST_BY_DIGEST.match(path)
+        or _BLOB.match(path)
+        or _MANIFEST_BY_TAG.match(path)
+        or _TAGS.match(path)
+        or _REFERRERS.match(path)
+    )
+    if match is None:
+        return Decision(CacheClass.PASS, local=LocalAnswer(404, f"not a registry path: /v2/{path}"))
+    name = match.group("name")
+    upstream_url = None
+    if route.name in DOCKER_HUB and "/" not in name:
+        # The daemon sends library/alpine; other clients may send alpine.
+        repo = "library/" + path
+        upstream_url = route.upstream + repo
+    headers = dict(API_VERSION)
+    digest = match.groupdict().get("digest")
+    if match.re in (_MANIFEST_BY_DIGEST, _BLOB):
+        assert digest is not None
+        headers["Docker-Content-Digest"] = digest
+        return Decision(
+            CacheClass.IMMUTABLE,
+            digests={"sha256": digest.split(":", 1)[1]},
+            response_headers=headers,
+            upstream_url=upstream_url,
+        )
+    if match.re is _MANIFEST_BY_TAG:
+        variant, accept = _accept_variant(request.accept if request is not None else "")
+        return Decision(
+            CacheClass.MUTABLE,
+            ttl=route.index_ttl,
+            variant=variant,
+            upstream_headers={"Accept": accept},
+            response_headers={**headers, "Vary": "Accept"},
+            upstream_url=upstream_url,
+            digest_header="Docker-Content-Digest",
+            head_revalidate=True,
+        )
+    if match.re is _TAGS:
+        return Decision(
+            CacheClass.MUTABLE,
+            ttl=min(route.index_ttl, 60.0),
+            response_headers=headers,
+            upstream_url=upstream_url,
+        )
+    return Decision(CacheClass.PASS, response_headers=headers, upstream_url=upstream_url)
+
+
+FAMILY = Family(classify, error_body=error_body)
