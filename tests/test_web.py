@@ -556,7 +556,7 @@ class ReleasePinningTests(ProxyTestCase):
 
     index = "dists/stable/main/binary-amd64/Packages.xz"
 
-    def release(self, body: bytes, by_hash: bool = True) -> bytes:
+    def release(self, body: bytes, by_hash: bool = True, valid_until: str = "") -> bytes:
         lines = [
             "-----BEGIN PGP SIGNED MESSAGE-----",
             "Hash: SHA256",
@@ -565,6 +565,8 @@ class ReleasePinningTests(ProxyTestCase):
             "Suite: stable",
             "Date: Thu, 26 Nov 2026 02:14:46 UTC",
         ]
+        if valid_until:
+            lines.append(f"Valid-Until: {valid_until}")
         if by_hash:
             lines.append("Acquire-By-Hash: yes")
         lines += [
@@ -609,6 +611,26 @@ class ReleasePinningTests(ProxyTestCase):
         self.proxy.get("/debian/dists/stable/InRelease")
         _, body = self.proxy.get("/debian/" + self.index)
         self.assertEqual(body, v2)
+
+    def test_not_served_stale_past_valid_until(self) -> None:
+        """An InRelease past its Valid-Until is not served stale when upstream fails."""
+        from pkgproxy.httputil import http_date
+
+        now = self.proxy.clock.seconds()
+        v1 = b"packages v1"
+        self.up.add(
+            "/debian/dists/stable/InRelease",
+            self.release(v1, valid_until=http_date(now + 3600).replace("GMT", "UTC")),
+        )
+        self.proxy.get("/debian/dists/stable/InRelease")
+        self.up.down = True
+        self.proxy.clock.advance(120)
+        resp, _ = self.proxy.get("/debian/dists/stable/InRelease")
+        self.assertEqual((resp.code, header(resp, "x-cache")), (200, "STALE"))
+        self.proxy.clock.advance(3600)
+        resp, body = self.proxy.get("/debian/dists/stable/InRelease")
+        self.assertEqual(resp.code, 504)
+        self.assertIn(b"Valid-Until", body)
 
     def test_without_by_hash_the_name_is_verified(self) -> None:
         """Without Acquire-By-Hash the canonical name is fetched, and must match."""

@@ -39,11 +39,14 @@ class Expect:
 
     :ivar alternate: an upstream URL serving exactly these bytes under a name that never
         changes (Debian's by-hash), to fetch instead of the listed name.
+    :ivar not_after: a time after which the document must not be served at all, even
+        stale (an InRelease past its Valid-Until, which apt would refuse anyway).
     """
 
     size: int | None = None
     digests: Mapping[str, str] = field(default_factory=dict)
     alternate: str | None = None
+    not_after: float | None = None
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import IO, TYPE_CHECKING
 
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
+from pkgproxy.httputil import parse_http_date
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
@@ -130,6 +131,7 @@ def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
         # signature; the signature itself is apt's to check.
         text = text.split("\n\n", 1)[-1].split("-----BEGIN PGP SIGNATURE-----", 1)[0]
     by_hash = False
+    valid_until: float | None = None
     out = []
     in_sha256 = False
     for line in text.splitlines():
@@ -138,6 +140,8 @@ def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
             in_sha256 = name == "SHA256"
             if name == "Acquire-By-Hash":
                 by_hash = value.strip().lower() == "yes"
+            elif name == "Valid-Until":
+                valid_until = parse_http_date(value.strip())
             continue
         if not in_sha256:
             continue
@@ -146,9 +150,13 @@ def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
             continue
         hexd, size, rel = parts[0].lower(), int(parts[1]), parts[2]
         out.append((suite + rel, Expect(size, {"sha256": hexd})))
+    if valid_until is not None:
+        out.append((url, Expect(not_after=valid_until)))
     if by_hash:
         out = [
             (u, replace(e, alternate=f"{u.rsplit('/', 1)[0]}/by-hash/SHA256/{e.digests['sha256']}"))
+            if "sha256" in e.digests
+            else (u, e)
             for u, e in out
         ]
     return out

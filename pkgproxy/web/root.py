@@ -430,6 +430,15 @@ class ProxyResource(Resource):
     # -- answers ----------------------------------------------------------------------
 
     def _serve_stale(self, ctx: _Ctx, entry: Entry, why: str) -> None:
+        known = self._learner.facts.get(entry.url)
+        if known is not None and known.not_after is not None:
+            if self._clock.seconds() >= known.not_after:
+                self._write_error(
+                    ctx,
+                    http.GATEWAY_TIMEOUT,
+                    f"upstream failed ({why}) and the cached copy is past its Valid-Until",
+                )
+                return
         log.warn("serving stale {key}: {why}", key=ctx.key, why=why)
         ctx.request.setHeader(b"warning", b'110 pkgproxy "Response is Stale"')
         self._serve_entry(ctx, entry, b"STALE")
