@@ -105,6 +105,8 @@ class CacheConfig:
     #: Hits up to this size are read in the reactor thread (cheaper than a thread hop on
     #: a local disk); 0 sends every read to the disk pool (a slow or network disk).
     sync_read_max: int = 64 * 1024
+    #: After the cache disk refuses a write, misses bypass it for this long.
+    disk_retry_after: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -441,7 +443,7 @@ def _token_file(value: object, key: str) -> str:
         raise ConfigError(key, f"{e.message} (in {path})") from None
 
 
-_CACHE_KEYS = {"dir", "max_size", "sync_read_max"}
+_CACHE_KEYS = {"dir", "max_size", "sync_read_max", "disk_retry_after"}
 _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
@@ -502,6 +504,9 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         value = cache["sync_read_max"]
         zero = value in (0, "0")
         cc = replace(cc, sync_read_max=0 if zero else parse_size(value, "cache.sync_read_max"))
+    if "disk_retry_after" in cache:
+        seconds = parse_duration(cache["disk_retry_after"], "cache.disk_retry_after")
+        cc = replace(cc, disk_retry_after=seconds)
     cfg = replace(cfg, cache=cc)
 
     up = _table(data, "upstream")

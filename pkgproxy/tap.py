@@ -12,9 +12,9 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
-from twisted.web.server import Site
 
 from pkgproxy import __version__
+from pkgproxy.admin import Operations
 from pkgproxy.config import Config, ConfigError, load_config, parse_size
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Facts
@@ -23,7 +23,7 @@ from pkgproxy.learning import Learner
 from pkgproxy.service import OrderedMultiService
 from pkgproxy.upstream.client import UpstreamService, require_service_identity
 from pkgproxy.web.root import ProxyResource
-
+from pkgproxy.web.site import ProxySite
 
 #: Seconds a client connection may sit idle between requests.
 CLIENT_IDLE_TIMEOUT = 120
@@ -102,24 +102,35 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     top = OrderedMultiService()
     pool = DiskPool(reactor)
     pool.setServiceParent(top)
-    store = CacheStore(cfg.cache.dir, cfg.cache.max_size, pool, reactor)
+    store = CacheStore(
+        cfg.cache.dir,
+        cfg.cache.max_size,
+        pool,
+        reactor,
+        disk_retry_after=cfg.cache.disk_retry_after,
+    )
     store.setServiceParent(top)
     upstream = UpstreamService(reactor, cfg.upstream)
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)
     store.when_ready().addCallback(lambda _: learner.relearn())
+    inflight = InFlight()
+    ops = Operations(cfg, store, inflight, reactor)
     root = ProxyResource(
         cfg,
         store,
-        InFlight(),
+        inflight,
         upstream.client,
         pool,
         reactor,
         cfg.upstream.idle_timeout,
         learner,
         sync_read_max=cfg.cache.sync_read_max,
+        observer=ops.observer,
+        admin=ops.resource,
     )
-    site = Site(root, reactor=reactor)
+    ops.attach(root)
+    site = ProxySite(root, reactor=reactor)
     site.displayTracebacks = False
     # A client connection idle this long between requests is closed (Twisted's default
     # is 12 hours); a client that stops reading mid-body is cut off by the producers.

@@ -180,6 +180,7 @@ class CacheStore(Service):
         diskpool: DiskPool,
         clock: IReactorTime,
         flush_interval: float = 30.0,
+        disk_retry_after: float = 30.0,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.max_size = max_size
@@ -195,6 +196,9 @@ class CacheStore(Service):
         self.evictions = 0
         self.ready = False
         self._ready_waiters: list[Deferred[None]] = []
+        self.disk_retry_after = disk_retry_after
+        self.disk_errors = 0
+        self._disk_trouble_until = 0.0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -323,6 +327,28 @@ class CacheStore(Service):
 
     # -- writing ---------------------------------------------------------------------
 
+    def disk_error(self, why: str) -> None:
+        """The cache disk refused a write (full, read-only, gone): stop writing a while.
+
+        Until ``disk_retry_after`` has passed, misses are relayed from upstream without
+        being stored, and hits are served as usual; then writing is tried again.
+        """
+        now = self._clock.seconds()
+        if now >= self._disk_trouble_until:
+            log.critical(
+                "cache disk error in {dir}: {why}; relaying misses without storing them "
+                "for {s:.0f}s",
+                dir=self.directory,
+                why=why,
+                s=self.disk_retry_after,
+            )
+        self.disk_errors += 1
+        self._disk_trouble_until = now + self.disk_retry_after
+
+    def disk_trouble(self) -> bool:
+        """Whether misses should bypass the disk now."""
+        return self._clock.seconds() < self._disk_trouble_until
+
     def temp_name(self, key: str) -> str:
         """A fresh temp path for a download of ``key``."""
         stem = key_digest(key)[:16]
@@ -363,6 +389,7 @@ class CacheStore(Service):
             return entry
 
         def failed(f):  # type: ignore[no-untyped-def]
+            self.disk_error(f.getErrorMessage())
             self._unlink(temp_path)
             return f
 

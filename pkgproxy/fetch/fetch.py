@@ -317,7 +317,7 @@ class Fetch:
 
         def not_opened(f: Failure) -> None:
             resp.discard()
-            log.failure("cannot create temp file {path}", f, path=temp)
+            self._store.disk_error(f.getErrorMessage())
             self.state = State.ANSWERED
             self._answer(Outcome.UNREACHABLE, error=UpstreamError("disk", "cache disk error", 503))
             self._settle()
@@ -425,7 +425,7 @@ class Fetch:
 
     def _write_failed(self, f: Failure) -> None:
         self._writing = False
-        log.failure("writing {path} failed", f, path=self._temp)
+        self._store.disk_error(f.getErrorMessage())
         if self._sink is not None:
             self._sink.abort()
         self._fail(f"cache disk error: {f.getErrorMessage()}")

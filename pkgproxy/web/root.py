@@ -43,6 +43,7 @@ from pkgproxy.web.producer import (
     OwnedFile,
     SendfileProducer,
 )
+from pkgproxy.web.relay import Relay
 from pkgproxy.web.routing import RouteError, RouteTable
 
 log = Logger()
@@ -325,6 +326,9 @@ class ProxyResource(Resource):
         if self.offline and fetch is None:
             self._offline(ctx, entry, now)
             return
+        if fetch is None and self._store.disk_trouble() and decision.rewrite is None:
+            self._relay_direct(ctx, entry if decision.cache_class is not CacheClass.PASS else None)
+            return
         if fetch is None and entry is None and req.method == b"HEAD":
             self._head_upstream(ctx)
             return
@@ -410,6 +414,10 @@ class ProxyResource(Resource):
                 self._send_small(ctx, fetch.status, fetch.headers, fetch.error_body, b"MISS")
         else:
             err = fetch.error or UpstreamError("protocol", "no answer")
+            if err.kind == "disk" and ctx.decision.rewrite is None and not ctx.retried:
+                ctx.retried = True
+                self._relay_direct(ctx, stale)
+                return
             if stale is not None:
                 self._serve_stale(ctx, stale, str(err))
             else:
@@ -584,6 +592,55 @@ class ProxyResource(Resource):
         if req.method != b"HEAD":
             req.write(body)
         req.finish()
+
+    def _relay_direct(self, ctx: _Ctx, stale: Entry | None) -> None:
+        """The cache disk is in trouble: stream this miss from upstream, store nothing."""
+        method = b"HEAD" if ctx.request.method == b"HEAD" else b"GET"
+        headers = {
+            k.encode(): v.encode("latin-1") for k, v in ctx.decision.upstream_headers.items()
+        }
+        d = self._client.request(method, ctx.url, headers)
+
+        def got(resp: UpstreamResponse) -> None:
+            if ctx.gone:
+                resp.discard()
+                return
+            if resp.status >= 500 and stale is not None:
+                resp.discard()
+                self._serve_stale(ctx, stale, f"upstream answered {resp.status}")
+                return
+            req = ctx.request
+            req.setResponseCode(resp.status)
+            for name in (
+                b"content-type",
+                b"content-length",
+                b"last-modified",
+                b"etag",
+                b"docker-content-digest",
+            ):
+                value = resp.header(name)
+                if value is not None:
+                    req.setHeader(name, value)
+            for k, v in ctx.decision.response_headers.items():
+                req.setHeader(k.encode(), v.encode("latin-1"))
+            req.setHeader(b"via", b"1.1 pkgproxy")
+            req.setHeader(b"x-cache", b"MISS")
+            if method == b"HEAD":
+                resp.discard()
+                req.finish()
+                return
+            resp.response.deliverBody(Relay(req, resp, self._clock, self._idle_timeout))
+
+        def failed(f: Failure) -> None:
+            err = f.value if isinstance(f.value, UpstreamError) else None
+            if stale is not None and err is not None:
+                self._serve_stale(ctx, stale, str(err))
+            elif err is not None:
+                self._write_error(ctx, err.gateway_status, f"upstream {ctx.url}: {err}")
+            else:
+                self._internal_error(f, ctx)
+
+        d.addCallbacks(got, failed)
 
     def _head_upstream(self, ctx: _Ctx) -> None:
         """A HEAD on a miss asks upstream for headers only: no body is downloaded."""
