@@ -283,16 +283,17 @@ class KillDuringDownloadTests(TestCase):
         self._assert_served("big.bin", big, "HIT")
 
     def test_repeated_kills_during_concurrent_downloads(self) -> None:
-        """Five kill -9s during concurrent downloads never leave a wrong or partial hit.
+        """Twenty kill -9s during concurrent downloads never leave a wrong or partial hit.
 
-        Each round adds four files (48 KB to 8 MB), downloads them and every earlier file
-        at once, kills pkgproxy after a different delay, and restarts it. After every
+        Each round adds four files (48 KB to 8 MB), downloads them and the previous
+        round's at once, kills pkgproxy after a different delay, and restarts it. After every
         restart: ``tmp/`` is empty, index rows and ``data/`` agree in size and hash, a file
         is a HIT exactly when it has an index row, and every HIT is the complete file.
         Finally every file is served correctly, then again with the upstream stopped.
         """
         sizes = (48_000, 700_000, 3_000_000, 8_000_000)
-        delays = (0.0, 0.25, 0.6, 1.0, 0.4)  # after the first bytes reach tmp/; < 8 MB / RATE
+        # After the first bytes reach tmp/; each < 8 MB / RATE, so a download is always cut.
+        delays = (0.0, 0.25, 0.6, 1.0, 0.4, 0.1, 0.8, 0.05, 0.5, 0.3) * 2
         files: dict[str, bytes] = {}
         self.upstream = start_slow_server(self, self.root, rate=RATE)
         self._start_proxy()
@@ -301,7 +302,8 @@ class KillDuringDownloadTests(TestCase):
             files.update(
                 _make_files(self.root, {f"r{round_}-{i}.bin": s for i, s in enumerate(sizes)})
             )
-            downloads = [Download(self.proxy.port, f"/files/{n}") for n in sorted(files)]
+            recent = [n for n in sorted(files) if n.startswith((f"r{round_}-", f"r{round_ - 1}-"))]
+            downloads = [Download(self.proxy.port, f"/files/{n}") for n in recent]
             for d in downloads:
                 d.start()
             self._wait_for(
