@@ -137,6 +137,19 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True)
+class TlsInterceptConfig:
+    """Answering CONNECT for the https:// hosts routes name, with pkgproxy's own CA.
+
+    :ivar ca_cert: the CA certificate; ``None``: ``<cache.dir>/tls/ca.crt``, created
+        with its key on first start.
+    """
+
+    enabled: bool = False
+    ca_cert: str | None = None
+    ca_key: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
 
@@ -150,6 +163,7 @@ class Config:
     #: Serve only from the cache: never contact an upstream (switchable at run time).
     offline: bool = False
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    tls_intercept: TlsInterceptConfig = field(default_factory=lambda: TlsInterceptConfig())
 
     def enabled_routes(self) -> tuple[Route, ...]:
         """The routes that serve requests."""
@@ -352,11 +366,8 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         forward = _str_list(data["forward"], where + "forward")
         for i, f in enumerate(forward):
             check_url(f, f"{where}forward[{i}]")
-            if not f.startswith("http://"):
-                raise ConfigError(
-                    f"{where}forward[{i}]",
-                    "clients send only http:// URLs to a proxy (https:// becomes CONNECT)",
-                )
+            # https:// prefixes are reached through CONNECT, and only with
+            # [tls_intercept] enabled; they are harmless otherwise.
         changes["forward"] = forward
     if "index_ttl" in data:
         changes["index_ttl"] = parse_duration(data["index_ttl"], where + "index_ttl")
@@ -407,7 +418,9 @@ _TOP_KEYS = {
     "cache",
     "upstream",
     "routes",
+    "tls_intercept",
 }
+_TLS_KEYS = {"enabled", "ca_cert", "ca_key"}
 _ACCESS_LOG_KEYS = {"enabled", "format"}
 _ACCESS_LOG_FORMATS = ("text", "json")
 #: A token shorter than this is too easy to guess from inside an admin network.
@@ -532,7 +545,17 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         routes[name] = _route(name, rdata, routes.get(name))
     cfg = replace(cfg, routes=tuple(routes.values()))
     _check_route_table(cfg.routes)
-    return cfg
+
+    tls = _table(data, "tls_intercept")
+    _check_keys(tls, _TLS_KEYS, "tls_intercept.")
+    tc = TlsInterceptConfig(
+        enabled=_bool(tls.get("enabled", False), "tls_intercept.enabled"),
+        ca_cert=_str(tls["ca_cert"], "tls_intercept.ca_cert") if "ca_cert" in tls else None,
+        ca_key=_str(tls["ca_key"], "tls_intercept.ca_key") if "ca_key" in tls else None,
+    )
+    if (tc.ca_cert is None) != (tc.ca_key is None):
+        raise ConfigError("tls_intercept.ca_key", "give both ca_cert and ca_key, or neither")
+    return replace(cfg, tls_intercept=tc)
 
 
 def load_config(path: str | None) -> Config:

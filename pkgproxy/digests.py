@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import zlib
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -63,8 +64,17 @@ class ApkControlHasher:
         return "Q1" + base64.b64encode(self._sha1.digest()).decode()
 
 
+def _blake2b_256() -> Hasher:
+    """BLAKE2b with a 32-byte digest: the one files.pythonhosted.org paths are made of
+    (``hashlib.new("blake2b")`` gives the 64-byte one)."""
+    return hashlib.blake2b(digest_size=32)
+
+
 #: Digest names beyond :mod:`hashlib`'s.
-SPECIAL = {"apk-control": ApkControlHasher}
+SPECIAL: dict[str, Callable[[], Hasher]] = {
+    "apk-control": ApkControlHasher,
+    "blake2b-256": _blake2b_256,
+}
 
 
 def new_hasher(name: str) -> Hasher:

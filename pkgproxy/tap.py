@@ -21,6 +21,7 @@ from pkgproxy.families import Facts
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.service import OrderedMultiService
+from pkgproxy.tlsca import CAError, CertificateAuthority
 from pkgproxy.upstream.client import UpstreamService, require_service_identity
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import ProxySite
@@ -89,6 +90,11 @@ class Options(usage.Options):
                 "service_identity is not installed: TLS host names cannot be checked "
                 "(pip install service-identity)"
             ) from None
+        if cfg.tls_intercept.enabled:
+            try:
+                _certificate_authority(cfg)
+            except CAError as e:
+                raise usage.UsageError(f"tls_intercept: {e}") from None
         self.config = cfg
 
 
@@ -128,6 +134,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         sync_read_max=cfg.cache.sync_read_max,
         observer=ops.observer,
         admin=ops.resource,
+        ca=_certificate_authority(cfg),
     )
     ops.attach(root)
     site = ProxySite(root, reactor=reactor)
@@ -138,6 +145,18 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     for desc in cfg.listen:
         strports.service(desc, site, reactor=reactor).setServiceParent(top)
     return top
+
+
+def _certificate_authority(cfg: Config) -> CertificateAuthority | None:
+    """pkgproxy's CA when TLS interception is on (created on first start)."""
+    tls = cfg.tls_intercept
+    if not tls.enabled:
+        return None
+    directory = os.path.join(cfg.cache.dir, "tls")
+    return CertificateAuthority(
+        tls.ca_cert or os.path.join(directory, "ca.crt"),
+        tls.ca_key or os.path.join(directory, "ca.key"),
+    )
 
 
 def raise_open_file_limit() -> None:

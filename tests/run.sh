@@ -28,6 +28,24 @@ if [ "$managed" = 1 ]; then
 fi
 $PY -m pip install -q --disable-pip-version-check -e '.[test]'
 
+# npm end-to-end tests: verdaccio (a real registry), installed with npm into a cache folder
+# outside the checkout and reused by later runs. 6.8.0 runs on Node 20 once node-fetch is
+# held at 2.7.0. Without npm, or if the install fails, those tests skip themselves.
+VERDACCIO_DIR=${PKGPROXY_VERDACCIO_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/pkgproxy-tests/verdaccio-6.8.0}
+export PKGPROXY_VERDACCIO_DIR="$VERDACCIO_DIR"
+if ! command -v npm >/dev/null 2>&1; then
+    echo "tests/run.sh: no npm here; the npm end-to-end tests are skipped" >&2
+elif [ ! -f "$VERDACCIO_DIR/node_modules/verdaccio/bin/verdaccio" ]; then
+    mkdir -p "$VERDACCIO_DIR"
+    printf '%s\n' '{"name": "pkgproxy-test-verdaccio", "version": "0.0.0", "private": true,' \
+        ' "dependencies": {"verdaccio": "6.8.0"}, "overrides": {"node-fetch": "2.7.0"}}' \
+        >"$VERDACCIO_DIR/package.json"
+    # npm takes a variable named PROXY or proxy as its HTTP proxy.
+    (cd "$VERDACCIO_DIR" && env -u PROXY -u proxy npm install --no-audit --no-fund \
+        --loglevel=error --cache "$VERDACCIO_DIR/.npm-cache" >/dev/null) ||
+        echo "tests/run.sh: verdaccio did not install; the npm end-to-end tests are skipped" >&2
+fi
+
 $PY -m ruff check pkgproxy tests twisted
 $PY -m ruff format --check pkgproxy tests twisted
 $PY -m mypy pkgproxy twisted

@@ -13,6 +13,7 @@ an artifact is stored.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -192,6 +193,9 @@ class Family:
     learn: Callable[[str, str, str], list[tuple[str, Expect]]] | None = None
     encoded_slash_ok: bool = False
     error_body: Callable[[int, str], tuple[str, bytes]] | None = None
+    #: Paths at the server's root that also belong to this family's first route (npm 9+
+    #: moves registry.npmjs.org tarball URLs onto the registry's host, dropping /npm).
+    root_alias: re.Pattern[str] | None = None
 
 
 def _families() -> dict[str, Family]:

@@ -282,6 +282,8 @@ class SendfileProducer:
             and hasattr(t, "_tempDataLen")
             and hasattr(t, "dataBuffer")
             and hasattr(t, "producerPaused")
+            # Inside an intercepted CONNECT the socket carries TLS: bytes go through it.
+            and not getattr(t, "TLS", False)
         )
 
     def start(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -35,6 +36,7 @@ from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 from pkgproxy.web.producer import (
     BodyProducer,
@@ -55,7 +57,7 @@ ADMIN_PREFIX = b"/_pkgproxy/"
 
 
 _UNDECIDED = Decision(CacheClass.PASS)
-_PROBES = (b"/_pkgproxy/health", b"/_pkgproxy/ready")
+_PROBES = (b"/_pkgproxy/health", b"/_pkgproxy/ready", b"/_pkgproxy/ca.crt")
 
 
 @dataclass
@@ -80,6 +82,7 @@ class _Ctx:
     decision: Decision = _UNDECIDED
     learn: bool = False
     base: str | None = None
+    scheme: str = "http"
     gone: bool = False
     retried: bool = False
 
@@ -120,8 +123,10 @@ class ProxyResource(Resource):
         sync_read_max: int = 64 * 1024,
         observer: Observer | None = None,
         admin: Resource | None = None,
+        ca: CertificateAuthority | None = None,
     ) -> None:
         super().__init__()
+        self._ca = ca
         self._negative = NegativeCache()
         self._observer = observer or Observer()
         self._admin_resource = admin
@@ -157,6 +162,8 @@ class ProxyResource(Resource):
             return result
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
+            if request.method == b"CONNECT" and self._ca is not None:
+                return self._connect(request)
             if request.method == b"CONNECT":
                 return _reason(
                     request,
@@ -176,8 +183,11 @@ class ProxyResource(Resource):
         if not self._store.ready:
             request.setHeader(b"retry-after", b"5")
             return _reason(request, http.SERVICE_UNAVAILABLE, "the cache is still starting")
+        tunnel = getattr(request.channel, "pkgproxy_tunnel", None)
+        if tunnel is not None and uri.startswith("/"):
+            uri = tunnel + uri  # a request inside an intercepted CONNECT
         try:
-            found = self._table.resolve(uri)
+            found = self._table.resolve(uri, tunneled=tunnel is not None)
         except RouteError as e:
             return _reason(request, e.code, str(e), e.family)
         route, rest = found
@@ -221,8 +231,12 @@ class ProxyResource(Resource):
             ctx.url = decision.upstream_url + (f"?{query}" if query else "")
         if decision.rewrite is not None:
             # The rewritten links name the proxy as this client reached it.
-            ctx.base = _client_base(ctx.request) if ctx.request.uri.startswith(b"/") else None
-            ctx.key = f"{ctx.key}@{ctx.base or 'forward'}"
+            tunneled = getattr(ctx.request.channel, "pkgproxy_tunnel", None) is not None
+            if ctx.request.uri.startswith(b"/") and not tunneled:
+                ctx.base = _client_base(ctx.request)
+            ctx.scheme = "https" if tunneled else "http"
+            # '#' never stands in a canonical path, so the key's path part stays whole.
+            ctx.key = f"{ctx.key}#@{ctx.base or 'forward-' + ctx.scheme}"
         ctx.learn = self._learner.wants(route, ctx.path)
         self._handle(ctx)
 
@@ -243,6 +257,39 @@ class ProxyResource(Resource):
         if req.method != b"HEAD":
             req.write(body)
         req.finish()
+
+    def _connect(self, request: Request) -> bytes | int:
+        """``CONNECT host:port`` with interception on: end TLS here for a routed host.
+
+        The answer goes out on the raw connection, TLS starts with a certificate for
+        exactly that host, and the same HTTP channel then reads the requests inside,
+        which are routed like forward-proxy requests for ``https://host``. A host no
+        route names is refused before any TLS, and no certificate is made for it.
+        """
+        assert self._ca is not None
+        authority = request.uri.decode("latin-1")
+        host, _, port_text = authority.rpartition(":")
+        host = host.strip("[]").lower()
+        if not host or not port_text.isdigit():
+            return _reason(request, http.BAD_REQUEST, f"malformed CONNECT target {authority!r}")
+        port = int(port_text)
+        if not self._table.interceptable(host, port):
+            return _reason(
+                request,
+                http.FORBIDDEN,
+                f"{authority} is not an https upstream of this proxy; nothing is tunnelled",
+            )
+        channel: Any = request.channel
+        transport: Any = channel.transport
+        if getattr(transport, "TLS", False):
+            return _reason(request, http.BAD_REQUEST, "CONNECT inside a tunnel")
+        options = self._ca.options_for(host)
+        transport.write(b"HTTP/1.1 200 Connection established\r\nVia: 1.1 pkgproxy\r\n\r\n")
+        request.startedWriting = 1  # answered above, outside the Request's own framing
+        channel.pkgproxy_tunnel = f"https://{host}" + ("" if port == 443 else f":{port}")
+        transport.startTLS(options)
+        request.finish()
+        return NOT_DONE_YET
 
     def _family_of(self, uri: str) -> str | None:
         """The family a request target belongs to, if any (for the error format)."""
@@ -279,6 +326,10 @@ class ProxyResource(Resource):
             request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.setResponseCode(200 if ready else 503)
             return b"ok\n" if ready else b"starting\n"
+        if request.path == b"/_pkgproxy/ca.crt" and self._ca is not None:
+            # Public by nature: clients install it to trust intercepted https sources.
+            request.setHeader(b"content-type", b"application/x-pem-file")
+            return self._ca.cert_pem
         return _reason(request, http.NOT_FOUND, "no such admin page")
 
     # -- the decision ---------------------------------------------------------------
@@ -353,7 +404,7 @@ class ProxyResource(Resource):
                     },
                     on_verified=on_verified,
                     rewrite_context=RewriteContext(
-                        ctx.url, lambda url: self._table.public_url(url, ctx.base)
+                        ctx.url, lambda url: self._table.public_url(url, ctx.base, ctx.scheme)
                     ),
                 ),
                 self._client,
@@ -560,6 +611,13 @@ class ProxyResource(Resource):
             lm,
             ranges=fetch.length is not None,
         )
+        if etag is not None and self._not_modified(req, etag, lm):
+            # The client's copy is current even though the cache had to fetch (an
+            # upstream that answers If-None-Match with a full 200, as npm's does).
+            file.release()
+            req.setResponseCode(http.NOT_MODIFIED)
+            req.finish()
+            return
         start, end = 0, fetch.length
         if fetch.length is not None:
             span = self._range(req, fetch.length, etag, lm)

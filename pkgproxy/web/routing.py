@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pkgproxy.config import Route
+from pkgproxy.families import FAMILIES
 
 
 class RouteError(Exception):
@@ -33,17 +34,21 @@ _REGISTRY_ALIASES = {"index.docker.io": "docker.io", "registry-1.docker.io": "do
 
 @dataclass(frozen=True)
 class _Forward:
+    scheme: str
     host: str  # lower case; "*.example.org" matches any subdomain
     port: int
     path: str
     route: Route
 
-    def matches(self, host: str, port: int, path: str) -> bool:
-        if port != self.port or not path.startswith(self.path):
+    def matches_host(self, scheme: str, host: str, port: int) -> bool:
+        if scheme != self.scheme or port != self.port:
             return False
         if self.host.startswith("*."):
             return host.endswith(self.host[1:])
         return host == self.host
+
+    def matches(self, scheme: str, host: str, port: int, path: str) -> bool:
+        return path.startswith(self.path) and self.matches_host(scheme, host, port)
 
 
 class RouteTable:
@@ -52,12 +57,19 @@ class RouteTable:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = sorted(routes, key=lambda r: -len(r.prefix))
         self._registries = {r.name: r for r in routes if r.family == "oci"}
+        self._aliases = []
+        for family in sorted({r.family for r in routes}):
+            pattern = FAMILIES[family].root_alias if family in FAMILIES else None
+            if pattern is not None:
+                first = next(r for r in routes if r.family == family)
+                self._aliases.append((pattern, first))
         self._by_upstream = sorted(routes, key=lambda r: -len(r.upstream))
         forwards = []
         for r in routes:
             for prefix in r.forward:
                 p = urlsplit(prefix)
-                forwards.append(_Forward((p.hostname or "").lower(), p.port or 80, p.path, r))
+                port = p.port or (443 if p.scheme == "https" else 80)
+                forwards.append(_Forward(p.scheme, (p.hostname or "").lower(), port, p.path, r))
         # Longer paths first; an exact host before a wildcard of the same path length.
         self._forwards = sorted(
             forwards, key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host))
@@ -78,24 +90,34 @@ class RouteTable:
         rest = path[len("/v2/") :] if path.startswith("/v2/") else ""
         return route, f"{rest}?{rest_query}" if rest_query else rest
 
-    def public_url(self, url: str, base: str | None) -> str | None:
+    def public_url(self, url: str, base: str | None, scheme: str = "http") -> str | None:
         """The URL a client uses for an upstream URL, or ``None`` if no route has it.
 
         :param base: ``http://host:port`` as a reverse-mode client reached the proxy;
             ``None`` for a forward-mode client, which is given the route's first forward
-            prefix (and, for a route without one, nothing).
+            prefix of ``scheme`` (https through an intercepted tunnel), if it has one.
         """
         for r in self._by_upstream:
             if url.startswith(r.upstream):
                 rest = url[len(r.upstream) :]
                 if base is not None:
                     return base + r.prefix + rest
-                return r.forward[0] + rest if r.forward else None
+                for f in r.forward:
+                    if f.startswith(scheme + "://"):
+                        return f + rest
+                return None
         return None
 
-    def resolve(self, target: str) -> tuple[Route, str]:
+    def interceptable(self, host: str, port: int) -> bool:
+        """Whether a route names ``https://host:port`` (a CONNECT pkgproxy may answer)."""
+        host = host.lower()
+        return any(f.matches_host("https", host, port) for f in self._forwards)
+
+    def resolve(self, target: str, tunneled: bool = False) -> tuple[Route, str]:
         """``(route, rest)`` for a request target, ``rest`` still percent-encoded.
 
+        :param tunneled: the target came through an intercepted CONNECT tunnel, so an
+            ``https://`` URL is one pkgproxy itself terminated and may serve.
         :raises RouteError: not a target this proxy serves.
         """
         if target.startswith("/v2/") or target in ("/v2", "/v2?"):
@@ -103,6 +125,10 @@ class RouteTable:
             if found is not None:
                 return found
         if target.startswith("/"):
+            path = target.split("?", 1)[0]
+            for pattern, alias in self._aliases:
+                if pattern.match(path):
+                    return alias, target[1:]
             for r in self.routes:
                 if target.startswith(r.prefix):
                     return r, target[len(r.prefix) :]
@@ -114,21 +140,24 @@ class RouteTable:
         except ValueError:
             raise RouteError(400, f"malformed request target {target[:200]!r}") from None
         scheme = parts.scheme.lower()
-        if scheme == "https":
+        if scheme == "https" and not tunneled:
             raise RouteError(
                 403,
                 "https:// URLs cannot be cached through a proxy; use an http:// source or "
                 "the reverse paths such as /debian/",
             )
-        if scheme != "http" or not parts.hostname:
+        if scheme not in ("http", "https") or not parts.hostname:
             raise RouteError(400, f"malformed request target {target[:200]!r}")
         if parts.username is not None or parts.password is not None:
             raise RouteError(403, "credentials in proxied URLs are refused")
         host = parts.hostname.lower()
         path = parts.path or "/"
+        default_port = 443 if scheme == "https" else 80
         for f in self._forwards:
-            if f.matches(host, port or 80, path):
+            if f.matches(scheme, host, port or default_port, path):
                 rest = path[len(f.path) :]
                 return f.route, f"{rest}?{parts.query}" if parts.query else rest
         shown = parts.netloc.rpartition("@")[2]
-        raise RouteError(403, f"http://{shown}{path} is not a configured upstream of this proxy")
+        raise RouteError(
+            403, f"{scheme}://{shown}{path} is not a configured upstream of this proxy"
+        )

@@ -1,0 +1,46 @@
+"""What an operator sees and does: metrics, the access log, the status page, admin actions.
+
+:class:`Operations` builds them from the configuration and hands the proxy resource the
+two things it takes: one observer (metrics and access log) and the admin resource.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+
+from pkgproxy.admin.accesslog import AccessLog
+from pkgproxy.admin.metrics import ProxyMetrics, Switch
+from pkgproxy.admin.resource import AdminResource
+from pkgproxy.cache.store import CacheStore
+from pkgproxy.config import Config
+from pkgproxy.fetch.registry import InFlight
+from pkgproxy.observe import Observer, Observers
+
+__all__ = ["AccessLog", "AdminResource", "Operations", "ProxyMetrics"]
+
+
+class Operations:
+    """The operations surface of one proxy.
+
+    :ivar observer: pass to ``ProxyResource(observer=...)``.
+    :ivar resource: pass to ``ProxyResource(admin=...)``; then call :meth:`attach`.
+    """
+
+    def __init__(
+        self, config: Config, store: CacheStore, inflight: InFlight, clock: IReactorTime
+    ) -> None:
+        self.metrics = ProxyMetrics(config, store, inflight, clock)
+        observers: list[Observer] = [self.metrics]
+        self.access_log: AccessLog | None = None
+        if config.access_log.enabled:
+            self.access_log = AccessLog(json_lines=config.access_log.format == "json")
+            observers.append(self.access_log)
+        self.observer = Observers(*observers)
+        self.resource = AdminResource(config, store, inflight, self.metrics, clock)
+
+    def attach(self, proxy: Switch) -> None:
+        """Give the admin actions and the metrics the proxy whose offline flag they use.
+
+        The proxy resource is built with this object's parts, so it exists only after.
+        """
+        self.resource.attach(proxy)

@@ -1,0 +1,397 @@
+"""Prometheus metrics, counted from the proxy's observer hook.
+
+Counters are bumped as requests finish and fetches settle; what is a state rather than
+an event (cache size, entries, downloads in progress, offline mode) is read from the live
+objects when Prometheus scrapes, so it can never drift from the truth. Everything lives in
+a :class:`~prometheus_client.CollectorRegistry` of its own: the process-global registry
+is shared by every library in the process and by every test in a trial run.
+
+Every per-request metric is labelled with the route and its family, so ``sum by
+(family)`` answers the questions operators ask of one package ecosystem.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IReactorTime
+
+from pkgproxy import __version__
+from pkgproxy.fetch.fetch import Outcome, State
+from pkgproxy.observe import Observer, RequestRecord
+
+if TYPE_CHECKING:
+    from pkgproxy.cache.store import CacheStore
+    from pkgproxy.config import Config, Route
+    from pkgproxy.fetch.fetch import Fetch
+    from pkgproxy.fetch.registry import InFlight
+    from pkgproxy.upstream.client import UpstreamError
+
+#: ``X-Cache`` values, as metric label values.
+CACHE_RESULTS = ("hit", "miss", "coalesced", "revalidated", "stale")
+#: Results that did not download the body for this request: what "hit ratio" counts.
+FROM_CACHE = frozenset({"hit", "coalesced", "revalidated", "stale"})
+#: Label value of answers that did not involve the cache (errors, refusals, admin pages).
+NO_CACHE = "none"
+#: How many upstream errors the status page keeps.
+RECENT_ERRORS = 20
+#: Per-route cache usage is a scan of every entry; scrapes closer than this reuse it.
+USAGE_MAX_AGE = 10.0
+#: How the fetch words a body that arrived whole but was not what it had to be.
+_VERIFY_MESSAGES = (" mismatch: got ", "the index says")
+_UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Switch(Protocol):
+    """What holds the run-time offline flag (the proxy resource)."""
+
+    offline: bool
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    """One failed upstream fetch, for the status page."""
+
+    at: float
+    route: str
+    url: str
+    kind: str
+    message: str
+
+
+@dataclass
+class FamilyStats:
+    """What one family's requests did since start, from the counters.
+
+    :ivar requests: requests by cache result (``hit``, ``miss``, ... and ``none``).
+    :ivar served: body bytes sent to clients.
+    :ivar fetched: body bytes received from upstreams.
+    """
+
+    family: str
+    requests: dict[str, int] = field(default_factory=dict)
+    served: int = 0
+    fetched: int = 0
+    upstream_errors: int = 0
+    verification_failures: int = 0
+
+    @property
+    def cache_requests(self) -> int:
+        """Requests the cache answered one way or another (not errors or refusals)."""
+        return sum(n for result, n in self.requests.items() if result != NO_CACHE)
+
+    @property
+    def hits(self) -> int:
+        """Cache requests that downloaded nothing of their own."""
+        return sum(self.requests.get(r, 0) for r in FROM_CACHE)
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Share of cache requests that downloaded nothing of their own; None if none."""
+        total = self.cache_requests
+        return self.hits / total if total else None
+
+    @property
+    def saved(self) -> int:
+        """Bytes clients received that did not have to come from an upstream."""
+        return max(0, self.served - self.fetched)
+
+
+@dataclass(frozen=True)
+class RouteUsage:
+    """How much of the cache one route holds."""
+
+    route: str
+    family: str
+    entries: int
+    bytes: int
+
+
+def fetch_result(fetch: Fetch) -> tuple[str, UpstreamError | None]:
+    """How a settled fetch ended, as a metric label, and the error behind it, if any.
+
+    ``stored``, ``not_stored`` (complete but not cacheable), ``not_modified`` (a 304),
+    ``relayed`` (an upstream status such as 404 passed on), ``unreachable`` (no usable
+    answer), ``failed`` (the body broke off) or ``rejected`` (it failed verification).
+    """
+    if fetch.state is State.FAILED:
+        return ("rejected" if is_verification_failure(fetch.error) else "failed"), fetch.error
+    if fetch.outcome is Outcome.NOT_MODIFIED:
+        return "not_modified", None
+    if fetch.outcome is Outcome.RESPONSE:
+        return "relayed", None
+    if fetch.outcome is Outcome.UNREACHABLE:
+        verify = is_verification_failure(fetch.error)
+        return ("rejected" if verify else "unreachable"), fetch.error
+    return ("stored" if fetch.entry is not None else "not_stored"), None
+
+
+def is_verification_failure(error: UpstreamError | None) -> bool:
+    """Whether a fetch error means the upstream's bytes did not match what they must be.
+
+    A length announced by an index, or a digest, that the body does not match. The fetch
+    reports these as kind ``verify`` before the body, and as ``transfer`` after it (with
+    a message saying what did not match), so both are recognised here.
+    """
+    if error is None:
+        return False
+    if error.kind == "verify":
+        return True
+    message = str(error)
+    return error.kind == "transfer" and any(m in message for m in _VERIFY_MESSAGES)
+
+
+class ProxyMetrics(Observer):
+    """Counts what the proxy reports and exposes it, with live gauges, in :attr:`registry`.
+
+    :ivar switch: what holds the offline flag, once it exists (see :meth:`attach`).
+    :ivar recent_errors: the last upstream errors, newest first.
+    """
+
+    def __init__(
+        self, config: Config, store: CacheStore, inflight: InFlight, clock: IReactorTime
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self.started = clock.seconds()
+        self.recent_errors: deque[ErrorRecord] = deque(maxlen=RECENT_ERRORS)
+        self._clock = clock
+        self._families = {r.name: r.family for r in config.routes}
+        self._store = store
+        self._inflight = inflight
+        self.switch: Switch | None = None
+        reg = self.registry
+        route_labels = ("family", "route")
+        self.requests = Counter(
+            "pkgproxy_requests",
+            "Finished client requests, by cache result and status class.",
+            (*route_labels, "cache", "code"),
+            registry=reg,
+        )
+        self.incomplete = Counter(
+            "pkgproxy_incomplete_requests",
+            "Client requests whose response was cut off (client gone or transfer failed).",
+            route_labels,
+            registry=reg,
+        )
+        self.served_bytes = Counter(
+            "pkgproxy_served_bytes",
+            "Body bytes sent to clients, by cache result.",
+            (*route_labels, "cache"),
+            registry=reg,
+        )
+        self.fetched_bytes = Counter(
+            "pkgproxy_upstream_fetched_bytes",
+            "Body bytes received from upstreams.",
+            route_labels,
+            registry=reg,
+        )
+        self.fetches = Counter(
+            "pkgproxy_upstream_fetches",
+            "Upstream fetches by how they ended (stored, not_stored, not_modified, "
+            "relayed, unreachable, failed, rejected).",
+            (*route_labels, "result"),
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            "pkgproxy_upstream_errors",
+            "Upstream fetches that failed, by kind (connect, dns, timeout, tls, redirect, "
+            "protocol, transfer, disk, http_5xx).",
+            (*route_labels, "kind"),
+            registry=reg,
+        )
+        self.verification_failures = Counter(
+            "pkgproxy_verification_failures",
+            "Downloads refused because their size or digest did not match.",
+            route_labels,
+            registry=reg,
+        )
+        self.upstream_seconds = Histogram(
+            "pkgproxy_upstream_response_seconds",
+            "Time from sending an upstream request to its answer (headers or error).",
+            route_labels,
+            buckets=_UPSTREAM_BUCKETS,
+            registry=reg,
+        )
+        reg.register(_LiveCollector(self))
+        ProcessCollector(registry=reg)
+        PlatformCollector(registry=reg)
+        self._usage: tuple[float, list[RouteUsage]] | None = None
+
+    def attach(self, switch: Switch) -> None:
+        """Name the object whose ``offline`` flag the ``pkgproxy_offline`` gauge shows."""
+        self.switch = switch
+
+    def family_of(self, route: str) -> str:
+        """The family of a route name; ``""`` for no route."""
+        return self._families.get(route, "")
+
+    # -- the observer ----------------------------------------------------------------
+
+    def request_done(self, record: RequestRecord) -> None:
+        cache = record.cache.lower() or NO_CACHE
+        family = record.family or self.family_of(record.route)
+        code = f"{record.status // 100}xx"
+        self.requests.labels(family, record.route, cache, code).inc()
+        if record.bytes_sent:
+            self.served_bytes.labels(family, record.route, cache).inc(record.bytes_sent)
+        if not record.completed:
+            self.incomplete.labels(family, record.route).inc()
+
+    def fetch_settled(self, route: Route, fetch: Fetch) -> None:
+        labels = (route.family, route.name)
+        result, error = fetch_result(fetch)
+        self.fetches.labels(*labels, result).inc()
+        received = len(fetch.error_body) if fetch.outcome is Outcome.RESPONSE else fetch.written
+        if received:
+            self.fetched_bytes.labels(*labels).inc(received)
+        if fetch.outcome is not None:
+            self.upstream_seconds.labels(*labels).observe(
+                max(0.0, fetch.answered_at - fetch.started_at)
+            )
+        if result == "rejected":
+            self.verification_failures.labels(*labels).inc()
+            kind = "verify"
+        elif error is not None:
+            kind = error.kind
+            self.upstream_errors.labels(*labels, kind).inc()
+        elif result == "relayed" and fetch.status >= 500:
+            kind = "http_5xx"
+            self.upstream_errors.labels(*labels, kind).inc()
+        else:
+            return
+        message = str(error) if error is not None else f"upstream answered {fetch.status}"
+        self.recent_errors.appendleft(
+            ErrorRecord(self._clock.seconds(), route.name, fetch.request.url, kind, message)
+        )
+
+    # -- reading ---------------------------------------------------------------------
+
+    def family_stats(self) -> list[FamilyStats]:
+        """Per-family totals since start, read back from the counters."""
+        stats: dict[str, FamilyStats] = {}
+
+        def get(family: str) -> FamilyStats:
+            if family not in stats:
+                stats[family] = FamilyStats(family)
+            return stats[family]
+
+        for labels, value in _totals(self.requests):
+            s = get(labels["family"])
+            s.requests[labels["cache"]] = s.requests.get(labels["cache"], 0) + int(value)
+        for labels, value in _totals(self.served_bytes):
+            get(labels["family"]).served += int(value)
+        for labels, value in _totals(self.fetched_bytes):
+            get(labels["family"]).fetched += int(value)
+        for labels, value in _totals(self.upstream_errors):
+            get(labels["family"]).upstream_errors += int(value)
+        for labels, value in _totals(self.verification_failures):
+            get(labels["family"]).verification_failures += int(value)
+        stats.pop("", None)  # admin pages and unrouted requests are nobody's family
+        return sorted(stats.values(), key=lambda s: s.family)
+
+    def route_usage(self) -> list[RouteUsage]:
+        """Entries and bytes per route; a scan of the index, reused for a few seconds."""
+        now = self._clock.seconds()
+        if self._usage is not None and now - self._usage[0] < USAGE_MAX_AGE:
+            return self._usage[1]
+        tally: dict[str, list[int]] = {}
+        for entry in self._store.entries():
+            route = entry.key.partition(":")[0]
+            counts = tally.setdefault(route, [0, 0])
+            counts[0] += 1
+            counts[1] += entry.size
+        usage = [
+            RouteUsage(route, self.family_of(route), n, size)
+            for route, (n, size) in sorted(tally.items())
+        ]
+        self._usage = (now, usage)
+        return usage
+
+
+def _totals(counter: Counter) -> Iterator[tuple[dict[str, str], float]]:
+    """The ``_total`` samples of a labelled counter, with their labels."""
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                yield sample.labels, sample.value
+
+
+class _LiveCollector(Collector):
+    """Gauges read from the live cache, fetch registry and switch at each scrape."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self._m
+        store = m._store
+        labels = ["family", "route"]
+        info = GaugeMetricFamily("pkgproxy_info", "The running pkgproxy.", labels=["version"])
+        info.add_metric([__version__], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "pkgproxy_ready", "1 once the cache index is loaded.", value=int(store.ready)
+        )
+        offline = m.switch.offline if m.switch is not None else False
+        yield GaugeMetricFamily(
+            "pkgproxy_offline", "1 while offline mode is on.", value=int(offline)
+        )
+        yield GaugeMetricFamily(
+            "pkgproxy_cache_max_bytes", "The cache's byte budget.", value=store.max_size
+        )
+        yield GaugeMetricFamily(
+            "pkgproxy_cache_bytes", "Bytes of complete entries in the cache.", store.total_bytes
+        )
+        yield GaugeMetricFamily(
+            "pkgproxy_cache_entries", "Complete entries in the cache.", value=len(store)
+        )
+        route_bytes = GaugeMetricFamily(
+            "pkgproxy_cache_route_bytes",
+            f"Bytes in the cache per route (recounted at most every {USAGE_MAX_AGE:g} s).",
+            labels=labels,
+        )
+        route_entries = GaugeMetricFamily(
+            "pkgproxy_cache_route_entries",
+            f"Entries in the cache per route (recounted at most every {USAGE_MAX_AGE:g} s).",
+            labels=labels,
+        )
+        for u in m.route_usage():
+            route_bytes.add_metric([u.family, u.route], u.bytes)
+            route_entries.add_metric([u.family, u.route], u.entries)
+        yield route_bytes
+        yield route_entries
+        yield CounterMetricFamily(
+            "pkgproxy_cache_evictions",
+            "Entries evicted to stay within the byte budget.",
+            value=store.evictions,
+        )
+        fetches = GaugeMetricFamily(
+            "pkgproxy_inflight_fetches", "Upstream downloads in progress.", labels=labels
+        )
+        subscribers = GaugeMetricFamily(
+            "pkgproxy_inflight_subscribers",
+            "Clients streaming a download in progress.",
+            labels=labels,
+        )
+        counts: dict[str, list[int]] = {}
+        for fetch in m._inflight:
+            c = counts.setdefault(fetch.key.partition(":")[0], [0, 0])
+            c[0] += 1
+            c[1] += fetch.subscribers
+        for route, (n, subs) in sorted(counts.items()):
+            fetches.add_metric([m.family_of(route), route], n)
+            subscribers.add_metric([m.family_of(route), route], subs)
+        yield fetches
+        yield subscribers

@@ -1,0 +1,268 @@
+"""PyPI and indexes like it (pip, uv, poetry): the simple API, the JSON API, the files.
+
+Two routes share this family: ``pypi`` (the index, ``https://pypi.org/``) and
+``pypi-files`` (``https://files.pythonhosted.org/``); a private index or devpi is either
+one upstream for both (files on the index host) or two. One classify serves both and
+tells the URLs apart by their shape, so any route of the family works with any layout.
+
+* ``simple/`` and ``simple/<project>/``: the index. Changes, so it is revalidated after
+  the route's ``index_ttl``. Clients choose HTML or JSON by ``Accept`` (PEP 691); the
+  proxy negotiates as PyPI does, fetches the chosen type, and keeps each type as its own
+  variant. Every file link is rewritten to come back through the proxy
+  (:mod:`pkgproxy.rewrite.pypi_simple`). An unnormalised project name is redirected to
+  its PEP 503 form, as PyPI does, instead of being fetched and stored twice.
+* ``pypi/<project>[/<version>]/json``: the JSON API, revalidated like the index, file
+  URLs rewritten.
+* Files (wheels, sdists, PEP 658 ``.metadata``): never change under their names, so they
+  are kept forever, but only after they match what the project page that linked them
+  says (sha256, and the size where the JSON says it). On the files host the path holds
+  the file's own BLAKE2b-256 (``packages/aa/bb/<60 hex>/name``), which is checked always,
+  with no page needed. A ``.metadata`` file is checked against the page's core-metadata
+  hash: the path's digest is its wheel's.
+
+PROTOCOLS.md section 4 gives the details.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from pkgproxy.families import (
+    CacheClass,
+    Decision,
+    Expect,
+    Facts,
+    Family,
+    LocalAnswer,
+    Request,
+)
+from pkgproxy.httputil import BadPath, canonical_path
+from pkgproxy.rewrite import pypi_simple
+from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
+
+if TYPE_CHECKING:
+    from pkgproxy.config import Route
+
+#: The root project list is tens of megabytes and changes only by new projects, which
+#: pip never looks for there: it is revalidated this many times less often than pages.
+ROOT_TTL_FACTOR = 6
+
+_SIMPLE = r"\+?simple"  # devpi spells it +simple
+_ROOT = re.compile(rf"^{_SIMPLE}/$")
+_ROOT_BARE = re.compile(rf"^{_SIMPLE}$")
+_PROJECT = re.compile(rf"^{_SIMPLE}/(?P<name>[^/]+)/$")
+_PROJECT_BARE = re.compile(rf"^{_SIMPLE}/(?P<name>[^/]+)$")
+_API = re.compile(r"^pypi/(?P<name>[^/]+)(?:/(?P<version>[^/]+))?/json$")
+#: A project name as PEP 508 allows its characters; anything else cannot exist.
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+#: files.pythonhosted.org's content-addressed layout: the BLAKE2b-256 of the file.
+_HOSTED = re.compile(r"^packages/(?P<a>[0-9a-f]{2})/(?P<b>[0-9a-f]{2})/(?P<c>[0-9a-f]{60})/[^/]+$")
+#: Files whose path digest belongs to the file they describe, not to themselves.
+_SIDECAR = (".metadata", ".asc")
+#: What a file an index links to is called: distributions and their PEP 658 metadata.
+_FILE = re.compile(
+    r"[^/]\.(?:whl|tar\.gz|tgz|tar\.bz2|tbz|tar\.xz|txz|tar|zip|egg|exe|msi|rpm|dmg"
+    r"|metadata|asc)$",
+    re.IGNORECASE,
+)
+
+#: The types a simple page comes in, in the order that breaks ties (PROTOCOLS.md 4.3).
+OFFERS = (HTML, V1_HTML, V1_JSON)
+_ALIASES = {
+    "application/vnd.pypi.simple.latest+html": V1_HTML,
+    "application/vnd.pypi.simple.latest+json": V1_JSON,
+}
+
+
+def _parse_accept(accept: str) -> Iterator[tuple[str, float]]:
+    """``(media range, q)`` of each element of an ``Accept`` header; bad ones skipped."""
+    for element in accept.split(","):
+        media, *params = element.split(";")
+        media = media.strip().lower()
+        if "/" not in media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = -1.0
+        if 0.0 <= q <= 1.0:
+            yield _ALIASES.get(media, media), q
+
+
+def negotiate(accept: str) -> str:
+    """The simple API type to serve for an ``Accept`` header, as PyPI chooses it.
+
+    Each type takes the q of the most specific range that matches it (``*/*`` <
+    ``type/*`` < the type itself); the highest q wins and ties go to the earlier of
+    :data:`OFFERS`. No header, or nothing acceptable, gives ``text/html``: PyPI does not
+    answer 406, and neither does the proxy.
+    """
+    ranges = list(_parse_accept(accept))
+    best, best_q = HTML, 0.0
+    for offer in OFFERS:
+        major = offer.split("/", 1)[0]
+        q, specificity = 0.0, -1
+        for media, mq in ranges:
+            if media == offer:
+                rank = 2
+            elif media == f"{major}/*":
+                rank = 1
+            elif media == "*/*":
+                rank = 0
+            else:
+                continue
+            if rank > specificity:
+                q, specificity = mq, rank
+        if q > best_q:
+            best, best_q = offer, q
+    return best
+
+
+def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
+    """A simple page in the negotiated type: its own variant, rewritten, revalidated."""
+    chosen = negotiate(request.accept if request is not None else "")
+    return Decision(
+        CacheClass.MUTABLE,
+        ttl=route.index_ttl * (ROOT_TTL_FACTOR if root else 1),
+        variant=chosen,
+        upstream_headers={"Accept": chosen},
+        response_headers={"Vary": "Accept", "Content-Type": chosen},
+        rewrite=pypi_simple.simple_rewriter(want_json=chosen == V1_JSON, root=root),
+    )
+
+
+def _redirect(name: str, location: str) -> Decision:
+    return Decision(
+        CacheClass.PASS,
+        local=LocalAnswer(301, f"the project's normalised name is {normalize(name)}", location),
+    )
+
+
+def _not_found(why: str) -> Decision:
+    return Decision(CacheClass.PASS, local=LocalAnswer(404, why))
+
+
+def fact_keys(route: Route, path: str) -> Iterator[str]:
+    """Where :func:`learn` may have filed what is known of the file at ``path``.
+
+    By the upstream URL, when the page listed the file as the upstream has it; and by
+    the URL a client was given for it (the path alone for a reverse-mode client, since
+    the host it used is unknown here; the forward URL for a forward-mode one), because
+    the learner reads a page as it was stored, i.e. rewritten.
+    """
+    yield route.upstream + path
+    yield route.prefix + path
+    for forward in route.forward:
+        yield forward + path
+
+
+def _known(route: Route, path: str, facts: Facts | None) -> Expect | None:
+    if facts is None:
+        return None
+    for key in fact_keys(route, path):
+        known = facts.get(key)
+        if known is not None:
+            return known
+    return None
+
+
+def _file(route: Route, path: str, facts: Facts | None) -> Decision:
+    """A distribution or metadata file: forever, once it matches what is known of it."""
+    decision = Decision(CacheClass.IMMUTABLE)
+    m = _HOSTED.match(path)
+    if m is not None and not path.endswith(_SIDECAR):
+        decision = Decision(CacheClass.IMMUTABLE, digests={"blake2b-256": m["a"] + m["b"] + m["c"]})
+    return decision.with_expect(_known(route, path, facts))
+
+
+def classify(
+    route: Route, path: str, facts: Facts | None = None, request: Request | None = None
+) -> Decision:
+    """Classify ``path`` (below the route's upstream base, no query) of a PyPI route."""
+    if _ROOT.match(path):
+        return _index_page(route, request, root=True)
+    if _ROOT_BARE.match(path):
+        return _redirect("", f"{path}/")
+    m = _PROJECT.match(path) or _PROJECT_BARE.match(path)
+    if m is not None:
+        name = m["name"]
+        if not _NAME.match(name):
+            return _not_found(f"{name!r} is not a valid project name")
+        bare = not path.endswith("/")
+        if bare or normalize(name) != name:
+            # Relative, so it holds in reverse and forward mode alike.
+            return _redirect(name, f"{normalize(name)}/" if bare else f"../{normalize(name)}/")
+        return _index_page(route, request, root=False)
+    if _API.match(path):
+        return Decision(CacheClass.MUTABLE, ttl=route.index_ttl, rewrite=pypi_simple.rewrite_api)
+    if _HOSTED.match(path) or _FILE.search(path):
+        return _file(route, path, facts)
+    if path.startswith("integrity/"):
+        return Decision(CacheClass.PASS)  # PEP 740 provenance: small, not worth keeping
+    return _not_found(
+        "not a PyPI URL: this route serves simple/, simple/<project>/, "
+        "pypi/<project>/json and distribution files"
+    )
+
+
+#: The JSON API as the learner names it: the cache key of a rewritten document without a
+#: variant still ends in ``@<client base>``, which the learner's key split leaves on.
+_API_KEY = re.compile(r"^pypi/[^/]+(?:/[^/]+)?/json(?:@.*)?$")
+
+
+def learns(path: str) -> bool:
+    """Project pages and the JSON API list the files' hashes; the root list does not."""
+    return bool(_PROJECT.match(path) or _API_KEY.match(path))
+
+
+#: An absolute URL's origin and path; and a path that is canonical already (no escapes,
+#: no dot segments), for which :func:`canonical_path`'s work per segment can be skipped.
+_ORIGIN_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)(/[^?#]*)")
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9/!$&'()*+,;=:@._~-]*$")
+
+
+def _keys(url: str) -> list[str]:
+    """The :class:`Facts` keys a listed file URL is filed under (see :func:`fact_keys`).
+
+    The path is put in the form request paths take, so that a link written with
+    ``%2B`` and a client asking with ``+`` meet at one key.
+    """
+    m = _ORIGIN_PATH.match(url)
+    if m is None:
+        return []
+    origin, path = m.groups()
+    if "/." in path or not _PLAIN_PATH.match(path):
+        try:
+            path = canonical_path(path)
+        except BadPath:
+            return []
+    return [origin + path, path]
+
+
+def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
+    """What a project page or JSON API document says of each file (in the disk pool).
+
+    Only sha256 is taken (and the size where the JSON gives it): it is the hash every
+    stored file has, so a stored file is never refetched for want of a weaker digest.
+    The PEP 658 metadata file is filed under the file's URL plus ``.metadata``.
+    """
+    out: list[tuple[str, Expect]] = []
+    for item in pypi_simple.listed(local_file, url):
+        sha = item.hashes.get("sha256")
+        if sha or item.size is not None:
+            expect = Expect(item.size, {"sha256": sha} if sha else {})
+            out.extend((key, expect) for key in _keys(item.url))
+        meta = item.metadata_hashes.get("sha256")
+        if meta:
+            expect = Expect(None, {"sha256": meta})
+            out.extend((key, expect) for key in _keys(item.url + ".metadata"))
+    return out
+
+
+FAMILY = Family(classify, learns, learn)

@@ -1,0 +1,271 @@
+"""npm packuments as clients are served them: every tarball URL leads back to the proxy.
+
+A packument (``GET /<name>``, full or abbreviated) lists each version's ``dist.tarball``
+as an absolute URL on the registry. Served unchanged, it would send npm, yarn and pnpm
+straight to the registry for every tarball, past the cache. :func:`rewrite_packument`
+parses the document and replaces each tarball URL with the one this client uses for it
+through the proxy (``RewriteContext.public_url``); ``integrity`` and ``shasum`` are left
+as they are. It parses and re-serialises JSON instead of replacing bytes: a document may
+escape its slashes (``https:\\/\\/``), and a byte-level replace would miss or mangle it.
+
+Packuments of popular packages reach tens of MB. The rewrite runs in the disk pool, but
+a thread only helps the reactor while it lets go of the GIL, and ``json.loads`` and
+``json.dumps`` in C hold it for a whole document (a third of a second for 30 MB of small
+objects). So the parser calls back into Python for every object it builds, and the
+writer encodes the document member by member: either gives the interpreter a point
+where the reactor thread can take the GIL every few microseconds of work. Two more
+pauses come with millions of objects: the cyclic garbage collector walks every live
+container in whichever thread allocates (tens of ms per full pass while a big document
+is alive), and freeing a document at once is one long cascade in C. So automatic
+collection is held off while a document is alive (:func:`quiet_gc`), and a document is
+taken apart one version at a time (:func:`dispose`).
+
+Nothing here does network I/O or imports Twisted.
+"""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import json
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin
+
+if TYPE_CHECKING:  # pkgproxy.families imports the npm family, which imports this module
+    from pkgproxy.families import RewriteContext
+
+#: A JSON object as parsed here.
+JSONObject = dict[str, Any]
+
+_GZIP_MAGIC = b"\x1f\x8b"
+#: Encoded output is written to the file in pieces of about this size.
+_WRITE_CHUNK = 1 << 20
+#: Containers this close to the top of the document are written member by member;
+#: below it (one version's manifest, one ``time`` value) each value is encoded at once.
+_SPLIT_DEPTH = 2
+
+_encode_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_encode_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
+
+
+_gc_lock = threading.Lock()
+_gc_holders = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No automatic cyclic garbage collection while the block runs (nestable, threadsafe).
+
+    A parsed packument is hundreds of thousands of containers; every full collection
+    walks all of them holding the GIL, which stalls the reactor thread. Parsed JSON has
+    no reference cycles, so nothing is lost by waiting: the collector's state from
+    before the first holder is restored when the last one leaves.
+    """
+    global _gc_holders, _gc_was_enabled
+    with _gc_lock:
+        if _gc_holders == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_holders += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders -= 1
+            if _gc_holders == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+def dispose(doc: JSONObject) -> None:
+    """Free a parsed document a version at a time, so no single free holds the GIL long."""
+    versions = doc.get("versions")
+    if isinstance(versions, dict):
+        while versions:
+            versions.popitem()
+    doc.clear()
+
+
+def _object(pairs: list[tuple[str, Any]]) -> JSONObject:
+    """Build one JSON object; being Python code, it lets other threads run between objects."""
+    return dict(pairs)
+
+
+def load_json(data: bytes) -> Any:
+    """Parse a JSON document (UTF-8, -16 or -32, as :func:`json.loads` detects it).
+
+    Same result as ``json.loads(data)``, but the GIL is released between objects; see
+    the module docstring.
+    """
+    return json.loads(data, object_pairs_hook=_object)
+
+
+def read_document(path: str) -> tuple[JSONObject, bool]:
+    """The JSON object in the file at ``path``, and whether the file was gzip-compressed.
+
+    An upstream that gzips the document although pkgproxy asked for ``identity`` stores
+    its ``Content-Encoding`` with the body; the document is read through it.
+
+    :raises ValueError: the file is not a JSON object (an HTML error page, garbage).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    compressed = data.startswith(_GZIP_MAGIC)
+    if compressed:
+        data = gzip.decompress(data)
+    try:
+        doc = load_json(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 included
+        raise ValueError(f"not a JSON document: {e}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"not an npm document: the JSON is a {type(doc).__name__}")
+    return doc, compressed
+
+
+def _piece(value: Any) -> bytes:
+    """``value`` as compact JSON in UTF-8.
+
+    A lone surrogate (``"\\ud800"`` in the source) has no UTF-8 form; such a value is
+    written with ASCII escapes instead, as the upstream must have written it.
+    """
+    try:
+        return _encode_utf8(value).encode("utf-8")
+    except UnicodeEncodeError:
+        return _encode_ascii(value).encode("ascii")
+
+
+def write_json(value: Any, write: Callable[[bytes], object]) -> None:
+    """Serialise ``value`` as compact JSON through ``write``, a piece at a time.
+
+    The top two levels of containers are walked here and everything below them is
+    encoded one value at a time, so no single call into the C encoder covers more than
+    one version of a package (see the module docstring). Pieces are gathered into
+    ``write`` calls of about 1 MB.
+    """
+    pending: list[bytes] = []
+    size = 0
+
+    def emit(data: bytes) -> None:
+        nonlocal size
+        pending.append(data)
+        size += len(data)
+        if size >= _WRITE_CHUNK:
+            flush()
+
+    def flush() -> None:
+        nonlocal size
+        if pending:
+            write(b"".join(pending))
+            pending.clear()
+            size = 0
+
+    def walk(v: Any, depth: int) -> None:
+        if depth < _SPLIT_DEPTH and isinstance(v, dict):
+            emit(b"{")
+            for i, (k, member) in enumerate(v.items()):
+                emit(b"," + _piece(k) + b":" if i else _piece(k) + b":")
+                walk(member, depth + 1)
+            emit(b"}")
+        elif depth < _SPLIT_DEPTH and isinstance(v, list):
+            emit(b"[")
+            for i, member in enumerate(v):
+                if i:
+                    emit(b",")
+                walk(member, depth + 1)
+            emit(b"]")
+        else:
+            emit(_piece(v))
+
+    walk(value, 0)
+    flush()
+
+
+def dists(doc: JSONObject) -> Iterator[tuple[str | None, JSONObject]]:
+    """``(package name, dist)`` for every version a document describes.
+
+    A packument (full or abbreviated) has ``versions: {version: manifest}``; a single
+    version document (``GET /<name>/<version>``) is one manifest with its own ``dist``.
+    Anything of another shape (no ``dist``, a ``dist`` that is not an object) is
+    skipped: one odd version must not make the whole package uninstallable.
+    """
+    top_name = doc.get("name")
+    name = top_name if isinstance(top_name, str) else None
+    versions = doc.get("versions")
+    if isinstance(versions, dict):
+        for manifest in versions.values():
+            if isinstance(manifest, dict):
+                dist = manifest.get("dist")
+                if isinstance(dist, dict):
+                    own = manifest.get("name")
+                    yield (own if isinstance(own, str) else name), dist
+    dist = doc.get("dist")
+    if isinstance(dist, dict):
+        yield name, dist
+
+
+def public_tarball(url: str, context: RewriteContext) -> str | None:
+    """The URL a client should fetch the tarball at ``url`` from, or ``None`` to keep it.
+
+    A relative URL is taken relative to the document. Old packuments name the registry
+    with ``http://`` where the route reaches it with ``https://`` (or the other way
+    round): the same host and path under the other scheme is the same file, which the
+    tarball's digests then prove.
+    """
+    absolute = urljoin(context.page_url, url)
+    scheme, sep, rest = absolute.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None
+    public = context.public_url(absolute)
+    if public is None:
+        other = "https" if scheme.lower() == "http" else "http"
+        public = context.public_url(f"{other}://{rest}")
+    return public
+
+
+def rewrite_document(doc: JSONObject, context: RewriteContext) -> int:
+    """Point every ``dist.tarball`` of ``doc`` at the proxy, in place; returns how many.
+
+    A tarball no route of this proxy serves (another host) is left as it is, and so is
+    a ``tarball`` that is missing or not a string.
+    """
+    changed = 0
+    for _name, dist in dists(doc):
+        tarball = dist.get("tarball")
+        if not isinstance(tarball, str):
+            continue
+        public = public_tarball(tarball, context)
+        if public is not None and public != tarball:
+            dist["tarball"] = public
+            changed += 1
+    return changed
+
+
+def rewrite_packument(raw_path: str, out_path: str, context: RewriteContext) -> None:
+    """The npm family's rewriter: read ``raw_path``, write the served form to ``out_path``.
+
+    Runs in the disk pool after the upstream body was verified. A body that is not a
+    JSON object raises :class:`ValueError`, so nothing is cached and the client is told
+    the upstream answer was unusable. A gzip body (an upstream that ignored
+    ``Accept-Encoding: identity``) is written back gzip-compressed, to match the
+    ``Content-Encoding`` stored with it.
+    """
+    with quiet_gc():
+        doc, compressed = read_document(raw_path)
+        try:
+            rewrite_document(doc, context)
+            if compressed:
+                # No name and no time in the gzip header: the same document always gives
+                # the same bytes, and so the same ETag for clients.
+                with (
+                    open(out_path, "wb") as f,
+                    gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz,
+                ):
+                    write_json(doc, gz.write)
+            else:
+                with open(out_path, "wb") as f:
+                    write_json(doc, f.write)
+        finally:
+            dispose(doc)

@@ -1,0 +1,338 @@
+"""PyPI's documents as clients are served them: every file link leads back to the proxy.
+
+The simple API (PEP 503 HTML, PEP 691 JSON) and the JSON API list each file with an
+absolute URL on the files host (or a relative one on a private index). Served
+unchanged, they would send pip and uv past the cache for every download. The rewriters
+here replace those URLs and nothing else: the ``#sha256=`` fragment, every ``data-*``
+attribute (requires-python with its ``&gt;`` escapes, yanked, core-metadata, provenance),
+every JSON field, and anything a future PEP adds, reach the client as the index wrote
+them (PROTOCOLS.md 4.4).
+
+The same readers list the files of a document with their hashes, for the family's
+``learn``: what a project page says a file must be is checked before the file is stored.
+
+An upstream that ignores ``Accept`` (a static directory, an older private index) answers
+HTML where JSON was negotiated; that page is converted to PEP 691 JSON so the client
+gets the type it was promised. The converse has never been seen and is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import unquote, urlsplit
+
+from pkgproxy.rewrite import htmldoc, jsondoc
+from pkgproxy.rewrite.links import Linker
+
+if TYPE_CHECKING:  # pkgproxy.families imports the pypi family, which imports this module
+    from pkgproxy.families import RewriteContext, Rewriter
+
+HTML = "text/html"
+V1_HTML = "application/vnd.pypi.simple.v1+html"
+V1_JSON = "application/vnd.pypi.simple.v1+json"
+
+#: Where file URLs are in a PEP 691 project page and in the JSON API.
+SIMPLE_URLS: tuple[jsondoc.Path, ...] = (("files", None, "url"),)
+API_URLS: tuple[jsondoc.Path, ...] = (("urls", None, "url"), ("releases", None, None, "url"))
+
+#: Hash names a ``#name=hex`` fragment may use (PEP 503), with their hex lengths.
+_HASH_LENGTHS = {
+    name: hashlib.new(name).digest_size * 2
+    for name in ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
+}
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_BASE_TAG = re.compile(rb"<base[\t\n\f\r />]", re.IGNORECASE)
+_NORMALIZE = re.compile(r"[-_.]+")
+
+
+def normalize(name: str) -> str:
+    """PEP 503 normalised project name."""
+    return _NORMALIZE.sub("-", name).lower()
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One file a project page or the JSON API lists.
+
+    :ivar href: the link as written (entities decoded), without its fragment.
+    :ivar url: ``href`` made absolute against the page.
+    :ivar hashes: ``{hash name: lower-case hex}``, only well-formed ones.
+    :ivar size: bytes, where the document says (JSON).
+    :ivar metadata_hashes: hashes of the PEP 658 ``.metadata`` file, where given.
+    :ivar fields: the PEP 691 fields besides those, for the HTML to JSON conversion.
+    """
+
+    href: str
+    url: str
+    filename: str
+    hashes: Mapping[str, str]
+    size: int | None = None
+    metadata_hashes: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _hashes(value: object) -> dict[str, str]:
+    """The well-formed entries of a hash mapping (JSON ``hashes``/``digests``)."""
+    out: dict[str, str] = {}
+    if isinstance(value, dict):
+        for name, hexdigest in value.items():
+            want = _HASH_LENGTHS.get(name)
+            if want and isinstance(hexdigest, str) and len(hexdigest) == want:
+                if _HEX.match(hexdigest):
+                    out[name] = hexdigest.lower()
+    return out
+
+
+def _fragment_hashes(fragment: str) -> dict[str, str]:
+    """``sha256=hex`` (a link fragment, or a ``data-core-metadata`` value) as a mapping."""
+    name, eq, hexdigest = fragment.partition("=")
+    return _hashes({name: hexdigest}) if eq else {}
+
+
+def _metadata_value(value: str) -> bool | dict[str, str]:
+    """``data-core-metadata`` as PEP 691 spells it: ``true``, or the hashes."""
+    if value.strip().lower() == "true":
+        return True
+    return _fragment_hashes(value) or False
+
+
+def _is_json(buf: htmldoc.Buffer) -> bool:
+    """Whether a document is JSON rather than HTML, by its first significant byte."""
+    head = buf[:4096].lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head[:1] in (b"{", b"[")
+
+
+def _base(buf: htmldoc.Buffer, linker: Linker) -> None:
+    """Apply the document's first ``<base href>`` to ``linker``, before any link.
+
+    pip resolves every link, even one above the ``<base>`` tag, against it; the cheap
+    search keeps the second pass to the pages that have one.
+    """
+    if _BASE_TAG.search(buf) is None:
+        return
+    for tag in htmldoc.tags(buf):
+        if tag.name == b"base":
+            href = tag.get(b"href")
+            if href is not None and href.value is not None:
+                linker.set_base(href.value)
+                return
+
+
+# -- reading -------------------------------------------------------------------------
+
+
+def listed_in_html(buf: htmldoc.Buffer, linker: Linker) -> Iterator[Listed]:
+    """The files a PEP 503 page links to, in order."""
+    _base(buf, linker)
+    for tag in htmldoc.tags(buf):
+        if tag.name != b"a":
+            continue
+        attr = tag.get(b"href")
+        value = attr.value if attr is not None else None
+        if value is None:
+            continue
+        href, _, fragment = value.partition("#")
+        url = linker.resolve(href)
+        fields: dict[str, Any] = {}
+        metadata: dict[str, str] = {}
+        for name, key in (
+            (b"data-requires-python", "requires-python"),
+            (b"data-yanked", "yanked"),
+            (b"data-dist-info-metadata", "core-metadata"),
+            (b"data-core-metadata", "core-metadata"),  # PEP 714's name wins over PEP 658's
+            (b"data-gpg-sig", "gpg-sig"),
+            (b"data-provenance", "provenance"),
+        ):
+            a = tag.get(name)
+            if a is None:
+                continue
+            text = a.value or ""
+            if key == "yanked":
+                fields[key] = text or True
+            elif key == "core-metadata":
+                fields[key] = _metadata_value(text)
+                metadata = fields[key] if isinstance(fields[key], dict) else {}
+            elif key == "gpg-sig":
+                fields[key] = text.strip().lower() == "true"
+            else:
+                fields[key] = text
+        filename = htmldoc.text_after(buf, tag) or unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        yield Listed(href, url, filename, _fragment_hashes(fragment), None, metadata, fields)
+
+
+def listed_in_json(doc: object, linker: Linker) -> Iterator[Listed]:
+    """The files of a PEP 691 project page or of a JSON API document."""
+    if not isinstance(doc, dict):
+        return
+    entries: list[object] = []
+    for key in ("files", "urls"):
+        if isinstance(doc.get(key), list):
+            entries.extend(doc[key])
+    releases = doc.get("releases")
+    if isinstance(releases, dict):
+        for files in releases.values():
+            if isinstance(files, list):
+                entries.extend(files)
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
+            continue
+        href = entry["url"].partition("#")[0]
+        size = entry.get("size")
+        metadata = next(
+            (
+                entry[k]
+                for k in ("core-metadata", "dist-info-metadata", "data-dist-info-metadata")
+                if k in entry
+            ),
+            None,
+        )
+        yield Listed(
+            href,
+            linker.resolve(href),
+            str(entry.get("filename", "")),
+            _hashes(entry.get("hashes")) or _hashes(entry.get("digests")),
+            size if isinstance(size, int) and not isinstance(size, bool) else None,
+            _hashes(metadata),
+        )
+
+
+def listed(path: str, page_url: str) -> list[Listed]:
+    """The files the document at ``path`` lists (HTML or JSON, as it turns out to be).
+
+    ``page_url`` is the document's upstream URL: relative links are resolved against it.
+    """
+    linker = Linker(page_url)
+    with htmldoc.mapped(path) as buf:
+        if _is_json(buf):
+            return list(listed_in_json(json.loads(bytes(buf)), linker))
+        return list(listed_in_html(buf, linker))
+
+
+# -- rewriting ------------------------------------------------------------------------
+
+
+def _map_link(linker: Linker, value: str) -> str | None:
+    """A link with its fragment, mapped: ``None`` to leave it as written."""
+    url, hashmark, fragment = value.partition("#")
+    mapped = linker.map(url)
+    return None if mapped is None else mapped + hashmark + fragment
+
+
+def rewrite_html(raw_path: str, out_path: str, context: RewriteContext) -> None:
+    """Rewrite the ``href`` of every ``<a>`` of a PEP 503 page (project or root list)."""
+    linker = Linker.of(context)
+
+    def replace(tag: htmldoc.Tag, attr: htmldoc.Attr) -> bytes | None:
+        if tag.name != b"a" or attr.name != b"href" or attr.raw is None:
+            return None
+        value = attr.value
+        assert value is not None
+        url, hashmark, fragment = value.partition("#")
+        mapped = linker.map(url)
+        if mapped is None:
+            return None
+        raw = attr.raw.decode("utf-8", "surrogateescape")
+        cut = raw.find("#")
+        if cut >= 0 and htmldoc.unescape(raw[:cut]) == url:
+            kept = raw[cut:]  # the fragment exactly as the index wrote it
+        else:
+            kept = htmldoc.escape_attr(hashmark + fragment, attr.quote.decode() or '"')
+        return htmldoc.new_url_value(attr, mapped, kept)
+
+    with htmldoc.mapped(raw_path) as buf, open(out_path, "wb", buffering=1 << 20) as out:
+        _base(buf, linker)
+        htmldoc.rewrite(buf, out, replace, frozenset({b"a"}))
+
+
+def rewrite_json(
+    raw_path: str, out_path: str, context: RewriteContext, paths: tuple[jsondoc.Path, ...]
+) -> None:
+    """Rewrite the file URLs at ``paths`` of a JSON document."""
+    linker = Linker.of(context)
+    with open(raw_path, "rb") as f:
+        text = f.read().decode("utf-8", "surrogateescape")
+    with open(out_path, "wb", buffering=1 << 20) as out:
+        jsondoc.replace_strings(text, paths, partial(_map_link, linker), out)
+
+
+def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> None:
+    """The JSON API (``/pypi/<project>[/<version>]/json``): ``urls`` and ``releases``."""
+    rewrite_json(raw_path, out_path, context, API_URLS)
+
+
+def _write_json_items(
+    out: BinaryIO, head: Mapping[str, Any], key: str, items: Iterator[Any]
+) -> None:
+    """``head`` plus ``key: [items]``, written one item at a time (no giant string)."""
+    out.write(json.dumps(dict(head))[:-1].encode())
+    out.write(f"{', ' if head else ''}{json.dumps(key)}: [".encode())
+    for i, item in enumerate(items):
+        out.write(b", " if i else b"")
+        out.write(json.dumps(item).encode())
+    out.write(b"]}")
+
+
+def html_to_json(raw_path: str, out_path: str, context: RewriteContext, root: bool) -> None:
+    """A PEP 503 page as PEP 691 JSON (API version 1.0), links mapped as in HTML."""
+    linker = Linker.of(context)
+    meta = {"meta": {"api-version": "1.0"}}
+    with htmldoc.mapped(raw_path) as buf, open(out_path, "wb", buffering=1 << 20) as out:
+        if root:
+            names = (
+                {"name": htmldoc.text_after(buf, tag)}
+                for tag in htmldoc.tags(buf)
+                if tag.name == b"a" and tag.get(b"href") is not None
+            )
+            _write_json_items(out, meta, "projects", names)
+            return
+        segments = [s for s in urlsplit(context.page_url).path.split("/") if s]
+        head = {**meta, "name": normalize(unquote(segments[-1])) if segments else ""}
+
+        def files() -> Iterator[dict[str, Any]]:
+            for item in listed_in_html(buf, linker):
+                entry: dict[str, Any] = {
+                    "filename": item.filename,
+                    "url": linker.map(item.href) or item.href,
+                    "hashes": dict(item.hashes),
+                }
+                for key, value in item.fields.items():
+                    entry[key] = value
+                    if key == "core-metadata":
+                        entry["dist-info-metadata"] = value  # PEP 714: both, for older pip
+                yield entry
+
+        _write_json_items(out, head, "files", files())
+
+
+def rewrite_simple(
+    raw_path: str, out_path: str, context: RewriteContext, *, want_json: bool, root: bool
+) -> None:
+    """A simple API page in the negotiated type, links rewritten.
+
+    :param want_json: the client was promised PEP 691 JSON (else HTML).
+    :param root: the project list, whose JSON form has no links at all.
+    """
+    with htmldoc.mapped(raw_path) as buf:
+        is_json = _is_json(buf)
+    if is_json and not want_json:
+        raise ValueError("the index answered JSON where HTML was asked for")
+    if is_json and root:
+        shutil.copyfile(raw_path, out_path)
+    elif is_json:
+        rewrite_json(raw_path, out_path, context, SIMPLE_URLS)
+    elif want_json:
+        html_to_json(raw_path, out_path, context, root)
+    else:
+        rewrite_html(raw_path, out_path, context)
+
+
+def simple_rewriter(want_json: bool, root: bool) -> Rewriter:
+    """The rewriter for one negotiated simple page (see :func:`rewrite_simple`)."""
+    return partial(rewrite_simple, want_json=want_json, root=root)
