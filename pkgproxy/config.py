@@ -176,7 +176,12 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="debian",
         prefix="/debian/",
         upstream="https://deb.debian.org/debian/",
-        forward=("http://deb.debian.org/debian/", "http://ftp.debian.org/debian/"),
+        forward=(
+            "http://deb.debian.org/debian/",
+            "http://ftp.debian.org/debian/",
+            "https://deb.debian.org/debian/",
+            "https://ftp.debian.org/debian/",
+        ),
     ),
     Route(
         name="debian-security",
@@ -187,6 +192,9 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
             "http://deb.debian.org/debian-security/",
             "http://security.debian.org/debian-security/",
             "http://security.debian.org/",
+            "https://deb.debian.org/debian-security/",
+            "https://security.debian.org/debian-security/",
+            "https://security.debian.org/",
         ),
     ),
     # Ubuntu's archive is plain HTTP upstream too; apt checks the signed indexes.
@@ -195,14 +203,21 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="debian",
         prefix="/ubuntu/",
         upstream="http://archive.ubuntu.com/ubuntu/",
-        forward=("http://archive.ubuntu.com/ubuntu/", "http://*.archive.ubuntu.com/ubuntu/"),
+        forward=(
+            "http://archive.ubuntu.com/ubuntu/",
+            "http://*.archive.ubuntu.com/ubuntu/",
+            "https://archive.ubuntu.com/ubuntu/",
+        ),
     ),
     Route(
         name="ubuntu-security",
         family="debian",
         prefix="/ubuntu-security/",
         upstream="http://security.ubuntu.com/ubuntu/",
-        forward=("http://security.ubuntu.com/ubuntu/",),
+        forward=(
+            "http://security.ubuntu.com/ubuntu/",
+            "https://security.ubuntu.com/ubuntu/",
+        ),
     ),
     Route(
         name="ubuntu-ports",
@@ -212,6 +227,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         forward=(
             "http://ports.ubuntu.com/ubuntu-ports/",
             "http://*.ports.ubuntu.com/ubuntu-ports/",
+            "https://ports.ubuntu.com/ubuntu-ports/",
         ),
     ),
     Route(
@@ -219,7 +235,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="alpine",
         prefix="/alpine/",
         upstream="https://dl-cdn.alpinelinux.org/alpine/",
-        forward=("http://dl-cdn.alpinelinux.org/alpine/",),
+        forward=(
+            "http://dl-cdn.alpinelinux.org/alpine/",
+            "https://dl-cdn.alpinelinux.org/alpine/",
+        ),
         index_ttl=300.0,
     ),
     # Packuments revalidate after 5 minutes, the registry's own max-age.
@@ -228,7 +247,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="npm",
         prefix="/npm/",
         upstream="https://registry.npmjs.org/",
-        forward=("http://registry.npmjs.org/",),
+        forward=(
+            "http://registry.npmjs.org/",
+            "https://registry.npmjs.org/",
+        ),
         index_ttl=300.0,
     ),
     # PyPI: the index and the files host are two routes; /pypi/files/ is the longer
@@ -238,7 +260,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="pypi",
         prefix="/pypi/",
         upstream="https://pypi.org/",
-        forward=("http://pypi.org/",),
+        forward=(
+            "http://pypi.org/",
+            "https://pypi.org/",
+        ),
         index_ttl=600.0,
     ),
     Route(
@@ -246,7 +271,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="pypi",
         prefix="/pypi/files/",
         upstream="https://files.pythonhosted.org/",
-        forward=("http://files.pythonhosted.org/",),
+        forward=(
+            "http://files.pythonhosted.org/",
+            "https://files.pythonhosted.org/",
+        ),
         index_ttl=600.0,
     ),
     # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub

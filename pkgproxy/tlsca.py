@@ -166,6 +166,9 @@ class CertificateAuthority:
             privateKey=leaf.privateKey.original,
             certificate=leaf.original,
             extraCertChain=[ssl.Certificate.loadPEM(self.cert_pem).original],
+            # Clients offer ALPN (curl: h2, http/1.1); the tunnel speaks HTTP/1.1. Without
+            # a list here the handshake fails with an internal error.
+            acceptableProtocols=[b"http/1.1"],
         )
 
 
