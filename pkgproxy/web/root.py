@@ -286,6 +286,9 @@ class ProxyResource(Resource):
         options = self._ca.options_for(host)
         transport.write(b"HTTP/1.1 200 Connection established\r\nVia: 1.1 pkgproxy\r\n\r\n")
         request.startedWriting = 1  # answered above, outside the Request's own framing
+        # The connection now carries the tunnel, whatever an HTTP/1.0 CONNECT (Python's
+        # http.client, so pip) would otherwise mean for its persistence.
+        channel.persistent = True
         channel.pkgproxy_tunnel = f"https://{host}" + ("" if port == 443 else f":{port}")
         transport.startTLS(options)
         request.finish()

@@ -120,7 +120,11 @@ class PipTestCase(TestCase):
         ]  # fmt: skip
         if proxy is not None:
             argv += ["--proxy", proxy]
-        env = {k: v for k, v in clean_env().items() if not k.startswith("PIP_")}
+        # requests lets these override --cert; only the command line should decide.
+        ignored = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+        env = {
+            k: v for k, v in clean_env().items() if not k.startswith("PIP_") and k not in ignored
+        }
         return _run(argv + list(args), {**env, "PIP_CONFIG_FILE": os.devnull})
 
     def installed(self, python: str) -> str:
@@ -262,3 +266,30 @@ class UvTests(PipTestCase):
         env.update({"UV_PYTHON_DOWNLOADS": "never", "UV_NO_PROGRESS": "1"})
         self.ok(_run(argv, env))
         self.assertEqual(self.installed(python), "1.0 1.0", self.context())
+
+
+class PipThroughInterceptedTLSTests(PipTestCase):
+    """pip with an ``https://`` index through pkgproxy as its HTTPS proxy (interception)."""
+
+    def start_proxy(self) -> PkgProxy:
+        return start_pkgproxy(
+            self,
+            "[tls_intercept]\nenabled = true\n"
+            f'[routes.pypi]\nupstream = "{self.index.url("/")}"\nindex_ttl = "1s"\n'
+            f'[routes.pypi-files]\nupstream = "{self.files.url("/")}"\n',
+        )
+
+    def test_install_then_offline(self) -> None:
+        """pip trusts pkgproxy's CA for pypi.org and files.pythonhosted.org; with both
+        upstreams stopped, a second install is served from the cache."""
+        ca = os.path.join(self.proxy.cache_dir, "tls", "ca.crt")
+        args = ("--index-url", "https://pypi.org/simple/", "--cert", ca, APP)
+        for round_ in ("online", "offline"):
+            if round_ == "offline":
+                self.index.stop()
+                self.files.stop()
+                time.sleep(1.2)  # past index_ttl: the pages are served stale
+            python = self.venv()
+            self.ok(self.pip(python, *args, proxy=self.proxy.url("/")))
+            self.assertEqual(self.installed(python), "1.0 1.0", self.context())
+        self.assertIn('"CONNECT files.pythonhosted.org:443"', self.proxy.logs())
