@@ -175,3 +175,26 @@ class NpmThroughPkgproxyTests(TestCase):
         self._installed(npm, f"http://{FORWARD_HOST}/")
         status, headers, _, _ = _request(self.proxy.port, "GET", f"/npm/{DEP.tarball_path}")
         self.assertEqual((status, headers.get("X-Cache")), (200, "HIT"))
+
+    def test_https_registry_through_intercepting_proxy(self) -> None:
+        """npm with an ``https://`` registry and pkgproxy as its HTTPS proxy, trusting
+        pkgproxy's CA; then, registry stopped and npm's cache empty, again from the cache."""
+        tls_proxy = start_pkgproxy(
+            self,
+            "[tls_intercept]\nenabled = true\n"
+            f'[routes.npm]\nupstream = "{self.registry.url("/")}"\nindex_ttl = "1s"\n'
+            f'forward = ["https://{FORWARD_HOST}/"]\n',
+        )
+        ca = os.path.join(tls_proxy.cache_dir, "tls", "ca.crt")
+        npm = IsolatedNpm(self.mktemp(), f"https://{FORWARD_HOST}/")
+        npm.write_package_json({APP.name: "^1.0.0", SCOPED.name: SCOPED.version})
+        tls = ["--https-proxy", tls_proxy.url("/"), "--cafile", ca, "--audit=false"]
+        self._ok(npm.run(["install", *tls], timeout=NPM_TIMEOUT))
+        self._installed(npm, f"https://{FORWARD_HOST}/")
+        self.registry.stop()
+        time.sleep(1.2)
+        npm.wipe_install()
+        npm.new_cache()
+        self._ok(npm.run(["install", *tls], timeout=NPM_TIMEOUT))
+        self._installed(npm, f"https://{FORWARD_HOST}/")
+        self.assertIn(f'"CONNECT {FORWARD_HOST}:443"', tls_proxy.logs())
