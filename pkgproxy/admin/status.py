@@ -268,7 +268,7 @@ def _families(families: Sequence[FamilyStats]) -> str:
 
 def _usage(usage: Sequence[RouteUsage], total: int) -> str:
     rows = [
-        f"<tr><td><b>{_e(u.route)}</b></td><td>{_e(u.family or '–')}</td>"
+        f'<tr><td class="nowrap"><b>{_e(u.route)}</b></td><td>{_e(u.family or "–")}</td>'
         f'<td class="num">{u.entries:,}</td><td class="num">{human_bytes(u.bytes)}</td>'
         f'<td class="w-share">{_bar(_pct(u.bytes, total))}</td></tr>'
         for u in sorted(usage, key=lambda u: -u.bytes)
@@ -290,7 +290,7 @@ def _downloads(downloads: Sequence[DownloadView]) -> str:
         else:
             progress = f'<span class="small">{human_bytes(d.written)} so far</span>'
         rows.append(
-            f"<tr><td><b>{_e(d.route)}</b></td>"
+            f'<tr><td class="nowrap"><b>{_e(d.route)}</b></td>'
             f'<td><div class="url" title="{_e(d.url)}">{_e(d.url)}</div></td>'
             f'<td class="w-progress">{progress}</td>'
             f'<td class="num">{d.subscribers}</td>'
@@ -308,9 +308,9 @@ def _downloads(downloads: Sequence[DownloadView]) -> str:
 
 def _errors(errors: Sequence[ErrorRecord], now: float) -> str:
     rows = [
-        f'<tr><td class="small">{_clock(e.at)}<div class="muted">'
+        f'<tr><td class="small nowrap">{_clock(e.at)}<div class="muted">'
         f"{human_duration(now - e.at)} ago</div></td>"
-        f"<td><b>{_e(e.route)}</b></td>"
+        f'<td class="nowrap"><b>{_e(e.route)}</b></td>'
         f'<td><span class="pill bad small">{_e(e.kind)}</span></td>'
         f'<td><div class="url" title="{_e(e.url)}">{_e(e.url)}</div>'
         f'<div class="small muted msg">{_e(e.message)}</div></td></tr>'
@@ -349,10 +349,11 @@ header .dir{margin-left:auto;opacity:.8;font-size:12.5px;font-family:ui-monospac
 .logo{width:30px;height:30px;border-radius:8px;background:rgba(255,255,255,.16);
 display:grid;place-items:center;font-weight:800}
 main.wrap{padding-top:22px;padding-bottom:30px;display:grid;gap:18px}
+main.wrap>*,.grid2>*{min-width:0}
 .cards{display:grid;grid-template-columns:repeat(4,minmax(0,1fr));gap:16px}
 @media (max-width:900px){.cards{grid-template-columns:repeat(2,minmax(0,1fr))}}
 .card{background:var(--card);border:1px solid var(--line);border-radius:12px;
-padding:16px 18px;box-shadow:0 1px 2px rgba(16,24,40,.05)}
+padding:16px 18px;box-shadow:0 1px 2px rgba(16,24,40,.05);overflow-x:auto}
 .card h2{margin:0 0 10px;font-size:15px}
 .stat h3{margin:0;font-size:12px;text-transform:uppercase;letter-spacing:.06em;
 color:var(--muted);font-weight:650}
@@ -365,7 +366,8 @@ color:var(--muted);font-weight:650}
 .bar.bad span{background:var(--bad)}
 .ratio{display:flex;align-items:center;gap:8px}.ratio .bar{flex:1}
 .ratio span{font-variant-numeric:tabular-nums;font-size:12.5px;min-width:44px}
-.grid2{display:grid;grid-template-columns:1.25fr 1fr;gap:18px}
+.grid2{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:18px}
+.grid2.wide-right{grid-template-columns:minmax(0,1fr) minmax(0,1.7fr)}
 @media (max-width:1000px){.grid2{grid-template-columns:1fr}}
 table{width:100%;border-collapse:collapse}
 th,td{text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
@@ -377,7 +379,8 @@ font-weight:650}
 .good{color:var(--ok);font-weight:600}
 .muted{color:var(--muted)}.small{font-size:12px}.empty{color:var(--muted);margin:6px 0}
 .url{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px;
-max-width:560px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+max-width:640px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.grid2 .url{max-width:340px}.nowrap{white-space:nowrap}
 .msg{white-space:normal;word-break:break-word}
 .pill{display:inline-block;padding:2px 10px;border-radius:99px;font-size:12px;font-weight:650;
 background:rgba(255,255,255,.18);color:#fff}
@@ -408,11 +411,11 @@ _PAGE = """<!DOCTYPE html>
 <main class="wrap">
 <div class="cards">{cards}</div>
 <section class="card"><h2>Families</h2>{families}</section>
-<div class="grid2">
 <section class="card"><h2>Downloads in progress</h2>{downloads}</section>
+<div class="grid2 wide-right">
 <section class="card"><h2>Cache by route</h2>{usage}</section>
-</div>
 <section class="card"><h2>Recent upstream errors</h2>{errors}</section>
+</div>
 <div class="grid2">
 <section class="card"><details><summary>Effective configuration</summary>
 <pre>{config}</pre></details></section>

@@ -104,6 +104,11 @@ def classify(
         return Decision(
             CacheClass.IMMUTABLE,
             digests={"sha256": digest.split(":", 1)[1]},
+            # A registry answers a manifest only in a type the request accepts; the
+            # bytes are fixed by the digest, so every type is accepted.
+            upstream_headers=(
+                {"Accept": ", ".join(MANIFEST_TYPES)} if match.re is _MANIFEST_BY_DIGEST else {}
+            ),
             response_headers=headers,
             upstream_url=upstream_url,
         )

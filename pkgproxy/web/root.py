@@ -216,7 +216,10 @@ class ProxyResource(Resource):
         if ctx.gone:
             return
         route = ctx.route
-        accept = (ctx.request.getHeader(b"accept") or b"").decode("latin-1")
+        # Clients may send Accept as several header lines (skopeo: one per media type).
+        accept = b", ".join(ctx.request.requestHeaders.getRawHeaders(b"accept", [])).decode(
+            "latin-1"
+        )
         decision = FAMILIES[route.family].classify(
             route, ctx.path, self._learner.facts, FamilyRequest(accept=accept)
         )
@@ -383,7 +386,8 @@ class ProxyResource(Resource):
         if fetch is None and self._store.disk_trouble() and decision.rewrite is None:
             self._relay_direct(ctx, entry if decision.cache_class is not CacheClass.PASS else None)
             return
-        if fetch is None and entry is None and req.method == b"HEAD":
+        if fetch is None and entry is None and req.method == b"HEAD" and not decision.rewrite:
+            # (A rewritten document's headers are its own: a HEAD fetches it like a GET.)
             self._head_upstream(ctx)
             return
         stale = entry if ctx.decision.cache_class is not CacheClass.PASS else None
@@ -704,8 +708,14 @@ class ProxyResource(Resource):
         d.addCallbacks(got, failed)
 
     def _head_upstream(self, ctx: _Ctx) -> None:
-        """A HEAD on a miss asks upstream for headers only: no body is downloaded."""
-        d = self._client.request(b"HEAD", ctx.url)
+        """A HEAD on a miss asks upstream for headers only: no body is downloaded.
+
+        It is negotiated like the GET would be (containerd resolves tags with HEAD), and
+        answers with the headers the GET would carry.
+        """
+        decision = ctx.decision
+        headers = {k.encode(): v.encode("latin-1") for k, v in decision.upstream_headers.items()}
+        d = self._client.request(b"HEAD", ctx.url, headers)
 
         def got(resp: UpstreamResponse) -> None:
             resp.discard()
@@ -713,14 +723,19 @@ class ProxyResource(Resource):
                 return
             req = ctx.request
             req.setResponseCode(resp.status)
-            for name in (b"content-type", b"content-length", b"last-modified", b"etag"):
-                v = resp.header(name)
-                if v is not None:
-                    req.setHeader(name, v)
+            names = [b"content-type", b"content-length", b"last-modified", b"etag"]
+            if decision.digest_header:
+                names.append(decision.digest_header.lower().encode())
+            for name in names:
+                value = resp.header(name)
+                if value is not None:
+                    req.setHeader(name, value)
+            if resp.status == 200:
+                for k, v in decision.response_headers.items():
+                    req.setHeader(k.encode(), v.encode("latin-1"))
+                req.setHeader(b"accept-ranges", b"bytes")
             req.setHeader(b"via", b"1.1 pkgproxy")
             req.setHeader(b"x-cache", b"MISS")
-            if resp.status == 200:
-                req.setHeader(b"accept-ranges", b"bytes")
             req.finish()
 
         def failed(f: Failure) -> None:

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.web.server import Request, Site
 
 #: The largest request body accepted (admin actions send a few form fields at most).
@@ -75,3 +77,35 @@ class ProxySite(Site):
 
     def log(self, request: object) -> None:
         """Nothing: the access log observer writes the request's one line."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        """The usual HTTP channel, which first refuses a TLS handshake out loud.
+
+        A client that speaks TLS to this plain-HTTP port (Go's registry clients try
+        https:// first when told to skip verification) would otherwise wait for its
+        handshake to time out; a plain 400 makes it fall back to http:// at once.
+        """
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            return None
+        original = protocol.dataReceived
+        state = {"first": True}
+
+        def data_received(data: bytes) -> None:
+            if state["first"] and data:
+                state["first"] = False
+                if data[:1] == b"\x16":  # a TLS record: the start of a ClientHello
+                    protocol.transport.write(_TLS_ON_PLAIN_PORT)
+                    protocol.transport.loseConnection()
+                    return
+            original(data)
+
+        protocol.dataReceived = data_received
+        return protocol
+
+
+_TLS_MESSAGE = b"pkgproxy: this port speaks plain HTTP, not TLS\n"
+_TLS_ON_PLAIN_PORT = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TLS_MESSAGE), _TLS_MESSAGE)
+)
