@@ -433,8 +433,9 @@ class Fetch:
     def _finish_body(self, reason: Failure) -> None:
         problem = self._check(reason)
         if problem is not None:
-            log.warn("not caching {url}: {problem}", url=self.request.url, problem=problem)
-            self._fail(problem)
+            kind, why = problem
+            log.warn("not caching {url}: {problem}", url=self.request.url, problem=why)
+            self._fail(why, kind)
             return
         if self.request.decision.rewrite is not None:
             self._rewrite(reason)
@@ -486,19 +487,24 @@ class Fetch:
             self._discard_temp()
             self._settle()
 
-    def _check(self, reason: Failure) -> str | None:
-        """Why the body must not be served as complete, or ``None`` if it is good."""
+    def _check(self, reason: Failure) -> tuple[str, str] | None:
+        """``(kind, why)`` the body must not be served as complete, or ``None``.
+
+        The kind is ``transfer`` for a broken transfer and ``verify`` for a complete
+        body that is not what an index or digest says it must be.
+        """
         if not reason.check(ResponseDone, PotentialDataLoss):
-            return f"transfer failed after {self.written} bytes: {reason.getErrorMessage()}"
+            why = f"transfer failed after {self.written} bytes: {reason.getErrorMessage()}"
+            return "transfer", why
         if self.length is not None and self.written != self.length:
-            return f"got {self.written} bytes, upstream announced {self.length}"
+            return "transfer", f"got {self.written} bytes, upstream announced {self.length}"
         want = self.request.decision
         if want.size is not None and self.written != want.size:
-            return f"got {self.written} bytes, the index says {want.size}"
+            return "verify", f"got {self.written} bytes, the index says {want.size}"
         for algo, hexdigest in self._expected.items():
             got = self._hashers[algo].hexdigest()
             if got != hexdigest:
-                return f"{algo} mismatch: got {got}, expected {hexdigest}"
+                return "verify", f"{algo} mismatch: got {got}, expected {hexdigest}"
         return None
 
     def _storable(self, reason: Failure) -> bool:
@@ -551,9 +557,9 @@ class Fetch:
         d.addCallbacks(committed, failed)
         d.addBoth(lambda _: self._settle())
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, kind: str = "transfer") -> None:
         self.state = State.FAILED
-        error = UpstreamError("transfer", why)
+        error = UpstreamError(kind, why)
         self._discard_temp()
         if self.outcome is None:  # nobody was answered yet (a rewritten document)
             self._answer(Outcome.UNREACHABLE, error=error)
