@@ -81,7 +81,13 @@ class ClassifyTests(SynchronousTestCase):
         """The built-in route: /npm/ on registry.npmjs.org, forward mode, 5-minute TTL."""
         self.assertEqual(
             (ROUTE.family, ROUTE.prefix, ROUTE.upstream, ROUTE.forward, ROUTE.index_ttl),
-            ("npm", "/npm/", REGISTRY, ("http://registry.npmjs.org/", "https://registry.npmjs.org/"), 300.0),
+            (
+                "npm",
+                "/npm/",
+                REGISTRY,
+                ("http://registry.npmjs.org/", "https://registry.npmjs.org/"),
+                300.0,
+            ),
         )
         self.assertTrue(FAMILIES["npm"].encoded_slash_ok)
         self.assertFalse(FAMILIES["debian"].encoded_slash_ok)
