@@ -94,6 +94,10 @@ class Route:
     index_ttl: float = 60.0
     immutable: bool = False
     enabled: bool = True
+    #: Credentials pkgproxy itself uses upstream when challenged (a registry's token
+    #: service, or HTTP Basic); a client's own credentials are never forwarded.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,14 @@ class Config:
     def enabled_routes(self) -> tuple[Route, ...]:
         """The routes that serve requests."""
         return tuple(r for r in self.routes if r.enabled)
+
+    def upstream_credentials(self) -> dict[str, tuple[str, str]]:
+        """``(username, password)`` by route upstream URL, for routes that have them."""
+        return {
+            r.upstream: (r.username, r.password)
+            for r in self.enabled_routes()
+            if r.username is not None and r.password is not None
+        }
 
 
 BUILTIN_ROUTES: tuple[Route, ...] = (
@@ -358,7 +370,18 @@ def check_url(value: str, key: str) -> str:
     return value
 
 
-_ROUTE_KEYS = {"family", "prefix", "upstream", "forward", "index_ttl", "immutable", "enabled"}
+_ROUTE_KEYS = {
+    "family",
+    "prefix",
+    "upstream",
+    "forward",
+    "index_ttl",
+    "immutable",
+    "enabled",
+    "username",
+    "password",
+    "password_file",
+}
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
@@ -403,7 +426,24 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         changes["immutable"] = _bool(data["immutable"], where + "immutable")
     if "enabled" in data:
         changes["enabled"] = _bool(data["enabled"], where + "enabled")
+    if "username" in data:
+        changes["username"] = _str(data["username"], where + "username")
+    if "password" in data and "password_file" in data:
+        raise ConfigError(where + "password_file", "give password or password_file, not both")
+    if "password" in data:
+        changes["password"] = _str(data["password"], where + "password")
+    if "password_file" in data:
+        path = _str(data["password_file"], where + "password_file")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                changes["password"] = fh.read().strip()
+        except OSError as e:
+            raise ConfigError(
+                where + "password_file", f"cannot read {path}: {e.strerror}"
+            ) from None
     route = replace(base, **changes)
+    if (route.username is None) != (route.password is None):
+        raise ConfigError(where + "username", "give both username and password, or neither")
     if route.family == "oci" and "prefix" not in data and not route.prefix.startswith("/v2/"):
         route = replace(route, prefix=f"/v2/{name}/")
     if (route.family == "oci") != route.prefix.startswith("/v2/"):

@@ -116,7 +116,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         disk_retry_after=cfg.cache.disk_retry_after,
     )
     store.setServiceParent(top)
-    upstream = UpstreamService(reactor, cfg.upstream)
+    upstream = UpstreamService(reactor, cfg.upstream, cfg.upstream_credentials())
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)
     store.when_ready().addCallback(lambda _: learner.relearn())

@@ -168,7 +168,12 @@ class MemoryProxy:
         self.store.startService()
         self.inflight = InFlight()
         self.upstream_agent = RequestTraversalAgent(self.upstream)
-        self.client = UpstreamClient(self.upstream_agent, self.clock, self.config.upstream)
+        self.client = UpstreamClient(
+            self.upstream_agent,
+            self.clock,
+            self.config.upstream,
+            self.config.upstream_credentials(),
+        )
         self.observed = Recorder()
         self.facts = Facts()
         self.learner = Learner(self.facts, self.store, self.pool, self.config.routes)

@@ -137,3 +137,29 @@ class ShippedConfigTests(SynchronousTestCase):
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         cfg = load_config(os.path.join(here, "etc", "pkgproxy.toml"))
         self.assertEqual(cfg.cache.dir, "/var/cache/pkgproxy")
+
+
+class CredentialConfigTests(SynchronousTestCase):
+    def test_credentials_for_a_route(self) -> None:
+        """A route's upstream credentials are read from the file or given inline, never
+        shown in the route's repr, and must come in pairs."""
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("s3cret\n")
+        cfg = config_from_dict(
+            {"routes": {"docker.io": {"username": "puller", "password_file": path}}}
+        )
+        route = {r.name: r for r in cfg.routes}["docker.io"]
+        self.assertEqual((route.username, route.password), ("puller", "s3cret"))
+        self.assertNotIn("s3cret", repr(route))
+        self.assertEqual(cfg.upstream_credentials(), {route.upstream: ("puller", "s3cret")})
+        e = self.assertRaises(
+            ConfigError, config_from_dict, {"routes": {"docker.io": {"username": "x"}}}
+        )
+        self.assertEqual(e.key, "routes.docker.io.username")
+        e = self.assertRaises(
+            ConfigError,
+            config_from_dict,
+            {"routes": {"docker.io": {"username": "x", "password_file": "/nonexistent"}}},
+        )
+        self.assertEqual(e.key, "routes.docker.io.password_file")

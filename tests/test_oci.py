@@ -30,8 +30,14 @@ class TokenRegistry(FakeUpstream):
         self.tokens_issued = 0
         self.token_lifetime = 300
 
+    #: ``Authorization`` the token service demands, if any.
+    token_auth: bytes | None = None
+
     def render(self, request):
         if request.uri.startswith(b"/token?"):
+            if self.token_auth and request.getHeader(b"authorization") != self.token_auth:
+                request.setResponseCode(401)
+                return b"{}"
             self.tokens_issued += 1
             request.setHeader(b"content-type", b"application/json")
             body = {"token": f"tok{self.tokens_issued}", "expires_in": self.token_lifetime}
@@ -227,3 +233,40 @@ class TokenTests(OCITestCase):
         self.proxy.clock.advance(400)
         _, got = self.proxy.get(f"/v2/library/alpine/blobs/{digest(blobs[2])}")
         self.assertEqual((got, self.up.tokens_issued), (blobs[2], 2))
+
+
+class CredentialTests(OCITestCase):
+    upstream_class = TokenRegistry
+
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {
+                "routes": {
+                    "docker.io": {
+                        "upstream": "http://upstream.test/v2/",
+                        "username": "puller",
+                        "password": "s3cret",
+                    },
+                }
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        from treq.testing import RequestTraversalAgent
+
+        self.proxy.upstream = TokenRegistry()
+        self.proxy.upstream.token_auth = b"Basic cHVsbGVyOnMzY3JldA=="
+        self.proxy.upstream_agent = RequestTraversalAgent(self.proxy.upstream)
+        self.proxy.client._agent = self.proxy.upstream_agent
+        self.up = self.proxy.upstream
+
+    def test_configured_credentials_go_to_the_token_service(self) -> None:
+        """A registry route's own credentials are sent to its token service, never a
+        client's; with them the token is granted."""
+        self.up.add(f"/v2/library/alpine/blobs/{digest(b'x')}", b"x")
+        resp, got = self.proxy.get(
+            f"/v2/library/alpine/blobs/{digest(b'x')}",
+            headers={"Authorization": "Basic Y2xpZW50OnNlY3JldA=="},
+        )
+        self.assertEqual((resp.code, got), (200, b"x"))
+        self.assertEqual(self.up.tokens_issued, 1)

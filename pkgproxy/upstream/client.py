@@ -8,9 +8,10 @@ https-to-http redirects anyway).
 
 from __future__ import annotations
 
+import base64
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -102,6 +103,16 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     return (p.scheme, (p.hostname or "").lower(), port)
 
 
+def origin_key(url: str) -> str:
+    """``scheme://host:port`` of a URL, the unit credentials are configured for."""
+    scheme, host, port = _origin(url)
+    return f"{scheme}://{host}:{port}"
+
+
+def _basic(creds: tuple[str, str]) -> bytes:
+    return b"Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode())
+
+
 def _auth_area(url: str) -> str:
     """The part of a URL a token scope covers: an OCI repository (``.../v2/<name>``)."""
     base = url.split("?", 1)[0]
@@ -186,8 +197,16 @@ class UpstreamClient:
     :param agent: production: a pooled :class:`Agent`; tests: any ``IAgent``.
     """
 
-    def __init__(self, agent: IAgent, clock: IReactorTime, config: UpstreamConfig) -> None:
+    def __init__(
+        self,
+        agent: IAgent,
+        clock: IReactorTime,
+        config: UpstreamConfig,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
         self._agent = agent
+        #: (username, password) by upstream origin (``scheme://host:port``).
+        self._credentials = {origin_key(k): v for k, v in (credentials or {}).items()}
         self._clock = clock
         self._config = config
         self._slots: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
@@ -257,6 +276,10 @@ class UpstreamClient:
             headers = {**headers, b"authorization": b"Bearer " + token[0]}
         resp = await self._one(method, url, headers)
         challenge = resp.header(b"www-authenticate") if resp.status == 401 else None
+        creds = self._credentials.get(origin_key(url))
+        if challenge is not None and challenge.lower().startswith(b"basic") and creds:
+            resp.discard()
+            return await self._one(method, url, {**headers, b"authorization": _basic(creds)})
         if challenge is None or not challenge.lower().startswith(b"bearer"):
             return resp
         params = _challenge_params(challenge.decode("latin-1"))
@@ -265,17 +288,23 @@ class UpstreamClient:
             return resp
         resp.discard()
         key = (realm, params.get("service", ""), params.get("scope", ""))
-        value, expires = await self._token(key)
+        value, expires = await self._token(key, creds)
         self._tokens[key] = (value, expires)
         self._scopes[area] = key
         return await self._one(method, url, {**headers, b"authorization": b"Bearer " + value})
 
-    async def _token(self, key: tuple[str, str, str]) -> tuple[bytes, float]:
-        """Ask a token service for a token: ``(token, expiry time)``."""
+    async def _token(
+        self, key: tuple[str, str, str], creds: tuple[str, str] | None
+    ) -> tuple[bytes, float]:
+        """Ask a token service for a token: ``(token, expiry time)``.
+
+        With credentials configured for the registry, they go to its token service as
+        HTTP Basic (the token service is often another host: auth.docker.io).
+        """
         realm, service, scope = key
         query = urlencode([(k, v) for k, v in (("service", service), ("scope", scope)) if v])
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
-        resp = await self._one(b"GET", url, {})
+        resp = await self._one(b"GET", url, {b"authorization": _basic(creds)} if creds else {})
         body = await _read_small(resp, 256 * 1024)
         if resp.status != 200:
             raise UpstreamError("auth", f"token service {realm} answered {resp.status}")
@@ -347,7 +376,12 @@ class UpstreamClient:
 class UpstreamService(Service):
     """Owns the persistent connection pool, so it is closed when the server stops."""
 
-    def __init__(self, reactor: Any, config: UpstreamConfig) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: UpstreamConfig,
+        credentials: Mapping[str, tuple[str, str]] | None = None,
+    ) -> None:
         self._reactor = reactor
         self._config = config
         self.pool = HTTPConnectionPool(reactor, persistent=True)
@@ -357,7 +391,7 @@ class UpstreamService(Service):
         self.agent = Agent(
             reactor, contextFactory=policy, connectTimeout=config.connect_timeout, pool=self.pool
         )
-        self.client = UpstreamClient(self.agent, reactor, config)
+        self.client = UpstreamClient(self.agent, reactor, config, credentials)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
