@@ -78,8 +78,80 @@ class OwnedFile:
         os.close(self.fd)
 
 
+class _ResponseBody:
+    """What both body producers share: the request, the file, and how a response ends.
+
+    A response ends exactly once: finished cleanly, or aborted so the client sees a
+    failed transfer; either way the file is released and ``on_close`` runs. A client
+    that stops reading for :data:`STALL_TIMEOUT` is cut off.
+    """
+
+    def __init__(
+        self,
+        request: Request,
+        file: FileRef,
+        clock: IReactorTime,
+        on_close: Callable[[], None] | None,
+    ) -> None:
+        self._request: Request | None = request
+        self._file: FileRef | None = file
+        self._clock = clock
+        self._on_close = on_close
+        self._stall: IDelayedCall | None = None
+
+    def _register(self) -> None:
+        assert self._request is not None
+        self._request.registerProducer(self, True)
+        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+
+    def stopProducing(self) -> None:
+        self._close()
+
+    def _watch_stall(self) -> None:
+        if self._stall is None and self._request is not None:
+            self._stall = self._clock.callLater(STALL_TIMEOUT, self._stalled)
+
+    def _unwatch_stall(self) -> None:
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        log.info("client stopped reading for {t}s; closing its connection", t=STALL_TIMEOUT)
+        self._abort()
+
+    def _finish(self) -> None:
+        request = self._request
+        self._close()
+        if request is not None:
+            request.unregisterProducer()
+            request.finish()
+
+    def _abort(self) -> None:
+        """End the response as a failed transfer: the client must not see a clean end."""
+        request = self._request
+        self._close()
+        if request is not None:
+            request.unregisterProducer()
+            transport: Any = request.channel.transport if request.channel else None
+            if transport is not None:
+                transport.abortConnection()
+
+    def _close(self) -> None:
+        self._unwatch_stall()
+        self._request = None
+        if self._file is not None:
+            self._file.release()
+            self._file = None
+        if self._on_close is not None:
+            cb, self._on_close = self._on_close, None
+            cb()
+
+
 @implementer(IPushProducer)
-class BodyProducer:
+class BodyProducer(_ResponseBody):
     """Writes ``[start, end)`` of a source to a request, then finishes or aborts it.
 
     :param end: exclusive end, or ``None`` when the length is unknown (then the body
@@ -98,44 +170,31 @@ class BodyProducer:
         clock: IReactorTime,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        self._request: Request | None = request
-        self._file: FileRef | None = file
+        super().__init__(request, file, clock, on_close)
         self._source = source
         self._offset = start
         self._end = end
         self._pool = pool
-        self._clock = clock
-        self._on_close = on_close
         self._paused = False
         self._busy = False  # a read or a wait is outstanding
         self._pumping = False
         self._again = False
-        self._stall: IDelayedCall | None = None
 
     def start(self) -> None:
         """Register with the request and begin sending."""
-        assert self._request is not None
-        self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._register()
         self._pump()
 
     # IPushProducer
 
     def pauseProducing(self) -> None:
         self._paused = True
-        if self._stall is None and self._request is not None:
-            self._stall = self._clock.callLater(STALL_TIMEOUT, self._stalled)
+        self._watch_stall()
 
     def resumeProducing(self) -> None:
         self._paused = False
-        if self._stall is not None:
-            if self._stall.active():
-                self._stall.cancel()
-            self._stall = None
+        self._unwatch_stall()
         self._pump()
-
-    def stopProducing(self) -> None:
-        self._close()
 
     # the loop
 
@@ -198,45 +257,9 @@ class BodyProducer:
         log.failure("reading a cached body failed", f)
         self._abort()
 
-    def _stalled(self) -> None:
-        self._stall = None
-        log.info("client stopped reading for {t}s; closing its connection", t=STALL_TIMEOUT)
-        self._abort()
-
-    # ends
-
-    def _finish(self) -> None:
-        request = self._request
-        self._close()
-        if request is not None:
-            request.unregisterProducer()
-            request.finish()
-
-    def _abort(self) -> None:
-        """End the response as a failed transfer: the client must not see a clean end."""
-        request = self._request
-        self._close()
-        if request is not None:
-            request.unregisterProducer()
-            transport: Any = request.channel.transport if request.channel else None
-            if transport is not None:
-                transport.abortConnection()
-
-    def _close(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
-        self._request = None
-        if self._file is not None:
-            self._file.release()
-            self._file = None
-        if self._on_close is not None:
-            cb, self._on_close = self._on_close, None
-            cb()
-
 
 @implementer(IPushProducer)
-class SendfileProducer:
+class SendfileProducer(_ResponseBody):
     """Sends ``[start, end)`` of a complete file with ``os.sendfile``, kernel to socket.
 
     Used for cache hits on plain TCP connections: the bytes never enter Python, so a
@@ -260,15 +283,11 @@ class SendfileProducer:
         clock: IReactorTime,
         on_close: Callable[[], None] | None = None,
     ) -> None:
-        self._request: Request | None = request
+        super().__init__(request, file, clock, on_close)
         self._transport: Any = request.channel.transport
-        self._file: FileRef | None = file
         self._offset = start
         self._end = end
-        self._clock = clock
-        self._on_close = on_close
         self._paused = False
-        self._stall: IDelayedCall | None = None
 
     @staticmethod
     def usable(request: Request) -> bool:
@@ -288,9 +307,8 @@ class SendfileProducer:
 
     def start(self) -> None:
         """Send the headers, then the body."""
+        self._register()
         assert self._request is not None
-        self._request.registerProducer(self, True)
-        self._request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._request.write(b"")  # the status line and headers, into the transport
         self._pump()
 
@@ -301,9 +319,6 @@ class SendfileProducer:
         self._paused = False
         self._pump()
 
-    def stopProducing(self) -> None:
-        self._close()
-
     def _pending(self) -> int:
         t = self._transport
         return int(len(t.dataBuffer) - t.offset + t._tempDataLen)
@@ -313,16 +328,12 @@ class SendfileProducer:
         t = self._transport
         t.producerPaused = True
         t.startWriting()
-        if self._stall is None:
-            self._stall = self._clock.callLater(STALL_TIMEOUT, self._stalled)
+        self._watch_stall()
 
     def _pump(self) -> None:
         if self._request is None or self._paused or self._file is None:
             return
-        if self._stall is not None:
-            if self._stall.active():
-                self._stall.cancel()
-            self._stall = None
+        self._unwatch_stall()
         if self._pending():
             self._wait_for_transport()
             return
@@ -351,34 +362,3 @@ class SendfileProducer:
             # The body bypasses Request.write; keep its byte count true for the log.
             self._request.sentLength += n
         self._finish()
-
-    def _stalled(self) -> None:
-        self._stall = None
-        log.info("client stopped reading for {t}s; closing its connection", t=STALL_TIMEOUT)
-        self._abort()
-
-    def _finish(self) -> None:
-        request = self._request
-        self._close()
-        if request is not None:
-            request.unregisterProducer()
-            request.finish()
-
-    def _abort(self) -> None:
-        request = self._request
-        self._close()
-        if request is not None:
-            request.unregisterProducer()
-            self._transport.abortConnection()
-
-    def _close(self) -> None:
-        if self._stall is not None and self._stall.active():
-            self._stall.cancel()
-        self._stall = None
-        self._request = None
-        if self._file is not None:
-            self._file.release()
-            self._file = None
-        if self._on_close is not None:
-            cb, self._on_close = self._on_close, None
-            cb()
