@@ -28,7 +28,12 @@ from twisted.web.http import PotentialDataLoss
 from pkgproxy import httputil
 from pkgproxy.digests import new_hasher
 from pkgproxy.families import CacheClass, Decision, RewriteContext
-from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from pkgproxy.upstream.client import (
+    UpstreamClient,
+    UpstreamError,
+    UpstreamResponse,
+    read_small,
+)
 
 if TYPE_CHECKING:
     from pkgproxy.cache.store import CacheStore, Entry
@@ -331,18 +336,15 @@ class Fetch:
             for k in (b"content-type",)
             if (v := resp.header(k)) is not None  # type: ignore[misc]
         }
-        done: Deferred[None] = Deferred()
-        collector = _Collector(done, MAX_ERROR_BODY)
-        resp.response.deliverBody(collector)
+        body: Deferred[bytes] = Deferred.fromCoroutine(read_small(resp, MAX_ERROR_BODY))
 
-        def finish(_: object) -> None:
-            resp.release()
-            self.error_body = b"".join(collector.chunks)
+        def finish(result: bytes | Failure) -> None:
+            self.error_body = result if isinstance(result, bytes) else b""
             self.state = State.ANSWERED
             self._answer(Outcome.RESPONSE)
             self._settle()
 
-        done.addBoth(finish)
+        body.addBoth(finish)
 
     def _refresh(self, entry: Entry, resp: UpstreamResponse) -> None:
         now = self._clock.seconds()
@@ -677,20 +679,3 @@ class _BodySink(Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-class _Collector(Protocol):
-    """Keeps at most ``cap`` bytes of a small body."""
-
-    def __init__(self, done: Deferred[None], cap: int) -> None:
-        self.chunks: list[bytes] = []
-        self._left = cap
-        self._done = done
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._left > 0:
-            self.chunks.append(data[: self._left])
-            self._left -= len(data)
-
-    def connectionLost(self, reason: Failure = _DONE) -> None:
-        self._done.callback(None)
