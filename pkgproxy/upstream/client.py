@@ -130,8 +130,9 @@ def _challenge_params(value: str) -> dict[str, str]:
     }
 
 
-async def _read_small(resp: UpstreamResponse, cap: int) -> bytes:
-    """Read a small body whole (a token answer), at most ``cap`` bytes; free the slot."""
+async def read_small(resp: UpstreamResponse, cap: int) -> bytes:
+    """Read a small body whole (a token, an error page), at most ``cap`` bytes (a larger
+    one is cut off there and its connection closed); free the slot."""
     done: Deferred[None] = Deferred()
     collector = _Small(done, cap)
     resp.response.deliverBody(collector)
@@ -305,7 +306,7 @@ class UpstreamClient:
         query = urlencode([(k, v) for k, v in (("service", service), ("scope", scope)) if v])
         url = realm + ("&" if "?" in realm else "?") + query if query else realm
         resp = await self._one(b"GET", url, {b"authorization": _basic(creds)} if creds else {})
-        body = await _read_small(resp, 256 * 1024)
+        body = await read_small(resp, 256 * 1024)
         if resp.status != 200:
             raise UpstreamError("auth", f"token service {realm} answered {resp.status}")
         try:
