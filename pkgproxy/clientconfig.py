@@ -11,15 +11,21 @@ configuration file with ``--config`` when its routes were renamed or moved.
 Tools: ``apt`` (HTTP proxy: the sources stay as they are), ``apt-sources`` (deb822 sources
 through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``docker`` (Docker Hub mirror),
 ``containerd`` (``hosts.toml`` of one registry) and ``all``.
+
+``pkgproxy-config ca`` prints pkgproxy's CA certificate (for TLS interception), fetched
+from a running server or read from its cache directory, for the clients to install.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from pkgproxy.config import Config, ConfigError, Route, load_config
@@ -253,7 +259,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pkgproxy-config",
         description="Print the configuration that points a client tool at a pkgproxy server.",
-        epilog="Example: pkgproxy-config http://cache.example:3142 pip > /etc/pip.conf",
+        epilog="Example: pkgproxy-config http://cache.example:3142 pip > /etc/pip.conf. "
+        "pkgproxy-config ca --help: print pkgproxy's CA certificate.",
     )
     p.add_argument("server", help="the server's base URL, e.g. http://cache.example:3142")
     p.add_argument("tool", choices=[*TOOLS, "all"], help="which client to configure")
@@ -269,8 +276,110 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Seconds to wait for a server's CA certificate.
+CA_FETCH_TIMEOUT = 15.0
+
+
+def ca_from_server(base: str, timeout: float = CA_FETCH_TIMEOUT) -> bytes:
+    """The CA certificate a running server offers at ``/_pkgproxy/ca.crt``.
+
+    Fetched directly, never through ``http_proxy``: that may well be this very server,
+    which would refuse its own URL as a proxied one.
+    """
+    url = base + "/_pkgproxy/ca.crt"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as resp:
+            pem: bytes = resp.read(1024 * 1024)
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            raise ClientConfigError(
+                f"{base} offers no CA certificate: TLS interception is off there "
+                "([tls_intercept] enabled = false)"
+            ) from None
+        raise ClientConfigError(f"{url} answered {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise ClientConfigError(f"cannot fetch {url}: {reason}") from None
+    return _checked_pem(pem, url)
+
+
+def ca_path(config: Config) -> str:
+    """Where a server with this configuration keeps its CA certificate."""
+    tls = config.tls_intercept
+    return tls.ca_cert or os.path.join(config.cache.dir, "tls", "ca.crt")
+
+
+def ca_from_file(path: str) -> bytes:
+    """The CA certificate in ``path`` (made by the server on its first start)."""
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ClientConfigError(
+            f"cannot read {path}: {e.strerror} (the server makes it on its first start "
+            "with [tls_intercept] enabled = true)"
+        ) from None
+    return _checked_pem(pem, path)
+
+
+def _checked_pem(pem: bytes, where: str) -> bytes:
+    """``pem`` if it is one or more certificates: never print something else to install."""
+    from cryptography import x509
+
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ClientConfigError(f"{where} is not a PEM certificate") from None
+    return pem
+
+
+def _ca_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pkgproxy-config ca",
+        description="Print pkgproxy's CA certificate, which clients trust for TLS interception.",
+        epilog="Example: pkgproxy-config ca --server http://cache.example:3142 > pkgproxy-ca.crt",
+    )
+    p.add_argument("--server", help="fetch it from this running server's /_pkgproxy/ca.crt")
+    p.add_argument("-d", "--cache-dir", help="read DIR/tls/ca.crt (on the server's machine)")
+    p.add_argument("-c", "--config", help="read the CA the server's pkgproxy.toml names")
+    return p
+
+
+def ca_main(argv: Sequence[str]) -> int:
+    """``pkgproxy-config ca``: the CA certificate on stdout, nothing else."""
+    parser = _ca_parser()
+    args = parser.parse_args(argv)
+    if args.server is not None and (args.cache_dir or args.config):
+        parser.error("give --server, or --cache-dir and/or --config, not both")
+    if args.server is None and not (args.cache_dir or args.config):
+        parser.error("say where the CA is: --server URL, --cache-dir DIR or --config FILE")
+    try:
+        if args.server is not None:
+            pem = ca_from_server(server_url(args.server))
+        else:
+            config = load_config(args.config)
+            if args.cache_dir:  # as twistd's --cache-dir overrides cache.dir
+                config = replace(config, cache=replace(config.cache, dir=args.cache_dir))
+            pem = ca_from_file(ca_path(config))
+    except (ClientConfigError, ConfigError) as e:
+        print(f"pkgproxy-config: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.buffer.write(pem)
+    sys.stdout.flush()
+    print(
+        "pkgproxy-config: install it where clients trust it, e.g. "
+        "/usr/local/share/ca-certificates/pkgproxy.crt, then run update-ca-certificates",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pkgproxy-config`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ca"]:
+        return ca_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         config: Config = load_config(args.config)

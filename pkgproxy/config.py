@@ -94,10 +94,17 @@ class Route:
     index_ttl: float = 60.0
     immutable: bool = False
     enabled: bool = True
+    #: Seconds after an index expires during which a request is answered at once from
+    #: the stored copy (``STALE``) while one revalidation runs in the background; 0 is
+    #: off, so a client always gets the upstream's current answer after the TTL.
+    stale_while_revalidate: float = 0.0
     #: Credentials pkgproxy itself uses upstream when challenged (a registry's token
     #: service, or HTTP Basic); a client's own credentials are never forwarded.
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    #: A PEM file of CAs the upstream's TLS must chain to, instead of the global trust
+    #: root (an internal mirror with a private CA); applies to its whole host:port.
+    ca_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,24 @@ class CacheConfig:
     sync_read_max: int = 64 * 1024
     #: After the cache disk refuses a write, misses bypass it for this long.
     disk_retry_after: float = 30.0
+    #: A client's ``max-age=0``/``no-cache`` on an index checked upstream less than this
+    #: long ago is answered from the cache, so a fleet's ``apt update`` makes one check.
+    revalidate_window: float = 30.0
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Caps on what one client connection may cost the server.
+
+    Twisted's own defaults allow 500 headers and keep an idle connection for 12 hours;
+    a package client sends a dozen headers and reconnects cheaply.
+    """
+
+    #: Request line and header block together; beyond it: 400/431, connection closed.
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 100
+    #: A connection idle this long between requests is closed.
+    client_idle_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +176,9 @@ class TlsInterceptConfig:
     enabled: bool = False
     ca_cert: str | None = None
     ca_key: str | None = None
+    #: ``(host, port)`` pairs a CONNECT may open a blind, uncached tunnel to (with
+    #: interception off too); every other CONNECT not intercepted is refused.
+    tunnel: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -167,6 +195,7 @@ class Config:
     #: Serve only from the cache: never contact an upstream (switchable at run time).
     offline: bool = False
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls_intercept: TlsInterceptConfig = field(default_factory=lambda: TlsInterceptConfig())
 
     def enabled_routes(self) -> tuple[Route, ...]:
@@ -356,6 +385,13 @@ def _positive_int(value: object, key: str) -> int:
     return value
 
 
+def _non_negative(seconds: float, key: str) -> float:
+    """``seconds`` if it is not negative: for windows where 0 means "off"."""
+    if seconds < 0:
+        raise ConfigError(key, f"must not be negative, got {seconds:g}s")
+    return seconds
+
+
 def check_url(value: str, key: str) -> str:
     """Return ``value`` if it is an absolute http(s) URL ending in ``/``."""
     parts = urlsplit(value)
@@ -370,17 +406,55 @@ def check_url(value: str, key: str) -> str:
     return value
 
 
+def _ca_file(value: object, key: str) -> str:
+    """A readable PEM file with at least one certificate, checked now: a bad path found at
+    the first upstream request would be a 502 for every client instead of a start error."""
+    from cryptography import x509
+
+    path = _str(value, key)
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ConfigError(key, f"{path} holds no PEM certificate") from None
+    return path
+
+
+def _tunnel_entries(value: object, key: str) -> tuple[tuple[str, int], ...]:
+    """``["host:port", "[::1]:443"]`` as ``(host, port)`` pairs, host in lower case.
+
+    Exact names only: a wildcard or a missing port would open tunnels nobody listed.
+    """
+    out = []
+    for i, entry in enumerate(_str_list(value, key)):
+        where = f"{key}[{i}]"
+        host, sep, port = entry.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(where, f"must be 'host:port' like 'git.example:443', got {entry!r}")
+        if any(c in host for c in "*/@[]"):
+            raise ConfigError(where, f"must name exactly one host, got {entry!r}")
+        out.append((host.lower(), int(port)))
+    return tuple(out)
+
+
 _ROUTE_KEYS = {
     "family",
     "prefix",
     "upstream",
     "forward",
     "index_ttl",
+    "stale_while_revalidate",
     "immutable",
     "enabled",
     "username",
     "password",
     "password_file",
+    "ca_file",
 }
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -422,6 +496,10 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         changes["forward"] = forward
     if "index_ttl" in data:
         changes["index_ttl"] = parse_duration(data["index_ttl"], where + "index_ttl")
+    if "stale_while_revalidate" in data:
+        key = where + "stale_while_revalidate"
+        seconds = parse_duration(data["stale_while_revalidate"], key)
+        changes["stale_while_revalidate"] = _non_negative(seconds, key)
     if "immutable" in data:
         changes["immutable"] = _bool(data["immutable"], where + "immutable")
     if "enabled" in data:
@@ -441,6 +519,8 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
             raise ConfigError(
                 where + "password_file", f"cannot read {path}: {e.strerror}"
             ) from None
+    if "ca_file" in data:
+        changes["ca_file"] = _ca_file(data["ca_file"], where + "ca_file")
     route = replace(base, **changes)
     if (route.username is None) != (route.password is None):
         raise ConfigError(where + "username", "give both username and password, or neither")
@@ -483,12 +563,13 @@ _TOP_KEYS = {
     "admin_token_file",
     "offline",
     "access_log",
+    "limits",
     "cache",
     "upstream",
     "routes",
     "tls_intercept",
 }
-_TLS_KEYS = {"enabled", "ca_cert", "ca_key"}
+_TLS_KEYS = {"enabled", "ca_cert", "ca_key", "tunnel"}
 _ACCESS_LOG_KEYS = {"enabled", "format"}
 _ACCESS_LOG_FORMATS = ("text", "json")
 #: A token shorter than this is too easy to guess from inside an admin network.
@@ -524,7 +605,8 @@ def _token_file(value: object, key: str) -> str:
         raise ConfigError(key, f"{e.message} (in {path})") from None
 
 
-_CACHE_KEYS = {"dir", "max_size", "sync_read_max", "disk_retry_after"}
+_CACHE_KEYS = {"dir", "max_size", "sync_read_max", "disk_retry_after", "revalidate_window"}
+_LIMITS_KEYS = {"max_header_bytes", "max_headers", "client_idle_timeout"}
 _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
@@ -588,7 +670,27 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if "disk_retry_after" in cache:
         seconds = parse_duration(cache["disk_retry_after"], "cache.disk_retry_after")
         cc = replace(cc, disk_retry_after=seconds)
+    if "revalidate_window" in cache:
+        key = "cache.revalidate_window"
+        seconds = parse_duration(cache["revalidate_window"], key)
+        cc = replace(cc, revalidate_window=_non_negative(seconds, key))
     cfg = replace(cfg, cache=cc)
+
+    limits = _table(data, "limits")
+    _check_keys(limits, _LIMITS_KEYS, "limits.")
+    lc = cfg.limits
+    if "max_header_bytes" in limits:
+        size = parse_size(limits["max_header_bytes"], "limits.max_header_bytes")
+        lc = replace(lc, max_header_bytes=size)
+    if "max_headers" in limits:
+        lc = replace(lc, max_headers=_positive_int(limits["max_headers"], "limits.max_headers"))
+    if "client_idle_timeout" in limits:
+        key = "limits.client_idle_timeout"
+        seconds = parse_duration(limits["client_idle_timeout"], key)
+        if seconds <= 0:
+            raise ConfigError(key, "must be greater than zero")
+        lc = replace(lc, client_idle_timeout=seconds)
+    cfg = replace(cfg, limits=lc)
 
     up = _table(data, "upstream")
     _check_keys(up, _UPSTREAM_KEYS, "upstream.")
@@ -620,6 +722,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         enabled=_bool(tls.get("enabled", False), "tls_intercept.enabled"),
         ca_cert=_str(tls["ca_cert"], "tls_intercept.ca_cert") if "ca_cert" in tls else None,
         ca_key=_str(tls["ca_key"], "tls_intercept.ca_key") if "ca_key" in tls else None,
+        tunnel=_tunnel_entries(tls.get("tunnel", []), "tls_intercept.tunnel"),
     )
     if (tc.ca_cert is None) != (tc.ca_key is None):
         raise ConfigError("tls_intercept.ca_key", "give both ca_cert and ca_key, or neither")

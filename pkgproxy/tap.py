@@ -22,12 +22,10 @@ from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.service import OrderedMultiService
 from pkgproxy.tlsca import CAError, CertificateAuthority
-from pkgproxy.upstream.client import UpstreamService, require_service_identity
+from pkgproxy.upstream.client import UpstreamService, require_service_identity, route_ca_files
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import ProxySite
-
-#: Seconds a client connection may sit idle between requests.
-CLIENT_IDLE_TIMEOUT = 120
+from pkgproxy.web.tunnel import Connector
 
 
 class Options(usage.Options):
@@ -116,7 +114,12 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         disk_retry_after=cfg.cache.disk_retry_after,
     )
     store.setServiceParent(top)
-    upstream = UpstreamService(reactor, cfg.upstream, cfg.upstream_credentials())
+    upstream = UpstreamService(
+        reactor,
+        cfg.upstream,
+        cfg.upstream_credentials(),
+        ca_files=route_ca_files(cfg.enabled_routes()),
+    )
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)
     store.when_ready().addCallback(lambda _: learner.relearn())
@@ -135,13 +138,17 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         observer=ops.observer,
         admin=ops.resource,
         ca=_certificate_authority(cfg),
+        tunnel_connector=_tunnel_connector(cfg, reactor),
+        revalidate_window=cfg.cache.revalidate_window,
     )
     ops.attach(root)
     site = ProxySite(root, reactor=reactor)
     site.displayTracebacks = False
     # A client connection idle this long between requests is closed (Twisted's default
     # is 12 hours); a client that stops reading mid-body is cut off by the producers.
-    site.timeOut = CLIENT_IDLE_TIMEOUT
+    site.timeOut = cfg.limits.client_idle_timeout
+    site.max_header_bytes = cfg.limits.max_header_bytes
+    site.max_headers = cfg.limits.max_headers
     for desc in cfg.listen:
         strports.service(desc, site, reactor=reactor).setServiceParent(top)
     return top
@@ -157,6 +164,16 @@ def _certificate_authority(cfg: Config) -> CertificateAuthority | None:
         tls.ca_cert or os.path.join(directory, "ca.crt"),
         tls.ca_key or os.path.join(directory, "ca.key"),
     )
+
+
+def _tunnel_connector(cfg: Config, reactor: Any) -> Connector | None:
+    """How blind tunnels reach their ``host:port``, when any are listed."""
+    if not cfg.tls_intercept.tunnel:
+        return None
+    from twisted.internet.endpoints import HostnameEndpoint
+
+    timeout = cfg.upstream.connect_timeout
+    return lambda host, port: HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 def raise_open_file_limit() -> None:

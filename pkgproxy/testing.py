@@ -188,6 +188,7 @@ class MemoryProxy:
             self.config.upstream.idle_timeout,
             self.learner,
             observer=self.observed,
+            revalidate_window=self.config.cache.revalidate_window,
         )
         self.stub = StubTreq(self.root)
 

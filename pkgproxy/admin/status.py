@@ -121,7 +121,7 @@ def config_text(config: Config) -> str:
     if config.admin_token is not None:
         lines.append('admin_token = "(set, not shown)"')
     lines.append(f"offline = {_toml(config.offline)}")
-    for name in ("access_log", "cache", "upstream"):
+    for name in ("access_log", "cache", "limits", "upstream"):
         lines.append("")
         lines.append(f"[{name}]")
         lines.extend(_toml_fields(getattr(config, name)))

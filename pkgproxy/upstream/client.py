@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -24,8 +24,9 @@ from twisted.internet.defer import (
     DeferredSemaphore,
     inlineCallbacks,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -36,9 +37,10 @@ from twisted.web.client import (
     ResponseNeverReceived,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IResponse
+from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
-from pkgproxy.config import UpstreamConfig
+from pkgproxy.config import Route, UpstreamConfig
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -374,6 +376,50 @@ class UpstreamClient:
             )
 
 
+def route_ca_files(routes: Iterable[Route]) -> dict[tuple[str, int], tuple[str, ...]]:
+    """The ``ca_file`` of routes by their https upstream's ``(host, port)``.
+
+    TLS is per connection, and connections are pooled per host and port, so a CA file
+    applies to its upstream's whole host:port; two routes there trust both files.
+    """
+    out: dict[tuple[str, int], tuple[str, ...]] = {}
+    for r in routes:
+        scheme, host, port = _origin(r.upstream)
+        if r.ca_file is not None and scheme == "https" and port is not None:
+            files = out.get((host, port), ())
+            out[(host, port)] = files if r.ca_file in files else (*files, r.ca_file)
+    return out
+
+
+@implementer(IPolicyForHTTPS)
+class RouteTrustPolicy:
+    """TLS verification with a route's own CA for its upstream, the default elsewhere.
+
+    An internal mirror signed by a private CA should not need that CA trusted for every
+    host (``upstream.ca_bundle``): only its ``host:port`` is verified against it, and
+    against it alone; host names are still checked (service-identity). Every other host
+    goes to ``default`` (the browser-like policy over the global trust root).
+    """
+
+    def __init__(
+        self, default: IPolicyForHTTPS, ca_files: Mapping[tuple[str, int], Sequence[str]]
+    ) -> None:
+        self._default = default
+        # Read once, at start: the config check made sure each file holds a certificate.
+        self._roots = {key: _trust_root_of(paths) for key, paths in ca_files.items()}
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        """Client TLS options for one upstream connection."""
+        name = hostname.decode("ascii")
+        root = self._roots.get((name.lower(), port))
+        if root is None:
+            creator: IOpenSSLClientConnectionCreator = self._default.creatorForNetloc(
+                hostname, port
+            )
+            return creator
+        return optionsForClientTLS(name, trustRoot=root)
+
+
 class UpstreamService(Service):
     """Owns the persistent connection pool, so it is closed when the server stops."""
 
@@ -382,13 +428,16 @@ class UpstreamService(Service):
         reactor: Any,
         config: UpstreamConfig,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        ca_files: Mapping[tuple[str, int], Sequence[str]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._config = config
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections_per_host
         self.pool.cachedConnectionTimeout = 120
-        policy = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
+        policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
+        if ca_files:
+            policy = RouteTrustPolicy(policy, ca_files)
         self.agent = Agent(
             reactor, contextFactory=policy, connectTimeout=config.connect_timeout, pool=self.pool
         )
@@ -404,15 +453,21 @@ def _trust_root(ca_bundle: str | None) -> Any:
     """The platform's trust store, or the operator's CA bundle."""
     if ca_bundle is None:
         return None
+    return _trust_root_of((ca_bundle,))
+
+
+def _trust_root_of(paths: Iterable[str]) -> Any:
+    """A trust root of every certificate in these PEM files (and nothing else)."""
     from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
-    with open(ca_bundle, "rb") as f:
-        pem = f.read()
     certs = []
     marker = b"-----END CERTIFICATE-----"
-    for block in pem.split(marker):
-        if b"-----BEGIN CERTIFICATE-----" in block:
-            certs.append(Certificate.loadPEM(block + marker))
+    for path in paths:
+        with open(path, "rb") as f:
+            pem = f.read()
+        for block in pem.split(marker):
+            if b"-----BEGIN CERTIFICATE-----" in block:
+                certs.append(Certificate.loadPEM(block + marker))
     return trustRootFromCertificates(certs)
 
 

@@ -47,12 +47,15 @@ from pkgproxy.web.producer import (
 )
 from pkgproxy.web.relay import Relay
 from pkgproxy.web.routing import RouteError, RouteTable
+from pkgproxy.web.tunnel import BlindTunnels, Connector
 
 log = Logger()
 
 #: A client's ``max-age=0`` on an index revalidated less than this long ago is answered
 #: from the cache: a fleet running ``apt update`` together makes one upstream check.
+#: The default of ``cache.revalidate_window``.
 REVALIDATE_WINDOW = 30.0
+_STALE_WARNING = b'110 pkgproxy "Response is Stale"'
 ADMIN_PREFIX = b"/_pkgproxy/"
 
 
@@ -124,9 +127,19 @@ class ProxyResource(Resource):
         observer: Observer | None = None,
         admin: Resource | None = None,
         ca: CertificateAuthority | None = None,
+        tunnel_connector: Connector | None = None,
+        revalidate_window: float = REVALIDATE_WINDOW,
     ) -> None:
         super().__init__()
+        self._revalidate_window = revalidate_window
         self._ca = ca
+        #: Blind tunnels to the hosts [tls_intercept] tunnel lists, if any (and a way
+        #: to reach them: the server's reactor, given by tap.py).
+        self._tunnels = (
+            BlindTunnels(config.tls_intercept.tunnel, tunnel_connector)
+            if tunnel_connector is not None and config.tls_intercept.tunnel
+            else None
+        )
         self._negative = NegativeCache()
         self._observer = observer or Observer()
         self._admin_resource = admin
@@ -162,7 +175,7 @@ class ProxyResource(Resource):
             return result
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
-            if request.method == b"CONNECT" and self._ca is not None:
+            if request.method == b"CONNECT" and (self._ca is not None or self._tunnels is not None):
                 return self._connect(request)
             if request.method == b"CONNECT":
                 return _reason(
@@ -267,16 +280,19 @@ class ProxyResource(Resource):
         The answer goes out on the raw connection, TLS starts with a certificate for
         exactly that host, and the same HTTP channel then reads the requests inside,
         which are routed like forward-proxy requests for ``https://host``. A host no
-        route names is refused before any TLS, and no certificate is made for it.
+        route names is refused before any TLS, and no certificate is made for it, unless
+        ``[tls_intercept] tunnel`` lists it: then it gets a blind, uncached tunnel.
         """
-        assert self._ca is not None
         authority = request.uri.decode("latin-1")
         host, _, port_text = authority.rpartition(":")
         host = host.strip("[]").lower()
         if not host or not port_text.isdigit():
             return _reason(request, http.BAD_REQUEST, f"malformed CONNECT target {authority!r}")
         port = int(port_text)
-        if not self._table.interceptable(host, port):
+        intercept = self._ca is not None and self._table.interceptable(host, port)
+        # An intercepted host is cached; only a host no route names can be tunnelled.
+        blind = not intercept and self._tunnels is not None and self._tunnels.allowed(host, port)
+        if not intercept and not blind:
             return _reason(
                 request,
                 http.FORBIDDEN,
@@ -286,6 +302,9 @@ class ProxyResource(Resource):
         transport: Any = channel.transport
         if getattr(transport, "TLS", False):
             return _reason(request, http.BAD_REQUEST, "CONNECT inside a tunnel")
+        if blind and self._tunnels is not None:
+            return self._tunnels.open(request, host, port)
+        assert self._ca is not None
         options = self._ca.options_for(host)
         transport.write(b"HTTP/1.1 200 Connection established\r\nVia: 1.1 pkgproxy\r\n\r\n")
         request.startedWriting = 1  # answered above, outside the Request's own framing
@@ -350,6 +369,9 @@ class ProxyResource(Resource):
             log.warn("cached {key} does not match its index; fetching again", key=ctx.key)
             entry = None
         decision = ctx.decision
+        wants_check = httputil.client_wants_revalidation(
+            req.getHeader(b"cache-control"), req.getHeader(b"pragma")
+        )
         if entry is not None and decision.cache_class is not CacheClass.PASS:
             # Immutable content, or an index whose content a cached index names (and the
             # entry matched it above): nothing to ask upstream.
@@ -360,28 +382,29 @@ class ProxyResource(Resource):
             if (
                 entry.expires is not None
                 and entry.is_fresh(now)
-                and not (
-                    httputil.client_wants_revalidation(
-                        req.getHeader(b"cache-control"), req.getHeader(b"pragma")
-                    )
-                    and now - entry.fetched >= REVALIDATE_WINDOW
-                )
+                and not (wants_check and now - entry.fetched >= self._revalidate_window)
             ):
                 self._serve_entry(ctx, entry, b"HIT")
                 return
         if entry is None and decision.cache_class is CacheClass.MUTABLE:
             absent = self._negative.get(ctx.key, now)
             if absent is not None and not (
-                httputil.client_wants_revalidation(
-                    req.getHeader(b"cache-control"), req.getHeader(b"pragma")
-                )
-                and now - absent.fetched >= REVALIDATE_WINDOW
+                wants_check and now - absent.fetched >= self._revalidate_window
             ):
                 self._send_small(ctx, absent.status, absent.headers, absent.body, b"HIT")
                 return
         fetch = self._inflight.get(ctx.key)
         if self.offline and fetch is None:
             self._offline(ctx, entry, now)
+            return
+        if entry is not None and self._may_serve_stale(ctx, entry, now, wants_check):
+            # Stale-while-revalidate: this client gets the stored copy at once; the
+            # upstream check runs without it, shared like any fetch, and the next
+            # request sees its result.
+            req.setHeader(b"warning", _STALE_WARNING)
+            self._serve_entry(ctx, entry, b"STALE")
+            if fetch is None:
+                self._revalidate_in_background(ctx, entry)
             return
         if fetch is None and self._store.disk_trouble() and decision.rewrite is None:
             self._relay_direct(ctx, entry if decision.cache_class is not CacheClass.PASS else None)
@@ -391,7 +414,75 @@ class ProxyResource(Resource):
             self._head_upstream(ctx)
             return
         stale = entry if ctx.decision.cache_class is not CacheClass.PASS else None
+        fetch, started = self._join(ctx, stale)
+        d = fetch.answered()
+        d.addCallback(self._answered, ctx, started)
+        d.addErrback(self._internal_error, ctx)
+        if started:
+            fetch.start()
 
+    def _may_serve_stale(self, ctx: _Ctx, entry: Entry, now: float, wants_check: bool) -> bool:
+        """Whether an expired index may be answered at once while it is revalidated.
+
+        Only within the route's ``stale_while_revalidate`` after expiry, and never for a
+        client that demands a check (``max-age=0``) the last one is too old for: apt
+        asks that for every index and must see a new ``InRelease`` at once. Nor when
+        the cache disk is in trouble (a new copy could not be stored), nor for an
+        ``InRelease`` past its ``Valid-Until``.
+        """
+        grace = ctx.route.stale_while_revalidate
+        decision = ctx.decision
+        return (
+            grace > 0
+            and decision.cache_class is CacheClass.MUTABLE
+            and not decision.digests
+            and decision.size is None
+            and entry.expires is not None
+            and now < entry.expires + grace
+            and not (wants_check and now - entry.fetched >= self._revalidate_window)
+            and not self._store.disk_trouble()
+            and not self._past_valid_until(entry, now)
+        )
+
+    def _revalidate_in_background(self, ctx: _Ctx, entry: Entry) -> None:
+        """Start the upstream check of a stale entry that no client waits for.
+
+        It is an ordinary fetch in the single-flight registry, so requests arriving
+        meanwhile join it instead of asking again, and it stores or refreshes the entry
+        as any fetch does. A failure changes nothing: the stored copy stays, and the
+        next request past the stale window revalidates (or serves stale-if-error).
+        """
+        fetch, started = self._join(ctx, entry)
+        if not started:
+            return
+        key = ctx.key
+
+        def answered(f: Fetch) -> None:
+            if f.outcome is Outcome.UNREACHABLE:
+                log.warn(
+                    "background revalidation of {key} failed ({error}); keeping the stored copy",
+                    key=key,
+                    error=str(f.error),
+                )
+            elif f.outcome is Outcome.RESPONSE:
+                log.warn(
+                    "background revalidation of {key}: upstream answered {status}; "
+                    "keeping the stored copy",
+                    key=key,
+                    status=f.status,
+                )
+
+        d = fetch.answered()
+        d.addCallback(answered)
+        d.addErrback(lambda f: log.failure("background revalidation of {key}", f, key=key))
+        fetch.start()
+
+    def _join(self, ctx: _Ctx, stale: Entry | None) -> tuple[Fetch, bool]:
+        """The fetch in flight for the request's key, or a new one, not started yet.
+
+        :return: the fetch, and True if it was made here: the caller then subscribes
+            and calls ``start()`` (see :meth:`InFlight.join`).
+        """
         on_settled = None
 
         def factory() -> Fetch:
@@ -427,11 +518,7 @@ class ProxyResource(Resource):
         if started:
             route = ctx.route
             fetch.when_settled(lambda f: self._observer.fetch_settled(route, f))
-        d = fetch.answered()
-        d.addCallback(self._answered, ctx, started)
-        d.addErrback(self._internal_error, ctx)
-        if started:
-            fetch.start()
+        return fetch, started
 
     def _answered(self, fetch: Fetch, ctx: _Ctx, started: bool) -> None:
         trace: _Trace = ctx.request.pkgproxy_trace  # type: ignore[attr-defined]
@@ -495,18 +582,21 @@ class ProxyResource(Resource):
 
     # -- answers ----------------------------------------------------------------------
 
-    def _serve_stale(self, ctx: _Ctx, entry: Entry, why: str) -> None:
+    def _past_valid_until(self, entry: Entry, now: float) -> bool:
+        """Whether an index is past the ``Valid-Until`` it states (apt refuses it then)."""
         known = self._learner.facts.get(entry.url)
-        if known is not None and known.not_after is not None:
-            if self._clock.seconds() >= known.not_after:
-                self._write_error(
-                    ctx,
-                    http.GATEWAY_TIMEOUT,
-                    f"upstream failed ({why}) and the cached copy is past its Valid-Until",
-                )
-                return
+        return known is not None and known.not_after is not None and now >= known.not_after
+
+    def _serve_stale(self, ctx: _Ctx, entry: Entry, why: str) -> None:
+        if self._past_valid_until(entry, self._clock.seconds()):
+            self._write_error(
+                ctx,
+                http.GATEWAY_TIMEOUT,
+                f"upstream failed ({why}) and the cached copy is past its Valid-Until",
+            )
+            return
         log.warn("serving stale {key}: {why}", key=ctx.key, why=why)
-        ctx.request.setHeader(b"warning", b'110 pkgproxy "Response is Stale"')
+        ctx.request.setHeader(b"warning", _STALE_WARNING)
         self._serve_entry(ctx, entry, b"STALE")
 
     def _offline(self, ctx: _Ctx, entry: Entry | None, now: float) -> None:
@@ -594,7 +684,7 @@ class ProxyResource(Resource):
             self._write_error(ctx, http.SERVICE_UNAVAILABLE, "cache file unreadable")
             return
         ctx.retried = True
-        for h in (b"content-length", b"content-range", b"etag", b"last-modified"):
+        for h in (b"content-length", b"content-range", b"etag", b"last-modified", b"warning"):
             req.responseHeaders.removeHeader(h)
         req.setResponseCode(http.OK)
         self._handle(ctx)

@@ -8,6 +8,9 @@
   resource sees the request. pkgproxy accepts bodies only for small admin actions, so a
   larger one is answered with 413 and the connection closed as soon as its length is
   known (or, when chunked, as soon as it passes the cap).
+* Twisted accepts 500 headers per request; every channel here gets the caps of
+  ``[limits]`` instead, and a header line longer than the whole header budget is
+  refused with a 431 rather than Twisted's silent disconnect.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.web.server import Request, Site
+
+from pkgproxy.config import LimitsConfig
 
 #: The largest request body accepted (admin actions send a few form fields at most).
 MAX_REQUEST_BODY = 64 * 1024
@@ -68,9 +73,16 @@ class CappedRequest(Request):
 
 
 class ProxySite(Site):
-    """pkgproxy's ``Site``: no Twisted access log, request bodies capped."""
+    """pkgproxy's ``Site``: no Twisted access log, request bodies and headers capped.
+
+    :ivar max_header_bytes: the request line and header block together; more is
+        answered with 400 (431 for one over-long line) and the connection closed.
+    :ivar max_headers: header lines per request; more is a 400 and a closed connection.
+    """
 
     requestFactory = CappedRequest
+    max_header_bytes = LimitsConfig.max_header_bytes
+    max_headers = LimitsConfig.max_headers
 
     def startFactory(self) -> None:
         """Skip Twisted's log file and its once-a-second log-timestamp timer."""
@@ -88,6 +100,7 @@ class ProxySite(Site):
         protocol = super().buildProtocol(addr)
         if protocol is None:
             return None
+        self._limit(getattr(protocol, "_channel", protocol))
         original = protocol.dataReceived
         state = {"first": True}
 
@@ -103,7 +116,32 @@ class ProxySite(Site):
         protocol.dataReceived = data_received
         return protocol
 
+    def _limit(self, channel: Any) -> None:
+        """Give one ``HTTPChannel`` this site's header caps.
 
+        Twisted checks ``totalHeadersSize`` and ``maxHeaders`` itself (a bare 400, then
+        close). A single line longer than its ``MAX_LENGTH`` would instead be dropped
+        with the connection and no answer, so that limit is the whole budget and the
+        answer a 431 that says why.
+        """
+        channel.totalHeadersSize = self.max_header_bytes
+        channel.maxHeaders = self.max_headers
+        channel.MAX_LENGTH = self.max_header_bytes
+
+        def line_too_long(line: bytes) -> None:
+            if channel.transport is not None:
+                channel.transport.write(_HEADERS_TOO_LARGE)
+                channel.transport.loseConnection()
+
+        channel.lineLengthExceeded = line_too_long
+
+
+_HEADERS_MESSAGE = b"pkgproxy: request header line too long\n"
+_HEADERS_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+    b"content-length: %d\r\n\r\n%s" % (len(_HEADERS_MESSAGE), _HEADERS_MESSAGE)
+)
 _TLS_MESSAGE = b"pkgproxy: this port speaks plain HTTP, not TLS\n"
 _TLS_ON_PLAIN_PORT = (
     b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"

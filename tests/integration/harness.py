@@ -358,6 +358,7 @@ class ProxyUnderTest:
             reactor,
             config.upstream.idle_timeout,
             self.learner,
+            revalidate_window=config.cache.revalidate_window,
         )
         self.site = TrackingSite(self.resource, reactor)
         self.site.displayTracebacks = False

@@ -1,0 +1,206 @@
+"""A throwaway CA and an https:// static file server on 127.0.0.1 signed by it.
+
+Stands in for an upstream with a private CA (an internal mirror) and for a host reached
+through a blind tunnel. The server logs ``accepted`` for every TCP connection *before*
+any TLS, so a test can prove that a connection was never made at all.
+
+Run as ``python -m tests.support.tlsserver --port P --cert C --key K --dir D``; tests use
+:func:`start_tls_server`, which also stops it in cleanup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.server
+import ipaddress
+import os
+import socket
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support.procs import HOST, REPO_ROOT, ServerProcess, clean_env, free_port, tail
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files: the CA certificate (what a client trusts) and the server's pair."""
+
+    ca_cert: str
+    cert: str
+    key: str
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def make_tls_files(directory: str, name: str = "test upstream") -> TlsFiles:
+    """A new CA, and a server certificate it signed for ``127.0.0.1`` and ``localhost``."""
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(
+        os.path.join(directory, "ca.pem"),
+        os.path.join(directory, "server.pem"),
+        os.path.join(directory, "server.key"),
+    )
+    with open(files.ca_cert, "wb") as f:
+        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    with open(files.cert, "wb") as f:
+        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+    with open(files.key, "wb") as f:
+        f.write(_pem_key(key))
+    return files
+
+
+class TlsServer(ServerProcess):
+    """The https:// static server child; :meth:`connections` counts TCP accepts."""
+
+    def url(self, path: str = "/") -> str:
+        """``https://127.0.0.1:PORT`` + ``path``."""
+        return f"https://{HOST}:{self.port}{path}"
+
+    def connections(self) -> int:
+        """TCP connections the server accepted so far (logged before any TLS)."""
+        return tail(self.log_path, 1 << 20).count("accepted connection")
+
+
+def start_tls_server(
+    testcase: SynchronousTestCase, root_dir: str, files: TlsFiles, *, timeout: float = 10.0
+) -> TlsServer:
+    """Serve ``root_dir`` over https on 127.0.0.1 until the test ends.
+
+    Readiness is read from the server's own "listening" line, not probed with a
+    connection, so that :meth:`TlsServer.connections` counts only the test's clients.
+    """
+    log_dir = os.path.abspath(testcase.mktemp())
+    os.makedirs(log_dir)
+    port = free_port()
+    server = TlsServer(
+        "tls-server",
+        [sys.executable, "-u", "-m", "tests.support.tlsserver", "--port", str(port)]
+        + ["--cert", files.cert, "--key", files.key, "--dir", os.path.abspath(root_dir)],
+        port,
+        os.path.join(log_dir, "tls-server.log"),
+        clean_env({"PYTHONPATH": REPO_ROOT}),
+        cwd=REPO_ROOT,
+    )
+    testcase.addCleanup(server.stop)
+    deadline = time.monotonic() + timeout
+    while "listening on" not in tail(server.log_path):
+        if not server.running or time.monotonic() > deadline:
+            server.kill9()
+            testcase.fail(f"tls-server exited or was not up within {timeout} s\n{server.logs()}")
+        time.sleep(0.05)
+    return server
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """Logs each accept, then does the TLS handshake in the handler's thread."""
+
+    daemon_threads = True
+    context: ssl.SSLContext
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        sock, addr = self.socket.accept()
+        print(f"accepted connection from {addr}", flush=True)
+        tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return tls, addr
+
+    def finish_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:  # type: ignore[override]
+        assert isinstance(request, ssl.SSLSocket)
+        request.settimeout(10)
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError) as e:
+            print(f"handshake failed: {e}", flush=True)
+            return
+        super().finish_request(request, client_address)  # type: ignore[arg-type]
+
+
+def main() -> None:
+    """Serve ``--dir`` over https on 127.0.0.1:``--port`` until killed."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--cert", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--dir", required=True)
+    args = p.parse_args()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(args.cert, args.key)
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, directory=args.dir, **kw)  # type: ignore[arg-type]
+
+    server = _Server((HOST, args.port), Handler)
+    server.context = context
+    print(f"listening on {HOST}:{args.port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
