@@ -35,6 +35,7 @@ from twisted.web.client import (
     HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
@@ -420,6 +421,10 @@ class RouteTrustPolicy:
         return optionsForClientTLS(name, trustRoot=root)
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    noisy = False
+
+
 class UpstreamService(Service):
     """Owns the persistent connection pool, so it is closed when the server stops."""
 
@@ -433,6 +438,9 @@ class UpstreamService(Service):
         self._reactor = reactor
         self._config = config
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        # Twisted logs "Starting factory"/"Stopping factory" for every upstream
+        # connection; on a busy cache that drowns the log.
+        self.pool._factory = _QuietClientFactory
         self.pool.maxPersistentPerHost = config.max_connections_per_host
         self.pool.cachedConnectionTimeout = 120
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
