@@ -617,6 +617,39 @@ class NpmProxyTests(SynchronousTestCase):
         self.assertEqual(len(self.proxy.store), 0)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
+    def test_audit_passed_through_uncached(self) -> None:
+        """npm's audit POST reaches the registry with its body, every time; the answer
+        is relayed, not stored. With the registry unreachable the client learns at once."""
+        self.up.add(
+            "/npm/-/npm/v1/security/advisories/bulk",
+            b'{"left-pad":[]}',
+            headers={b"content-type": b"application/json"},
+        )
+        for _ in range(2):
+            results: list[Any] = []
+
+            def keep(r: Any, results: list[Any] = results) -> Any:
+                results.append(r)
+                return self.proxy.stub.content(r)
+
+            d = self.proxy.stub.request(
+                "POST",
+                "http://proxy.test/npm/-/npm/v1/security/advisories/bulk",
+                data=b'{"left-pad":["1.3.0"]}',
+                headers={"Content-Type": "application/json", "Authorization": "Bearer x"},
+            )
+            d.addCallback(keep)
+            d.addCallback(results.append)
+            self.proxy.flush()
+            self.assertEqual((results[0].code, results[1]), (200, b'{"left-pad":[]}'))
+        posts = [s for s in self.up.seen if s.method == b"POST"]
+        self.assertEqual(len(posts), 2)
+        self.assertNotIn(b"authorization", posts[-1].headers)
+        self.assertEqual(len(self.proxy.store), 0)
+        self.up.down = True
+        resp, _ = self.proxy.get("/npm/-/npm/v1/security/audits/quick", method="POST")
+        self.assertEqual(resp.code, 503)
+
     def test_ping_and_refusals(self) -> None:
         """/-/ping answers {} here; writes are 405 with a reason; nothing goes upstream."""
         resp, body = self.proxy.get("/npm/-/ping?write=true")
@@ -628,7 +661,6 @@ class NpmProxyTests(SynchronousTestCase):
             ("PUT", "/npm/some-package"),
             ("PUT", "/npm/-/user/org.couchdb.user:me"),
             ("POST", "/npm/-/v1/login"),
-            ("POST", "/npm/-/npm/v1/security/advisories/bulk"),
             ("DELETE", "/npm/some-package/-/some-package-1.0.0.tgz/-rev/1"),
             ("PUT", "/npm/-/package/some-package/dist-tags/latest"),
         ):

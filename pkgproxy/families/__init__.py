@@ -196,6 +196,9 @@ class Family:
     #: Paths at the server's root that also belong to this family's first route (npm 9+
     #: moves registry.npmjs.org tarball URLs onto the registry's host, dropping /npm).
     root_alias: re.Pattern[str] | None = None
+    #: Paths (below the route) whose POSTs are relayed upstream uncached, as they are
+    #: (npm's audit); every other POST is refused.
+    post_through: re.Pattern[str] | None = None
 
 
 def _families() -> dict[str, Family]:

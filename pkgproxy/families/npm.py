@@ -296,4 +296,6 @@ FAMILY = Family(
     learn,
     encoded_slash_ok=True,
     root_alias=re.compile(r"^/(?:@[^/]+/)?[^/@][^/]*/-/[^/]+\.tgz$"),
+    # npm install's audit: answered by the registry, never cached.
+    post_through=re.compile(r"^-/npm/v1/security/(?:advisories/bulk|audits(?:/quick)?)$"),
 )

@@ -38,7 +38,7 @@ from twisted.web.client import (
     _HTTP11ClientFactory,
 )
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from pkgproxy.config import Route, UpstreamConfig
@@ -187,6 +187,30 @@ def _describe(f: Failure) -> UpstreamError:
     return UpstreamError("protocol", f"upstream request failed: {e!r}")
 
 
+@implementer(IBodyProducer)
+class _BytesBody:
+    """A small request body, written at once (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        d: Deferred[None] = Deferred()
+        d.callback(None)
+        return d
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @dataclass
 class _Breaker:
     """Consecutive connection failures of one upstream origin."""
@@ -232,19 +256,26 @@ class UpstreamClient:
         return sum(s.limit - s.tokens for s in self._slots.values())
 
     def request(
-        self, method: bytes, url: str, headers: dict[bytes, bytes] | None = None
+        self,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes] | None = None,
+        body: bytes | None = None,
     ) -> Deferred[UpstreamResponse]:
-        """Send one request, following redirects; errors arrive as :class:`UpstreamError`."""
+        """Send one request, following redirects; errors arrive as :class:`UpstreamError`.
+
+        :param body: a small request body (a relayed POST), sent again on a retry.
+        """
         d: Deferred[UpstreamResponse] = Deferred.fromCoroutine(
-            self._request(method, url, dict(headers or {}))
+            self._request(method, url, dict(headers or {}), body)
         )
         return d.addErrback(lambda f: Failure(_describe(f)))
 
     async def _request(
-        self, method: bytes, url: str, headers: dict[bytes, bytes]
+        self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
     ) -> UpstreamResponse:
         for _hop in range(self._config.max_redirects + 1):
-            resp = await self._authorized(method, url, headers)
+            resp = await self._authorized(method, url, headers, body)
             if resp.status not in _REDIRECTS:
                 return resp
             location = resp.header(b"location")
@@ -264,7 +295,7 @@ class UpstreamClient:
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
 
     async def _authorized(
-        self, method: bytes, url: str, headers: dict[bytes, bytes]
+        self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
     ) -> UpstreamResponse:
         """One request, answering a Bearer challenge (RFC 6750) with a token once.
 
@@ -278,12 +309,12 @@ class UpstreamClient:
         token = self._tokens.get(self._scopes.get(area, ("", "", "")))
         if token is not None and token[1] > self._clock.seconds():
             headers = {**headers, b"authorization": b"Bearer " + token[0]}
-        resp = await self._one(method, url, headers)
+        resp = await self._one(method, url, headers, body)
         challenge = resp.header(b"www-authenticate") if resp.status == 401 else None
         creds = self._credentials.get(origin_key(url))
         if challenge is not None and challenge.lower().startswith(b"basic") and creds:
             resp.discard()
-            return await self._one(method, url, {**headers, b"authorization": _basic(creds)})
+            return await self._one(method, url, {**headers, b"authorization": _basic(creds)}, body)
         if challenge is None or not challenge.lower().startswith(b"bearer"):
             return resp
         params = _challenge_params(challenge.decode("latin-1"))
@@ -295,7 +326,7 @@ class UpstreamClient:
         value, expires = await self._token(key, creds)
         self._tokens[key] = (value, expires)
         self._scopes[area] = key
-        return await self._one(method, url, {**headers, b"authorization": b"Bearer " + value})
+        return await self._one(method, url, {**headers, b"authorization": b"Bearer " + value}, body)
 
     async def _token(
         self, key: tuple[str, str, str], creds: tuple[str, str] | None
@@ -322,7 +353,9 @@ class UpstreamClient:
             raise UpstreamError("auth", f"token service {realm} sent no token")
         return token.encode("latin-1"), self._clock.seconds() + max(0.0, lifetime - 10)
 
-    async def _one(self, method: bytes, url: str, headers: dict[bytes, bytes]) -> UpstreamResponse:
+    async def _one(
+        self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
+    ) -> UpstreamResponse:
         origin = _origin(url)
         breaker = self._breakers.setdefault(origin, _Breaker())
         now = self._clock.seconds()
@@ -345,7 +378,8 @@ class UpstreamClient:
 
         hdrs = Headers({k: [v] for k, v in headers.items()})
         hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
-        d = self._agent.request(method, url.encode("ascii"), hdrs)
+        producer = _BytesBody(body) if body is not None else None
+        d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
         timer = self._clock.callLater(self._config.header_timeout, d.cancel)
         try:
             response: IResponse = await d

@@ -173,6 +173,10 @@ class ProxyResource(Resource):
             # Admin actions are POSTs: the admin resource checks methods and access.
             result: bytes | int = self._admin_resource.render(request)
             return result
+        if request.method == b"POST" and not request.path.startswith(ADMIN_PREFIX):
+            passed = self._post_through(request, uri)
+            if passed is not None:
+                return passed
         if request.method not in (b"GET", b"HEAD"):
             request.setHeader(b"allow", b"GET, HEAD")
             if request.method == b"CONNECT" and (self._ca is not None or self._tunnels is not None):
@@ -314,6 +318,41 @@ class ProxyResource(Resource):
         channel.pkgproxy_tunnel = f"https://{host}" + ("" if port == 443 else f":{port}")
         transport.startTLS(options)
         request.finish()
+        return NOT_DONE_YET
+
+    def _post_through(self, request: Request, uri: str) -> int | None:
+        """Relay a POST a family passes through (uncached), or ``None`` to refuse it."""
+        try:
+            route, rest = self._table.resolve(uri)
+            path = httputil.canonical_path(rest.partition("?")[0])
+        except (RouteError, httputil.BadPath):
+            return None
+        pattern = FAMILIES[route.family].post_through
+        if pattern is None or not pattern.match(path) or not self._store.ready:
+            return None
+        forwarded = {
+            name: value.decode("latin-1")
+            for name in ("content-type", "content-encoding", "accept")
+            if (value := request.getHeader(name.encode())) is not None
+        }
+        query = rest.partition("?")[2]
+        ctx = _Ctx(
+            request,
+            route,
+            path,
+            f"{route.name}:{path}",
+            route.upstream + path + (f"?{query}" if query else ""),
+            Decision(CacheClass.PASS, upstream_headers=forwarded),
+        )
+        request.pkgproxy_trace.route = route.name  # type: ignore[attr-defined]
+        request.pkgproxy_trace.family = route.family  # type: ignore[attr-defined]
+        request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
+        content: Any = request.content
+        body = b""
+        if content is not None:  # spooled by Twisted, at most the site's body cap
+            content.seek(0)
+            body = content.read()
+        self._relay_direct(ctx, None, body)
         return NOT_DONE_YET
 
     def _family_of(self, uri: str) -> str | None:
@@ -748,13 +787,17 @@ class ProxyResource(Resource):
             req.write(body)
         req.finish()
 
-    def _relay_direct(self, ctx: _Ctx, stale: Entry | None) -> None:
-        """The cache disk is in trouble: stream this miss from upstream, store nothing."""
-        method = b"HEAD" if ctx.request.method == b"HEAD" else b"GET"
+    def _relay_direct(self, ctx: _Ctx, stale: Entry | None, body: bytes | None = None) -> None:
+        """Stream an answer from upstream to this client and store nothing.
+
+        For a miss while the cache disk is in trouble, and for the few POSTs a family
+        passes through (npm's audit); ``body`` is the POST's body.
+        """
+        method = ctx.request.method if ctx.request.method in (b"HEAD", b"POST") else b"GET"
         headers = {
             k.encode(): v.encode("latin-1") for k, v in ctx.decision.upstream_headers.items()
         }
-        d = self._client.request(method, ctx.url, headers)
+        d = self._client.request(method, ctx.url, headers, body)
 
         def got(resp: UpstreamResponse) -> None:
             if ctx.gone:

@@ -21,8 +21,9 @@ from twisted.web.server import Request, Site
 
 from pkgproxy.config import LimitsConfig
 
-#: The largest request body accepted (admin actions send a few form fields at most).
-MAX_REQUEST_BODY = 64 * 1024
+#: The largest request body accepted: admin actions send a few form fields, and the only
+#: POSTs relayed upstream are npm's audit requests (a compressed list of packages).
+MAX_REQUEST_BODY = 1024 * 1024
 
 _TOO_LARGE = (
     b"HTTP/1.1 413 Content Too Large\r\n"

@@ -96,11 +96,16 @@ class NpmThroughPkgproxyTests(TestCase):
 
     def test_install_then_offline(self) -> None:
         """A dependency chain and a scoped package install through pkgproxy, with npm's
-        audit on (refused quickly); then, registry stopped and npm's cache empty, the
+        audit on (relayed to the registry, uncached); then, registry stopped and npm's
+        cache empty, the
         same install is served by pkgproxy alone (packuments stale, tarballs cached)."""
         self.npm.write_package_json({APP.name: "^1.0.0", SCOPED.name: SCOPED.version})
         result = self._ok(self.npm.run(["install", "--audit=true"], timeout=NPM_TIMEOUT))
         self._installed(self.npm, self.proxy.url("/npm/"))
+        # The audit POST went on to the registry (whatever it answered), not refused.
+        self.assertRegex(
+            self.proxy.logs(), r'"POST /npm/-/npm/v1/security/[^"]+" (?!405)\d{3} .* route=npm'
+        )
         status, headers, _, _ = _request(self.proxy.port, "GET", f"/npm/{DEP.tarball_path}")
         self.assertEqual((status, headers.get("X-Cache")), (200, "HIT"), result.output)
 
@@ -130,8 +135,9 @@ class NpmThroughPkgproxyTests(TestCase):
         self.assertIn("ünïcödé", result.output)
 
     def test_writes_are_refused(self) -> None:
-        """npm publish fails at once with npm's E405; login, adduser, dist-tag, unpublish
-        and the audit endpoint are refused with 405 and a one-line reason, fast."""
+        """npm publish fails at once with npm's E405; login, adduser, dist-tag and
+        unpublish are refused with 405 and a one-line reason, fast. The audit endpoints
+        are relayed to the registry instead (see test_install_then_offline)."""
         package = os.path.join(self.npm.root, "to-publish")
         os.makedirs(package)
         with open(os.path.join(package, "package.json"), "w") as f:
@@ -151,8 +157,6 @@ class NpmThroughPkgproxyTests(TestCase):
             ("PUT", f"/npm/-/package/{APP.name}/dist-tags/beta"),  # dist-tag add
             ("DELETE", f"/npm/-/package/{APP.name}/dist-tags/beta"),  # dist-tag rm
             ("DELETE", f"/npm/{APP.name}/-rev/1-0000000000000001"),  # unpublish
-            ("POST", "/npm/-/npm/v1/security/advisories/bulk"),  # audit
-            ("POST", "/npm/-/npm/v1/security/audits/quick"),  # audit, older form
         ):
             status, headers, body, seconds = _request(
                 self.proxy.port, method, path, {"Content-Type": "application/json"}, b"{}"
