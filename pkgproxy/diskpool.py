@@ -1,7 +1,9 @@
-"""One bounded thread pool for every disk operation that can block.
+"""Bounded thread pools for every disk operation that can block.
 
 Kept apart from the reactor's own pool, which also resolves host names: a burst of
-fsyncs must not delay DNS. A synchronous mode runs the work inline so unit tests stay
+fsyncs must not delay DNS. Durable writes (fsync, rename, index rows) have a pool of
+their own, so that a client's read or a download's next write never queues behind
+another download's fsync. A synchronous mode runs the work inline so unit tests stay
 deterministic and thread-free.
 """
 
@@ -24,37 +26,57 @@ class DiskPool(Service):
     """Runs blocking disk calls off the reactor thread.
 
     :param reactor: the reactor results are delivered to; ``None`` for synchronous mode.
+    :param threads: threads for reads and writes.
+    :param durable_threads: threads for fsync, rename and index writes.
     """
 
-    def __init__(self, reactor: IReactorFromThreads | None, threads: int = 4) -> None:
+    def __init__(
+        self, reactor: IReactorFromThreads | None, threads: int = 4, durable_threads: int = 2
+    ) -> None:
         self._reactor = reactor
-        self._pool: ThreadPool | None = None
+        self._pools: list[ThreadPool] = []
+        self._io: ThreadPool | None = None
+        self._durable: ThreadPool | None = None
         if reactor is not None:
-            self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="pkgproxy-disk")
+            self._io = ThreadPool(minthreads=1, maxthreads=threads, name="pkgproxy-disk")
+            self._durable = ThreadPool(
+                minthreads=1, maxthreads=durable_threads, name="pkgproxy-commit"
+            )
+            self._pools = [self._io, self._durable]
 
     @property
     def synchronous(self) -> bool:
         """True when work runs inline (tests)."""
-        return self._pool is None
+        return self._io is None
 
     def startService(self) -> None:
         super().startService()
-        if self._pool is not None and not self._pool.started:
-            self._pool.start()
+        for pool in self._pools:
+            if not pool.started:
+                pool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        if self._pool is not None:
-            self._pool.stop()
+        for pool in self._pools:
+            pool.stop()
 
     def run(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
-        """Call ``f(*args, **kwargs)`` in the pool; the result arrives on the reactor."""
-        if self._pool is None or self._reactor is None:
+        """Call ``f(*args, **kwargs)`` in the I/O pool; the result arrives on the reactor."""
+        return self._run(self._io, f, *args, **kwargs)
+
+    def run_durable(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Like :meth:`run`, in the pool for fsync-heavy work (commits, index writes)."""
+        return self._run(self._durable, f, *args, **kwargs)
+
+    def _run(
+        self, pool: ThreadPool | None, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+    ) -> Deferred[T]:
+        if pool is None or self._reactor is None:
             try:
                 return succeed(f(*args, **kwargs))
             except BaseException:
                 return fail()
         if not self.running:
             return fail(RuntimeError("the disk pool is stopped"))
-        d: Deferred[Any] = deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)  # type: ignore[arg-type]
+        d: Deferred[Any] = deferToThreadPool(self._reactor, pool, f, *args, **kwargs)  # type: ignore[arg-type]
         return d

@@ -287,7 +287,7 @@ class CacheStore(Service):
         if self._db is not None:
             yield self.flush()
             db, self._db = self._db, None
-            yield self._pool.run(db.close)
+            yield self._pool.run_durable(db.close)
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -382,7 +382,7 @@ class CacheStore(Service):
                 raise RuntimeError("cache is not open")
             db.put(entry)
 
-        d = self._pool.run(work)
+        d = self._pool.run_durable(work)
 
         def done(_: None) -> Entry:
             self._install(entry)
@@ -423,7 +423,7 @@ class CacheStore(Service):
         self._dirty.discard(key)
         self._retire(e)
         if self._db is not None:
-            self._pool.run(self._db.delete, [key]).addErrback(
+            self._pool.run_durable(self._db.delete, [key]).addErrback(
                 lambda f: log.failure("index delete failed", f)
             )
         return True
@@ -468,7 +468,7 @@ class CacheStore(Service):
         self.evictions += len(victims)
         if victims and self._db is not None:
             log.info("evicted {n} entries to fit {max} bytes", n=len(victims), max=self.max_size)
-            self._pool.run(self._db.delete, [e.key for e in victims]).addErrback(
+            self._pool.run_durable(self._db.delete, [e.key for e in victims]).addErrback(
                 lambda f: log.failure("index delete failed", f)
             )
 
@@ -482,7 +482,7 @@ class CacheStore(Service):
             if (e := self._entries.get(k)) is not None
         ]
         self._dirty.clear()
-        d = self._pool.run(self._db.touch, updates)
+        d = self._pool.run_durable(self._db.touch, updates)
         d.addErrback(lambda f: log.failure("index flush failed", f))
         return d
 

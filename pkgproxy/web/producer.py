@@ -169,8 +169,10 @@ class BodyProducer(_ResponseBody):
         pool: DiskPool,
         clock: IReactorTime,
         on_close: Callable[[], None] | None = None,
+        sync_read: int = 0,
     ) -> None:
         super().__init__(request, file, clock, on_close)
+        self._sync_read = sync_read
         self._source = source
         self._offset = start
         self._end = end
@@ -220,6 +222,16 @@ class BodyProducer(_ResponseBody):
             n = min(CHUNK, limit - self._offset)
             self._busy = True
             assert self._file is not None
+            if n <= self._sync_read:
+                # A few KiB just written by the download are in the page cache: reading
+                # them here costs less than two trips through the thread pool.
+                try:
+                    data = os.pread(self._file.fd, n, self._offset)
+                except OSError:
+                    self._read_failed(Failure())
+                    return
+                self._got(data)
+                return
             d = self._pool.run(os.pread, self._file.fd, n, self._offset)
             d.addCallbacks(self._got, self._read_failed)
             return

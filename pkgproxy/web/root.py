@@ -770,7 +770,9 @@ class ProxyResource(Resource):
         def closed() -> None:
             fetch.subscribers -= 1
 
-        BodyProducer(req, file, fetch, start, end, self._pool, self._clock, closed).start()
+        BodyProducer(
+            req, file, fetch, start, end, self._pool, self._clock, closed, self._sync_read_max
+        ).start()
 
     def _send_small(
         self, ctx: _Ctx, status: int, headers: dict[bytes, bytes], body: bytes, x_cache: bytes
