@@ -447,7 +447,9 @@ class AccessControlTests(OpsTestCase):
         chunk = b"%x\r\n%s\r\n" % (40000, b"k" * 40000)
         out = self.raw(
             b"POST /_pkgproxy/admin/purge HTTP/1.1\r\nHost: x\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 2 + b"0\r\n\r\n",
+            b"Transfer-Encoding: chunked\r\n\r\n"
+            + chunk * (MAX_REQUEST_BODY // 40000 + 2)
+            + b"0\r\n\r\n",
             IPv4Address("TCP", "127.0.0.1", 1),
         )
         self.assertTrue(out.startswith(b"HTTP/1.1 413 "), out)
