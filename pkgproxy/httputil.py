@@ -190,3 +190,28 @@ def canonical_path(raw: str) -> str:
             raise BadPath(f"path segment {seg!r} is not allowed")
         out.append(quote_from_bytes(decoded, safe=_SEGMENT_SAFE))
     return "/".join(out)
+
+
+def parse_accept(accept: str) -> list[tuple[str, float]]:
+    """``(media range, q)`` of each element of an ``Accept`` header, media lower-cased.
+
+    Elements without a ``/`` are skipped; a malformed or out-of-range ``q`` counts as 0
+    (not acceptable), so a garbled header never selects something the client did not
+    clearly ask for.
+    """
+    out = []
+    for element in accept.split(","):
+        media, *params = element.split(";")
+        media = media.strip().lower()
+        if "/" not in media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip())
+                except ValueError:
+                    q = 0.0
+        out.append((media, q if 0.0 <= q <= 1.0 else 0.0))
+    return out

@@ -91,21 +91,7 @@ def wants_corgi(accept: str) -> bool:
     view``, ``--before``). A malformed ``q`` counts as 0: the full document always
     works, the abbreviated one only for a client that asked for it.
     """
-    for part in accept.split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        if media.lower() != CORGI:
-            continue
-        q = 1.0
-        for param in params:
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0
-        if q > 0:
-            return True
-    return False
+    return any(media == CORGI and q > 0 for media, q in httputil.parse_accept(accept))
 
 
 def variant(request: Request | None) -> str:

@@ -15,6 +15,7 @@ import json
 import re
 from typing import TYPE_CHECKING
 
+from pkgproxy import httputil
 from pkgproxy.families import CacheClass, Decision, Facts, Family, LocalAnswer, Request
 
 if TYPE_CHECKING:
@@ -61,9 +62,7 @@ def _accept_variant(accept: str) -> tuple[str, str]:
     The variant is the set of media types the client accepts, so a client that cannot
     read an index is never served one that another client fetched.
     """
-    types = sorted(
-        {part.split(";", 1)[0].strip().lower() for part in accept.split(",") if part.strip()}
-    )
+    types = sorted({media for media, q in httputil.parse_accept(accept) if q > 0})
     if not types or types == ["*/*"]:
         return "all", ", ".join(MANIFEST_TYPES)
     return "+".join(types), ", ".join(types)

@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from pkgproxy import httputil
 from pkgproxy.families import (
     CacheClass,
     Decision,
@@ -77,22 +78,9 @@ _ALIASES = {
 
 
 def _parse_accept(accept: str) -> Iterator[tuple[str, float]]:
-    """``(media range, q)`` of each element of an ``Accept`` header; bad ones skipped."""
-    for element in accept.split(","):
-        media, *params = element.split(";")
-        media = media.strip().lower()
-        if "/" not in media:
-            continue
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = -1.0
-        if 0.0 <= q <= 1.0:
-            yield _ALIASES.get(media, media), q
+    """``(media range, q)`` of each acceptable element, with PyPI's type aliases."""
+    for media, q in httputil.parse_accept(accept):
+        yield _ALIASES.get(media, media), q
 
 
 def negotiate(accept: str) -> str:
