@@ -100,6 +100,9 @@ class Route:
     stale_while_revalidate: float = 0.0
     #: Credentials pkgproxy itself uses upstream when challenged (a registry's token
     #: service, or HTTP Basic); a client's own credentials are never forwarded.
+    #: Another route whose pool/ files are the very same (Ubuntu's security host and
+    #: archive): such files are one cache entry, whichever host they came from.
+    share_pool: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     #: A PEM file of CAs the upstream's TLS must chain to, instead of the global trust
@@ -255,6 +258,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         family="debian",
         prefix="/ubuntu-security/",
         upstream="http://security.ubuntu.com/ubuntu/",
+        share_pool="ubuntu",
         forward=(
             "http://security.ubuntu.com/ubuntu/",
             "https://security.ubuntu.com/ubuntu/",
@@ -455,6 +459,7 @@ _ROUTE_KEYS = {
     "password",
     "password_file",
     "ca_file",
+    "share_pool",
 }
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -504,6 +509,8 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
         changes["immutable"] = _bool(data["immutable"], where + "immutable")
     if "enabled" in data:
         changes["enabled"] = _bool(data["enabled"], where + "enabled")
+    if "share_pool" in data:
+        changes["share_pool"] = _str(data["share_pool"], where + "share_pool")
     if "username" in data:
         changes["username"] = _str(data["username"], where + "username")
     if "password" in data and "password_file" in data:
@@ -538,6 +545,16 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
 def _check_route_table(routes: tuple[Route, ...]) -> None:
     seen_prefix: dict[str, str] = {}
     seen_forward: dict[str, str] = {}
+    by_name = {r.name: r for r in routes}
+    for r in routes:
+        if r.share_pool is None:
+            continue
+        other = by_name.get(r.share_pool)
+        if other is None or other.family != r.family or other is r:
+            raise ConfigError(
+                f"routes.{r.name}.share_pool",
+                f"must name another route of family {r.family!r}, got {r.share_pool!r}",
+            )
     for r in routes:
         if not r.enabled:
             continue

@@ -716,3 +716,38 @@ class CircuitBreakerTests(SynchronousTestCase):
         self.proxy.clock.advance(11)
         self.proxy.get("/debian/pool/x_1_all.deb")
         self.assertEqual(agent.calls, 3)
+
+
+class SharedPoolTests(SynchronousTestCase):
+    def test_ubuntu_security_shares_the_archive_pool(self) -> None:
+        """A pool file cached from Ubuntu's archive is a hit through the security route
+        (the two hosts serve one pool); their dists/ stay apart."""
+        proxy = MemoryProxy(
+            {
+                "routes": {
+                    "ubuntu": {"upstream": "http://upstream.test/archive/"},
+                    "ubuntu-security": {"upstream": "http://upstream.test/security/"},
+                }
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(proxy.close)
+        proxy.upstream.add("/archive/pool/main/o/openssl/libssl3_3.0_amd64.deb", b"deb")
+        proxy.get("/ubuntu/pool/main/o/openssl/libssl3_3.0_amd64.deb")
+        resp, body = proxy.get("/ubuntu-security/pool/main/o/openssl/libssl3_3.0_amd64.deb")
+        self.assertEqual((body, header(resp, "x-cache")), (b"deb", "HIT"))
+        proxy.upstream.add("/archive/dists/noble/InRelease", b"archive")
+        proxy.upstream.add("/security/dists/noble/InRelease", b"security")
+        self.assertEqual(proxy.get("/ubuntu/dists/noble/InRelease")[1], b"archive")
+        self.assertEqual(proxy.get("/ubuntu-security/dists/noble/InRelease")[1], b"security")
+
+    def test_share_pool_must_name_a_route_of_the_family(self) -> None:
+        """A share_pool naming no route of the same family is a config error."""
+        from pkgproxy.config import ConfigError, config_from_dict
+
+        e = self.assertRaises(
+            ConfigError,
+            config_from_dict,
+            {"routes": {"ubuntu-security": {"share_pool": "alpine"}}},
+        )
+        self.assertEqual(e.key, "routes.ubuntu-security.share_pool")

@@ -121,6 +121,8 @@ class Decision:
     upstream_url: str | None = None
     digest_header: str | None = None
     head_revalidate: bool = False
+    #: Store under this route name instead of the request's (content shared by routes).
+    key_scope: str | None = None
 
     def with_expect(self, expect: Expect | None) -> Decision:
         """This decision, also checking what an index said."""

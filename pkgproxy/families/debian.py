@@ -57,7 +57,9 @@ def classify(
         return Decision(CacheClass.PASS)
     if _POOL.search(path):
         known = facts.get(route.upstream + path) if facts is not None else None
-        return Decision(CacheClass.IMMUTABLE).with_expect(known)
+        return replace(
+            Decision(CacheClass.IMMUTABLE).with_expect(known), key_scope=route.share_pool
+        )
     if _PDIFF.search(path):
         return Decision(CacheClass.IMMUTABLE)
     decision = Decision(CacheClass.MUTABLE, ttl=route.index_ttl)

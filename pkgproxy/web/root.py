@@ -244,6 +244,8 @@ class ProxyResource(Resource):
         if decision.local is not None:
             self._local(ctx, decision.local)
             return
+        if decision.key_scope is not None:
+            ctx.key = decision.key_scope + ctx.key[len(route.name) :]
         if decision.variant:
             ctx.key = f"{ctx.key}#{decision.variant}"
         if decision.upstream_url is not None:
