@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -129,21 +130,25 @@ class CertificateAuthority:
             self._leaves.popitem(last=False)
         return options
 
-    def _mint(self, host: str) -> ssl.CertificateOptions:
+    def issue(self, names: Sequence[str]) -> tuple[bytes, bytes]:
+        """A server certificate for ``names`` (host names or IP addresses), signed by this
+        CA: ``(certificate PEM, key PEM)``."""
         now = datetime.datetime.now(datetime.UTC)
-        try:
-            san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            san = x509.DNSName(host)
+        sans: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                sans.append(x509.DNSName(name))
         cert = (
             x509.CertificateBuilder()
-            .subject_name(_name(host))
+            .subject_name(_name(names[0]))
             .issuer_name(self._cert.subject)
             .public_key(self._leaf_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
-            .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
             .add_extension(
@@ -155,12 +160,15 @@ class CertificateAuthority:
             .sign(self._key, hashes.SHA256())  # type: ignore[arg-type]
         )
         self.minted += 1
-        leaf_pem = cert.public_bytes(serialization.Encoding.PEM)
         key_pem = self._leaf_key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+    def _mint(self, host: str) -> ssl.CertificateOptions:
+        leaf_pem, key_pem = self.issue([host])
         leaf = ssl.PrivateCertificate.loadPEM(leaf_pem + key_pem)
         return ssl.CertificateOptions(
             privateKey=leaf.privateKey.original,

@@ -14,6 +14,7 @@ from twisted.internet._sslverify import ClientTLSOptions
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -141,6 +142,8 @@ class TunnelResource(Resource):
 
 class TunnelRelayTests(SynchronousTestCase):
     def setUp(self) -> None:
+        # The channels' idle timers run on this clock, never on the global reactor.
+        self.clock = Clock()
         self.endpoint = FakeEndpoint()
         self.asked: list[tuple[str, int]] = []
 
@@ -149,7 +152,7 @@ class TunnelRelayTests(SynchronousTestCase):
             return self.endpoint
 
         self.tunnels = BlindTunnels([("git.example", 443)], connector)  # type: ignore[arg-type]
-        site = ProxySite(TunnelResource(self.tunnels))
+        site = ProxySite(TunnelResource(self.tunnels), reactor=self.clock)
         self.channel = site.buildProtocol(None)
         self.client = StringTransport()
         self.channel.makeConnection(self.client)
@@ -186,7 +189,7 @@ class TunnelRelayTests(SynchronousTestCase):
         self.endpoint.protocol.connectionLost(Failure(ConnectionRefusedError()))
         self.assertTrue(self.client.disconnecting)
         self.endpoint = FakeEndpoint()  # a second tunnel, closed from the client's end
-        second = ProxySite(TunnelResource(self.tunnels)).buildProtocol(None)
+        second = ProxySite(TunnelResource(self.tunnels), reactor=self.clock).buildProtocol(None)
         second.makeConnection(StringTransport())
         second.dataReceived(b"CONNECT git.example:443 HTTP/1.1\r\n\r\n")
         second.connectionLost(Failure(ConnectionRefusedError()))
@@ -205,7 +208,7 @@ class TunnelRelayTests(SynchronousTestCase):
 
         cancelled: list[bool] = []
         self.endpoint.later = Deferred(lambda _: cancelled.append(True))
-        second = ProxySite(TunnelResource(self.tunnels)).buildProtocol(None)
+        second = ProxySite(TunnelResource(self.tunnels), reactor=self.clock).buildProtocol(None)
         client = StringTransport()
         second.makeConnection(client)
         second.dataReceived(b"CONNECT git.example:443 HTTP/1.1\r\n\r\n")

@@ -26,7 +26,6 @@ Every loop is bounded: a response loop by the file's size, the server itself by
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import posixpath
 import sys
@@ -42,6 +41,7 @@ from tests.support.procs import (
     REPO_ROOT,
     ServerProcess,
     _fail_start,
+    _wait_health,
     clean_env,
     free_port,
 )
@@ -183,29 +183,6 @@ class SlowServer(ServerProcess):
         return sum(1 for line in lines if line.split()[:4] == ["GET", path, "200", what])
 
 
-def _wait_ready(server: SlowServer, timeout: float) -> str | None:
-    """Wait until ``GET /_slowserver/ready`` answers 200; return an error text or None."""
-    deadline = time.monotonic() + timeout
-    last = "no answer yet"
-    while time.monotonic() < deadline:
-        if not server.running:
-            return f"{server.name} exited with status {server.process.returncode}"
-        conn = http.client.HTTPConnection(HOST, server.port, timeout=2.0)
-        try:
-            conn.request("GET", READY_PATH)
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status == 200:
-                return None
-            last = f"{resp.status} {resp.reason}"
-        except (OSError, http.client.HTTPException) as e:
-            last = f"{type(e).__name__}: {e}"
-        finally:
-            conn.close()
-        time.sleep(0.05)
-    return f"{server.name}: GET {READY_PATH} gave no 200 within {timeout} s (last: {last})"
-
-
 def start_slow_server(
     testcase: SynchronousTestCase,
     root_dir: str,
@@ -231,7 +208,7 @@ def start_slow_server(
         lifetime,
     )
     testcase.addCleanup(server.stop)
-    error = _wait_ready(server, timeout)
+    error = _wait_health(server, READY_PATH, timeout)
     if error:
         _fail_start(testcase, server, error)
     return server

@@ -11,9 +11,7 @@ Run as ``python -m tests.support.tlsserver --port P --cert C --key K --dir D``; 
 from __future__ import annotations
 
 import argparse
-import datetime
 import http.server
-import ipaddress
 import os
 import socket
 import ssl
@@ -21,12 +19,9 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
+from pkgproxy.tlsca import CertificateAuthority
 from tests.support.procs import HOST, REPO_ROOT, ServerProcess, clean_env, free_port, tail
 
 
@@ -39,78 +34,25 @@ class TlsFiles:
     key: str
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+def make_tls_files(directory: str) -> TlsFiles:
+    """A new CA, and a server certificate it signed for ``127.0.0.1`` and ``localhost``.
 
-
-def make_tls_files(directory: str, name: str = "test upstream") -> TlsFiles:
-    """A new CA, and a server certificate it signed for ``127.0.0.1`` and ``localhost``."""
+    Made with pkgproxy's own CA code: an upstream's CA of the test's own, unrelated to the
+    CA pkgproxy uses for interception.
+    """
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
     files = TlsFiles(
         os.path.join(directory, "ca.pem"),
         os.path.join(directory, "server.pem"),
         os.path.join(directory, "server.key"),
     )
-    with open(files.ca_cert, "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
+    ca = CertificateAuthority(files.ca_cert, os.path.join(directory, "ca.key"))
+    cert_pem, key_pem = ca.issue([HOST, "localhost"])
     with open(files.cert, "wb") as f:
-        f.write(leaf.public_bytes(serialization.Encoding.PEM))
+        f.write(cert_pem)
     with open(files.key, "wb") as f:
-        f.write(_pem_key(key))
+        f.write(key_pem)
     return files
 
 
