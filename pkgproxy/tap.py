@@ -143,6 +143,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     )
     ops.attach(root)
     site = ProxySite(root, reactor=reactor)
+    site.hit_path = root.hit_path
     site.displayTracebacks = False
     # A client connection idle this long between requests is closed (Twisted's default
     # is 12 hours); a client that stops reading mid-body is cut off by the producers.

@@ -144,6 +144,9 @@ class Facts:
 
     def __init__(self) -> None:
         self._known: dict[str, Expect] = {}
+        #: Changes whenever something is learned: a decision made under an older
+        #: generation may no longer hold (the cache's hit path checks it).
+        self.generation = 0
 
     def get(self, url: str) -> Expect | None:
         """What must be true of the file at ``url``, if an index said."""
@@ -155,6 +158,7 @@ class Facts:
         for url, expect in items:
             self._known[url] = expect
             n += 1
+        self.generation += 1
         return n
 
     def __len__(self) -> int:

@@ -38,6 +38,7 @@ from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from pkgproxy.web.fast import HitPath
 from pkgproxy.web.producer import (
     BodyProducer,
     CompleteSource,
@@ -154,6 +155,8 @@ class ProxyResource(Resource):
         self._idle_timeout = idle_timeout
         #: Serve only from the cache, stale entries too; a miss is a 503, never a fetch.
         self.offline = config.offline
+        #: Repeated hits answered below twisted.web (the site's channels use it).
+        self.hit_path = HitPath(store, self._learner, self._observer, clock)
 
     def render(self, request: Request) -> bytes | int:
         # Twisted would label a body without a type text/html; unknown stays unknown.
@@ -682,6 +685,8 @@ class ProxyResource(Resource):
             except OSError as e:
                 self._unreadable(ctx, entry, str(e))
                 return
+            if x_cache == b"HIT" and end - start == entry.size:
+                self._remember_hit(ctx, entry)
             req.write(data)
             req.finish()
             return
@@ -713,6 +718,22 @@ class ProxyResource(Resource):
             self._unreadable(ctx, entry, f.getErrorMessage())
 
         d.addCallbacks(opened, missing)
+
+    def _remember_hit(self, ctx: _Ctx, entry: Entry) -> None:
+        """Let the hit path replay this answer to the next identical request.
+
+        Content pinned by the family (immutable, or named by an index) is answered the
+        same way while the entry lasts; an index only while it is fresh.
+        """
+        decision = ctx.decision
+        if (
+            decision.cache_class is CacheClass.IMMUTABLE
+            or decision.digests
+            or decision.size is not None
+        ):
+            self.hit_path.remember(ctx.request, entry, ctx.route, None)
+        elif entry.expires is not None:
+            self.hit_path.remember(ctx.request, entry, ctx.route, entry.expires)
 
     def _unreadable(self, ctx: _Ctx, entry: Entry, why: str) -> None:
         """A cache file went missing or unreadable: drop the entry and fetch again once."""

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from pkgproxy.config import LimitsConfig
+from pkgproxy.web.fast import HitPath
 
 #: The largest request body accepted: admin actions send a few form fields, and the only
 #: POSTs relayed upstream are npm's audit requests (a compressed list of packages).
@@ -73,6 +75,86 @@ class CappedRequest(Request):
             channel.loseConnection()
 
 
+class ProxyChannel(HTTPChannel):
+    """Twisted's HTTP/1.1 channel, with the hit path in front and TLS refused out loud.
+
+    While the channel is between requests (nothing buffered, nothing being answered),
+    each complete request head that arrives is first offered to the
+    :class:`~pkgproxy.web.fast.HitPath`; what it does not answer, and everything after
+    it, goes through twisted.web unchanged. Pipelined requests keep their order: the
+    hit path only ever answers the first request of the data at hand, and only while no
+    earlier answer is pending.
+
+    A client that speaks TLS to this plain-HTTP port (Go's registry clients try https://
+    first when told to skip verification) would otherwise wait for its handshake to
+    time out; a plain 400 makes it fall back to http:// at once.
+    """
+
+    hit_path: HitPath | None = None
+    pkgproxy_peer = "-"
+    _first_data = True
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        transport: Any = self.transport
+        self.pkgproxy_peer = getattr(transport.getPeer(), "host", "-")
+
+    def dataReceived(self, data: bytes) -> None:
+        transport: Any = self.transport
+        if self._first_data and data:
+            self._first_data = False
+            if data[:1] == b"\x16":  # a TLS record: the start of a ClientHello
+                transport.write(_TLS_ON_PLAIN_PORT)
+                transport.loseConnection()
+                return
+        hits = self.hit_path
+        if hits is not None and self._between_requests():
+            limit = self.totalHeadersSize
+            while True:
+                end = data.find(b"\r\n\r\n", 0, limit + 4)
+                if end < 0 or not hits.answer(self, data[:end]):
+                    break
+                self.resetTimeout()
+                data = data[end + 4 :]
+                if not data or self._waitingForTransport or transport.disconnecting:
+                    break
+            if not data:
+                return
+        super().dataReceived(data)
+
+    def _between_requests(self) -> bool:
+        """Whether twisted.web holds nothing of this connection: no request, no bytes."""
+        return bool(
+            _CHANNEL_STATE_KNOWN
+            and not self.requests
+            and not self._handlingRequest
+            and self.line_mode
+            and not self._buffer
+            and not self._busyReceiving
+            and self.persistent
+            and not self._waitingForTransport
+            and getattr(self, "_HTTPChannel__first_line", 0) == 1
+            and getattr(self, "pkgproxy_tunnel", None) is None
+        )
+
+
+#: The hit path reads a few of HTTPChannel's attributes to know the channel is idle; a
+#: Twisted without them gets no hit path rather than a wrong one.
+_CHANNEL_STATE_KNOWN = all(
+    hasattr(HTTPChannel(), name)
+    for name in (
+        "requests",
+        "_handlingRequest",
+        "line_mode",
+        "_buffer",
+        "_busyReceiving",
+        "persistent",
+        "_waitingForTransport",
+        "_HTTPChannel__first_line",
+    )
+)
+
+
 class ProxySite(Site):
     """pkgproxy's ``Site``: no Twisted access log, request bodies and headers capped.
 
@@ -82,6 +164,9 @@ class ProxySite(Site):
     """
 
     requestFactory = CappedRequest
+    protocol = ProxyChannel  # type: ignore[assignment]
+    #: Replays repeated cache hits below twisted.web; ``None`` turns that off.
+    hit_path: HitPath | None = None
     max_header_bytes = LimitsConfig.max_header_bytes
     max_headers = LimitsConfig.max_headers
 
@@ -92,30 +177,13 @@ class ProxySite(Site):
         """Nothing: the access log observer writes the request's one line."""
 
     def buildProtocol(self, addr: Any) -> Any:
-        """The usual HTTP channel, which first refuses a TLS handshake out loud.
-
-        A client that speaks TLS to this plain-HTTP port (Go's registry clients try
-        https:// first when told to skip verification) would otherwise wait for its
-        handshake to time out; a plain 400 makes it fall back to http:// at once.
-        """
-        protocol = super().buildProtocol(addr)
-        if protocol is None:
+        """A :class:`ProxyChannel` with this site's caps and hit path."""
+        channel = super().buildProtocol(addr)
+        if channel is None:
             return None
-        self._limit(getattr(protocol, "_channel", protocol))
-        original = protocol.dataReceived
-        state = {"first": True}
-
-        def data_received(data: bytes) -> None:
-            if state["first"] and data:
-                state["first"] = False
-                if data[:1] == b"\x16":  # a TLS record: the start of a ClientHello
-                    protocol.transport.write(_TLS_ON_PLAIN_PORT)
-                    protocol.transport.loseConnection()
-                    return
-            original(data)
-
-        protocol.dataReceived = data_received
-        return protocol
+        self._limit(channel)
+        channel.hit_path = self.hit_path
+        return channel
 
     def _limit(self, channel: Any) -> None:
         """Give one ``HTTPChannel`` this site's header caps.

@@ -36,7 +36,6 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
-from twisted.web.server import Site
 
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config, config_from_dict
@@ -46,6 +45,7 @@ from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamService
 from pkgproxy.web.root import ProxyResource
+from pkgproxy.web.site import ProxySite
 
 #: The real reactor; typed loosely because its interfaces are provided dynamically.
 reactor: Any = _global_reactor
@@ -316,7 +316,7 @@ def _transport_of(channel: Any) -> Any:
     return getattr(channel, "_channel", channel).transport
 
 
-class TrackingSite(Site):
+class TrackingSite(ProxySite):
     """A :class:`Site` that knows its open connections, so cleanup can close them."""
 
     noisy = False
@@ -361,6 +361,7 @@ class ProxyUnderTest:
             revalidate_window=config.cache.revalidate_window,
         )
         self.site = TrackingSite(self.resource, reactor)
+        self.site.hit_path = self.resource.hit_path
         self.site.displayTracebacks = False
         self.port_number = 0
         self._port: Any = None

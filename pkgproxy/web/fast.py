@@ -1,0 +1,233 @@
+"""The hit path: answering a repeated cache hit without twisted.web's request machinery.
+
+A small cache hit costs about 150 µs of CPU through twisted.web (the ``Request``
+object, header parsing and encoding, ``notifyFinish``, the resource) and about a third
+of that when the answer is written straight to the transport. So the first time the
+resource answers a plain ``GET`` with a complete cache hit, it records the answer's
+header block here (:meth:`HitPath.remember`); the next identical request (same target,
+``Host`` and ``Accept``, nothing else that could change the answer) is answered from
+that record by :class:`ProxyChannel` before twisted.web parses it.
+
+Nothing is decided here: the resource decides, and this replays only its decision, and
+only while it still holds. A record is dropped as soon as its cache entry is no longer
+the current one (evicted, purged, replaced), an index taught the family something new
+(the entry might no longer match it), an index of its family is being read, or, for an
+index with a lifetime, the entry is no longer fresh. Anything else (a ``Range``, a
+condition, ``Cache-Control``, a body, ``Connection: close``, HTTP/1.0, a request in an
+intercepted tunnel) goes to twisted.web as before. Both paths report to the same
+observer, so the access log and the metrics cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web import http
+from twisted.web.server import Request
+
+from pkgproxy.cache.store import CacheStore, Entry
+from pkgproxy.config import Route
+from pkgproxy.learning import Learner
+from pkgproxy.observe import Observer, RequestRecord
+
+#: Request headers that cannot change a hit's answer. ``Accept`` can (the PyPI, npm and
+#: OCI families answer by it) and is part of a record's key; anything not named here
+#: sends the request to twisted.web.
+_NEUTRAL = frozenset(
+    {b"host", b"user-agent", b"accept", b"accept-encoding", b"accept-language", b"connection"}
+)
+
+#: Records kept; past this the oldest half is forgotten (a record is cheap to remake).
+MAX_RECORDS = 20_000
+
+_Key = tuple[bytes, bytes, bytes]
+
+
+@dataclass(eq=False)
+class _Record:
+    """One hit's answer, as the resource gave it."""
+
+    entry: Entry
+    head: bytes  # status line and headers, Date excepted, each line ending in CRLF
+    path: str
+    route: Route
+    #: The facts' generation the decision was made in.
+    generation: int
+    #: For an index with a lifetime: the answer holds until then.
+    until: float | None
+
+
+class HitPath:
+    """Records of recent hits, and the replay of them."""
+
+    def __init__(
+        self, store: CacheStore, learner: Learner, observer: Observer, clock: IReactorTime
+    ) -> None:
+        self._store = store
+        self._learner = learner
+        self._observer = observer
+        self._clock = clock
+        self._records: dict[_Key, _Record] = {}
+        self._date_second = -1
+        self._date = b""
+        #: Requests answered here since start.
+        self.answered = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    # -- recording (the resource) ------------------------------------------------------
+
+    def remember(self, request: Request, entry: Entry, route: Route, until: float | None) -> None:
+        """Keep the answer ``request`` is about to get, if it can be replayed.
+
+        Called with every header set and before the body is written. ``until`` is when
+        the decision stops holding by itself (an index's expiry), or ``None`` for
+        content that stays valid as long as its entry does.
+        """
+        key = _request_key(request)
+        if key is None or request.code != http.OK:
+            return
+        lines = [b"HTTP/1.1 200 OK\r\n"]
+        for name, values in request.responseHeaders.getAllRawHeaders():
+            if name.lower() == b"date":
+                continue
+            for value in values:
+                lines.append(name + b": " + value + b"\r\n")
+        if len(self._records) >= MAX_RECORDS:
+            for old in list(self._records)[: MAX_RECORDS // 2]:
+                del self._records[old]
+        self._records[key] = _Record(
+            entry,
+            b"".join(lines),
+            self._store.path_of(entry),
+            route,
+            self._learner.facts.generation,
+            until,
+        )
+
+    # -- replay (the channel) ----------------------------------------------------------
+
+    def answer(self, channel: Any, head: bytes) -> bool:
+        """Answer one request head (without its final blank line) if a record holds.
+
+        :return: False to leave the request to twisted.web, untouched.
+        """
+        parsed = _parse_head(head)
+        if parsed is None:
+            return False
+        method, target, host, accept, agent = parsed
+        key = (target, host, accept)
+        record = self._records.get(key)
+        if record is None:
+            return False
+        now = self._clock.seconds()
+        entry = record.entry
+        if (
+            record.generation != self._learner.facts.generation
+            or (record.until is not None and now >= record.until)
+            or self._store.get(entry.key) is not entry
+            or self._learner.busy(record.route)
+        ):
+            del self._records[key]
+            return False
+        body = b""
+        if method == b"GET":
+            try:
+                body = _read_whole(record.path, entry.size)
+            except OSError:
+                # The resource decides what an unreadable cache file means.
+                del self._records[key]
+                return False
+        second = int(now)
+        if second != self._date_second:
+            self._date_second = second
+            self._date = b"Date: " + http.datetimeToString(second) + b"\r\n\r\n"
+        channel.transport.write(record.head + self._date + body)
+        self.answered += 1
+        self._observer.request_done(
+            RequestRecord(
+                client=channel.pkgproxy_peer,
+                method=method.decode("latin-1"),
+                uri=target.decode("latin-1"),
+                status=200,
+                bytes_sent=len(body),
+                cache="HIT",
+                route=record.route.name,
+                family=record.route.family,
+                duration=self._clock.seconds() - now,
+                upstream_seconds=None,
+                user_agent=agent.decode("latin-1"),
+                completed=True,
+            )
+        )
+        return True
+
+
+def _request_key(request: Request) -> _Key | None:
+    """A twisted.web request's record key, or ``None`` if its answer is not replayable."""
+    if request.method != b"GET" or request.clientproto != b"HTTP/1.1":
+        return None
+    if getattr(request.channel, "pkgproxy_tunnel", None) is not None:
+        return None
+    host = accept = b""
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lower = name.lower()
+        if lower not in _NEUTRAL:
+            return None
+        if lower == b"connection":
+            if any(v.strip().lower() != b"keep-alive" for v in values):
+                return None
+        elif lower == b"host":
+            if len(values) != 1:
+                return None
+            host = values[0]
+        elif lower == b"accept":
+            accept = b", ".join(values)
+    return (request.uri, host, accept)
+
+
+def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
+    """``(method, target, host, accept, user agent)`` of a plain GET or HEAD, else None.
+
+    Strict on purpose: whatever is unusual (another method or version, a header not
+    known to be neutral, a folded line, a body) is twisted.web's to parse and refuse.
+    """
+    lines = head.split(b"\r\n")
+    method, target, version = (lines[0].split(b" ") + [b"", b""])[:3]
+    if (method != b"GET" and method != b"HEAD") or version != b"HTTP/1.1" or not target:
+        return None
+    host = agent = b""
+    accepts: list[bytes] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        lower = name.lower()
+        if not colon or lower not in _NEUTRAL:
+            return None
+        value = value.strip(b" \t")
+        if lower == b"host":
+            if host:
+                return None
+            host = value
+        elif lower == b"accept":
+            accepts.append(value)
+        elif lower == b"user-agent":
+            agent = value
+        elif lower == b"connection" and value.lower() != b"keep-alive":
+            return None
+    return method, target, host, b", ".join(accepts), agent
+
+
+def _read_whole(path: str, size: int) -> bytes:
+    """A small cache file, all of it; a short read is an error, never a short body."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise OSError(f"short read: {len(data)} of {size} bytes")
+    return data

@@ -1,0 +1,254 @@
+"""The hit path: repeated hits answered below twisted.web, exactly as twisted.web would.
+
+Every test runs the real server on 127.0.0.1 and talks to it over TCP; the hit path's
+``answered`` counter tells which path answered.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from pkgproxy.config import Route
+from pkgproxy.fetch.fetch import Fetch
+from pkgproxy.observe import Observer, RequestRecord
+from tests.integration.harness import (
+    IntegrationTestCase,
+    ProxyUnderTest,
+    RawResponse,
+    SlowBody,
+    parse_responses,
+    pattern,
+    sleep,
+    static,
+    wait_until,
+)
+
+SMALL = pattern(12_000, b"small")
+OTHER = pattern(3_000, b"other")
+
+
+def get(path: str, *headers: bytes, method: bytes = b"GET", version: bytes = b"HTTP/1.1") -> bytes:
+    """One request head, as a client writes it."""
+    head = b"%s %s %s\r\nHost: proxy\r\n" % (method, path.encode(), version)
+    return head + b"".join(h + b"\r\n" for h in headers) + b"\r\n"
+
+
+class Recorder(Observer):
+    """Keeps every request record."""
+
+    def __init__(self) -> None:
+        self.records: list[RequestRecord] = []
+
+    def request_done(self, record: RequestRecord) -> None:
+        self.records.append(record)
+
+    def fetch_settled(self, route: Route, fetch: Fetch) -> None:
+        pass
+
+
+class HitPathTests(IntegrationTestCase):
+    async def _exchange(
+        self, proxy: ProxyUnderTest, data: bytes, count: int = 1
+    ) -> tuple[list[RawResponse], bytes]:
+        """Send ``data`` on a new connection; the first ``count`` responses, and the raw bytes."""
+        raw = await self.raw_client(proxy)
+        raw.send(data)
+
+        def complete() -> bool:
+            return len(parse_responses(bytes(raw.received))[0]) >= count or raw.closed
+
+        await wait_until(complete, 10, f"{count} responses")
+        received = bytes(raw.received)
+        raw.abort()
+        return parse_responses(received)[0], received
+
+    async def _warm(self, *names: str, **bodies: bytes) -> tuple[Any, ProxyUnderTest]:
+        """An immutable route with ``names`` fetched once (a MISS) and committed."""
+        upstream, proxy = await self.files_setup()
+        for name, body in bodies.items():
+            upstream.handlers[b"/" + name.encode()] = static(
+                body, [(b"content-type", b"application/octet-stream")]
+            )
+        client = self.client()
+        for name in names:
+            self.assertEqual((await client.get(proxy.url("/files/" + name))).x_cache, b"MISS")
+        await proxy.settled()
+        return upstream, proxy
+
+    async def test_second_hit_is_replayed_byte_for_byte(self) -> None:
+        """twisted.web answers the first hit; the next one gets the same bytes (Date aside)."""
+        upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        hits = proxy.site.hit_path
+        assert hits is not None
+
+        _, first = await self._exchange(proxy, get("/files/a.bin"))
+        self.assertEqual(hits.answered, 0)
+        _, second = await self._exchange(proxy, get("/files/a.bin", b"User-Agent: t/1"))
+        self.assertEqual(hits.answered, 1)
+
+        def without_date(raw: bytes) -> bytes:
+            head, _, body = raw.partition(b"\r\n\r\n")
+            lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"date:")]
+            return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+        self.assertEqual(without_date(second), without_date(first))
+        self.assertIn(b"\r\nDate: ", second)
+        response = parse_responses(second)[0][0]
+        self.assertEqual((response.status, response.body), (200, SMALL))
+        self.assertEqual(response.headers[b"x-cache"], b"HIT")
+        self.assertEqual(len(upstream.requests), 1)
+
+    async def test_pipelined_mix_keeps_order(self) -> None:
+        """Replayed hits and a slow miss on one connection answer in request order."""
+        upstream, proxy = await self._warm("a.bin", "b.bin", **{"a.bin": SMALL, "b.bin": OTHER})
+        slow = pattern(300_000, b"slow")
+        upstream.handlers[b"/c.bin"] = SlowBody(slow, 64 * 1024, 0.02)
+        for name in ("a.bin", "b.bin"):  # twisted.web answers these hits and records them
+            await self._exchange(proxy, get("/files/" + name))
+        hits = proxy.site.hit_path
+        assert hits is not None
+        data = (
+            get("/files/a.bin")
+            + get("/files/c.bin")
+            + get("/files/b.bin")
+            + get("/files/a.bin", b"Connection: close")
+        )
+        responses, _ = await self._exchange(proxy, data, 4)
+        self.assertEqual([r.status for r in responses], [200] * 4)
+        self.assertEqual([r.body for r in responses], [SMALL, slow, OTHER, SMALL], "in order")
+        self.assertEqual(
+            [r.headers[b"x-cache"] for r in responses], [b"HIT", b"MISS", b"HIT", b"HIT"]
+        )
+        self.assertGreaterEqual(hits.answered, 1)
+
+    async def test_head_is_replayed_without_body(self) -> None:
+        """A HEAD after a recorded GET gets the GET's headers and no body."""
+        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        await self._exchange(proxy, get("/files/a.bin"))
+        hits = proxy.site.hit_path
+        assert hits is not None
+        raw = await self.raw_client(proxy)
+        raw.send(get("/files/a.bin", method=b"HEAD") + get("/files/b.bin", method=b"HEAD"))
+        await wait_until(lambda: raw.received.count(b"\r\n\r\n") >= 2, 5, "two answers")
+        first, _, rest = bytes(raw.received).partition(b"\r\n\r\n")
+        self.assertIn(b"Content-Length: %d" % len(SMALL), first)
+        self.assertTrue(rest.startswith(b"HTTP/1.1 "), "no body after a HEAD answer")
+        self.assertEqual(hits.answered, 1)
+
+    async def test_requests_that_could_differ_go_to_twisted_web(self) -> None:
+        """Ranges, conditions, Cache-Control, HTTP/1.0 and other Accepts are not replayed."""
+        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        await self._exchange(proxy, get("/files/a.bin"))  # recorded
+        hits = proxy.site.hit_path
+        assert hits is not None
+
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin", b"Range: bytes=0-9"))
+        self.assertEqual((r.status, r.body), (206, SMALL[:10]))
+        etag = r.headers[b"etag"]
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin", b"If-None-Match: " + etag))
+        self.assertEqual(r.status, 304)
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin", b"Cache-Control: no-cache"))
+        self.assertEqual((r.status, r.body), (200, SMALL))
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin", version=b"HTTP/1.0"))
+        self.assertEqual((r.status, r.body), (200, SMALL))
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin", b"Accept: text/html"))
+        self.assertEqual((r.status, r.body), (200, SMALL))
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin", b"X-Other: 1"))
+        self.assertEqual((r.status, r.body), (200, SMALL))
+        self.assertEqual(hits.answered, 0)
+
+        # Twisted's answer to a malformed request is not pre-empted either.
+        (r,), _ = await self._exchange(proxy, b"GET /files/a.bin HTTP/1.1\r\nHost : x\r\n\r\n")
+        self.assertEqual(r.status, 400)
+        self.assertEqual(hits.answered, 0)
+
+    async def test_purged_entry_is_not_replayed(self) -> None:
+        """Once an entry leaves the cache, its record is dropped and the file fetched again."""
+        upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        await self._exchange(proxy, get("/files/a.bin"))
+        hits = proxy.site.hit_path
+        assert hits is not None
+        self.assertTrue(proxy.store.remove("files:a.bin"))
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin"))
+        self.assertEqual((r.body, r.headers[b"x-cache"]), (SMALL, b"MISS"))
+        self.assertEqual((hits.answered, len(upstream.requests)), (0, 2))
+
+    async def test_missing_cache_file_goes_to_twisted_web(self) -> None:
+        """A cache file gone from disk is the resource's to handle (it fetches again)."""
+        upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        await self._exchange(proxy, get("/files/a.bin"))
+        entry = proxy.store.peek("files:a.bin")
+        assert entry is not None
+        os.unlink(proxy.store.path_of(entry))
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin"))
+        self.assertEqual((r.status, r.body), (200, SMALL))
+        self.assertEqual(len(upstream.requests), 2)
+
+    async def test_new_facts_end_every_record(self) -> None:
+        """When an index teaches something, no earlier decision is replayed unchecked."""
+        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        await self._exchange(proxy, get("/files/a.bin"))
+        hits = proxy.site.hit_path
+        assert hits is not None
+        proxy.learner.facts.add([])
+        await self._exchange(proxy, get("/files/a.bin"))  # decided again, recorded again
+        self.assertEqual(hits.answered, 0)
+        await self._exchange(proxy, get("/files/a.bin"))
+        self.assertEqual(hits.answered, 1)
+
+    async def test_index_replayed_only_while_fresh(self) -> None:
+        """An entry with a lifetime is replayed until it expires, then revalidated."""
+        upstream = await self.start_upstream()
+        upstream.handlers[b"/index"] = static(
+            OTHER, [(b"cache-control", b"max-age=1"), (b"etag", b'"v1"')]
+        )
+        proxy = await self.start_proxy(
+            {"routes": {"files": {"family": "generic", "upstream": upstream.url()}}}
+        )
+        hits = proxy.site.hit_path
+        assert hits is not None
+        (r,), _ = await self._exchange(proxy, get("/files/index"))
+        self.assertEqual(r.headers[b"x-cache"], b"MISS")
+        await proxy.settled()
+        await self._exchange(proxy, get("/files/index"))
+        (r,), _ = await self._exchange(proxy, get("/files/index"))
+        self.assertEqual((r.body, hits.answered), (OTHER, 1))
+        await sleep(1.2)
+        (r,), _ = await self._exchange(proxy, get("/files/index"))
+        self.assertEqual(r.body, OTHER)
+        self.assertNotEqual(r.headers[b"x-cache"], b"HIT")
+        self.assertEqual((hits.answered, len(upstream.requests)), (1, 2))
+
+    async def test_replayed_hits_are_reported(self) -> None:
+        """The access log and metrics see a replayed hit like any other."""
+        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        recorder = Recorder()
+        hits = proxy.site.hit_path
+        assert hits is not None
+        hits._observer = recorder
+        proxy.resource._observer = recorder
+        await self._exchange(proxy, get("/files/a.bin"))
+        await self._exchange(proxy, get("/files/a.bin", b"User-Agent: apt/2"))
+        await wait_until(lambda: len(recorder.records) == 2, 5, "two records")
+        slow, fast = recorder.records
+        self.assertEqual(fast.uri, "/files/a.bin")
+        self.assertEqual(fast.user_agent, "apt/2")
+        self.assertEqual(fast.client, "127.0.0.1")
+        for record in (slow, fast):
+            self.assertEqual(
+                (record.status, record.cache, record.route, record.family, record.bytes_sent),
+                (200, "HIT", "files", "generic", len(SMALL)),
+            )
+
+    async def test_idle_connection_still_times_out(self) -> None:
+        """A connection answered only by the hit path keeps twisted.web's idle timeout."""
+        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        proxy.site.timeOut = 0.5
+        await self._exchange(proxy, get("/files/a.bin"))
+        raw = await self.raw_client(proxy)
+        raw.send(get("/files/a.bin"))
+        await wait_until(lambda: len(parse_responses(bytes(raw.received))[0]) == 1, 5, "hit")
+        await Deferred.fromCoroutine(raw.wait_closed(5.0))
