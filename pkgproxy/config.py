@@ -119,6 +119,8 @@ class CacheConfig:
     #: Hits up to this size are read in the reactor thread (cheaper than a thread hop on
     #: a local disk); 0 sends every read to the disk pool (a slow or network disk).
     sync_read_max: int = 64 * 1024
+    #: Bodies of recently repeated small hits kept in memory (0: always read the disk).
+    memory: int = 16 * 1024**2
     #: After the cache disk refuses a write, misses bypass it for this long.
     disk_retry_after: float = 30.0
     #: A client's ``max-age=0``/``no-cache`` on an index checked upstream less than this
@@ -622,7 +624,14 @@ def _token_file(value: object, key: str) -> str:
         raise ConfigError(key, f"{e.message} (in {path})") from None
 
 
-_CACHE_KEYS = {"dir", "max_size", "sync_read_max", "disk_retry_after", "revalidate_window"}
+_CACHE_KEYS = {
+    "dir",
+    "max_size",
+    "sync_read_max",
+    "memory",
+    "disk_retry_after",
+    "revalidate_window",
+}
 _LIMITS_KEYS = {"max_header_bytes", "max_headers", "client_idle_timeout"}
 _UPSTREAM_KEYS = {
     "connect_timeout",
@@ -684,6 +693,10 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         value = cache["sync_read_max"]
         zero = value in (0, "0")
         cc = replace(cc, sync_read_max=0 if zero else parse_size(value, "cache.sync_read_max"))
+    if "memory" in cache:
+        value = cache["memory"]
+        zero = value in (0, "0")
+        cc = replace(cc, memory=0 if zero else parse_size(value, "cache.memory"))
     if "disk_retry_after" in cache:
         seconds = parse_duration(cache["disk_retry_after"], "cache.disk_retry_after")
         cc = replace(cc, disk_retry_after=seconds)

@@ -49,6 +49,8 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(parse_duration("10m"), 600.0)
         self.assertEqual(parse_duration("60s"), 60.0)
         self.assertEqual(parse_duration(5), 5.0)
+        self.assertEqual(config_from_dict({"cache": {"memory": "1MiB"}}).cache.memory, 1024**2)
+        self.assertEqual(config_from_dict({"cache": {"memory": 0}}).cache.memory, 0)
 
     def assertConfigError(self, data: dict, key: str) -> str:
         e = self.assertRaises(ConfigError, config_from_dict, data)
@@ -60,6 +62,7 @@ class ConfigTests(SynchronousTestCase):
         """Every bad value is reported with the key it is under."""
         self.assertConfigError({"cache": {"max_size": "lots"}}, "cache.max_size")
         self.assertConfigError({"cache": {"sizee": 1}}, "cache.sizee")
+        self.assertConfigError({"cache": {"memory": "much"}}, "cache.memory")
         self.assertConfigError({"listen": 3142}, "listen")
         self.assertConfigError({"upstream": {"idle_timeout": "soon"}}, "upstream.idle_timeout")
         self.assertConfigError({"routes": {"x": {"family": "generic"}}}, "routes.x.upstream")

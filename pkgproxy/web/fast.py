@@ -32,6 +32,7 @@ from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Route
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.web.producer import plain_tcp, send_now
 
 #: Request headers that cannot change a hit's answer. ``Accept`` can (the PyPI, npm and
 #: OCI families answer by it) and is part of a record's key; anything not named here
@@ -58,14 +59,24 @@ class _Record:
     generation: int
     #: For an index with a lifetime: the answer holds until then.
     until: float | None
+    #: The body, when it is kept in memory.
+    body: bytes | None
 
 
 class HitPath:
     """Records of recent hits, and the replay of them."""
 
     def __init__(
-        self, store: CacheStore, learner: Learner, observer: Observer, clock: IReactorTime
+        self,
+        store: CacheStore,
+        learner: Learner,
+        observer: Observer,
+        clock: IReactorTime,
+        memory: int = 16 * 1024**2,
     ) -> None:
+        self._memory = memory
+        #: Bytes of bodies held by records.
+        self.kept = 0
         self._store = store
         self._learner = learner
         self._observer = observer
@@ -81,12 +92,16 @@ class HitPath:
 
     # -- recording (the resource) ------------------------------------------------------
 
-    def remember(self, request: Request, entry: Entry, route: Route, until: float | None) -> None:
+    def remember(
+        self, request: Request, entry: Entry, route: Route, until: float | None, body: bytes
+    ) -> None:
         """Keep the answer ``request`` is about to get, if it can be replayed.
 
-        Called with every header set and before the body is written. ``until`` is when
-        the decision stops holding by itself (an index's expiry), or ``None`` for
-        content that stays valid as long as its entry does.
+        Called with every header set and before ``body`` (the entry's whole content) is
+        written. ``until`` is when the decision stops holding by itself (an index's
+        expiry), or ``None`` for content that stays valid as long as its entry does.
+        The body is kept too while :attr:`kept` allows; the longest-kept records go
+        first to make room (a record still in use is made again by its next hit).
         """
         key = _request_key(request)
         if key is None or request.code != http.OK:
@@ -97,9 +112,15 @@ class HitPath:
                 continue
             for value in values:
                 lines.append(name + b": " + value + b"\r\n")
+        self._drop(key)
         if len(self._records) >= MAX_RECORDS:
             for old in list(self._records)[: MAX_RECORDS // 2]:
-                del self._records[old]
+                self._drop(old)
+        keep = len(body) <= self._memory
+        if keep:
+            while self.kept + len(body) > self._memory:
+                self._drop(next(iter(self._records)))
+            self.kept += len(body)
         self._records[key] = _Record(
             entry,
             b"".join(lines),
@@ -107,7 +128,13 @@ class HitPath:
             route,
             self._learner.facts.generation,
             until,
+            body if keep else None,
         )
+
+    def _drop(self, key: _Key) -> None:
+        record = self._records.pop(key, None)
+        if record is not None and record.body is not None:
+            self.kept -= len(record.body)
 
     # -- replay (the channel) ----------------------------------------------------------
 
@@ -132,21 +159,27 @@ class HitPath:
             or self._store.get(entry.key) is not entry
             or self._learner.busy(record.route)
         ):
-            del self._records[key]
+            self._drop(key)
             return False
         body = b""
         if method == b"GET":
-            try:
-                body = _read_whole(record.path, entry.size)
-            except OSError:
-                # The resource decides what an unreadable cache file means.
-                del self._records[key]
-                return False
+            body = record.body  # type: ignore[assignment]
+            if body is None:
+                try:
+                    body = _read_whole(record.path, entry.size)
+                except OSError:
+                    # The resource decides what an unreadable cache file means.
+                    self._drop(key)
+                    return False
         second = int(now)
         if second != self._date_second:
             self._date_second = second
             self._date = b"Date: " + http.datetimeToString(second) + b"\r\n\r\n"
-        channel.transport.write(record.head + self._date + body)
+        transport = channel.transport
+        if plain_tcp(transport):
+            send_now(transport, record.head + self._date + body)
+        else:
+            transport.write(record.head + self._date + body)
         self.answered += 1
         self._observer.request_done(
             RequestRecord(

@@ -304,18 +304,8 @@ class SendfileProducer(_ResponseBody):
     @staticmethod
     def usable(request: Request) -> bool:
         """Whether the request's connection is a plain TCP socket that sendfile can feed."""
-        channel = request.channel
-        t = getattr(channel, "transport", None)
-        return (
-            hasattr(os, "sendfile")
-            and t is not None
-            and hasattr(t, "socket")
-            and hasattr(t, "_tempDataLen")
-            and hasattr(t, "dataBuffer")
-            and hasattr(t, "producerPaused")
-            # Inside an intercepted CONNECT the socket carries TLS: bytes go through it.
-            and not getattr(t, "TLS", False)
-        )
+        t = getattr(request.channel, "transport", None)
+        return hasattr(os, "sendfile") and plain_tcp(t)
 
     def start(self) -> None:
         """Send the headers, then the body."""
@@ -332,8 +322,7 @@ class SendfileProducer(_ResponseBody):
         self._pump()
 
     def _pending(self) -> int:
-        t = self._transport
-        return int(len(t.dataBuffer) - t.offset + t._tempDataLen)
+        return unsent(self._transport)
 
     def _wait_for_transport(self) -> None:
         """Be resumed once the transport's buffer is empty and the socket writable."""
@@ -374,3 +363,49 @@ class SendfileProducer(_ResponseBody):
             # The body bypasses Request.write; keep its byte count true for the log.
             self._request.sentLength += n
         self._finish()
+
+
+# -- writing to a plain TCP socket ourselves ------------------------------------------------
+#
+# Twisted's TCP transport buffers every write and sends it on the next reactor turn (two
+# epoll_ctl calls and one more wakeup per response). Where the socket is plain TCP and
+# the transport holds nothing unsent, pkgproxy may write to the socket itself, in order:
+# these helpers read the few transport attributes that say so.
+
+
+def plain_tcp(transport: Any) -> bool:
+    """Whether ``transport`` is a plain (not TLS) TCP socket whose buffer can be seen."""
+    return (
+        transport is not None
+        and hasattr(transport, "socket")
+        and hasattr(transport, "_tempDataLen")
+        and hasattr(transport, "dataBuffer")
+        and hasattr(transport, "offset")
+        and hasattr(transport, "producerPaused")
+        # Inside an intercepted CONNECT the socket carries TLS: bytes go through it.
+        and getattr(transport, "TLS", True) is False
+    )
+
+
+def unsent(transport: Any) -> int:
+    """Bytes a :func:`plain_tcp` transport holds that have not reached the socket."""
+    return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a :func:`plain_tcp` transport, on the socket at once if it can.
+
+    What the socket does not take now (or all of it, if the transport still holds
+    earlier bytes) goes through the transport, after whatever it holds.
+    """
+    if unsent(transport) or not transport.connected or transport.disconnecting:
+        transport.write(data)
+        return
+    try:
+        n = transport.socket.send(data)
+    except BlockingIOError:
+        n = 0
+    except OSError:
+        n = 0  # the transport finds the error on its own next write or read
+    if n < len(data):
+        transport.write(data[n:] if n else data)

@@ -156,7 +156,7 @@ class ProxyResource(Resource):
         #: Serve only from the cache, stale entries too; a miss is a 503, never a fetch.
         self.offline = config.offline
         #: Repeated hits answered below twisted.web (the site's channels use it).
-        self.hit_path = HitPath(store, self._learner, self._observer, clock)
+        self.hit_path = HitPath(store, self._learner, self._observer, clock, config.cache.memory)
 
     def render(self, request: Request) -> bytes | int:
         # Twisted would label a body without a type text/html; unknown stays unknown.
@@ -686,7 +686,7 @@ class ProxyResource(Resource):
                 self._unreadable(ctx, entry, str(e))
                 return
             if x_cache == b"HIT" and end - start == entry.size:
-                self._remember_hit(ctx, entry)
+                self._remember_hit(ctx, entry, data)
             req.write(data)
             req.finish()
             return
@@ -719,7 +719,7 @@ class ProxyResource(Resource):
 
         d.addCallbacks(opened, missing)
 
-    def _remember_hit(self, ctx: _Ctx, entry: Entry) -> None:
+    def _remember_hit(self, ctx: _Ctx, entry: Entry, body: bytes) -> None:
         """Let the hit path replay this answer to the next identical request.
 
         Content pinned by the family (immutable, or named by an index) is answered the
@@ -731,9 +731,9 @@ class ProxyResource(Resource):
             or decision.digests
             or decision.size is not None
         ):
-            self.hit_path.remember(ctx.request, entry, ctx.route, None)
+            self.hit_path.remember(ctx.request, entry, ctx.route, None, body)
         elif entry.expires is not None:
-            self.hit_path.remember(ctx.request, entry, ctx.route, entry.expires)
+            self.hit_path.remember(ctx.request, entry, ctx.route, entry.expires, body)
 
     def _unreadable(self, ctx: _Ctx, entry: Entry, why: str) -> None:
         """A cache file went missing or unreadable: drop the entry and fetch again once."""

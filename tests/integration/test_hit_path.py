@@ -65,9 +65,19 @@ class HitPathTests(IntegrationTestCase):
         raw.abort()
         return parse_responses(received)[0], received
 
-    async def _warm(self, *names: str, **bodies: bytes) -> tuple[Any, ProxyUnderTest]:
+    async def _warm(
+        self, *names: str, memory: str = "16MiB", **bodies: bytes
+    ) -> tuple[Any, ProxyUnderTest]:
         """An immutable route with ``names`` fetched once (a MISS) and committed."""
-        upstream, proxy = await self.files_setup()
+        upstream = await self.start_upstream()
+        proxy = await self.start_proxy(
+            {
+                "routes": {
+                    "files": {"family": "generic", "immutable": True, "upstream": upstream.url()}
+                },
+                "cache": {"dir": self.mktemp(), "max_size": "1GiB", "memory": memory},
+            }
+        )
         for name, body in bodies.items():
             upstream.handlers[b"/" + name.encode()] = static(
                 body, [(b"content-type", b"application/octet-stream")]
@@ -178,7 +188,7 @@ class HitPathTests(IntegrationTestCase):
 
     async def test_missing_cache_file_goes_to_twisted_web(self) -> None:
         """A cache file gone from disk is the resource's to handle (it fetches again)."""
-        upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        upstream, proxy = await self._warm("a.bin", memory="0", **{"a.bin": SMALL})
         await self._exchange(proxy, get("/files/a.bin"))
         entry = proxy.store.peek("files:a.bin")
         assert entry is not None
@@ -186,6 +196,25 @@ class HitPathTests(IntegrationTestCase):
         (r,), _ = await self._exchange(proxy, get("/files/a.bin"))
         self.assertEqual((r.status, r.body), (200, SMALL))
         self.assertEqual(len(upstream.requests), 2)
+
+    async def test_bodies_in_memory_stay_within_budget(self) -> None:
+        """``cache.memory`` bounds the bodies kept; past it the oldest records go."""
+        names = {f"{i}.bin": pattern(8_000, b"%d" % i) for i in range(5)}
+        _, proxy = await self._warm(*names, memory="20000", **names)
+        hits = proxy.site.hit_path
+        assert hits is not None
+        for _round in range(3):
+            for name, body in names.items():
+                (r,), _ = await self._exchange(proxy, get("/files/" + name))
+                self.assertEqual((r.status, r.body), (200, body))
+                self.assertLessEqual(hits.kept, 20_000)
+        self.assertGreater(hits.kept, 0)
+        # A file on disk answers the same once its body is not in memory.
+        for name in names:
+            entry = proxy.store.peek("files:" + name)
+            assert entry is not None
+            with open(proxy.store.path_of(entry), "rb") as f:
+                self.assertEqual(f.read(), names[name])
 
     async def test_new_facts_end_every_record(self) -> None:
         """When an index teaches something, no earlier decision is replayed unchecked."""
