@@ -354,11 +354,12 @@ class CacheStore(Service):
         stem = key_digest(key)[:16]
         return os.path.join(self.tmp_dir, f"{stem}.{os.urandom(6).hex()}")
 
-    def commit(self, entry: Entry, temp_path: str) -> Deferred[Entry]:
+    def commit(self, entry: Entry, temp_path: str, body: bytes | None = None) -> Deferred[Entry]:
         """Move a complete, verified temp file into the cache and index it.
 
         ``entry.file`` is filled in here. The entry is visible to :meth:`get` from the
-        moment the returned Deferred fires.
+        moment the returned Deferred fires. With ``body`` (a small download held in
+        memory), the temp file is written here first, out of the reactor thread.
         """
         stem = key_digest(entry.key)
         entry.file = f"{stem[:2]}/{stem}.{entry.sha256[:16]}"
@@ -366,8 +367,15 @@ class CacheStore(Service):
         db = self._db
 
         def work() -> None:
-            fd = os.open(temp_path, os.O_RDONLY)
+            if body is None:
+                fd = os.open(temp_path, os.O_RDONLY)
+            else:
+                fd = os.open(temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
+                if body is not None:
+                    view = memoryview(body)
+                    while view:
+                        view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

@@ -15,9 +15,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from pkgproxy.diskpool import DiskPool
 
 log = Logger()
+T = TypeVar("T")
 
 #: Upstream response headers replayed to clients from the cache.
 STORED_HEADERS = (
@@ -102,10 +103,34 @@ class _SharedFile:
         self._refs += 1
         return self
 
+    def read(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
     def release(self) -> None:
         self._refs -= 1
         if self._refs == 0:
             os.close(self.fd)
+
+
+class _MemoryBody:
+    """A small download's body held in memory, read by subscribers like the temp file.
+
+    Subscribers read it with :meth:`read`; there is no fd to share or close.
+    """
+
+    fd = -1
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def acquire(self) -> _MemoryBody:
+        return self
+
+    def release(self) -> None:
+        pass
+
+    def read(self, size: int, offset: int) -> bytes:
+        return bytes(self.data[offset : offset + size])
 
 
 class Fetch:
@@ -123,9 +148,15 @@ class Fetch:
         diskpool: DiskPool,
         clock: IReactorTime,
         idle_timeout: float,
+        inline_max: int = 0,
     ) -> None:
         self.request = request
         self.key = request.key
+        #: A body of at most this many bytes is written right here rather than in the
+        #: pool (and its temp file created here): on a local disk that costs less than
+        #: the thread hops, so a small miss is answered sooner. 0 sends all disk work to
+        #: the pool (a slow or network disk).
+        self._inline_max = inline_max
         self._client = client
         self._store = store
         self._pool = diskpool
@@ -145,7 +176,7 @@ class Fetch:
         self.started_at = clock.seconds()
         #: When the upstream's answer was known (headers, or the error).
         self.answered_at = self.started_at
-        self._file: _SharedFile | None = None
+        self._file: _SharedFile | _MemoryBody | None = None
         self._temp: str | None = None
         self._hashers: dict[str, Any] = {}
         #: Digests the body must have: the family's, and one a response header names.
@@ -171,7 +202,7 @@ class Fetch:
             self._answer_waiters.append(d)
         return d
 
-    def open_body(self) -> _SharedFile | None:
+    def open_body(self) -> _SharedFile | _MemoryBody | None:
         """A reference to the temp file for one subscriber; release it when done.
 
         ``None`` once the fetch has settled: then :attr:`entry` holds the result, if it
@@ -306,19 +337,19 @@ class Fetch:
             return None
         self._temp = self._store.temp_name(self.key)
         temp = self._temp
+        small = self.length is not None and self.length <= self._inline_max
+        if small and self.request.decision.rewrite is None:
+            # A small file is held in memory and streamed from there at once; it is
+            # written to disk with its commit, in the pool, after its clients have it.
+            self._file = _MemoryBody()
+            self._start_body(resp)
+            return None
+        # Creating a file costs a journal update: never in the reactor thread.
         d = self._pool.run(os.open, temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
         def opened(fd: int) -> None:
             self._file = _SharedFile(fd)
-            algos = {"sha256", *self._expected}
-            self._hashers = {a: new_hasher(a) for a in algos}
-            self.state = State.STREAMING
-            if self.request.decision.rewrite is None:
-                # A rewritten document is answered once it exists; anything else is
-                # streamed to clients from the first byte.
-                self._answer(Outcome.STREAM)
-            self._sink = _BodySink(self, self._clock, self._idle_timeout)
-            resp.response.deliverBody(self._sink)
+            self._start_body(resp)
 
         def not_opened(f: Failure) -> None:
             resp.discard()
@@ -328,6 +359,17 @@ class Fetch:
             self._settle()
 
         d.addCallbacks(opened, not_opened)
+
+    def _start_body(self, resp: UpstreamResponse) -> None:
+        algos = {"sha256", *self._expected}
+        self._hashers = {a: new_hasher(a) for a in algos}
+        self.state = State.STREAMING
+        if self.request.decision.rewrite is None:
+            # A rewritten document is answered once it exists; anything else is
+            # streamed to clients from the first byte.
+            self._answer(Outcome.STREAM)
+        self._sink = _BodySink(self, self._clock, self._idle_timeout)
+        resp.response.deliverBody(self._sink)
 
     def _relay(self, resp: UpstreamResponse) -> None:
         """Collect a small non-200 answer to pass on to every subscriber."""
@@ -410,11 +452,25 @@ class Fetch:
             self._pending.clear()
             self._writing = True
             assert self._file is not None
-            d = self._pool.run(_write_and_hash, self._file.fd, data, self.written, self._hashers)
+            if isinstance(self._file, _MemoryBody):
+                d = self._disk(True, _append_and_hash, self._file.data, data, self._hashers)
+            else:
+                d = self._pool.run(
+                    _write_and_hash, self._file.fd, data, self.written, self._hashers
+                )
             d.addCallbacks(self._wrote, self._write_failed)
             return
         if self._body_ended is not None:
             self._finish_body(self._body_ended)
+
+    def _disk(self, inline: bool, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """``f(*args)`` here when ``inline``, else in the disk pool; a Deferred either way."""
+        if not inline:
+            return self._pool.run(f, *args)
+        try:
+            return succeed(f(*args))
+        except Exception:
+            return fail()
 
     def _wrote(self, n: int) -> None:
         self._writing = False
@@ -548,7 +604,8 @@ class Fetch:
             last_access=now,
             digests={a: h.hexdigest() for a, h in self._hashers.items() if a != "sha256"},
         )
-        d = self._store.commit(entry, self._temp)
+        body = bytes(self._file.data) if isinstance(self._file, _MemoryBody) else None
+        d = self._store.commit(entry, self._temp, body)
 
         def committed(e: Entry) -> None:
             self.entry = e
@@ -596,6 +653,14 @@ class _Known:
 
     def hexdigest(self) -> str:
         return self._hex
+
+
+def _append_and_hash(body: bytearray, data: bytes, hashers: dict[str, Any]) -> int:
+    """A small body's next piece, kept in memory."""
+    body += data
+    for h in hashers.values():
+        h.update(data)
+    return len(data)
 
 
 def _write_and_hash(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:

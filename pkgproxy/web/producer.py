@@ -29,9 +29,14 @@ STALL_TIMEOUT = 300.0
 
 
 class FileRef(Protocol):
-    """An open file shared by readers (see ``fetch._SharedFile``)."""
+    """An open file shared by readers (see ``fetch._SharedFile``).
+
+    A small download held in memory has no fd (``-1``) and is only ever :meth:`read`.
+    """
 
     fd: int
+
+    def read(self, size: int, offset: int) -> bytes: ...
 
     def release(self) -> None: ...
 
@@ -73,6 +78,9 @@ class OwnedFile:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+
+    def read(self, size: int, offset: int) -> bytes:
+        return os.pread(self.fd, size, offset)
 
     def release(self) -> None:
         os.close(self.fd)
@@ -222,11 +230,11 @@ class BodyProducer(_ResponseBody):
             n = min(CHUNK, limit - self._offset)
             self._busy = True
             assert self._file is not None
-            if n <= self._sync_read:
-                # A few KiB just written by the download are in the page cache: reading
-                # them here costs less than two trips through the thread pool.
+            if n <= self._sync_read or self._file.fd < 0:
+                # A few KiB just written by the download are in the page cache (or in
+                # memory): reading them here costs less than two trips through the pool.
                 try:
-                    data = os.pread(self._file.fd, n, self._offset)
+                    data = self._file.read(n, self._offset)
                 except OSError:
                     self._read_failed(Failure())
                     return

@@ -554,6 +554,7 @@ class ProxyResource(Resource):
                 self._pool,
                 self._clock,
                 self._idle_timeout,
+                self._sync_read_max,
             )
 
         fetch, started = self._inflight.join(ctx.key, factory)
