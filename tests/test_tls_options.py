@@ -103,6 +103,28 @@ class PolicyTests(SynchronousTestCase):
         self.assertEqual(default.asked, [(b"m.test", 8443), (b"other.test", 443)])
 
 
+class EndpointTests(SynchronousTestCase):
+    def test_one_endpoint_and_one_tls_creator_per_origin(self) -> None:
+        """Requests to one upstream reuse its endpoint; TLS options are made once."""
+        from twisted.web.client import URI
+        from twisted.web.error import SchemeNotSupported
+
+        from pkgproxy.upstream.client import _Endpoints
+
+        policy = RecordingPolicy()
+        endpoints = _Endpoints(Clock(), policy, 5.0)  # type: ignore[arg-type]
+        a = endpoints.endpointForURI(URI.fromBytes(b"https://m.test/a"))
+        b = endpoints.endpointForURI(URI.fromBytes(b"https://m.test/b?x=1"))
+        other = endpoints.endpointForURI(URI.fromBytes(b"https://m.test:8443/a"))
+        plain = endpoints.endpointForURI(URI.fromBytes(b"http://m.test/a"))
+        self.assertIs(a, b)
+        self.assertIsNot(a, other)
+        self.assertIsNot(a, plain)
+        self.assertEqual(policy.asked, [(b"m.test", 443), (b"m.test", 8443)])
+        with self.assertRaises(SchemeNotSupported):
+            endpoints.endpointForURI(URI.fromBytes(b"ftp://m.test/a"))
+
+
 class FakeEndpoint:
     """Connects at once over a StringTransport, or fails as told."""
 

@@ -24,12 +24,18 @@ from twisted.internet.defer import (
     DeferredSemaphore,
     inlineCallbacks,
 )
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
+    URI,
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
@@ -37,8 +43,15 @@ from twisted.web.client import (
     ResponseNeverReceived,
     _HTTP11ClientFactory,
 )
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from pkgproxy.config import Route, UpstreamConfig
@@ -480,15 +493,53 @@ class UpstreamService(Service):
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
         if ca_files:
             policy = RouteTrustPolicy(policy, ca_files)
-        self.agent = Agent(
-            reactor, contextFactory=policy, connectTimeout=config.connect_timeout, pool=self.pool
-        )
+        endpoints = _Endpoints(reactor, policy, config.connect_timeout)
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self.client = UpstreamClient(self.agent, reactor, config, credentials)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         super().stopService()
         yield self.pool.closeCachedConnections()
+
+
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
+    """TCP for http://, TCP+TLS for https://, as Twisted's ``Agent`` makes them, kept.
+
+    ``Agent`` otherwise builds a new endpoint for every request (with IDNA checks of the
+    host) and, for https, new TLS options with a new OpenSSL context: work a cache
+    repeats thousands of times a minute for the same few upstreams. An endpoint holds
+    no connection state, so one per ``(scheme, host, port)`` serves every request.
+    """
+
+    MAX = 1024
+
+    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = connect_timeout
+        self._kept: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._kept.get(key)
+        if endpoint is not None:
+            return endpoint
+        if uri.scheme not in (b"http", b"https"):
+            raise SchemeNotSupported(f"Unsupported scheme: {uri.scheme!r}")
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError(f"upstream host {uri.host!r} is not ASCII") from None
+        endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        if uri.scheme == b"https":
+            creator = self._policy.creatorForNetloc(uri.host, uri.port)
+            endpoint = wrapClientTLS(creator, endpoint)
+        if len(self._kept) >= self.MAX:
+            self._kept.clear()
+        self._kept[key] = endpoint
+        return endpoint
 
 
 def _trust_root(ca_bundle: str | None) -> Any:
