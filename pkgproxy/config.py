@@ -168,6 +168,9 @@ class AccessLogConfig:
 
     enabled: bool = True
     format: str = "text"
+    #: Write the lines to this file, buffered, instead of the normal log: far cheaper
+    #: per request on a busy cache. Reopened at every write, so logrotate needs no signal.
+    file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -589,7 +592,7 @@ _TOP_KEYS = {
     "tls_intercept",
 }
 _TLS_KEYS = {"enabled", "ca_cert", "ca_key", "tunnel"}
-_ACCESS_LOG_KEYS = {"enabled", "format"}
+_ACCESS_LOG_KEYS = {"enabled", "format", "file"}
 _ACCESS_LOG_FORMATS = ("text", "json")
 #: A token shorter than this is too easy to guess from inside an admin network.
 MIN_TOKEN_LENGTH = 16
@@ -680,6 +683,8 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         if fmt not in _ACCESS_LOG_FORMATS:
             raise ConfigError("access_log.format", f"must be 'text' or 'json', got {fmt!r}")
         ac = replace(ac, format=fmt)
+    if "file" in alog:
+        ac = replace(ac, file=_str(alog["file"], "access_log.file") or None)
     cfg = replace(cfg, access_log=ac)
 
     cache = _table(data, "cache")

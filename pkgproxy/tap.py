@@ -10,7 +10,7 @@ from dataclasses import replace
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.python import usage
 
 from pkgproxy import __version__
@@ -81,6 +81,15 @@ class Options(usage.Options):
                 raise usage.UsageError(f"listen: bad description {desc!r}: port must be 0-65535")
         if os.path.exists(cfg.cache.dir) and not os.path.isdir(cfg.cache.dir):
             raise usage.UsageError(f"cache.dir: {cfg.cache.dir} exists and is not a directory")
+        if cfg.access_log.enabled and cfg.access_log.file is not None:
+            try:
+                os.close(
+                    os.open(cfg.access_log.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                )
+            except OSError as e:
+                raise usage.UsageError(
+                    f"access_log.file: cannot write {cfg.access_log.file}: {e.strerror}"
+                ) from None
         try:
             require_service_identity()
         except ImportError:
@@ -124,7 +133,9 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     learner = Learner(Facts(), store, pool, cfg.routes)
     store.when_ready().addCallback(lambda _: learner.relearn())
     inflight = InFlight()
-    ops = Operations(cfg, store, inflight, reactor)
+    ops = Operations(cfg, store, inflight, reactor, pool)
+    if isinstance(ops.access_log, Service):
+        ops.access_log.setServiceParent(top)  # after the pool: flushed before it stops
     root = ProxyResource(
         cfg,
         store,

@@ -358,6 +358,83 @@ class AccessLogTests(OpsTestCase):
         self.assertEqual(len(self.events), 1)
 
 
+def _record(uri: str = "/files/a", cache: str = "HIT") -> RequestRecord:
+    return RequestRecord(
+        "10.0.0.7", "GET", uri, 200, 10, cache, "files", "generic", 0.001, None, "t", True
+    )
+
+
+class AccessLogFileTests(SynchronousTestCase):
+    """The file access log: batches, the timer, the flush on stop, and failing writes."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from pkgproxy.diskpool import DiskPool
+
+        self.clock = Clock()
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.path = os.path.join(self.dir, "access.log")
+        self.pool = DiskPool(None)  # runs inline
+
+    def lines(self) -> list[str]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, encoding="utf-8") as f:
+            return f.read().splitlines()
+
+    def test_buffered_until_the_timer_or_the_batch(self) -> None:
+        from pkgproxy.admin.accesslog import AccessLogFile
+
+        alog = AccessLogFile(self.path, self.pool, self.clock)
+        alog.startService()
+        alog.request_done(_record())
+        self.assertEqual(self.lines(), [])
+        self.clock.advance(alog.DELAY)
+        self.assertEqual(len(self.lines()), 1)
+        self.assertIn('10.0.0.7 "GET /files/a" 200 10 HIT upstream=- ', self.lines()[0])
+        for i in range(alog.BATCH // 80 + 1):
+            alog.request_done(_record(f"/files/{i:060d}"))
+        self.assertGreater(len(self.lines()), 1, "a full batch is written at once")
+        alog.request_done(_record("/last"))
+        alog.stopService()
+        self.assertIn('"GET /last"', self.lines()[-1])
+        self.assertEqual(alog.dropped, 0)
+
+    def test_json_lines(self) -> None:
+        from pkgproxy.admin.accesslog import AccessLogFile
+
+        alog = AccessLogFile(self.path, self.pool, self.clock, json_lines=True)
+        alog.startService()
+        alog.request_done(_record())
+        alog.stopService()
+        entry = json.loads(self.lines()[0])
+        self.assertEqual((entry["uri"], entry["cache"]), ("/files/a", "HIT"))
+        self.assertIn("time", entry)
+
+    def test_failing_writes_drop_lines_and_say_so_once(self) -> None:
+        from pkgproxy.admin.accesslog import AccessLogFile
+
+        missing = os.path.join(self.dir, "no-such-dir", "access.log")
+        alog = AccessLogFile(missing, self.pool, self.clock)
+        alog.startService()
+        alog.request_done(_record())
+        alog.flush()
+        alog.request_done(_record())
+        alog.flush()
+        self.assertEqual(alog.dropped, 2)
+        errors = self.flushLoggedErrors()
+        self.assertEqual(errors, [])  # reported as a log line, not a traceback
+
+    def test_config(self) -> None:
+        cfg = config_from_dict({"access_log": {"file": "/var/log/pkgproxy/access.log"}})
+        self.assertEqual(cfg.access_log.file, "/var/log/pkgproxy/access.log")
+        with self.assertRaises(ConfigError) as e:
+            config_from_dict({"access_log": {"file": 3}})
+        self.assertEqual(e.exception.key, "access_log.file")
+
+
 class AccessControlTests(OpsTestCase):
     def test_loopback_allowed(self) -> None:
         """From loopback the status page, metrics and actions answer."""

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 
-from pkgproxy.admin.accesslog import AccessLog
+from pkgproxy.admin.accesslog import AccessLog, AccessLogFile
 from pkgproxy.admin.metrics import ProxyMetrics, Switch
 from pkgproxy.admin.resource import AdminResource
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config
+from pkgproxy.diskpool import DiskPool
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.observe import Observer, Observers
 
@@ -27,13 +28,23 @@ class Operations:
     """
 
     def __init__(
-        self, config: Config, store: CacheStore, inflight: InFlight, clock: IReactorTime
+        self,
+        config: Config,
+        store: CacheStore,
+        inflight: InFlight,
+        clock: IReactorTime,
+        pool: DiskPool | None = None,
     ) -> None:
         self.metrics = ProxyMetrics(config, store, inflight, clock)
         observers: list[Observer] = [self.metrics]
-        self.access_log: AccessLog | None = None
-        if config.access_log.enabled:
-            self.access_log = AccessLog(json_lines=config.access_log.format == "json")
+        self.access_log: AccessLog | AccessLogFile | None = None
+        alog = config.access_log
+        if alog.enabled and alog.file is not None and pool is not None:
+            # A Service: the caller adds it to the service tree, so it is flushed on stop.
+            self.access_log = AccessLogFile(alog.file, pool, clock, alog.format == "json")
+            observers.append(self.access_log)
+        elif alog.enabled:
+            self.access_log = AccessLog(json_lines=alog.format == "json")
             observers.append(self.access_log)
         self.observer = Observers(*observers)
         self.resource = AdminResource(config, store, inflight, self.metrics, clock)

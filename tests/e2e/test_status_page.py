@@ -235,6 +235,60 @@ upstream = "http://{HOST}:{dead}/"
         self.assertGreater(dark, 500)
 
 
+class AccessLogFileTests(TestCase):
+    """``[access_log] file``: lines written in batches to a file of their own."""
+
+    def test_lines_reach_the_file_and_survive_rotation(self) -> None:
+        root = os.path.abspath(self.mktemp())
+        os.makedirs(os.path.join(root, "files"))
+        with open(os.path.join(root, "files", "a.txt"), "wb") as f:
+            f.write(b"a" * 1234)
+        upstream = start_slow_server(self, root, rate=50_000_000)
+        path = os.path.join(root, "access.log")
+        proxy = start_pkgproxy(
+            self,
+            f"""
+[access_log]
+file = "{path}"
+
+[routes.files]
+family = "generic"
+immutable = true
+upstream = "{upstream.url("/files/")}"
+""",
+        )
+        base = proxy.url("")
+
+        def mine(name: str) -> list[str]:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if os.path.exists(name):
+                    with open(name, encoding="utf-8") as f:
+                        lines = [line for line in f if 'agent="e2e' in line]
+                    if lines:
+                        return lines
+                time.sleep(0.1)
+            return []
+
+        for _ in range(3):  # a miss, a hit, then a hit replayed by the hit path
+            self.assertEqual(get(base + "/files/a.txt", {"User-Agent": "e2e"})[0], 200)
+            time.sleep(0.2)  # the first one's commit
+        lines = mine(path)
+        deadline = time.monotonic() + 5
+        while len(lines) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            lines = mine(path)
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn('"GET /files/a.txt" 200 1234 MISS', lines[0])
+        self.assertIn('"GET /files/a.txt" 200 1234 HIT', lines[2])
+        with open(proxy.log_path, encoding="utf-8") as f:
+            self.assertNotIn("[pkgproxy.access#info]", f.read())
+
+        os.rename(path, path + ".1")  # logrotate
+        self.assertEqual(get(base + "/files/a.txt", {"User-Agent": "e2e-2"})[0], 200)
+        self.assertEqual(len(mine(path)), 1)
+
+
 class OperationsTests(TestCase):
     """JSON access log, metrics and the admin token on a real pkgproxy process."""
 
