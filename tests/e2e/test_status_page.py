@@ -27,7 +27,7 @@ import zlib
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support.procs import HOST, clean_env, free_port, start_pkgproxy
-from tests.support.slowserver import start_slow_server
+from tests.support.slowserver import SlowServer, start_slow_server
 
 WIDTH, HEIGHT = 1280, 900
 #: Bound on Chromium taking one screenshot (it usually needs 1-3 s).
@@ -235,15 +235,20 @@ upstream = "http://{HOST}:{dead}/"
         self.assertGreater(dark, 500)
 
 
+def files_upstream(case: TestCase) -> tuple[str, SlowServer]:
+    """A directory with ``files/a.txt`` (1234 bytes), served by a local upstream."""
+    root = os.path.abspath(case.mktemp())
+    os.makedirs(os.path.join(root, "files"))
+    with open(os.path.join(root, "files", "a.txt"), "wb") as f:
+        f.write(b"a" * 1234)
+    return root, start_slow_server(case, root, rate=50_000_000)
+
+
 class AccessLogFileTests(TestCase):
     """``[access_log] file``: lines written in batches to a file of their own."""
 
     def test_lines_reach_the_file_and_survive_rotation(self) -> None:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "files"))
-        with open(os.path.join(root, "files", "a.txt"), "wb") as f:
-            f.write(b"a" * 1234)
-        upstream = start_slow_server(self, root, rate=50_000_000)
+        root, upstream = files_upstream(self)
         path = os.path.join(root, "access.log")
         proxy = start_pkgproxy(
             self,
@@ -293,11 +298,7 @@ class OperationsTests(TestCase):
     """JSON access log, metrics and the admin token on a real pkgproxy process."""
 
     def setUp(self) -> None:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "files"))
-        with open(os.path.join(root, "files", "a.txt"), "wb") as f:
-            f.write(b"a" * 1234)
-        self.upstream = start_slow_server(self, root, rate=50_000_000)
+        _, self.upstream = files_upstream(self)
         self.proxy = start_pkgproxy(
             self,
             f"""
