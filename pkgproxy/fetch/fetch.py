@@ -15,9 +15,9 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
     from pkgproxy.diskpool import DiskPool
 
 log = Logger()
-T = TypeVar("T")
 
 #: Upstream response headers replayed to clients from the cache.
 STORED_HEADERS = (
@@ -152,10 +151,10 @@ class Fetch:
     ) -> None:
         self.request = request
         self.key = request.key
-        #: A body of at most this many bytes is written right here rather than in the
-        #: pool (and its temp file created here): on a local disk that costs less than
-        #: the thread hops, so a small miss is answered sooner. 0 sends all disk work to
-        #: the pool (a slow or network disk).
+        #: A body announced at most this long is held in memory: its clients are served
+        #: from there at once, and it reaches the disk only with its commit, in the
+        #: pool, so a small miss costs no thread hop before its first byte. 0 sends
+        #: every body through a temp file.
         self._inline_max = inline_max
         self._client = client
         self._store = store
@@ -453,7 +452,7 @@ class Fetch:
             self._writing = True
             assert self._file is not None
             if isinstance(self._file, _MemoryBody):
-                d = self._disk(True, _append_and_hash, self._file.data, data, self._hashers)
+                d = succeed(_append_and_hash(self._file.data, data, self._hashers))
             else:
                 d = self._pool.run(
                     _write_and_hash, self._file.fd, data, self.written, self._hashers
@@ -462,15 +461,6 @@ class Fetch:
             return
         if self._body_ended is not None:
             self._finish_body(self._body_ended)
-
-    def _disk(self, inline: bool, f: Callable[..., T], *args: Any) -> Deferred[T]:
-        """``f(*args)`` here when ``inline``, else in the disk pool; a Deferred either way."""
-        if not inline:
-            return self._pool.run(f, *args)
-        try:
-            return succeed(f(*args))
-        except Exception:
-            return fail()
 
     def _wrote(self, n: int) -> None:
         self._writing = False

@@ -82,8 +82,9 @@ class ProxyChannel(HTTPChannel):
     each complete request head that arrives is first offered to the
     :class:`~pkgproxy.web.fast.HitPath`; what it does not answer, and everything after
     it, goes through twisted.web unchanged. Pipelined requests keep their order: the
-    hit path only ever answers the first request of the data at hand, and only while no
-    earlier answer is pending.
+    hit path answers them one after the other from the start of the data at hand, and
+    only while no earlier answer is pending; the first one it cannot answer is
+    twisted.web's, with all that follows it.
 
     A client that speaks TLS to this plain-HTTP port (Go's registry clients try https://
     first when told to skip verification) would otherwise wait for its handshake to
