@@ -276,6 +276,13 @@ class AccessLogTests(OpsTestCase):
         self.assertEqual(self.events[0]["log_level"], LogLevel.info)
         self.assertEqual(self.events[0]["access"]["bytes"], 1000)
 
+    def test_head_on_a_miss_has_its_upstream_time(self) -> None:
+        """A HEAD answered by asking upstream for headers logs that upstream's time."""
+        self.up.add(DEB, b"a" * 1000)
+        self.proxy.get(DEB, method="HEAD")
+        line = formatEvent(self.events[-1])
+        self.assertIn(f'"HEAD {DEB}" 200 0 MISS upstream=0.000s ', line)
+
     def test_hostile_text_escaped(self) -> None:
         """Quotes and control characters from the client cannot forge or split a line."""
         self.proxy.get("/nowhere", headers={"User-Agent": 'x" 200 9999 HIT\x1b[2J'})

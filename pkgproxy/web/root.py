@@ -874,10 +874,13 @@ class ProxyResource(Resource):
         """
         decision = ctx.decision
         headers = {k.encode(): v.encode("latin-1") for k, v in decision.upstream_headers.items()}
+        trace: _Trace = ctx.request.pkgproxy_trace  # type: ignore[attr-defined]
+        asked = self._clock.seconds()
         d = self._client.request(b"HEAD", ctx.url, headers)
 
         def got(resp: UpstreamResponse) -> None:
             resp.discard()
+            trace.upstream_seconds = self._clock.seconds() - asked
             if ctx.gone:
                 return
             req = ctx.request
