@@ -237,6 +237,31 @@ class TunnelRelayTests(SynchronousTestCase):
         second.connectionLost(Failure(ConnectionRefusedError()))
         self.assertEqual((cancelled, client.value()), ([True], b""))
 
+    def test_idle_tunnel_is_closed_and_a_busy_one_is_not(self) -> None:
+        """A tunnel that relays nothing either way for its idle time loses both ends."""
+        tunnels = BlindTunnels(
+            [("git.example", 443)],
+            lambda host, port: self.endpoint,  # type: ignore[arg-type,return-value]
+            self.clock,
+            idle=100.0,
+        )
+        channel = ProxySite(TunnelResource(tunnels), reactor=self.clock).buildProtocol(None)
+        client = StringTransport()
+        channel.makeConnection(client)
+        channel.dataReceived(b"CONNECT git.example:443 HTTP/1.1\r\n\r\n")
+        upstream = self.endpoint.transport
+        assert self.endpoint.protocol is not None
+        for _ in range(5):  # traffic every 60 s, one way or the other: kept open
+            self.clock.advance(60)
+            self.endpoint.protocol.dataReceived(b"ping")
+        self.assertFalse(client.disconnecting or upstream.disconnecting)
+        self.assertFalse(getattr(client, "aborted", False))
+        self.clock.advance(100)
+        self.assertTrue(getattr(client, "aborted", False) or client.disconnecting)
+        self.assertTrue(getattr(upstream, "aborted", False) or upstream.disconnecting)
+        channel.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_connect_failure_is_502_with_one_line(self) -> None:
         """A refused connection answers 502 and a one-line reason; nothing is relayed."""
         self.endpoint.error = ConnectionRefusedError()

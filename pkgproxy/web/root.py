@@ -57,6 +57,9 @@ log = Logger()
 #: The default of ``cache.revalidate_window``.
 REVALIDATE_WINDOW = 30.0
 _STALE_WARNING = b'110 pkgproxy "Response is Stale"'
+#: A blind tunnel relaying nothing either way for this long (or the client idle timeout,
+#: if longer) is closed: git and TLS keep-alives come more often than that.
+TUNNEL_IDLE = 600.0
 ADMIN_PREFIX = b"/_pkgproxy/"
 
 
@@ -137,7 +140,12 @@ class ProxyResource(Resource):
         #: Blind tunnels to the hosts [tls_intercept] tunnel lists, if any (and a way
         #: to reach them: the server's reactor, given by tap.py).
         self._tunnels = (
-            BlindTunnels(config.tls_intercept.tunnel, tunnel_connector)
+            BlindTunnels(
+                config.tls_intercept.tunnel,
+                tunnel_connector,
+                clock,
+                max(config.limits.client_idle_timeout, TUNNEL_IDLE),
+            )
             if tunnel_connector is not None and config.tls_intercept.tunnel
             else None
         )

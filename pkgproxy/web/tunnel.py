@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -43,6 +43,8 @@ class _Side(Protocol):
         self.peer: _Side | None = None
         self.closed = False
         self._early: list[bytes] = []
+        #: Told of every byte relayed and of the end (the tunnel's idle watch).
+        self.watch: _IdleWatch | None = None
 
     def attach(self, peer: _Side) -> None:
         """Start relaying to ``peer``, first what arrived before."""
@@ -55,6 +57,8 @@ class _Side(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         peer = self.peer
+        if self.watch is not None:
+            self.watch.active()
         if peer is None:
             self._early.append(data)
         elif peer.transport is not None and not peer.closed:
@@ -62,6 +66,8 @@ class _Side(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
+        if self.watch is not None:
+            self.watch.stop()
         self._close_peer()
 
     def _close_peer(self) -> None:
@@ -69,6 +75,42 @@ class _Side(Protocol):
         peer = self.peer
         if peer is not None and not peer.closed and peer.transport is not None:
             peer.transport.loseConnection()
+
+
+class _IdleWatch:
+    """Closes both ends of a tunnel that relayed nothing either way for ``idle`` seconds.
+
+    A tunnel holds two connections and two file descriptors; one abandoned by a client
+    that vanished without a FIN would hold them for good.
+    """
+
+    def __init__(self, clock: IReactorTime, idle: float, ends: tuple[_Side, _Side]) -> None:
+        self._clock = clock
+        self._idle = idle
+        self._ends = ends
+        self._last = clock.seconds()
+        self._timer: IDelayedCall | None = clock.callLater(idle, self._check)
+
+    def active(self) -> None:
+        """Bytes went through (cheap: the timer is moved only when it fires)."""
+        self._last = self._clock.seconds()
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _check(self) -> None:
+        quiet = self._clock.seconds() - self._last
+        if quiet < self._idle:
+            self._timer = self._clock.callLater(self._idle - quiet, self._check)
+            return
+        self._timer = None
+        log.info("closing a tunnel idle for {idle:.0f}s", idle=quiet)
+        for end in self._ends:
+            transport: Any = end.transport
+            if transport is not None and not end.closed:
+                transport.abortConnection()
 
 
 class _OneProtocol(Factory):
@@ -88,11 +130,21 @@ class BlindTunnels:
 
     :param allowed: ``(host, port)``, host in lower case (as the config gives them).
     :param connector: makes the endpoint of one ``(host, port)``.
+    :param idle: a tunnel that relays nothing either way this long is closed (with a
+        ``clock`` to tell the time; without one, never).
     """
 
-    def __init__(self, allowed: Iterable[tuple[str, int]], connector: Connector) -> None:
+    def __init__(
+        self,
+        allowed: Iterable[tuple[str, int]],
+        connector: Connector,
+        clock: IReactorTime | None = None,
+        idle: float = 600.0,
+    ) -> None:
         self._allowed = frozenset(allowed)
         self._connector = connector
+        self._clock = clock
+        self._idle = idle
 
     def allowed(self, host: str, port: int) -> bool:
         """Whether ``host:port`` is on the operator's list (exact match only)."""
@@ -156,6 +208,8 @@ class BlindTunnels:
         client_transport.unregisterProducer()
         client_transport.registerProducer(upstream_transport, True)
         upstream_transport.registerProducer(client_transport, True)
+        if self._clock is not None:
+            client.watch = upstream.watch = _IdleWatch(self._clock, self._idle, (client, upstream))
         client.attach(upstream)
         upstream.attach(client)
         channel.persistent = True  # else finishing the request closes the connection
