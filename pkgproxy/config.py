@@ -67,6 +67,11 @@ def parse_size(value: object, key: str = "") -> int:
     return size
 
 
+def _size_or_off(value: object, key: str) -> int:
+    """A size where ``0`` means "off" (which :func:`parse_size` refuses)."""
+    return 0 if value in (0, "0") else parse_size(value, key)
+
+
 def parse_duration(value: object, key: str = "") -> float:
     """Parse ``"60s"``, ``"10m"``, ``"1h"`` or a plain number of seconds."""
     if isinstance(value, bool):
@@ -695,13 +700,9 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if "max_size" in cache:
         cc = replace(cc, max_size=parse_size(cache["max_size"], "cache.max_size"))
     if "sync_read_max" in cache:
-        value = cache["sync_read_max"]
-        zero = value in (0, "0")
-        cc = replace(cc, sync_read_max=0 if zero else parse_size(value, "cache.sync_read_max"))
+        cc = replace(cc, sync_read_max=_size_or_off(cache["sync_read_max"], "cache.sync_read_max"))
     if "memory" in cache:
-        value = cache["memory"]
-        zero = value in (0, "0")
-        cc = replace(cc, memory=0 if zero else parse_size(value, "cache.memory"))
+        cc = replace(cc, memory=_size_or_off(cache["memory"], "cache.memory"))
     if "disk_retry_after" in cache:
         seconds = parse_duration(cache["disk_retry_after"], "cache.disk_retry_after")
         cc = replace(cc, disk_retry_after=seconds)

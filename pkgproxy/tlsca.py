@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import ssl
 
@@ -73,6 +73,16 @@ def generate_ca(cert_path: str, key_path: str) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
+    write_pem(key, cert, key_path, cert_path)
+
+
+def write_pem(
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey,
+    cert: x509.Certificate,
+    key_path: str,
+    cert_path: str,
+) -> None:
+    """Write a private key (a new file, readable by its owner only) and its certificate."""
     os.makedirs(os.path.dirname(os.path.abspath(key_path)), exist_ok=True)
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:

@@ -479,9 +479,11 @@ def make_token_auth(directory: str, service: str = "pkgproxy-test-registry") -> 
     import datetime
 
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import rsa
     from cryptography.x509.oid import NameOID
+
+    from pkgproxy.tlsca import write_pem
 
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
@@ -501,16 +503,7 @@ def make_token_auth(directory: str, service: str = "pkgproxy-test-registry") -> 
     )
     key_path = os.path.join(directory, "token-key.pem")
     cert_path = os.path.join(directory, "token-cert.pem")
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    write_pem(key, cert, key_path, cert_path)
     return TokenAuth(service, "pkgproxy-test-issuer", cert_path, key_path)
 
 
