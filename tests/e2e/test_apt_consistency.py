@@ -12,30 +12,23 @@ import os
 import shutil
 import time
 
-from twisted.trial.unittest import SkipTest, TestCase
-
 from tests.support import debrepo
+from tests.support.aptcase import AptTestCase
 from tests.support.aptenv import IsolatedApt
-from tests.support.procs import start_pkgproxy, start_static_server
+from tests.support.procs import start_pkgproxy
 
-TOOLS = ("apt-get", "apt-ftparchive", "dpkg-deb", "gpg", "gpgconf")
 #: apt asks for canonical index names only, as it does against a mirror without by-hash.
 CANONICAL = {"Acquire::By-Hash": "no"}
 
 
-class MidSyncMirrorTests(TestCase):
+class MidSyncMirrorTests(AptTestCase):
     def setUp(self) -> None:
-        missing = debrepo.missing_tools(TOOLS)
-        if missing:
-            raise SkipTest(f"needs {', '.join(missing)} (see .ci/apt-packages.txt)")
-        self.repo = debrepo.build_debian_repo(self.mktemp())
-        self.upstream = start_static_server(self, self.repo.serve_dir)
-        url = self.upstream.url(f"/{self.repo.mount}/")
+        url = self.start_repo()
         self.proxy = start_pkgproxy(
             self, f'[routes.debian]\nupstream = "{url}"\nindex_ttl = "1s"\n'
         )
 
-    def apt(self, base: str) -> IsolatedApt:
+    def apt_for(self, base: str) -> IsolatedApt:
         return IsolatedApt(self.mktemp(), self.repo.sources_line(base), extra_config=CANONICAL)
 
     def mid_sync(self) -> debrepo.DebRepo:
@@ -53,13 +46,13 @@ class MidSyncMirrorTests(TestCase):
 
     def test_mid_sync_mirror(self) -> None:
         """Direct apt sees a Hash Sum mismatch; apt through pkgproxy gets the new state."""
-        through = self.apt(self.proxy.url("/debian/"))
+        through = self.apt_for(self.proxy.url("/debian/"))
         first = through.update(timeout=60)
         self.assertEqual(first.problems(), [], first.report())
         new = self.mid_sync()
         time.sleep(1.2)  # past index_ttl: pkgproxy revalidates InRelease
 
-        direct = self.apt(self.upstream.url(f"/{self.repo.mount}/"))
+        direct = self.apt_for(self.upstream.url(f"/{self.repo.mount}/"))
         broken = direct.update(timeout=60)
         self.assertTrue(
             any(

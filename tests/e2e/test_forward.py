@@ -14,32 +14,19 @@ proxy never resolves the target host, and pkgproxy fetches from the route's ``up
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from twisted.trial.unittest import SkipTest, TestCase
+from tests.support.aptcase import APT_TIMEOUT, AptTestCase
+from tests.support.aptenv import IsolatedApt
+from tests.support.procs import start_pkgproxy
 
-from tests.support import debrepo
-from tests.support.aptenv import AptResult, IsolatedApt
-from tests.support.procs import start_pkgproxy, start_static_server
-
-TOOLS = ("apt-get", "apt-ftparchive", "dpkg-deb", "gpg", "gpgconf")
-APT_TIMEOUT = 60.0
 HTTP_TIMEOUT = 15.0
 FORWARD_BASE = "http://deb.example.test/debian/"
 UNCONFIGURED_BASE = "http://unconfigured.example.test/debian/"
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -81,18 +68,11 @@ def upstream_gets(log_path: str, needle: str) -> int:
         return 0
 
 
-class AptForwardProxyTests(TestCase):
+class AptForwardProxyTests(AptTestCase):
     """apt-get with ``Acquire::http::Proxy`` pointing at pkgproxy and an ``http://`` source."""
 
     def setUp(self) -> None:
-        missing = debrepo.missing_tools(TOOLS)
-        if missing:
-            raise SkipTest(
-                f"needs {', '.join(missing)} (Debian packages listed in .ci/apt-packages.txt)"
-            )
-        self.repo = debrepo.build_debian_repo(self.mktemp())
-        self.upstream = start_static_server(self, self.repo.serve_dir)
-        upstream_url = self.upstream.url(f"/{self.repo.mount}/")
+        upstream_url = self.start_repo()
         self.proxy = start_pkgproxy(
             self,
             f'[routes.debian]\nupstream = "{upstream_url}"\nforward = ["{FORWARD_BASE}"]\n',
@@ -101,33 +81,6 @@ class AptForwardProxyTests(TestCase):
         self.apt = IsolatedApt(
             self.mktemp(), self.repo.sources_line(FORWARD_BASE), proxy=self.proxy_url
         )
-        self.names = [p.name for p in self.repo.packages]
-
-    def _context(self) -> str:
-        """Logs of both servers, appended to every failure message."""
-        return f"{self.proxy.logs()}\n{self.upstream.logs()}"
-
-    def _ok(self, result: AptResult) -> AptResult:
-        """Assert apt exited 0 and printed no E:/W:/Err: line and no Hash Sum mismatch."""
-        if result.timed_out or result.returncode != 0 or result.problems():
-            problems = "\n".join(result.problems())
-            self.fail(
-                f"apt did not succeed cleanly:\n{problems}\n{result.report()}\n{self._context()}"
-            )
-        return result
-
-    def _download_and_verify(self, dest: str) -> None:
-        """``apt-get download`` every package; each must be byte-identical to upstream's."""
-        self._ok(self.apt.download(self.names, dest, timeout=APT_TIMEOUT))
-        got = sorted(n for n in os.listdir(dest) if n.endswith(".deb"))
-        want = sorted(p.basename for p in self.repo.packages)
-        self.assertEqual(got, want, f"downloaded files differ\n{self._context()}")
-        for p in self.repo.packages:
-            self.assertEqual(
-                _sha256(os.path.join(dest, p.basename)),
-                p.sha256,
-                f"{p.basename}: sha256 differs from the repository's\n{self._context()}",
-            )
 
     def _proxy_log(self) -> str:
         with open(self.proxy.log_path, encoding="utf-8", errors="replace") as f:
@@ -147,19 +100,19 @@ class AptForwardProxyTests(TestCase):
             if reply.status == 200 and reply.x_cache == "HIT":
                 return reply
             time.sleep(0.05)
-        self.fail(f"{url} never became a cache HIT (last: {reply})\n{self._context()}")
+        self.fail(f"{url} never became a cache HIT (last: {reply})\n{self.context()}")
 
     def test_update_download_then_serve_offline(self) -> None:
         """apt through the proxy (absolute URIs of an unresolvable host) gets every index
         and package intact; with upstream gone and apt's own state wiped, it gets them all
         again from pkgproxy's cache."""
-        result = self._ok(self.apt.update(timeout=APT_TIMEOUT))
+        result = self.ok(self.apt.update(timeout=APT_TIMEOUT))
         self.assertIn(FORWARD_BASE.rstrip("/") + " stable InRelease", result.output)
         self.assertTrue(
             any(n.endswith("_InRelease") for n in self.apt.list_files()),
             f"apt stored no InRelease: {self.apt.list_files()}",
         )
-        self._download_and_verify(self.mktemp())
+        self.download_and_verify(self.mktemp())
         # apt really spoke forward mode: pkgproxy's access log has its absolute URIs.
         self.assertIn(f"GET {FORWARD_BASE}dists/stable/InRelease", self._proxy_log())
         self.assertIn(f"GET {FORWARD_BASE}pool/", self._proxy_log())
@@ -167,8 +120,8 @@ class AptForwardProxyTests(TestCase):
         self.upstream.stop()
         self.apt.wipe()
         self.assertEqual(self.apt.list_files(), [])
-        self._ok(self.apt.update(timeout=APT_TIMEOUT))
-        self._download_and_verify(self.mktemp())
+        self.ok(self.apt.update(timeout=APT_TIMEOUT))
+        self.download_and_verify(self.mktemp())
 
     def test_reverse_then_forward_is_one_cache_entry(self) -> None:
         """A pool file fetched by the reverse path is a HIT by its forward URI (and the
@@ -176,14 +129,14 @@ class AptForwardProxyTests(TestCase):
         pkg = self.repo.package("pkgproxy-blob")
         reverse_url = self.proxy.url(f"/debian/{pkg.filename}")
         first = http_get(reverse_url)
-        self.assertEqual((first.status, first.x_cache), (200, "MISS"), self._context())
+        self.assertEqual((first.status, first.x_cache), (200, "MISS"), self.context())
         self.assertEqual(hashlib.sha256(first.body).hexdigest(), pkg.sha256)
         self._wait_until_hit(reverse_url)
 
         forward = http_get(FORWARD_BASE + pkg.filename, proxy=self.proxy_url)
-        self.assertEqual((forward.status, forward.x_cache), (200, "HIT"), self._context())
+        self.assertEqual((forward.status, forward.x_cache), (200, "HIT"), self.context())
         self.assertEqual(hashlib.sha256(forward.body).hexdigest(), pkg.sha256)
-        self.assertEqual(upstream_gets(self.upstream.log_path, pkg.basename), 1, self._context())
+        self.assertEqual(upstream_gets(self.upstream.log_path, pkg.basename), 1, self.context())
 
         # The other direction, with a name apt percent-encodes (+ -> %2b, ~ -> %7e): the
         # forward request uses apt's spelling, the reverse one the raw characters.
@@ -191,14 +144,14 @@ class AptForwardProxyTests(TestCase):
         encoded = tilde.filename.replace("+", "%2b").replace("~", "%7e")
         self.assertNotEqual(encoded, tilde.filename)
         first = http_get(FORWARD_BASE + encoded, proxy=self.proxy_url)
-        self.assertEqual((first.status, first.x_cache), (200, "MISS"), self._context())
+        self.assertEqual((first.status, first.x_cache), (200, "MISS"), self.context())
         self.assertEqual(hashlib.sha256(first.body).hexdigest(), tilde.sha256)
         self._wait_until_hit(FORWARD_BASE + encoded, proxy=self.proxy_url)
         raw = http_get(self.proxy.url(f"/debian/{tilde.filename}"))
-        self.assertEqual((raw.status, raw.x_cache), (200, "HIT"), self._context())
+        self.assertEqual((raw.status, raw.x_cache), (200, "HIT"), self.context())
         self.assertEqual(hashlib.sha256(raw.body).hexdigest(), tilde.sha256)
         stem = tilde.name + "_"
-        self.assertEqual(upstream_gets(self.upstream.log_path, stem), 1, self._context())
+        self.assertEqual(upstream_gets(self.upstream.log_path, stem), 1, self.context())
 
     def test_unconfigured_host_is_refused(self) -> None:
         """apt pointed through the proxy at a host no route names fails promptly with a
@@ -221,7 +174,7 @@ class AptForwardProxyTests(TestCase):
         log = self._proxy_log()
         self.assertTrue(
             re.search(rf'"GET {re.escape(UNCONFIGURED_BASE)}dists/stable/\S+" 403', log),
-            f"no 403 for apt's request in pkgproxy's access log\n{self._context()}",
+            f"no 403 for apt's request in pkgproxy's access log\n{self.context()}",
         )
 
         for url in (
@@ -230,6 +183,6 @@ class AptForwardProxyTests(TestCase):
             "http://deb.example.test/other/dists/stable/InRelease",  # outside the prefix
         ):
             reply = http_get(url, proxy=self.proxy_url)
-            self.assertEqual(reply.status, 403, f"{url}: {reply}\n{self._context()}")
+            self.assertEqual(reply.status, 403, f"{url}: {reply}\n{self.context()}")
             self.assertIn(b"not a configured upstream", reply.body, url)
-        self.assertEqual(upstream_gets(self.upstream.log_path, "/"), before, self._context())
+        self.assertEqual(upstream_gets(self.upstream.log_path, "/"), before, self.context())

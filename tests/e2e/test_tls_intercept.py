@@ -12,24 +12,16 @@ import os
 import shutil
 import subprocess
 
-from twisted.trial.unittest import SkipTest, TestCase
-
-from tests.support import debrepo
+from tests.support.aptcase import TOOLS, AptTestCase
 from tests.support.aptenv import IsolatedApt
-from tests.support.procs import clean_env, start_pkgproxy, start_static_server
+from tests.support.procs import clean_env, start_pkgproxy
 
 HOST = "deb.example.test"
-TOOLS = ("apt-get", "apt-ftparchive", "dpkg-deb", "gpg", "gpgconf", "curl")
 
 
-class InterceptTests(TestCase):
+class InterceptTests(AptTestCase):
     def setUp(self) -> None:
-        missing = debrepo.missing_tools(TOOLS)
-        if missing:
-            raise SkipTest(f"needs {', '.join(missing)} (see .ci/apt-packages.txt)")
-        self.repo = debrepo.build_debian_repo(self.mktemp())
-        self.upstream = start_static_server(self, self.repo.serve_dir)
-        url = self.upstream.url(f"/{self.repo.mount}/")
+        url = self.start_repo((*TOOLS, "curl"))
         self.cache = os.path.abspath(self.mktemp())
         self.proxy = start_pkgproxy(
             self,

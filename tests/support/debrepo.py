@@ -165,7 +165,7 @@ def _run(
     return proc.stdout.decode(errors="replace")
 
 
-def _sha256_file(path: str) -> str:
+def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 16), b""):
@@ -442,7 +442,7 @@ def _publish(
                 architecture="all",
                 filename=os.path.relpath(deb, root),
                 size=os.path.getsize(deb),
-                sha256=_sha256_file(deb),
+                sha256=sha256_file(deb),
             )
         )
     arch_dirs = [f"binary-{a}" for a in architectures]
