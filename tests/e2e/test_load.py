@@ -19,7 +19,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from tests.support.procs import start_pkgproxy, start_static_server
+from tests.support.procs import file_tree, start_pkgproxy, start_static_server
 
 CONNECTIONS = 1000
 DURATION = 30.0
@@ -95,11 +95,9 @@ class ThousandConnectionsTests(TestCase):
         if soft < 4 * CONNECTIONS:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8 * CONNECTIONS), hard))
             self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
-        root = self.mktemp()
-        os.makedirs(os.path.join(root, "files"))
-        for i in range(FILES):
-            with open(os.path.join(root, "files", f"f{i}.deb"), "wb") as f:
-                f.write(os.urandom(2000 + 300 * i))
+        root = file_tree(
+            self, {f"files/f{i}.deb": os.urandom(2000 + 300 * i) for i in range(FILES)}
+        )
         self.upstream = start_static_server(self, root)
         self.proxy = start_pkgproxy(
             self,

@@ -26,7 +26,7 @@ import zlib
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support.procs import HOST, clean_env, free_port, start_pkgproxy
+from tests.support.procs import HOST, clean_env, file_tree, free_port, start_pkgproxy
 from tests.support.slowserver import SlowServer, start_slow_server
 
 WIDTH, HEIGHT = 1280, 900
@@ -164,12 +164,13 @@ class StatusPageScreenshotTests(TestCase):
     def setUp(self) -> None:
         if find_chromium() is None:
             raise SkipTest("chromium is not installed (apt-get install chromium)")
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "files"))
-        with open(os.path.join(root, "files", "small.txt"), "wb") as f:
-            f.write(b"small file\n" * 100)
-        with open(os.path.join(root, "files", "big.iso"), "wb") as f:
-            f.write(os.urandom(64 * 1024) * 48)  # 3 MiB at 150 kB/s: about 20 s
+        root = file_tree(
+            self,
+            {
+                "files/small.txt": b"small file\n" * 100,
+                "files/big.iso": os.urandom(64 * 1024) * 48,  # 3 MiB at 150 kB/s: about 20 s
+            },
+        )
         self.upstream = start_slow_server(self, root, rate=150_000)
         dead = free_port()  # nothing listens there: an upstream error for the page
         self.proxy = start_pkgproxy(
@@ -237,10 +238,7 @@ upstream = "http://{HOST}:{dead}/"
 
 def files_upstream(case: TestCase) -> tuple[str, SlowServer]:
     """A directory with ``files/a.txt`` (1234 bytes), served by a local upstream."""
-    root = os.path.abspath(case.mktemp())
-    os.makedirs(os.path.join(root, "files"))
-    with open(os.path.join(root, "files", "a.txt"), "wb") as f:
-        f.write(b"a" * 1234)
+    root = file_tree(case, {"files/a.txt": b"a" * 1234})
     return root, start_slow_server(case, root, rate=50_000_000)
 
 

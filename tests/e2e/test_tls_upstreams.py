@@ -20,7 +20,7 @@ import urllib.request
 
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support.procs import HOST, PkgProxy, clean_env, free_port, start_pkgproxy
+from tests.support.procs import HOST, PkgProxy, clean_env, file_tree, free_port, start_pkgproxy
 from tests.support.tlsserver import TlsServer, make_tls_files, start_tls_server
 
 HTTP_TIMEOUT = 20.0
@@ -61,10 +61,7 @@ class UpstreamCaFileTests(TestCase):
     """A route's ``ca_file`` verifies its upstream; other hosts keep the usual trust."""
 
     def setUp(self) -> None:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "files"))
-        with open(os.path.join(root, "files", "tool.tar"), "wb") as f:
-            f.write(BODY)
+        root = file_tree(self, {"files/tool.tar": BODY})
         self.tls = make_tls_files(self.mktemp())
         # The same CA signed both; only the first route is told about it.
         self.trusted = start_tls_server(self, root, self.tls)
@@ -184,10 +181,7 @@ class InterceptBeforeTunnelTests(TestCase):
     """A host both routed (intercepted) and listed for a tunnel is intercepted."""
 
     def setUp(self) -> None:
-        root = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(root, "files"))
-        with open(os.path.join(root, "files", "tool.tar"), "wb") as f:
-            f.write(BODY)
+        root = file_tree(self, {"files/tool.tar": BODY})
         self.tls = make_tls_files(self.mktemp())
         self.upstream: TlsServer = start_tls_server(self, root, self.tls)
         self.cache = os.path.abspath(self.mktemp())

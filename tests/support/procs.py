@@ -61,6 +61,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def file_tree(testcase: SynchronousTestCase, files: Mapping[str, bytes]) -> str:
+    """A new directory holding ``files`` (relative path -> content): an upstream's root."""
+    root = os.path.abspath(testcase.mktemp())
+    for name, content in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(content)
+    return root
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """``os.environ`` without proxy variables, plus ``extra``.
 
