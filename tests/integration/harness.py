@@ -595,6 +595,30 @@ def parse_responses(data: bytes) -> tuple[list[RawResponse], bytes]:
         data = rest
 
 
+async def start_service_tree(
+    case: unittest.TestCase, config: Config
+) -> tuple[Any, CacheStore, int]:
+    """pkgproxy's whole service tree as twistd runs it: ``(top service, store, port)``.
+
+    Stopped when the test ends; returns once it listens and the cache index is loaded.
+    """
+    from twisted.application.internet import StreamServerEndpointService
+
+    from pkgproxy.tap import build_service
+
+    top = build_service(config, reactor)
+    top.startService()
+    case.addCleanup(lambda: top.stopService() if top.running else None)
+    store = next(s for s in top if isinstance(s, CacheStore))
+    listener = next(s for s in top if isinstance(s, StreamServerEndpointService))
+    # No public accessor for the port a strports service got: this Deferred is it.
+    waiting = listener._waitingForPort
+    assert waiting is not None
+    port = await bounded(waiting, 5)
+    await bounded(store.when_ready(), 10)
+    return top, store, int(port.getHost().port)
+
+
 # -- the test case -------------------------------------------------------------------------
 
 

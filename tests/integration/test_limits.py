@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import time
 
-from twisted.application.internet import StreamServerEndpointService
-
-from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import config_from_dict
-from pkgproxy.tap import build_service
 from tests.integration.harness import (
     IntegrationTestCase,
     RawClient,
-    bounded,
     parse_responses,
     raw_connect,
-    reactor,
+    start_service_tree,
     wait_until,
 )
 
@@ -45,16 +40,7 @@ class LimitsTests(IntegrationTestCase):
                 "limits": {"client_idle_timeout": "1s"},
             }
         )
-        top = build_service(config, reactor)
-        top.startService()
-        self.addCleanup(lambda: top.stopService() if top.running else None)
-        store = next(s for s in top if isinstance(s, CacheStore))
-        listener = next(s for s in top if isinstance(s, StreamServerEndpointService))
-        waiting = listener._waitingForPort
-        assert waiting is not None
-        port = await bounded(waiting, 5)
-        await bounded(store.when_ready(), 10)
-        return int(port.getHost().port)
+        return (await start_service_tree(self, config))[2]
 
     async def _client(self, port: int) -> RawClient:
         client = await raw_connect(port)

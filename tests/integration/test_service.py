@@ -6,20 +6,18 @@ import gc
 import threading
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.defer import maybeDeferred
 
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import config_from_dict
-from pkgproxy.tap import build_service
 from tests.integration.harness import (
     HTTPTestClient,
     IntegrationTestCase,
     bounded,
     pattern,
-    reactor,
     sleep,
+    start_service_tree,
     static,
 )
 
@@ -42,17 +40,8 @@ class ServiceTreeTests(IntegrationTestCase):
                 },
             }
         )
-        top = build_service(config, reactor)
-        top.startService()
-        self.addCleanup(lambda: top.stopService() if top.running else None)
-        store = next(s for s in top if isinstance(s, CacheStore))
-        listener = next(s for s in top if isinstance(s, StreamServerEndpointService))
-        # No public accessor for the port a strports service got: this Deferred is it.
-        waiting = listener._waitingForPort
-        assert waiting is not None
-        port = await bounded(waiting, 5)
-        await bounded(store.when_ready(), 10)
-        return top, store, port.getHost().port, upstream
+        top, store, port = await start_service_tree(self, config)
+        return top, store, port, upstream
 
     async def test_serves_then_stops_cleanly(self) -> None:
         """The tree serves a MISS and a HIT, then stopService succeeds for every service.
