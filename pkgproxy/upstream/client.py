@@ -34,6 +34,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
     Agent,
@@ -55,6 +56,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from pkgproxy.config import Route, UpstreamConfig
+from pkgproxy.tcpwrite import flush
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -468,8 +470,21 @@ class RouteTrustPolicy:
         return optionsForClientTLS(name, trustRoot=root)
 
 
+class _FlushingClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
+    """Sends each request head at once rather than on the next reactor turn (see
+    :func:`pkgproxy.tcpwrite.flush`)."""
+
+    def request(self, request: Any) -> Deferred[Any]:
+        d = super().request(request)
+        flush(self.transport)
+        return d
+
+
 class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
     noisy = False
+
+    def buildProtocol(self, addr: Any) -> Any:
+        return _FlushingClientProtocol(self._quiescentCallback)
 
 
 class UpstreamService(Service):

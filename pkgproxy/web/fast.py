@@ -32,7 +32,7 @@ from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Route
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
-from pkgproxy.web.producer import plain_tcp, send_now
+from pkgproxy.tcpwrite import plain_tcp, send_now
 
 #: Request headers that cannot change a hit's answer. ``Accept`` can (the PyPI, npm and
 #: OCI families answer by it) and is part of a record's key; anything not named here

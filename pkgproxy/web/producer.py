@@ -20,6 +20,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from pkgproxy.diskpool import DiskPool
+from pkgproxy.tcpwrite import plain_tcp, unsent
 
 log = Logger()
 
@@ -371,49 +372,3 @@ class SendfileProducer(_ResponseBody):
             # The body bypasses Request.write; keep its byte count true for the log.
             self._request.sentLength += n
         self._finish()
-
-
-# -- writing to a plain TCP socket ourselves ------------------------------------------------
-#
-# Twisted's TCP transport buffers every write and sends it on the next reactor turn (two
-# epoll_ctl calls and one more wakeup per response). Where the socket is plain TCP and
-# the transport holds nothing unsent, pkgproxy may write to the socket itself, in order:
-# these helpers read the few transport attributes that say so.
-
-
-def plain_tcp(transport: Any) -> bool:
-    """Whether ``transport`` is a plain (not TLS) TCP socket whose buffer can be seen."""
-    return (
-        transport is not None
-        and hasattr(transport, "socket")
-        and hasattr(transport, "_tempDataLen")
-        and hasattr(transport, "dataBuffer")
-        and hasattr(transport, "offset")
-        and hasattr(transport, "producerPaused")
-        # Inside an intercepted CONNECT the socket carries TLS: bytes go through it.
-        and getattr(transport, "TLS", True) is False
-    )
-
-
-def unsent(transport: Any) -> int:
-    """Bytes a :func:`plain_tcp` transport holds that have not reached the socket."""
-    return int(len(transport.dataBuffer) - transport.offset + transport._tempDataLen)
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """Write ``data`` to a :func:`plain_tcp` transport, on the socket at once if it can.
-
-    What the socket does not take now (or all of it, if the transport still holds
-    earlier bytes) goes through the transport, after whatever it holds.
-    """
-    if unsent(transport) or not transport.connected or transport.disconnecting:
-        transport.write(data)
-        return
-    try:
-        n = transport.socket.send(data)
-    except BlockingIOError:
-        n = 0
-    except OSError:
-        n = 0  # the transport finds the error on its own next write or read
-    if n < len(data):
-        transport.write(data[n:] if n else data)

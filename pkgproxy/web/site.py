@@ -21,6 +21,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from pkgproxy.config import LimitsConfig
+from pkgproxy.tcpwrite import flush
 from pkgproxy.web.fast import HitPath
 
 #: The largest request body accepted: admin actions send a few form fields, and the only
@@ -122,6 +123,10 @@ class ProxyChannel(HTTPChannel):
             if not data:
                 return
         super().dataReceived(data)
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        flush(self.transport)
 
     def _between_requests(self) -> bool:
         """Whether twisted.web holds nothing of this connection: no request, no bytes."""
