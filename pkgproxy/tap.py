@@ -19,6 +19,7 @@ from pkgproxy.config import Config, ConfigError, load_config, parse_size
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Facts
 from pkgproxy.fetch.registry import InFlight
+from pkgproxy.gcpolicy import HeapFreeze
 from pkgproxy.learning import Learner
 from pkgproxy.service import OrderedMultiService
 from pkgproxy.tlsca import CAError, CertificateAuthority
@@ -113,6 +114,8 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     from pkgproxy.cache.store import CacheStore
 
     top = OrderedMultiService()
+    heap = HeapFreeze()
+    heap.setServiceParent(top)
     pool = DiskPool(reactor)
     pool.setServiceParent(top)
     store = CacheStore(
@@ -131,7 +134,8 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     )
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)
-    store.when_ready().addCallback(lambda _: learner.relearn())
+    ready = store.when_ready().addCallback(lambda _: learner.relearn())
+    ready.addCallback(lambda _: heap.freeze())
     inflight = InFlight()
     ops = Operations(cfg, store, inflight, reactor, pool)
     if isinstance(ops.access_log, Service):

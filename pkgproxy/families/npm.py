@@ -35,7 +35,7 @@ import re
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
-from pkgproxy import httputil
+from pkgproxy import gcpolicy, httputil
 from pkgproxy.families import (
     CacheClass,
     Decision,
@@ -49,7 +49,6 @@ from pkgproxy.rewrite.npm_packument import (
     JSONObject,
     dispose,
     dists,
-    quiet_gc,
     read_document,
     rewrite_packument,
 )
@@ -251,7 +250,7 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
 
     A document that cannot be read teaches nothing (its fetch already failed it).
     """
-    with quiet_gc():
+    with gcpolicy.quiet():
         try:
             doc, _ = read_document(local_file)
         except ValueError:

@@ -17,22 +17,21 @@ where the reactor thread can take the GIL every few microseconds of work. Two mo
 pauses come with millions of objects: the cyclic garbage collector walks every live
 container in whichever thread allocates (tens of ms per full pass while a big document
 is alive), and freeing a document at once is one long cascade in C. So automatic
-collection is held off while a document is alive (:func:`quiet_gc`), and a document is
-taken apart one version at a time (:func:`dispose`).
+collection is held off while a document is alive (:func:`pkgproxy.gcpolicy.quiet`), and
+a document is taken apart one version at a time (:func:`dispose`).
 
-Nothing here does network I/O or imports Twisted.
+Nothing here does network I/O.
 """
 
 from __future__ import annotations
 
-import gc
 import gzip
 import json
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urljoin
+
+from pkgproxy import gcpolicy
 
 if TYPE_CHECKING:  # pkgproxy.families imports the npm family, which imports this module
     from pkgproxy.families import RewriteContext
@@ -49,35 +48,6 @@ _SPLIT_DEPTH = 2
 
 _encode_utf8 = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _encode_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
-
-
-_gc_lock = threading.Lock()
-_gc_holders = 0
-_gc_was_enabled = False
-
-
-@contextmanager
-def quiet_gc() -> Iterator[None]:
-    """No automatic cyclic garbage collection while the block runs (nestable, threadsafe).
-
-    A parsed packument is hundreds of thousands of containers; every full collection
-    walks all of them holding the GIL, which stalls the reactor thread. Parsed JSON has
-    no reference cycles, so nothing is lost by waiting: the collector's state from
-    before the first holder is restored when the last one leaves.
-    """
-    global _gc_holders, _gc_was_enabled
-    with _gc_lock:
-        if _gc_holders == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_holders += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_holders -= 1
-            if _gc_holders == 0 and _gc_was_enabled:
-                gc.enable()
 
 
 def dispose(doc: JSONObject) -> None:
@@ -252,7 +222,7 @@ def rewrite_packument(raw_path: str, out_path: str, context: RewriteContext) -> 
     ``Accept-Encoding: identity``) is written back gzip-compressed, to match the
     ``Content-Encoding`` stored with it.
     """
-    with quiet_gc():
+    with gcpolicy.quiet():
         doc, compressed = read_document(raw_path)
         try:
             rewrite_document(doc, context)

@@ -49,6 +49,9 @@ class ServiceTreeTests(IntegrationTestCase):
         A HIT leaves an access time for the index, so stopping has work for the disk pool
         (flush, then close the index). Every child's stop must succeed, the index must be
         closed, and no disk-pool thread may be left behind.
+
+        Once the cache is loaded, what is alive is frozen out of garbage collection
+        (``pkgproxy.gcpolicy``); stopping the tree gives it back to the collector.
         """
         top, store, port, upstream = await self._start_tree()
         body = pattern(100 * 1024, b"tree")
@@ -64,6 +67,11 @@ class ServiceTreeTests(IntegrationTestCase):
                 await sleep(0.02)
             hit = await client.get(url)
             self.assertEqual((hit.status, hit.x_cache, hit.body), (200, b"HIT", body))
+            for _ in range(100):
+                if gc.get_freeze_count():
+                    break
+                await sleep(0.02)
+            self.assertGreater(gc.get_freeze_count(), 0)
         finally:
             await client.close()
         await sleep(0.05)  # let the server side see the client's connection close
@@ -86,3 +94,4 @@ class ServiceTreeTests(IntegrationTestCase):
             self.fail("stopping the service tree failed:\n" + "\n".join(failures))
         self.assertIsNone(store._db, "the cache index was not closed")
         self.assertEqual(_disk_threads(), [])
+        self.assertEqual(gc.get_freeze_count(), 0)
