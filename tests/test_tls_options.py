@@ -124,6 +124,29 @@ class EndpointTests(SynchronousTestCase):
         with self.assertRaises(SchemeNotSupported):
             endpoints.endpointForURI(URI.fromBytes(b"ftp://m.test/a"))
 
+    def test_addresses_are_not_resolved(self) -> None:
+        """An upstream given as an IPv4 or IPv6 address is connected to directly; only
+        a name goes through the resolver (and happy eyeballs)."""
+        from twisted.internet.endpoints import (
+            HostnameEndpoint,
+            TCP4ClientEndpoint,
+            TCP6ClientEndpoint,
+        )
+        from twisted.web.client import URI
+
+        from pkgproxy.upstream.client import _Endpoints
+
+        endpoints = _Endpoints(Clock(), RecordingPolicy(), 5.0)  # type: ignore[arg-type]
+
+        def of(url: bytes) -> object:
+            return endpoints.endpointForURI(URI.fromBytes(url))
+
+        self.assertIsInstance(of(b"http://127.0.0.1:8080/a"), TCP4ClientEndpoint)
+        self.assertIsInstance(of(b"http://[::1]:8080/a"), TCP6ClientEndpoint)
+        self.assertIsInstance(of(b"http://m.test/a"), HostnameEndpoint)
+        # TLS is the same wrapping whatever connects underneath.
+        self.assertNotIsInstance(of(b"https://127.0.0.1/a"), TCP4ClientEndpoint)
+
 
 class FakeEndpoint:
     """Connects at once over a StringTransport, or fails as told."""

@@ -18,13 +18,19 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 from twisted.application.service import Service
 from twisted.internet import error as net_error
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredSemaphore,
     inlineCallbacks,
 )
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IReactorTime,
@@ -547,7 +553,14 @@ class _Endpoints:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"upstream host {uri.host!r} is not ASCII") from None
-        endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        if isIPAddress(host):
+            # An address needs no resolving: HostnameEndpoint would still ask getaddrinfo
+            # in a thread (one thread hop per new connection) and race one attempt.
+            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        elif isIPv6Address(host):
+            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
         if uri.scheme == b"https":
             creator = self._policy.creatorForNetloc(uri.host, uri.port)
             endpoint = wrapClientTLS(creator, endpoint)
