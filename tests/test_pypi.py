@@ -22,7 +22,14 @@ from twisted.web.client import ResponseFailed
 from pkgproxy.config import config_from_dict
 from pkgproxy.families import CacheClass, Facts, RewriteContext
 from pkgproxy.families import Request as FamilyRequest
-from pkgproxy.families.pypi import OFFERS, classify, learn, learns, negotiate
+from pkgproxy.families.pypi import (
+    OFFERS,
+    classify,
+    learn,
+    learns,
+    negotiate,
+    requested_format,
+)
 from pkgproxy.rewrite import htmldoc, pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 from pkgproxy.testing import MemoryProxy
@@ -159,6 +166,33 @@ class NegotiationTests(SynchronousTestCase):
         self.assertEqual(
             dict(decision.response_headers), {"Vary": "Accept", "Content-Type": V1_JSON}
         )
+
+    def test_format_parameter(self) -> None:
+        """PEP 691's ?format= names one type and overrides Accept; the query is then
+        the family's (not in the key, not sent upstream). A value that names no type
+        is ignored, as PyPI ignores it, and Accept decides."""
+        self.assertEqual(requested_format(f"format={V1_JSON}"), V1_JSON)
+        self.assertEqual(
+            requested_format("format=application/vnd.pypi.simple.latest+html"), V1_HTML
+        )
+        self.assertEqual(requested_format("x=1&format=TEXT/HTML"), HTML)
+        self.assertEqual(
+            requested_format("format=application%2Fvnd.pypi.simple.v1%2Bjson"), V1_JSON
+        )
+        for ignored in ("", "format=", "format=application/json", "format=*/*", "fmt=text/html"):
+            self.assertIsNone(requested_format(ignored), ignored)
+        d = classify(
+            PYPI,
+            "simple/six/",
+            Facts(),
+            FamilyRequest(accept="text/html", query=f"format={V1_JSON}"),
+        )
+        self.assertEqual((d.variant, d.query_consumed), (V1_JSON, True))
+        self.assertEqual(dict(d.upstream_headers), {"Accept": V1_JSON})
+        d = classify(
+            PYPI, "simple/six/", Facts(), FamilyRequest(accept=PIP_ACCEPT, query="format=x")
+        )
+        self.assertEqual((d.variant, d.query_consumed), (V1_JSON, False))
 
     def test_root_list(self) -> None:
         """The root list is negotiated and rewritten too, revalidated less often."""
@@ -579,6 +613,28 @@ class ProxyTests(SynchronousTestCase):
         )
         resp, again = self.proxy.get("/pypi/simple/demo/", headers={"Accept": PIP_ACCEPT})
         self.assertEqual((again, header(resp, "x-cache")), (body, "HIT"))
+
+    def test_format_parameter_through_the_proxy(self) -> None:
+        """?format= gets the type it names whatever Accept says; upstream is asked with
+        Accept and without the query, and the page is the same cache entry as the one
+        Accept chooses."""
+        resp, body = self.proxy.get(
+            f"/pypi/simple/demo/?format={V1_JSON}", headers={"Accept": "text/html"}
+        )
+        self.assertEqual((resp.code, header(resp, "content-type")), (200, V1_JSON))
+        self.assertEqual(json.loads(body)["name"], "demo")
+        seen = self.up.seen[-1]
+        self.assertEqual(seen.headers[b"accept"], V1_JSON.encode())
+        self.assertNotIn(b"?", seen.path)
+        asked = len(self.up.seen)
+        resp, again = self.proxy.get("/pypi/simple/demo/", headers={"Accept": PIP_ACCEPT})
+        self.assertEqual((again, header(resp, "x-cache")), (body, "HIT"))
+        resp, html = self.proxy.get(
+            f"/pypi/simple/demo/?format={HTML}", headers={"Accept": V1_JSON}
+        )
+        self.assertEqual((header(resp, "content-type"), header(resp, "x-cache")), (HTML, "MISS"))
+        self.assertTrue(html.startswith(b"<!DOCTYPE html>"))
+        self.assertEqual(len(self.up.seen), asked + 1)
 
     def test_json_upstream(self) -> None:
         """An index that speaks PEP 691 is served through with its file URLs rewritten."""

@@ -107,6 +107,9 @@ class Decision:
         ``algorithm:hex`` (OCI's ``Docker-Content-Digest``), checked before storing.
     :ivar head_revalidate: revalidate a stale copy with HEAD, comparing
         ``digest_header`` (a registry counts GETs against pull limits, not HEADs).
+    :ivar query_consumed: the request's query was for the family (PEP 691's
+        ``?format=``, already turned into ``variant`` and ``upstream_headers``): it is
+        neither part of the cache key nor sent upstream.
     """
 
     cache_class: CacheClass
@@ -121,6 +124,7 @@ class Decision:
     upstream_url: str | None = None
     digest_header: str | None = None
     head_revalidate: bool = False
+    query_consumed: bool = False
     #: Store under this route name instead of the request's (content shared by routes).
     key_scope: str | None = None
 
@@ -174,6 +178,8 @@ class Request:
     """What a family may know of the client's request besides its path."""
 
     accept: str = ""
+    #: The query string, without its ``?`` (empty when there is none).
+    query: str = ""
 
 
 @dataclass(frozen=True)
@@ -181,7 +187,8 @@ class Family:
     """One repository format.
 
     :ivar classify: ``(route, path, facts, request) -> Decision``; pure. ``path`` is
-        canonical, below the route's upstream base, and may carry a ``?query``.
+        canonical, below the route's upstream base, without the query (which is in
+        the request).
     :ivar learns: whether the body at ``path`` is an index worth reading; pure.
     :ivar learn: ``(path, local_file, url) -> [(artifact URL, Expect)]``; reads a file,
         so it runs in the disk pool. ``url`` is the index's own upstream URL.

@@ -28,6 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 from pkgproxy import httputil
 from pkgproxy.families import (
@@ -112,9 +113,34 @@ def negotiate(accept: str) -> str:
     return best
 
 
+def requested_format(query: str) -> str | None:
+    """The type PEP 691's ``?format=`` names, if it names one of :data:`OFFERS`.
+
+    The parameter holds one content type, without q-values or wildcards; the
+    ``latest`` aliases mean v1. Anything else is ignored, as PyPI ignores it, and the
+    ``Accept`` header decides.
+    """
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "format":
+            # unquote, not parse_qsl: a '+' left unescaped in the type is a '+'.
+            media = unquote(value).strip().lower()
+            media = _ALIASES.get(media, media)
+            return media if media in OFFERS else None
+    return None
+
+
 def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
-    """A simple page in the negotiated type: its own variant, rewritten, revalidated."""
-    chosen = negotiate(request.accept if request is not None else "")
+    """A simple page in the negotiated type: its own variant, rewritten, revalidated.
+
+    A ``?format=`` naming a type overrides ``Accept``; the page is then the same
+    variant as when ``Accept`` chose that type (one key, one upstream request with
+    ``Accept``), and the query goes no further.
+    """
+    chosen = requested_format(request.query) if request is not None else None
+    consumed = chosen is not None
+    if chosen is None:
+        chosen = negotiate(request.accept if request is not None else "")
     return Decision(
         CacheClass.MUTABLE,
         ttl=route.index_ttl * (ROOT_TTL_FACTOR if root else 1),
@@ -122,6 +148,7 @@ def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
         upstream_headers={"Accept": chosen},
         response_headers={"Vary": "Accept", "Content-Type": chosen},
         rewrite=pypi_simple.simple_rewriter(want_json=chosen == V1_JSON, root=root),
+        query_consumed=consumed,
     )
 
 

@@ -248,13 +248,17 @@ class ProxyResource(Resource):
         accept = b", ".join(ctx.request.requestHeaders.getRawHeaders(b"accept", [])).decode(
             "latin-1"
         )
+        query = ctx.url.partition("?")[2]
         decision = FAMILIES[route.family].classify(
-            route, ctx.path, self._learner.facts, FamilyRequest(accept=accept)
+            route, ctx.path, self._learner.facts, FamilyRequest(accept=accept, query=query)
         )
         ctx.decision = decision
         if decision.local is not None:
             self._local(ctx, decision.local)
             return
+        if decision.query_consumed:
+            ctx.key = f"{route.name}:{ctx.path}"
+            ctx.url = ctx.url.partition("?")[0]
         if decision.key_scope is not None:
             ctx.key = decision.key_scope + ctx.key[len(route.name) :]
         if decision.variant:
