@@ -54,6 +54,9 @@ MAX_ERROR_BODY = 64 * 1024
 #: Upstream is paused when this much is waiting for the disk, resumed below the low mark.
 HIGH_WATER = 8 * 1024 * 1024
 LOW_WATER = 2 * 1024 * 1024
+#: When the cache disk refuses a download's write, up to this much of the rest of its
+#: body is held in memory so that its clients still get it whole (it is not stored).
+SPILL_MAX = 64 * 1024 * 1024
 _DONE = Failure(ResponseDone())
 
 
@@ -92,17 +95,30 @@ class FetchRequest:
 
 
 class _SharedFile:
-    """An fd read by several subscribers with ``pread``; closed by its last user."""
+    """An fd read by several subscribers with ``pread``; closed by its last user.
+
+    After the disk refused a write, the rest of the body is held in memory instead
+    (:attr:`spill`, from byte :attr:`spill_at` on): subscribers read below that point
+    from the file and above it from memory, unaware of the change.
+    """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._refs = 1
+        self.spill_at = -1
+        self.spill: bytearray | None = None
 
     def acquire(self) -> _SharedFile:
         self._refs += 1
         return self
 
     def read(self, size: int, offset: int) -> bytes:
+        spill = self.spill
+        if spill is not None:
+            if offset >= self.spill_at:
+                start = offset - self.spill_at
+                return bytes(spill[start : start + size])
+            size = min(size, self.spill_at - offset)
         return os.pread(self.fd, size, offset)
 
     def release(self) -> None:
@@ -186,6 +202,8 @@ class Fetch:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._writing = False
+        #: The bytes of the disk write in progress, written again to memory if it fails.
+        self._in_write = b""
         self._body_ended: Failure | None = None
         self._sink: _BodySink | None = None
         self.upstream: UpstreamResponse | None = None
@@ -453,7 +471,14 @@ class Fetch:
             assert self._file is not None
             if isinstance(self._file, _MemoryBody):
                 d = succeed(_append_and_hash(self._file.data, data, self._hashers))
+            elif self._file.spill is not None:
+                if len(self._file.spill) + len(data) > SPILL_MAX:
+                    self._writing = False
+                    self._give_up_spill()
+                    return
+                d = succeed(_append_and_hash(self._file.spill, data, self._hashers))
             else:
+                self._in_write = data
                 d = self._pool.run(
                     _write_and_hash, self._file.fd, data, self.written, self._hashers
                 )
@@ -464,6 +489,7 @@ class Fetch:
 
     def _wrote(self, n: int) -> None:
         self._writing = False
+        self._in_write = b""
         self._pending_bytes -= n
         self.written += n
         if self._pending_bytes < LOW_WATER and self._sink is not None:
@@ -473,10 +499,37 @@ class Fetch:
 
     def _write_failed(self, f: Failure) -> None:
         self._writing = False
-        self._store.disk_error(f.getErrorMessage())
+        why = f.getErrorMessage()
+        self._store.disk_error(why)
+        body = self._file
+        if isinstance(body, _SharedFile) and self.request.decision.rewrite is None:
+            # The clients of this download still get it whole: what is left of it is
+            # held in memory (up to SPILL_MAX), checked as before, and not stored.
+            log.warn(
+                "cache disk error writing {url} ({why}); its clients get the rest "
+                "from memory and it is not stored",
+                url=self.request.url,
+                why=why,
+            )
+            body.spill_at = self.written
+            body.spill = bytearray()
+            self._pending.insert(0, self._in_write)
+            self._write_next()
+            return
+        self._disk_failure(why)
+
+    def _give_up_spill(self) -> None:
+        log.warn(
+            "{url}: more than {n} MiB left to hold in memory after a cache disk error",
+            url=self.request.url,
+            n=SPILL_MAX >> 20,
+        )
+        self._disk_failure("the rest of the body is too large to hold in memory")
+
+    def _disk_failure(self, why: str) -> None:
         if self._sink is not None:
             self._sink.abort()
-        self._fail(f"cache disk error: {f.getErrorMessage()}")
+        self._fail(f"cache disk error: {why}")
 
     def _finish_body(self, reason: Failure) -> None:
         problem = self._check(reason)
@@ -559,6 +612,8 @@ class Fetch:
         decision = self.request.decision
         if decision.cache_class is CacheClass.PASS:
             return False
+        if isinstance(self._file, _SharedFile) and self._file.spill is not None:
+            return False  # part of it never reached the disk
         resp = self.upstream
         assert resp is not None
         if decision.cache_class is CacheClass.MUTABLE and not httputil.storable(

@@ -241,7 +241,7 @@ class BodyProducer(_ResponseBody):
                     return
                 self._got(data)
                 return
-            d = self._pool.run(os.pread, self._file.fd, n, self._offset)
+            d = self._pool.run(self._file.read, n, self._offset)
             d.addCallbacks(self._got, self._read_failed)
             return
         # available() holds back a download's last byte until it is verified, so

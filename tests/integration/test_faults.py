@@ -7,6 +7,7 @@ and, where it helps, that a good answer afterwards is fetched and cached normall
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from tests.integration.harness import (
     HTTPTestClient,
     IntegrationTestCase,
     ProxyUnderTest,
+    SlowBody,
     UpstreamConnection,
     UpstreamRequest,
     pattern,
@@ -451,3 +453,63 @@ class LearnedChecksTests(FaultTestCase):
         await self.assertNotStoredAndRefetched(
             upstream, proxy, client, url, up_path, "debian:" + self.POOL, deb
         )
+
+
+class DiskRefusesWriteTests(FaultTestCase):
+    """The cache disk refuses a download's write midway (ENOSPC, EIO): its clients still
+    get the whole body, from memory, and nothing is stored."""
+
+    def refuse_writes_after(self, n: int) -> None:
+        from pkgproxy.fetch import fetch as fetch_module
+
+        calls = [0]
+        real = fetch_module._write_and_hash
+
+        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
+            calls[0] += 1
+            if calls[0] > n:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset, hashers)
+
+        self.patch(fetch_module, "_write_and_hash", write)
+
+    async def test_clients_get_the_rest_from_memory(self) -> None:
+        """Two clients of one download (the second joins it) get every byte; the body is
+        not stored, no temp file is left, and the log says why."""
+        upstream, proxy = await self.files_setup()
+        body = pattern(3 * 1024 * 1024, b"spill")
+        upstream.handlers[b"/big.bin"] = SlowBody(body, 256 * 1024, 0.01)
+        self.refuse_writes_after(2)
+        client, other = HTTPTestClient(), HTTPTestClient()
+        self.addCleanup(client.close)
+        self.addCleanup(other.close)
+        first = client.get(proxy.url("/files/big.bin"))
+        await wait_until(lambda: upstream.count(b"/big.bin") == 1)
+        second = await other.get(proxy.url("/files/big.bin"))
+        got = await first
+        self.assertEqual((got.status, got.error, got.x_cache), (200, None, b"MISS"))
+        self.assertEqual(hashlib.sha256(got.body or b"").digest(), hashlib.sha256(body).digest())
+        self.assertEqual((second.status, second.error, second.body == body), (200, None, True))
+        self.assertEqual(second.x_cache, b"COALESCED")
+        await proxy.settled()
+        await proxy.no_temp_files()
+        self.assertFalse(proxy.stored("files:big.bin"))
+        self.assertEqual(upstream.count(b"/big.bin"), 1)
+        self.assertTrue(proxy.store.disk_trouble())
+
+    async def test_too_much_left_for_memory_fails_the_transfer(self) -> None:
+        """Beyond SPILL_MAX left to hold, the clients see a failed transfer, as before."""
+        from pkgproxy.fetch import fetch as fetch_module
+
+        self.patch(fetch_module, "SPILL_MAX", 512 * 1024)
+        upstream, proxy = await self.files_setup()
+        body = pattern(3 * 1024 * 1024, b"spill")
+        upstream.handlers[b"/big.bin"] = SlowBody(body, 256 * 1024, 0.01)
+        self.refuse_writes_after(1)
+        client = HTTPTestClient()
+        self.addCleanup(client.close)
+        got = await client.get(proxy.url("/files/big.bin"))
+        self.assertFailedTransfer(got)
+        await proxy.settled()
+        await proxy.no_temp_files()
+        self.assertFalse(proxy.stored("files:big.bin"))
