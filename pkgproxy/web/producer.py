@@ -20,7 +20,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.tcpwrite import plain_tcp, unsent
+from pkgproxy.tcpwrite import flush, plain_tcp, unsent
 
 log = Logger()
 
@@ -321,6 +321,7 @@ class SendfileProducer(_ResponseBody):
         self._register()
         assert self._request is not None
         self._request.write(b"")  # the status line and headers, into the transport
+        flush(self._transport)  # so the body can follow them now, not a reactor turn later
         self._pump()
 
     def pauseProducing(self) -> None:
