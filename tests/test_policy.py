@@ -43,6 +43,13 @@ class DebianTests(SynchronousTestCase):
             d = debian.classify(ROUTE, path)
             self.assertEqual((d.cache_class, d.ttl), (CacheClass.MUTABLE, 60), path)
 
+    def test_release_and_its_signature_are_a_pair(self) -> None:
+        """A new Release makes its detached Release.gpg due; InRelease signs itself."""
+        d = debian.classify(ROUTE, "dists/bookworm/Release")
+        self.assertEqual(d.revalidate_also, ("dists/bookworm/Release.gpg",))
+        for path in ("dists/bookworm/InRelease", "dists/bookworm/Release.gpg", "README"):
+            self.assertEqual(debian.classify(ROUTE, path).revalidate_also, (), path)
+
     def test_generic(self) -> None:
         """A generic route is immutable only when configured so."""
         r = Route("f", "generic", "/f/", "http://h/")

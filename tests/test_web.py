@@ -295,6 +295,52 @@ class MutableTests(ProxyTestCase):
         self.assertIn("110", header(resp, "warning") or "")
 
 
+class ReleasePairTests(ProxyTestCase):
+    """Release and Release.gpg (repositories without InRelease) are served as a pair."""
+
+    release, signature = "/debian/dists/old/Release", "/debian/dists/old/Release.gpg"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.rel = self.up.add(self.release, b"Release v1\n", etag=b'"r1"')
+        self.sig = self.up.add(self.signature, b"signature of v1\n", etag=b'"s1"')
+        self.proxy.get(self.release)
+        self.proxy.clock.advance(30)  # apt asks for the signature a little later
+        self.proxy.get(self.signature)
+        self.proxy.clock.advance(31)  # Release is due, its signature is still fresh
+
+    def test_new_release_brings_its_new_signature(self) -> None:
+        """A changed Release makes the cached signature due at once: the client's next
+        request for it gets the one that matches."""
+        self.rel.body, self.rel.etag = b"Release v2\n", b'"r2"'
+        self.sig.body, self.sig.etag = b"signature of v2\n", b'"s2"'
+        resp, got = self.proxy.get(self.release)
+        self.assertEqual((got, header(resp, "x-cache")), (b"Release v2\n", "MISS"))
+        resp, got = self.proxy.get(self.signature)
+        self.assertEqual((got, header(resp, "x-cache")), (b"signature of v2\n", "MISS"))
+        self.assertEqual(self.up.count(self.signature), 2)
+        resp, _ = self.proxy.get(self.signature)
+        self.assertEqual(header(resp, "x-cache"), "HIT")
+
+    def test_unchanged_release_keeps_its_signature(self) -> None:
+        """A Release confirmed unchanged (304) leaves its signature fresh."""
+        resp, _ = self.proxy.get(self.release)
+        self.assertEqual(header(resp, "x-cache"), "REVALIDATED")
+        resp, got = self.proxy.get(self.signature)
+        self.assertEqual((got, header(resp, "x-cache")), (b"signature of v1\n", "HIT"))
+        self.assertEqual(self.up.count(self.signature), 1)
+
+    def test_signature_kept_when_upstream_is_down(self) -> None:
+        """Made due, the signature is still served stale when upstream cannot answer."""
+        self.rel.body, self.rel.etag = b"Release v2\n", b'"r2"'
+        self.proxy.get(self.release)
+        self.up.down = True
+        resp, got = self.proxy.get(self.signature)
+        self.assertEqual(
+            (resp.code, got, header(resp, "x-cache")), (200, b"signature of v1\n", "STALE")
+        )
+
+
 class UpstreamLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = MemoryProxy(

@@ -107,6 +107,9 @@ class Decision:
         ``algorithm:hex`` (OCI's ``Docker-Content-Digest``), checked before storing.
     :ivar head_revalidate: revalidate a stale copy with HEAD, comparing
         ``digest_header`` (a registry counts GETs against pull limits, not HEADs).
+    :ivar revalidate_also: paths of the same route whose stored copies are revalidated
+        before they are served again once this one comes back changed from upstream
+        (the detached signature of a file that is signed).
     :ivar query_consumed: the request's query was for the family (PEP 691's
         ``?format=``, already turned into ``variant`` and ``upstream_headers``): it is
         neither part of the cache key nor sent upstream.
@@ -125,6 +128,7 @@ class Decision:
     digest_header: str | None = None
     head_revalidate: bool = False
     query_consumed: bool = False
+    revalidate_also: tuple[str, ...] = ()
     #: Store under this route name instead of the request's (content shared by routes).
     key_scope: str | None = None
 

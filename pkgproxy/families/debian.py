@@ -41,6 +41,7 @@ _POOL = re.compile(
 _PDIFF = re.compile(r"(?:^|/)dists/.+\.diff/(?!Index$)[^/]+$")
 _PACKAGES = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/Packages(?:\.(?:gz|xz|bz2))?$")
 _RELEASE = re.compile(r"(?:^|/)dists/.+/(?:InRelease|Release)$")
+_RELEASE_SIGNED = re.compile(r"(?:^|/)dists/.+/Release$")
 _RELEASE_FILES = re.compile(r"(?:^|/)dists/.+/(?:InRelease|Release|Release\.gpg)$")
 _PACKAGES_BY_HASH = re.compile(r"(?:^|/)dists/.+/binary-[^/]+/by-hash/SHA256/[0-9a-f]{64}$")
 
@@ -69,6 +70,10 @@ def classify(
         known = facts.get(route.upstream + path)
         if known is not None:
             return replace(decision.with_expect(known), upstream_url=known.alternate)
+    if _RELEASE_SIGNED.search(path):
+        # Release and its detached Release.gpg are one pair: apt asks for Release first,
+        # and a signature from before a change of Release fails its check.
+        return replace(decision, revalidate_also=(f"{path}.gpg",))
     # Release files, the other indexes, the rest of dists/ and the odd file outside it
     # (README, project/trace) are all revalidated after the route's TTL.
     return decision

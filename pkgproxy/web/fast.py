@@ -156,6 +156,8 @@ class HitPath:
         if (
             record.generation != self._learner.facts.generation
             or (record.until is not None and now >= record.until)
+            # An entry can be made due for revalidation early (a Release's signature).
+            or (entry.expires is not None and now >= entry.expires)
             or self._store.get(entry.key) is not entry
             or self._learner.busy(record.route)
         ):

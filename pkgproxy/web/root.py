@@ -474,8 +474,25 @@ class ProxyResource(Resource):
         d = fetch.answered()
         d.addCallback(self._answered, ctx, started)
         d.addErrback(self._internal_error, ctx)
+        if started and decision.revalidate_also:
+            fetch.answered().addCallback(self._expire_companions, ctx)
         if started:
             fetch.start()
+
+    def _expire_companions(self, fetch: Fetch, ctx: _Ctx) -> None:
+        """A new body came from upstream: what goes with it is checked before its next use.
+
+        Done when the answer arrives, before this client has the whole body, so the
+        companion it asks for next is already due for revalidation. An expiry time of 0
+        is past any stale-while-revalidate grace too; stale-if-error still holds.
+        """
+        if fetch.outcome is not Outcome.STREAM:
+            return
+        for path in ctx.decision.revalidate_also:
+            companion = self._store.peek(f"{ctx.route.name}:{path}")
+            if companion is not None and companion.expires is not None:
+                companion.expires = 0.0
+                self._store.update(companion)
 
     def _may_serve_stale(self, ctx: _Ctx, entry: Entry, now: float, wants_check: bool) -> bool:
         """Whether an expired index may be answered at once while it is revalidated.

@@ -251,6 +251,33 @@ class HitPathTests(IntegrationTestCase):
         self.assertNotEqual(r.headers[b"x-cache"], b"HIT")
         self.assertEqual((hits.answered, len(upstream.requests)), (1, 2))
 
+    async def test_signature_made_due_by_a_new_release_is_not_replayed(self) -> None:
+        """A Release.gpg whose Release came back changed is revalidated, even while the
+        hit path holds a record of it that has not reached its own expiry."""
+        upstream = await self.start_upstream()
+        bodies = {b"/dists/old/Release": b"Release v1\n", b"/dists/old/Release.gpg": b"sig v1\n"}
+        for path, body in bodies.items():
+            upstream.handlers[path] = static(body, [(b"etag", b'"1"')])
+        proxy = await self.start_proxy(
+            {"routes": {"debian": {"upstream": upstream.url(), "index_ttl": "2s"}}}
+        )
+        hits = proxy.site.hit_path
+        assert hits is not None
+        await self._exchange(proxy, get("/debian/dists/old/Release"))
+        await proxy.settled()
+        await sleep(1.0)
+        for _ in range(3):  # recorded, then replayed
+            (r,), _ = await self._exchange(proxy, get("/debian/dists/old/Release.gpg"))
+        await proxy.settled()
+        self.assertEqual((r.body, r.headers[b"x-cache"], hits.answered), (b"sig v1\n", b"HIT", 1))
+        await sleep(1.2)  # Release is due; its signature, fetched later, is not yet
+        upstream.handlers[b"/dists/old/Release"] = static(b"Release v2\n", [(b"etag", b'"2"')])
+        upstream.handlers[b"/dists/old/Release.gpg"] = static(b"sig v2\n", [(b"etag", b'"2"')])
+        (r,), _ = await self._exchange(proxy, get("/debian/dists/old/Release"))
+        self.assertEqual(r.body, b"Release v2\n")
+        (r,), _ = await self._exchange(proxy, get("/debian/dists/old/Release.gpg"))
+        self.assertEqual((r.body, r.headers[b"x-cache"], hits.answered), (b"sig v2\n", b"MISS", 1))
+
     async def test_replayed_hits_are_reported(self) -> None:
         """The access log and metrics see a replayed hit like any other."""
         _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
