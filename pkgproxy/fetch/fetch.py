@@ -502,7 +502,12 @@ class Fetch:
         why = f.getErrorMessage()
         self._store.disk_error(why)
         body = self._file
-        if isinstance(body, _SharedFile) and self.request.decision.rewrite is None:
+        if (
+            isinstance(body, _SharedFile)
+            and body.spill is None
+            and self.state is State.STREAMING
+            and self.request.decision.rewrite is None
+        ):
             # The clients of this download still get it whole: what is left of it is
             # held in memory (up to SPILL_MAX), checked as before, and not stored.
             log.warn(
