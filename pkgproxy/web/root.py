@@ -475,7 +475,8 @@ class ProxyResource(Resource):
         d.addCallback(self._answered, ctx, started)
         d.addErrback(self._internal_error, ctx)
         if started and decision.revalidate_also:
-            fetch.answered().addCallback(self._expire_companions, ctx)
+            expire = fetch.answered().addCallback(self._expire_companions, ctx)
+            expire.addErrback(lambda f: log.failure("expiring companions of {key}", f, key=ctx.key))
         if started:
             fetch.start()
 
