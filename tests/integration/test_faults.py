@@ -478,7 +478,8 @@ class DiskRefusesWriteTests(FaultTestCase):
         not stored, no temp file is left, and the log says why."""
         upstream, proxy = await self.files_setup()
         body = pattern(3 * 1024 * 1024, b"spill")
-        upstream.handlers[b"/big.bin"] = SlowBody(body, 256 * 1024, 0.03)  # the second client joins it
+        # Slow enough for the second client to join the download on a busy host.
+        upstream.handlers[b"/big.bin"] = SlowBody(body, 256 * 1024, 0.03)
         self.refuse_writes_after(2)
         client, other = HTTPTestClient(), HTTPTestClient()
         self.addCleanup(client.close)
