@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from pkgproxy.config import Route
 from pkgproxy.fetch.fetch import Fetch
 from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.web.fast import HitPath
 from tests.integration.harness import (
     IntegrationTestCase,
     ProxyUnderTest,
@@ -88,11 +89,22 @@ class HitPathTests(IntegrationTestCase):
         await proxy.settled()
         return upstream, proxy
 
+    @staticmethod
+    def _hits(proxy: ProxyUnderTest) -> HitPath:
+        hits = proxy.site.hit_path
+        assert hits is not None
+        return hits
+
+    async def _recorded(self) -> tuple[Any, ProxyUnderTest, HitPath]:
+        """``a.bin`` cached, and its first hit answered by twisted.web and recorded."""
+        upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
+        await self._exchange(proxy, get("/files/a.bin"))
+        return upstream, proxy, self._hits(proxy)
+
     async def test_second_hit_is_replayed_byte_for_byte(self) -> None:
         """twisted.web answers the first hit; the next one gets the same bytes (Date aside)."""
         upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
-        hits = proxy.site.hit_path
-        assert hits is not None
+        hits = self._hits(proxy)
 
         _, first = await self._exchange(proxy, get("/files/a.bin"))
         self.assertEqual(hits.answered, 0)
@@ -118,8 +130,7 @@ class HitPathTests(IntegrationTestCase):
         upstream.handlers[b"/c.bin"] = SlowBody(slow, 64 * 1024, 0.02)
         for name in ("a.bin", "b.bin"):  # twisted.web answers these hits and records them
             await self._exchange(proxy, get("/files/" + name))
-        hits = proxy.site.hit_path
-        assert hits is not None
+        hits = self._hits(proxy)
         data = (
             get("/files/a.bin")
             + get("/files/c.bin")
@@ -136,10 +147,7 @@ class HitPathTests(IntegrationTestCase):
 
     async def test_head_is_replayed_without_body(self) -> None:
         """A HEAD after a recorded GET gets the GET's headers and no body."""
-        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
-        await self._exchange(proxy, get("/files/a.bin"))
-        hits = proxy.site.hit_path
-        assert hits is not None
+        _, proxy, hits = await self._recorded()
         raw = await self.raw_client(proxy)
         raw.send(get("/files/a.bin", method=b"HEAD") + get("/files/b.bin", method=b"HEAD"))
         await wait_until(lambda: raw.received.count(b"\r\n\r\n") >= 2, 5, "two answers")
@@ -150,10 +158,7 @@ class HitPathTests(IntegrationTestCase):
 
     async def test_requests_that_could_differ_go_to_twisted_web(self) -> None:
         """Ranges, conditions, Cache-Control, HTTP/1.0 and other Accepts are not replayed."""
-        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
-        await self._exchange(proxy, get("/files/a.bin"))  # recorded
-        hits = proxy.site.hit_path
-        assert hits is not None
+        _, proxy, hits = await self._recorded()
 
         (r,), _ = await self._exchange(proxy, get("/files/a.bin", b"Range: bytes=0-9"))
         self.assertEqual((r.status, r.body), (206, SMALL[:10]))
@@ -177,10 +182,7 @@ class HitPathTests(IntegrationTestCase):
 
     async def test_purged_entry_is_not_replayed(self) -> None:
         """Once an entry leaves the cache, its record is dropped and the file fetched again."""
-        upstream, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
-        await self._exchange(proxy, get("/files/a.bin"))
-        hits = proxy.site.hit_path
-        assert hits is not None
+        upstream, proxy, hits = await self._recorded()
         self.assertTrue(proxy.store.remove("files:a.bin"))
         (r,), _ = await self._exchange(proxy, get("/files/a.bin"))
         self.assertEqual((r.body, r.headers[b"x-cache"]), (SMALL, b"MISS"))
@@ -201,8 +203,7 @@ class HitPathTests(IntegrationTestCase):
         """``cache.memory`` bounds the bodies kept; past it the oldest records go."""
         names = {f"{i}.bin": pattern(8_000, b"%d" % i) for i in range(5)}
         _, proxy = await self._warm(*names, memory="20000", **names)
-        hits = proxy.site.hit_path
-        assert hits is not None
+        hits = self._hits(proxy)
         for _round in range(3):
             for name, body in names.items():
                 (r,), _ = await self._exchange(proxy, get("/files/" + name))
@@ -218,10 +219,7 @@ class HitPathTests(IntegrationTestCase):
 
     async def test_new_facts_end_every_record(self) -> None:
         """When an index teaches something, no earlier decision is replayed unchecked."""
-        _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
-        await self._exchange(proxy, get("/files/a.bin"))
-        hits = proxy.site.hit_path
-        assert hits is not None
+        _, proxy, hits = await self._recorded()
         proxy.learner.facts.add([])
         await self._exchange(proxy, get("/files/a.bin"))  # decided again, recorded again
         self.assertEqual(hits.answered, 0)
@@ -237,8 +235,7 @@ class HitPathTests(IntegrationTestCase):
         proxy = await self.start_proxy(
             {"routes": {"files": {"family": "generic", "upstream": upstream.url()}}}
         )
-        hits = proxy.site.hit_path
-        assert hits is not None
+        hits = self._hits(proxy)
         (r,), _ = await self._exchange(proxy, get("/files/index"))
         self.assertEqual(r.headers[b"x-cache"], b"MISS")
         await proxy.settled()
@@ -261,8 +258,7 @@ class HitPathTests(IntegrationTestCase):
         proxy = await self.start_proxy(
             {"routes": {"debian": {"upstream": upstream.url(), "index_ttl": "2s"}}}
         )
-        hits = proxy.site.hit_path
-        assert hits is not None
+        hits = self._hits(proxy)
         await self._exchange(proxy, get("/debian/dists/old/Release"))
         await proxy.settled()
         await sleep(1.0)
@@ -282,8 +278,7 @@ class HitPathTests(IntegrationTestCase):
         """The access log and metrics see a replayed hit like any other."""
         _, proxy = await self._warm("a.bin", **{"a.bin": SMALL})
         recorder = Recorder()
-        hits = proxy.site.hit_path
-        assert hits is not None
+        hits = self._hits(proxy)
         hits._observer = recorder
         proxy.resource._observer = recorder
         await self._exchange(proxy, get("/files/a.bin"))
