@@ -57,8 +57,9 @@ class _Record:
     route: Route
     #: The facts' generation the decision was made in.
     generation: int
-    #: For an index with a lifetime: the answer holds until then.
-    until: float | None
+    #: An index with a lifetime: the answer holds only while its entry is fresh (read
+    #: from the entry each time: a 304 extends it, a companion's change ends it).
+    fresh_only: bool
     #: The body, when it is kept in memory.
     body: bytes | None
 
@@ -93,13 +94,13 @@ class HitPath:
     # -- recording (the resource) ------------------------------------------------------
 
     def remember(
-        self, request: Request, entry: Entry, route: Route, until: float | None, body: bytes
+        self, request: Request, entry: Entry, route: Route, fresh_only: bool, body: bytes
     ) -> None:
         """Keep the answer ``request`` is about to get, if it can be replayed.
 
         Called with every header set and before ``body`` (the entry's whole content) is
-        written. ``until`` is when the decision stops holding by itself (an index's
-        expiry), or ``None`` for content that stays valid as long as its entry does.
+        written. ``fresh_only`` is for an index, whose decision holds only while its
+        entry is fresh; other content stays valid as long as its entry does.
         The body is kept too while :attr:`kept` allows; the longest-kept records go
         first to make room (a record still in use is made again by its next hit).
         """
@@ -127,7 +128,7 @@ class HitPath:
             self._store.path_of(entry),
             route,
             self._learner.facts.generation,
-            until,
+            fresh_only,
             body if keep else None,
         )
 
@@ -155,9 +156,7 @@ class HitPath:
         entry = record.entry
         if (
             record.generation != self._learner.facts.generation
-            or (record.until is not None and now >= record.until)
-            # An entry can be made due for revalidation early (a Release's signature).
-            or (entry.expires is not None and now >= entry.expires)
+            or (record.fresh_only and (entry.expires is None or now >= entry.expires))
             or self._store.get(entry.key) is not entry
             or self._learner.busy(record.route)
         ):

@@ -762,9 +762,9 @@ class ProxyResource(Resource):
             or decision.digests
             or decision.size is not None
         ):
-            self.hit_path.remember(ctx.request, entry, ctx.route, None, body)
+            self.hit_path.remember(ctx.request, entry, ctx.route, False, body)
         elif entry.expires is not None:
-            self.hit_path.remember(ctx.request, entry, ctx.route, entry.expires, body)
+            self.hit_path.remember(ctx.request, entry, ctx.route, True, body)
 
     def _unreadable(self, ctx: _Ctx, entry: Entry, why: str) -> None:
         """A cache file went missing or unreadable: drop the entry and fetch again once."""
