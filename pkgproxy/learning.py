@@ -28,6 +28,11 @@ from pkgproxy.fetch.fetch import Fetch
 log = Logger()
 
 
+def cache_key(route: str, path: str) -> str:
+    """The cache key of ``path`` (canonical, with its ``?query`` if any) on a route."""
+    return f"{route}:{path}"
+
+
 def split_key(key: str) -> tuple[str, str]:
     """``(route name, path)`` of a cache key made by the proxy resource."""
     route, _, rest = key.partition(":")

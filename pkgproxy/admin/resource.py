@@ -35,6 +35,7 @@ from pkgproxy.admin.status import CSP, DownloadView, StatusView, config_text, re
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config
 from pkgproxy.fetch.registry import InFlight
+from pkgproxy.learning import cache_key
 from pkgproxy.web.routing import RouteError, RouteTable
 
 log = Logger()
@@ -278,7 +279,7 @@ class AdminResource(Resource):
         route, rest = self._table.resolve(path)
         rest_path, sep, query = rest.partition("?")
         rest_path = httputil.canonical_path(rest_path)
-        return f"{route.name}:{rest_path}{sep}{query}"
+        return cache_key(route.name, f"{rest_path}{sep}{query}")
 
 
 def _arg(request: Request, name: str) -> str | None:

@@ -34,7 +34,7 @@ from pkgproxy.families import (
 from pkgproxy.families import Request as FamilyRequest
 from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
-from pkgproxy.learning import Learner
+from pkgproxy.learning import Learner, cache_key
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
@@ -230,7 +230,7 @@ class ProxyResource(Resource):
         except httputil.BadPath as e:
             return _reason(request, http.BAD_REQUEST, str(e), route.family)
         suffix = f"{path}?{query}" if sep else path
-        ctx = _Ctx(request, route, path, f"{route.name}:{suffix}", route.upstream + suffix)
+        ctx = _Ctx(request, route, path, cache_key(route.name, suffix), route.upstream + suffix)
         request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
         if self._learner.busy(route):
             # An index of this route was just verified and is being read: what this
@@ -257,7 +257,7 @@ class ProxyResource(Resource):
             self._local(ctx, decision.local)
             return
         if decision.query_consumed:
-            ctx.key = f"{route.name}:{ctx.path}"
+            ctx.key = cache_key(route.name, ctx.path)
             ctx.url = ctx.url.partition("?")[0]
         if decision.key_scope is not None:
             ctx.key = decision.key_scope + ctx.key[len(route.name) :]
@@ -357,7 +357,7 @@ class ProxyResource(Resource):
             request,
             route,
             path,
-            f"{route.name}:{path}",
+            cache_key(route.name, path),
             route.upstream + path + (f"?{query}" if query else ""),
             Decision(CacheClass.PASS, upstream_headers=forwarded),
         )
@@ -490,7 +490,7 @@ class ProxyResource(Resource):
         if fetch.outcome is not Outcome.STREAM:
             return
         for path in ctx.decision.revalidate_also:
-            companion = self._store.peek(f"{ctx.route.name}:{path}")
+            companion = self._store.peek(cache_key(ctx.route.name, path))
             if companion is not None and companion.expires is not None:
                 companion.expires = 0.0
                 self._store.update(companion)
