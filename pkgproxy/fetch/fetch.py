@@ -476,7 +476,8 @@ class Fetch:
                     self._writing = False
                     self._give_up_spill()
                     return
-                d = succeed(_append_and_hash(self._file.spill, data, self._hashers))
+                # Hashed in the pool, as a disk write would be: up to HIGH_WATER at once.
+                d = self._pool.run(_append_and_hash, self._file.spill, data, self._hashers)
             else:
                 self._in_write = data
                 d = self._pool.run(
@@ -706,7 +707,8 @@ class _Known:
 
 
 def _append_and_hash(body: bytearray, data: bytes, hashers: dict[str, Any]) -> int:
-    """A small body's next piece, kept in memory."""
+    """A body's next piece, kept in memory: a small download's, or the rest of one the
+    disk refused (then run in the pool, one piece at a time)."""
     body += data
     for h in hashers.values():
         h.update(data)
