@@ -57,9 +57,11 @@ class InterceptTests(AptTestCase):
         """A file fetched over https through the proxy is cached, one entry for all paths."""
         pkg = self.repo.packages[0]
         url = f"https://{HOST}/debian/{pkg.filename}"
+        before = self.proxy.cache_entries()
         first = self.curl(url, "-o", os.devnull)
         self.assertEqual(first.returncode, 0, first.stderr.decode() + self.proxy.logs())
         self.assertIn(b"X-Cache: MISS", first.stdout)
+        self.proxy.wait_for_entries(before + 1)
         second = self.curl(url, "-o", os.devnull)
         self.assertIn(b"X-Cache: HIT", second.stdout)
         reverse = subprocess.run(

@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import re
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 
@@ -35,15 +33,6 @@ def get(url: str) -> tuple[int, dict[str, str], bytes]:
             return resp.status, dict(resp.headers), resp.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
-
-
-def cache_entries(proxy: PkgProxy) -> int:
-    """Complete entries in the cache, from the server's own metrics."""
-    status, _, body = get(proxy.url("/_pkgproxy/metrics"))
-    assert status == 200, body
-    found = re.search(rb"^pkgproxy_cache_entries ([0-9.e+]+)$", body, re.M)
-    assert found is not None, body
-    return int(float(found.group(1)))
 
 
 def connect(proxy: PkgProxy, authority: str) -> tuple[int, bytes]:
@@ -83,17 +72,13 @@ class UpstreamCaFileTests(TestCase):
         status, headers, body = get(self.proxy.url("/internal/tool.tar"))
         self.assertEqual(status, 200, body[:300].decode(errors="replace") + self.proxy.logs())
         self.assertEqual((body, headers.get("X-Cache")), (BODY, "MISS"))
-        for _ in range(50):  # the first download is committed just after it is served
-            status, headers, body = get(self.proxy.url("/internal/tool.tar"))
-            self.assertEqual((status, body), (200, BODY))
-            if headers.get("X-Cache") == "HIT":
-                break
-            time.sleep(0.1)
-        self.assertEqual(headers.get("X-Cache"), "HIT")
+        self.proxy.wait_for_entries(1)
+        status, headers, body = get(self.proxy.url("/internal/tool.tar"))
+        self.assertEqual((status, body, headers.get("X-Cache")), (200, BODY, "HIT"))
         self.trusted.stop()
         status, headers, body = get(self.proxy.url("/internal/tool.tar"))
         self.assertEqual((status, body, headers.get("X-Cache")), (200, BODY, "HIT"))
-        self.assertEqual(cache_entries(self.proxy), 1)
+        self.assertEqual(self.proxy.cache_entries(), 1)
 
     def test_without_ca_file_tls_fails_and_nothing_is_stored(self) -> None:
         """The same CA's server on another port, for a route without ``ca_file``, fails
@@ -102,7 +87,7 @@ class UpstreamCaFileTests(TestCase):
         self.assertEqual(status, 502, body.decode(errors="replace"))
         self.assertIn(b"TLS failure", body)
         self.assertIn(b"certificate", body.lower())
-        self.assertEqual(cache_entries(self.proxy), 0)
+        self.assertEqual(self.proxy.cache_entries(), 0)
         # The upstream saw the attempt: it is the trust, not the connection, that failed.
         self.assertGreaterEqual(self.untrusted.connections(), 1)
 
@@ -154,7 +139,7 @@ class BlindTunnelTests(TestCase):
             log = f.read()
         self.assertEqual(log.count(f'"CONNECT {HOST}:{self.listed.port}" 200'), 2, log)
         # The cache saw none of it: a tunnel is never cached.
-        self.assertEqual(cache_entries(self.proxy), 0)
+        self.assertEqual(self.proxy.cache_entries(), 0)
 
     def test_unlisted_host_refused_without_connecting(self) -> None:
         """A host:port not on the list gets 403, and the server there sees no connection."""
@@ -203,7 +188,8 @@ class InterceptBeforeTunnelTests(TestCase):
         if shutil.which("curl") is None:
             raise SkipTest("needs curl")
         ca = os.path.join(self.cache, "tls", "ca.crt")
-        for want in (b"X-Cache: MISS", b"X-Cache: HIT"):
+        for n, want in enumerate((b"X-Cache: MISS", b"X-Cache: HIT")):
+            self.proxy.wait_for_entries(n)
             result = subprocess.run(
                 ["curl", "-sS", "--fail", "--max-time", "20", "--proxy", self.proxy.url("/")]
                 + ["--cacert", ca, "-D", "-", "-o", os.devnull]
@@ -214,4 +200,4 @@ class InterceptBeforeTunnelTests(TestCase):
             )
             self.assertEqual(result.returncode, 0, result.stderr.decode() + self.proxy.logs())
             self.assertIn(want, result.stdout)
-        self.assertEqual(cache_entries(self.proxy), 1)
+        self.assertEqual(self.proxy.cache_entries(), 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shlex
 import signal
 import socket
@@ -233,6 +234,29 @@ class PkgProxy(ServerProcess):
             f"--- pkgproxy log {self.log_path} ---\n{tail(self.log_path)}\n"
             f"--- pkgproxy stdout/stderr {self.stdio_path} ---\n{tail(self.stdio_path, 4000)}"
         )
+
+    def cache_entries(self) -> int:
+        """Complete entries in the cache, from the server's own metrics."""
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
+        try:
+            conn.request("GET", "/_pkgproxy/metrics")
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        assert resp.status == 200, body
+        found = re.search(rb"^pkgproxy_cache_entries ([0-9.e+]+)$", body, re.M)
+        assert found is not None, body
+        return int(float(found.group(1)))
+
+    def wait_for_entries(self, n: int, timeout: float = 10.0) -> None:
+        """Wait until the cache holds ``n`` entries: a download is committed just after
+        its client has it, so a request right after may still join that download."""
+        deadline = time.monotonic() + timeout
+        while self.cache_entries() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the cache never held {n} entries\n{self.logs()}")
+            time.sleep(0.05)
 
 
 def _wait_tcp(server: ServerProcess, timeout: float) -> str | None:
