@@ -1,4 +1,5 @@
-"""The upstream side: one pooled Agent, bounded per host, raw bytes, redirects inside.
+"""The upstream side: one agent with kept-alive connections, bounded per host, raw
+bytes, redirects inside.
 
 Why not treq here: treq always wraps its agent in a gzip ContentDecoderAgent, and a
 cache must store the bytes exactly as the repository signed them. Why redirects inside:
@@ -23,6 +24,7 @@ from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredSemaphore,
+    fail,
     inlineCallbacks,
 )
 from twisted.internet.endpoints import (
@@ -40,15 +42,11 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import (
     URI,
-    Agent,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
-    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -62,7 +60,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from pkgproxy.config import Route, UpstreamConfig
-from pkgproxy.tcpwrite import flush
+from pkgproxy.upstream.http11 import Http11Agent
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -121,10 +119,28 @@ class _Discard(Protocol):
             self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
+_origins: dict[str, tuple[str, str, int | None]] = {}
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
-    p = urlsplit(url)
-    port = p.port or (443 if p.scheme == "https" else 80)
-    return (p.scheme, (p.hostname or "").lower(), port)
+    """``(scheme, host, port)`` of a URL, remembered by its ``scheme://authority`` part
+    (every miss asks it for a new URL of one of a few upstreams)."""
+    start = url.find("://") + 3
+    end = len(url)
+    for c in "/?#":
+        i = url.find(c, start)
+        if 2 < i < end:
+            end = i
+    prefix = url[:end]
+    found = _origins.get(prefix)
+    if found is None:
+        p = urlsplit(prefix)
+        port = p.port or (443 if p.scheme == "https" else 80)
+        found = (p.scheme, (p.hostname or "").lower(), port)
+        if len(_origins) >= 1024:
+            _origins.clear()
+        _origins[prefix] = found
+    return found
 
 
 def origin_key(url: str) -> str:
@@ -243,7 +259,8 @@ class _Breaker:
 class UpstreamClient:
     """Sends requests upstream through one agent, with limits.
 
-    :param agent: production: a pooled :class:`Agent`; tests: any ``IAgent``.
+    :param agent: production: :class:`~pkgproxy.upstream.http11.Http11Agent`; tests: any
+        ``IAgent``.
     """
 
     def __init__(
@@ -265,8 +282,7 @@ class UpstreamClient:
         #: The token scope last asked for by each area of an upstream (see _auth_area).
         self._scopes: dict[str, tuple[str, str, str]] = {}
 
-    def _slot(self, url: str) -> DeferredSemaphore:
-        origin = _origin(url)
+    def _slot(self, origin: tuple[str, str, int | None]) -> DeferredSemaphore:
         sem = self._slots.get(origin)
         if sem is None:
             sem = self._slots[origin] = DeferredSemaphore(self._config.max_connections_per_host)
@@ -287,16 +303,36 @@ class UpstreamClient:
 
         :param body: a small request body (a relayed POST), sent again on a retry.
         """
-        d: Deferred[UpstreamResponse] = Deferred.fromCoroutine(
-            self._request(method, url, dict(headers or {}), body)
-        )
+        hdrs = dict(headers or {})
+        # The common answer (no redirect, no challenge) takes plain callbacks; the rest
+        # continues in _request from that first answer.
+        d = self._one(method, url, self._with_token(url, hdrs), body)
+        d.addCallback(self._first_answer, method, url, hdrs, body)
         return d.addErrback(lambda f: Failure(_describe(f)))
 
+    def _first_answer(
+        self,
+        resp: UpstreamResponse,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes],
+        body: bytes | None,
+    ) -> UpstreamResponse | Deferred[UpstreamResponse]:
+        if resp.status not in _REDIRECTS and resp.status != 401:
+            return resp
+        return Deferred.fromCoroutine(self._request(method, url, headers, body, resp))
+
     async def _request(
-        self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
+        self,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes],
+        body: bytes | None = None,
+        first: UpstreamResponse | None = None,
     ) -> UpstreamResponse:
         for _hop in range(self._config.max_redirects + 1):
-            resp = await self._authorized(method, url, headers, body)
+            resp = await self._authorized(method, url, headers, body, first)
+            first = None
             if resp.status not in _REDIRECTS:
                 return resp
             location = resp.header(b"location")
@@ -315,8 +351,22 @@ class UpstreamClient:
             url = target
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
 
+    def _with_token(self, url: str, headers: dict[bytes, bytes]) -> dict[bytes, bytes]:
+        """``headers`` with the Bearer token last handed out for this URL's area, if any."""
+        if not self._tokens:
+            return headers
+        token = self._tokens.get(self._scopes.get(_auth_area(url), ("", "", "")))
+        if token is not None and token[1] > self._clock.seconds():
+            return {**headers, b"authorization": b"Bearer " + token[0]}
+        return headers
+
     async def _authorized(
-        self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
+        self,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes],
+        body: bytes | None = None,
+        first: UpstreamResponse | None = None,
     ) -> UpstreamResponse:
         """One request, answering a Bearer challenge (RFC 6750) with a token once.
 
@@ -327,10 +377,8 @@ class UpstreamClient:
         anonymously.
         """
         area = _auth_area(url)
-        token = self._tokens.get(self._scopes.get(area, ("", "", "")))
-        if token is not None and token[1] > self._clock.seconds():
-            headers = {**headers, b"authorization": b"Bearer " + token[0]}
-        resp = await self._one(method, url, headers, body)
+        headers = self._with_token(url, headers)
+        resp = first if first is not None else await self._one(method, url, headers, body)
         challenge = resp.header(b"www-authenticate") if resp.status == 401 else None
         creds = self._credentials.get(origin_key(url))
         if challenge is not None and challenge.lower().startswith(b"basic") and creds:
@@ -374,21 +422,37 @@ class UpstreamClient:
             raise UpstreamError("auth", f"token service {realm} sent no token")
         return token.encode("latin-1"), self._clock.seconds() + max(0.0, lifetime - 10)
 
-    async def _one(
+    def _one(
         self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
-    ) -> UpstreamResponse:
+    ) -> Deferred[UpstreamResponse]:
         origin = _origin(url)
-        breaker = self._breakers.setdefault(origin, _Breaker())
+        breaker = self._breakers.get(origin)
+        if breaker is None:
+            breaker = self._breakers[origin] = _Breaker()
         now = self._clock.seconds()
         if now < breaker.open_until:
-            raise UpstreamError(
-                "circuit",
-                f"{origin[1]} failed {breaker.failures} times in a row; not asked again "
-                f"for {breaker.open_until - now:.0f}s",
-                503,
+            return fail(
+                UpstreamError(
+                    "circuit",
+                    f"{origin[1]} failed {breaker.failures} times in a row; not asked again "
+                    f"for {breaker.open_until - now:.0f}s",
+                    503,
+                )
             )
-        sem = self._slot(url)
-        await sem.acquire()
+        sem = self._slot(origin)
+        d: Deferred[Any] = sem.acquire()
+        return d.addCallback(lambda _: self._send(origin, breaker, sem, method, url, headers, body))
+
+    def _send(
+        self,
+        origin: tuple[str, str, int | None],
+        breaker: _Breaker,
+        sem: DeferredSemaphore,
+        method: bytes,
+        url: str,
+        headers: dict[bytes, bytes],
+        body: bytes | None,
+    ) -> Deferred[UpstreamResponse]:
         released = False
 
         def release() -> None:
@@ -402,17 +466,21 @@ class UpstreamClient:
         producer = _BytesBody(body) if body is not None else None
         d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
         timer = self._clock.callLater(self._config.header_timeout, d.cancel)
-        try:
-            response: IResponse = await d
-        except BaseException as e:
-            release()
-            self._failed(origin, breaker, e)
-            raise
-        finally:
+
+        def answered(response: IResponse) -> UpstreamResponse:
             if timer.active():
                 timer.cancel()
-        breaker.failures = 0
-        return UpstreamResponse(url, response.code, response.headers, response, release)
+            breaker.failures = 0
+            return UpstreamResponse(url, response.code, response.headers, response, release)
+
+        def failed(f: Failure) -> Failure:
+            if timer.active():
+                timer.cancel()
+            release()
+            self._failed(origin, breaker, f.value)
+            return f
+
+        return d.addCallbacks(answered, failed)
 
     def _failed(self, origin: tuple[str, str, int | None], breaker: _Breaker, e: object) -> None:
         """Count a connection-level failure; open the circuit after too many in a row.
@@ -476,25 +544,8 @@ class RouteTrustPolicy:
         return optionsForClientTLS(name, trustRoot=root)
 
 
-class _FlushingClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
-    """Sends each request head at once rather than on the next reactor turn (see
-    :func:`pkgproxy.tcpwrite.flush`)."""
-
-    def request(self, request: Any) -> Deferred[Any]:
-        d = super().request(request)
-        flush(self.transport)
-        return d
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
-    noisy = False
-
-    def buildProtocol(self, addr: Any) -> Any:
-        return _FlushingClientProtocol(self._quiescentCallback)
-
-
 class UpstreamService(Service):
-    """Owns the persistent connection pool, so it is closed when the server stops."""
+    """Owns the upstream agent and its kept-alive connections, closed when the server stops."""
 
     def __init__(
         self,
@@ -505,23 +556,19 @@ class UpstreamService(Service):
     ) -> None:
         self._reactor = reactor
         self._config = config
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        # Twisted logs "Starting factory"/"Stopping factory" for every upstream
-        # connection; on a busy cache that drowns the log.
-        self.pool._factory = _QuietClientFactory
-        self.pool.maxPersistentPerHost = config.max_connections_per_host
-        self.pool.cachedConnectionTimeout = 120
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
         if ca_files:
             policy = RouteTrustPolicy(policy, ca_files)
         endpoints = _Endpoints(reactor, policy, config.connect_timeout)
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        self.agent = Http11Agent(
+            reactor, endpoints, max_idle=config.max_connections_per_host, idle_timeout=120
+        )
         self.client = UpstreamClient(self.agent, reactor, config, credentials)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         super().stopService()
-        yield self.pool.closeCachedConnections()
+        yield self.agent.closeCachedConnections()
 
 
 @implementer(IAgentEndpointFactory)
