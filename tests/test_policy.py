@@ -50,6 +50,22 @@ class DebianTests(SynchronousTestCase):
         for path in ("dists/bookworm/InRelease", "dists/bookworm/Release.gpg", "README"):
             self.assertEqual(debian.classify(ROUTE, path).revalidate_also, (), path)
 
+    def test_release_files_carry_their_date(self) -> None:
+        """InRelease and Release are compared by their Date field; nothing else is."""
+        signed = (
+            b"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nOrigin: Debian\n"
+            b"Suite: stable\nDate: Sat, 10 Feb 2024 09:24:50 UTC\n"
+            b"Valid-Until: Sat, 17 Feb 2024 09:24:50 UTC\nSHA256:\n abc 1 main/x\n"
+        )
+        for path in ("dists/bookworm/InRelease", "dists/bookworm/Release"):
+            version_of = debian.classify(ROUTE, path).version_of
+            assert version_of is not None, path
+            self.assertEqual(version_of(signed), 1707557090.0)
+            self.assertIsNone(version_of(b"Origin: Debian\nSuite: stable\n"))
+            self.assertIsNone(version_of(b"Date: not a date\n"))
+        for path in ("dists/bookworm/Release.gpg", "dists/bookworm/main/binary-all/Packages"):
+            self.assertIsNone(debian.classify(ROUTE, path).version_of, path)
+
     def test_generic(self) -> None:
         """A generic route is immutable only when configured so."""
         r = Route("f", "generic", "/f/", "http://h/")

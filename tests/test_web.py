@@ -341,6 +341,54 @@ class ReleasePairTests(ProxyTestCase):
         )
 
 
+def _release(date: str, extra: str = "") -> bytes:
+    return f"Origin: Debian\nSuite: stable\nDate: {date}\n{extra}SHA256:\n".encode()
+
+
+class LaggingMirrorTests(ProxyTestCase):
+    """An InRelease older than the cached one (a lagging mirror) does not replace it."""
+
+    path = "/debian/dists/stable/InRelease"
+    new = _release("Sat, 10 Feb 2024 09:24:50 UTC", "Label: new\n")
+    old = _release("Sat, 03 Feb 2024 09:24:50 UTC", "Label: old\n")
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.file = self.up.add(self.path, self.new, etag=b'"new"')
+        self.proxy.get(self.path)
+        self.proxy.clock.advance(61)
+
+    def test_older_answer_keeps_the_newer_copy(self) -> None:
+        """Every client gets the newer copy, which is fresh again; the next revalidation
+        still names its own validator."""
+        self.file.body, self.file.etag = self.old, b'"old"'
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (self.new, "REVALIDATED"))
+        self.assertEqual(header(resp, "etag"), '"new"')
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (self.new, "HIT"))
+        self.assertEqual(self.up.count(self.path), 2)
+        self.proxy.clock.advance(61)
+        self.file.body, self.file.etag = self.new, b'"new"'
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((resp.code, got, header(resp, "x-cache")), (200, self.new, "REVALIDATED"))
+
+    def test_newer_answer_replaces(self) -> None:
+        newer = _release("Sat, 17 Feb 2024 09:24:50 UTC")
+        self.file.body, self.file.etag = newer, b'"newer"'
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (newer, "MISS"))
+        resp, got = self.proxy.get(self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (newer, "HIT"))
+
+    def test_undated_answer_replaces(self) -> None:
+        """Without a Date to compare, the upstream's answer is taken as before."""
+        undated = b"Origin: Debian\nSuite: stable\n"
+        self.file.body, self.file.etag = undated, b'"u"'
+        _, got = self.proxy.get(self.path)
+        self.assertEqual(got, undated)
+
+
 class UpstreamLimitTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.proxy = MemoryProxy(

@@ -84,6 +84,10 @@ class LocalAnswer:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
+#: How much of the start of a body :attr:`Decision.version_of` is given.
+VERSION_HEAD = 16 * 1024
+
+
 @dataclass(frozen=True)
 class Decision:
     """What a family says about one URL.
@@ -110,6 +114,10 @@ class Decision:
     :ivar revalidate_also: paths of the same route whose stored copies are revalidated
         before they are served again once this one comes back changed from upstream
         (the detached signature of a file that is signed).
+    :ivar version_of: reads the version stamp of a body (a Release file's ``Date``) from
+        its first :data:`VERSION_HEAD` bytes; ``None`` if it has none. A revalidation
+        that brings a body older than the stored one keeps the stored one and serves
+        it: a mirror that lags behind another must not take the cache back in time.
     :ivar query_consumed: the request's query was for the family (PEP 691's
         ``?format=``, already turned into ``variant`` and ``upstream_headers``): it is
         neither part of the cache key nor sent upstream.
@@ -129,6 +137,7 @@ class Decision:
     head_revalidate: bool = False
     query_consumed: bool = False
     revalidate_also: tuple[str, ...] = ()
+    version_of: Callable[[bytes], float | None] | None = None
     #: Store under this route name instead of the request's (content shared by routes).
     key_scope: str | None = None
 

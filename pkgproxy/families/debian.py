@@ -70,6 +70,10 @@ def classify(
         known = facts.get(route.upstream + path)
         if known is not None:
             return replace(decision.with_expect(known), upstream_url=known.alternate)
+    if _RELEASE.search(path):
+        # A mirror behind a round-robin name may lag behind the one asked last time:
+        # its older Release must not replace the newer one clients may already have.
+        decision = replace(decision, version_of=release_date)
     if _RELEASE_SIGNED.search(path):
         # Release and its detached Release.gpg are one pair: apt asks for Release first,
         # and a signature from before a change of Release fails its check.
@@ -77,6 +81,15 @@ def classify(
     # Release files, the other indexes, the rest of dists/ and the odd file outside it
     # (README, project/trace) are all revalidated after the route's TTL.
     return decision
+
+
+def release_date(head: bytes) -> float | None:
+    """The ``Date`` of a Release or InRelease file, from its first lines (the field
+    comes before the index lists; a clearsigned file's armour header does not have it)."""
+    for line in head.split(b"\n"):
+        if line.startswith(b"Date:"):
+            return parse_http_date(line[5:].strip())
+    return None
 
 
 def learns(path: str) -> bool:

@@ -27,7 +27,7 @@ from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
 from pkgproxy.digests import new_hasher
-from pkgproxy.families import CacheClass, Decision, RewriteContext
+from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, RewriteContext
 from pkgproxy.upstream.client import (
     UpstreamClient,
     UpstreamError,
@@ -381,9 +381,10 @@ class Fetch:
         algos = {"sha256", *self._expected}
         self._hashers = {a: new_hasher(a) for a in algos}
         self.state = State.STREAMING
-        if self.request.decision.rewrite is None:
-            # A rewritten document is answered once it exists; anything else is
-            # streamed to clients from the first byte.
+        if self.request.decision.rewrite is None and not self._compares_versions:
+            # A rewritten document is answered once it exists, a body that may prove
+            # older than the stored one once that is known; anything else is streamed
+            # to clients from the first byte.
             self._answer(Outcome.STREAM)
         self._sink = _BodySink(self, self._clock, self._idle_timeout)
         resp.response.deliverBody(self._sink)
@@ -547,7 +548,76 @@ class Fetch:
         if self.request.decision.rewrite is not None:
             self._rewrite(reason)
             return
+        if self._compares_versions:
+            self._compare_versions(reason)
+            return
         self._done(reason)
+
+    @property
+    def _compares_versions(self) -> bool:
+        """Whether this body replaces a stored one only if it is not older."""
+        decision = self.request.decision
+        return (
+            decision.version_of is not None
+            and self.request.stale is not None
+            and decision.rewrite is None
+        )
+
+    def _compare_versions(self, reason: Failure) -> None:
+        """Keep the stored body if the new one is older (a lagging mirror); else go on
+        as usual. Clients were not answered yet: they get whichever is kept."""
+        version_of = self.request.decision.version_of
+        stale = self.request.stale
+        body = self._file
+        assert version_of is not None and stale is not None and body is not None
+        stored = self._store.path_of(stale)
+
+        def work() -> tuple[float | None, float | None]:
+            new = version_of(body.read(VERSION_HEAD, 0))
+            try:
+                with open(stored, "rb") as f:
+                    old = version_of(f.read(VERSION_HEAD))
+            except OSError:
+                old = None  # gone meanwhile: nothing to keep
+            return new, old
+
+        def compared(versions: tuple[float | None, float | None]) -> None:
+            new, old = versions
+            if new is not None and old is not None and new < old:
+                log.warn(
+                    "upstream sent {url} older than the cached copy ({new} < {old}): "
+                    "keeping the cached one",
+                    url=self.request.url,
+                    new=httputil.http_date(new),
+                    old=httputil.http_date(old),
+                )
+                self._keep_stored(stale)
+                return
+            self._done(reason)
+            self._answer(Outcome.STREAM)
+
+        def failed(f: Failure) -> None:
+            log.failure("comparing versions of {url}", f, url=self.request.url)
+            self._done(reason)
+            self._answer(Outcome.STREAM)
+
+        self._pool.run(work).addCallbacks(compared, failed)
+
+    def _keep_stored(self, entry: Entry) -> None:
+        """The stored copy stays, fresh for another lifetime: the upstream did answer,
+        just with something older. Its validators stay its own."""
+        self._discard_temp()
+        now = self._clock.seconds()
+        entry.fetched = now
+        if entry.expires is not None:
+            assert self.upstream is not None
+            entry.expires = now + self._ttl(self.upstream, now)
+        self._store.update(entry)
+        self.entry = entry
+        self.state = State.ANSWERED
+        self._answer(Outcome.NOT_MODIFIED)
+        self._notify()
+        self._settle()
 
     def _rewrite(self, reason: Failure) -> None:
         """Turn the verified upstream document into the one clients get, then serve it."""

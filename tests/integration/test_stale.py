@@ -9,6 +9,7 @@ from tests.integration.harness import (
     pattern,
     response_head,
     sleep,
+    static,
 )
 
 IN_RELEASE = pattern(5000, b"inrel")
@@ -96,3 +97,44 @@ class StaleTests(IntegrationTestCase):
         self.assertEqual((stale.status, stale.x_cache), (200, b"STALE"))
         self.assertEqual(stale.body, IN_RELEASE)
         self.assertEqual(len(upstream.requests), 2)
+
+
+def _release(date: bytes, label: bytes) -> bytes:
+    return b"Origin: Debian\nLabel: %s\nSuite: stable\nDate: %s\nSHA256:\n" % (label, date)
+
+
+class LaggingMirrorTests(IntegrationTestCase):
+    """Two mirrors behind one name, one of them a week behind."""
+
+    async def test_older_inrelease_does_not_replace_the_cached_one(self) -> None:
+        """The lagging mirror's InRelease is fetched whole, found older than the cached
+        one, and dropped: the client gets the newer copy (REVALIDATED), which stays
+        cached; a still newer one replaces it as usual."""
+        newer = _release(b"Sat, 10 Feb 2024 09:24:50 UTC", b"current")
+        older = _release(b"Sat, 03 Feb 2024 09:24:50 UTC", b"lagging")
+        newest = _release(b"Sat, 17 Feb 2024 09:24:50 UTC", b"next")
+        upstream = await self.start_upstream()
+        path = b"/debian/dists/stable/InRelease"
+        upstream.handlers[path] = static(newer, [(b"etag", b'"current"')])
+        proxy = await self.start_proxy(
+            {"routes": {"debian": {"upstream": upstream.url("/debian/"), "index_ttl": "1s"}}}
+        )
+        client = self.client()
+        url = proxy.url("/debian/dists/stable/InRelease")
+        first = await client.get(url)
+        self.assertEqual((first.x_cache, first.body), (b"MISS", newer))
+        await proxy.settled()
+
+        await sleep(1.2)
+        upstream.handlers[path] = static(older, [(b"etag", b'"lagging"')])
+        kept = await client.get(url)
+        self.assertEqual((kept.status, kept.x_cache, kept.body), (200, b"REVALIDATED", newer))
+        await proxy.settled()
+        again = await client.get(url)
+        self.assertEqual((again.x_cache, again.body), (b"HIT", newer))
+
+        await sleep(1.2)
+        upstream.handlers[path] = static(newest, [(b"etag", b'"next"')])
+        moved = await client.get(url)
+        self.assertEqual((moved.x_cache, moved.body), (b"MISS", newest))
+        self.assertEqual(len(upstream.requests), 3)
