@@ -6,8 +6,10 @@ flight, no index. With ``--store DIR`` every body is also hashed (SHA-256) and w
 durably (temporary file, fsync, rename, directory fsync) in one thread, after its client
 has it, as a cache must before it can serve the file again.
 
-Only for the benchmark: it trusts its clients and its origin completely (one request
-per connection at a time, ``Content-Length`` bodies only). ``docs/bench/run.sh`` runs
+Only for the benchmark's fan-out: it trusts its clients and its origin completely (one
+request per connection at a time, ``Content-Length`` bodies only) and holds each body
+whole in memory, so its memory and CPU over a harness run (which also fetches the
+200 MiB files once) mean nothing. ``docs/bench/run.sh`` runs
 it next to pkgproxy when ``FLOOR=1``.
 
     python3 docs/bench/floor.py PORT [--store DIR]
