@@ -441,64 +441,41 @@ class _Connection(Protocol):
         buf = self._buf + data
         self._buf = b""
         pos = 0
-        while self._state == _BODY:
-            if self._chunk_state == 0:  # size line
-                eol = buf.find(b"\n", pos)
-                if eol < 0:
-                    if len(buf) - pos > 1024:
-                        self._protocol_error("chunk size line too long")
-                        return
+        try:
+            while self._state == _BODY:
+                if self._chunk_state == 1:  # data
+                    if pos >= len(buf):
+                        break
+                    take = buf[pos : pos + self._left]
+                    pos += len(take)
+                    self._left -= len(take)
+                    response.deliver(take)
+                    if self._left == 0:
+                        self._chunk_state = 2
+                    continue
+                # A line: a chunk's size, the line end after its data, or a trailer.
+                found = _line(buf, pos, _LINE_LIMITS[self._chunk_state])
+                if found is None:
                     break
-                line = buf[pos:eol].split(b";", 1)[0].strip()
-                pos = eol + 1
-                try:
-                    size = int(line, 16)
-                except ValueError:
-                    self._protocol_error(f"bad chunk size {line[:20]!r}")
-                    return
-                if size < 0:
-                    self._protocol_error("negative chunk size")
-                    return
-                if size == 0:
-                    self._chunk_state = 3
-                else:
-                    self._left = size
-                    self._chunk_state = 1
-            elif self._chunk_state == 1:  # data
-                if pos >= len(buf):
-                    break
-                take = buf[pos : pos + self._left]
-                pos += len(take)
-                self._left -= len(take)
-                response.deliver(take)
-                if self._left == 0:
-                    self._chunk_state = 2
-            elif self._chunk_state == 2:  # the CRLF after a chunk's data
-                eol = buf.find(b"\n", pos)
-                if eol < 0:
-                    if len(buf) - pos > 2:
-                        self._protocol_error("no line end after chunk data")
-                        return
-                    break
-                if buf[pos:eol].strip():
-                    self._protocol_error("junk after chunk data")
-                    return
-                pos = eol + 1
-                self._chunk_state = 0
-            else:  # trailer lines, up to an empty one
-                eol = buf.find(b"\n", pos)
-                if eol < 0:
-                    if len(buf) - pos > MAX_HEAD:
-                        self._protocol_error("chunked trailer too large")
-                        return
-                    break
-                line = buf[pos:eol].strip()
-                pos = eol + 1
-                if not line:
+                line, pos = found
+                if self._chunk_state == 0:
+                    hex_size = line.split(b";", 1)[0].strip()
+                    if not hex_size or hex_size.strip(_HEX):
+                        raise ProtocolError(f"bad chunk size {hex_size[:20]!r}")
+                    self._left = int(hex_size, 16)
+                    self._chunk_state = 1 if self._left else 3
+                elif self._chunk_state == 2:
+                    if line:
+                        raise ProtocolError("junk after chunk data")
+                    self._chunk_state = 0
+                elif not line:  # the empty line that ends the trailer
                     if pos < len(buf):
                         self._keep = False
                     self._complete()
                     return
+        except ProtocolError as e:
+            self._protocol_error(str(e))
+            return
         self._buf = buf[pos:]
 
     def _complete(self) -> None:
@@ -555,6 +532,23 @@ class _Connection(Protocol):
     def resume(self) -> None:
         if self.transport is not None and not self._closed:
             self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+
+_HEX = b"0123456789abcdefABCDEF"
+#: How long each line of the chunked coding may get, by the state that reads it: a
+#: chunk's size (with extensions), the line end after its data, a trailer line.
+_LINE_LIMITS = {0: 1024, 2: 2, 3: MAX_HEAD}
+
+
+def _line(buf: bytes, pos: int, limit: int) -> tuple[bytes, int] | None:
+    """The line at ``pos`` (line end stripped) and where the next starts; ``None`` if
+    it is not complete yet. A line longer than ``limit`` is a protocol error."""
+    eol = buf.find(b"\n", pos)
+    if eol < 0:
+        if len(buf) - pos > limit:
+            raise ProtocolError("chunked coding line too long")
+        return None
+    return buf[pos:eol].rstrip(b"\r").strip(), eol + 1
 
 
 def _head_end(buf: bytes) -> tuple[int, int]:

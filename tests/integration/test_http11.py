@@ -155,13 +155,15 @@ class Http11AgentTests(unittest.TestCase):
         self.assertEqual(len(self.factory.connections), 1)
 
     async def test_bad_chunk_size_fails_the_body(self) -> None:
-        self.factory.replies = [
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
-        ]
-        _, data, why = await self.get()
-        self.assertEqual(data, b"hello")
-        self.assertTrue(why.check(ResponseFailed))
-        self.assertIsInstance(why.value.reasons[0].value, ProtocolError)
+        """Only hex digits make a chunk size (not what int() would also take); a chunk's
+        data must end its line."""
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+        for bad in (b"zz\r\n", b"0x5\r\n", b"+5\r\n", b"5_0\r\n", b"\r\n", b"1\r\nab\r\n"):
+            self.factory.replies = [head + bad]
+            _, data, why = await self.get()
+            self.assertEqual(data[:5], b"hello", bad)
+            self.assertTrue(why.check(ResponseFailed), bad)
+            self.assertIsInstance(why.value.reasons[0].value, ProtocolError)
 
     async def test_close_delimited_body_is_potential_data_loss(self) -> None:
         """No length and no chunking: the body ends with the connection, which is not
