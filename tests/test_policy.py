@@ -7,6 +7,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from pkgproxy import httputil
 from pkgproxy.config import Route
 from pkgproxy.families import CacheClass, debian, generic
+from tests.support.pgp import armour as _armour
+from tests.support.pgp import sig_v3 as _sig_v3
+from tests.support.pgp import sig_v4 as _sig_v4
 
 ROUTE = Route("debian", "debian", "/debian/", "https://deb.debian.org/debian/", index_ttl=60)
 HEX = "87e7e94047fb7fb6f4ceecc7022d4bee55b66031cc2a7666d3196f3e0aabb846"
@@ -51,7 +54,8 @@ class DebianTests(SynchronousTestCase):
             self.assertEqual(debian.classify(ROUTE, path).revalidate_also, (), path)
 
     def test_release_files_carry_their_date(self) -> None:
-        """InRelease and Release are compared by their Date field; nothing else is."""
+        """InRelease and Release are compared by their Date field (Release.gpg by its
+        signature's time, below); the other indexes are not compared."""
         signed = (
             b"-----BEGIN PGP SIGNED MESSAGE-----\nHash: SHA512\n\nOrigin: Debian\n"
             b"Suite: stable\nDate: Sat, 10 Feb 2024 09:24:50 UTC\n"
@@ -63,8 +67,22 @@ class DebianTests(SynchronousTestCase):
             self.assertEqual(version_of(signed), 1707557090.0)
             self.assertIsNone(version_of(b"Origin: Debian\nSuite: stable\n"))
             self.assertIsNone(version_of(b"Date: not a date\n"))
-        for path in ("dists/bookworm/Release.gpg", "dists/bookworm/main/binary-all/Packages"):
+        for path in ("dists/bookworm/main/binary-all/Packages", "README"):
             self.assertIsNone(debian.classify(ROUTE, path).version_of, path)
+
+    def test_release_signature_carries_its_time(self) -> None:
+        """A detached Release.gpg is compared by its newest signature's creation time,
+        armoured or not, old or new packet format, version 4 or 3."""
+        t1, t2 = 1_700_000_000, 1_700_600_000
+        armoured = _armour(_sig_v4(t1) + _sig_v4(t2, old_format=True))
+        version_of = debian.classify(ROUTE, "dists/bookworm/Release.gpg").version_of
+        assert version_of is not None
+        self.assertEqual(version_of(armoured), float(t2))
+        self.assertEqual(version_of(_sig_v4(t1)), float(t1))
+        self.assertEqual(version_of(_sig_v3(t2) + _sig_v4(t1)), float(t2))
+        for junk in (b"", b"garbage", _armour(b"\x01\x02"), _sig_v4(t1)[:-3], b"-----BEGIN PGP"):
+            self.assertIsNone(version_of(junk), junk)
+        self.assertIsNone(debian.classify(ROUTE, "dists/bookworm/README.gpg").version_of)
 
     def test_generic(self) -> None:
         """A generic route is immutable only when configured so."""

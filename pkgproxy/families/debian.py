@@ -11,6 +11,8 @@ this order.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bz2
 import gzip
 import lzma
@@ -74,6 +76,9 @@ def classify(
         # A mirror behind a round-robin name may lag behind the one asked last time:
         # its older Release must not replace the newer one clients may already have.
         decision = replace(decision, version_of=release_date)
+    elif path.endswith("/Release.gpg") and "dists/" in path:
+        # Nor may its older signature replace the one that signs the kept Release.
+        decision = replace(decision, version_of=signature_time)
     if _RELEASE_SIGNED.search(path):
         # Release and its detached Release.gpg are one pair: apt asks for Release first,
         # and a signature from before a change of Release fails its check.
@@ -89,6 +94,88 @@ def release_date(head: bytes) -> float | None:
     for line in head.split(b"\n"):
         if line.startswith(b"Date:"):
             return parse_http_date(line[5:].strip())
+    return None
+
+
+def signature_time(head: bytes) -> float | None:
+    """When the newest OpenPGP signature in a detached signature (``Release.gpg``,
+    armoured or not) was made: its creation-time subpacket (RFC 9580 §5.2.3.11), or the
+    time field of a version 3 signature. ``None`` for anything else."""
+    data = _dearmor(head) if head.startswith(b"-----BEGIN PGP") else head
+    if data is None:
+        return None
+    newest: float | None = None
+    pos = 0
+    try:
+        while pos < len(data):
+            tag, body, pos = _pgp_packet(data, pos)
+            if tag == 2:
+                made = _signature_made(body)
+                if made is not None and (newest is None or made > newest):
+                    newest = made
+    except (IndexError, ValueError):
+        pass  # a cut-off or foreign packet: what was read so far stands
+    return newest
+
+
+def _dearmor(text: bytes) -> bytes | None:
+    body = text.split(b"-----END PGP", 1)[0].split(b"\n")[1:]
+    while body and body[0].strip():  # armour headers (Version:, Comment:) end at a blank
+        body = body[1:]
+    lines = [line.strip() for line in body if line.strip() and not line.startswith(b"=")]
+    try:
+        return base64.b64decode(b"".join(lines), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _pgp_packet(data: bytes, pos: int) -> tuple[int, bytes, int]:
+    """``(tag, body, next position)`` of the OpenPGP packet at ``pos``."""
+    first = data[pos]
+    if not first & 0x80:
+        raise ValueError("not an OpenPGP packet")
+    if first & 0x40:  # new format
+        tag, o = first & 0x3F, data[pos + 1]
+        if o < 192:
+            length, start = o, pos + 2
+        elif o < 224:
+            length, start = ((o - 192) << 8) + data[pos + 2] + 192, pos + 3
+        elif o == 255:
+            length, start = int.from_bytes(data[pos + 2 : pos + 6], "big"), pos + 6
+        else:
+            raise ValueError("partial body lengths are not used for signatures")
+    else:
+        tag, kind = (first >> 2) & 0x0F, first & 3
+        if kind == 3:
+            raise ValueError("indeterminate length")
+        size = (1, 2, 4)[kind]
+        length, start = int.from_bytes(data[pos + 1 : pos + 1 + size], "big"), pos + 1 + size
+    end = start + length
+    if end > len(data):
+        raise ValueError("packet cut off")
+    return tag, data[start:end], end
+
+
+def _signature_made(sig: bytes) -> float | None:
+    version = sig[0]
+    if version == 3:
+        return float(int.from_bytes(sig[3:7], "big"))
+    if version not in (4, 5, 6):
+        return None
+    width = 4 if version == 6 else 2
+    count = int.from_bytes(sig[4 : 4 + width], "big")
+    sub, end = 4 + width, 4 + width + count
+    while sub < end:
+        o = sig[sub]
+        if o < 192:
+            length, sub = o, sub + 1
+        elif o < 255:
+            length, sub = ((o - 192) << 8) + sig[sub + 1] + 192, sub + 2
+        else:
+            length, sub = int.from_bytes(sig[sub + 1 : sub + 5], "big"), sub + 5
+        if length and sig[sub] & 0x7F == 2 and length == 5:
+            return float(int.from_bytes(sig[sub + 1 : sub + 5], "big"))
+        sub += length
     return None
 
 

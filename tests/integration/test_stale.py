@@ -11,6 +11,7 @@ from tests.integration.harness import (
     sleep,
     static,
 )
+from tests.support.pgp import armour, sig_v4
 
 IN_RELEASE = pattern(5000, b"inrel")
 ETAG = b'"inrelease-v1"'
@@ -138,3 +139,23 @@ class LaggingMirrorTests(IntegrationTestCase):
         moved = await client.get(url)
         self.assertEqual((moved.x_cache, moved.body), (b"MISS", newest))
         self.assertEqual(len(upstream.requests), 3)
+
+    async def test_older_release_signature_does_not_replace_the_cached_one(self) -> None:
+        """For a repository without InRelease: the lagging mirror's Release.gpg (made
+        before the cached one) is dropped too, so the kept Release keeps its signature."""
+        newer, older = armour(sig_v4(1_707_557_090)), armour(sig_v4(1_706_952_290))
+        upstream = await self.start_upstream()
+        path = b"/debian/dists/stable/Release.gpg"
+        upstream.handlers[path] = static(newer, [(b"etag", b'"current"')])
+        proxy = await self.start_proxy(
+            {"routes": {"debian": {"upstream": upstream.url("/debian/"), "index_ttl": "1s"}}}
+        )
+        client = self.client()
+        url = proxy.url("/debian/dists/stable/Release.gpg")
+        first = await client.get(url)
+        self.assertEqual((first.x_cache, first.body), (b"MISS", newer))
+        await proxy.settled()
+        await sleep(1.2)
+        upstream.handlers[path] = static(older, [(b"etag", b'"lagging"')])
+        kept = await client.get(url)
+        self.assertEqual((kept.status, kept.x_cache, kept.body), (200, b"REVALIDATED", newer))
