@@ -369,8 +369,8 @@ class _Connection(Protocol):
             block, self._buf = self._buf[:end], self._buf[end + skip :]
             try:
                 self._head(block)
-            except ProtocolError as e:
-                self._protocol_error(str(e))
+            except (ProtocolError, ValueError) as e:  # Headers refuses a bad name too
+                self._protocol_error(str(e) or type(e).__name__)
                 return
         if self._state == _BODY and self._buf:
             rest, self._buf = self._buf, b""
@@ -599,6 +599,9 @@ def _body_mode(headers: Headers) -> tuple[int, int | object]:
     """How the body is delimited, and its length (or ``UNKNOWN_LENGTH``)."""
     te = headers.getRawHeaders(b"transfer-encoding")
     if te:
+        if headers.hasHeader(b"content-length"):
+            # Both: an attempt at request smuggling or a broken server (RFC 9112 §6.1).
+            raise ProtocolError("both Transfer-Encoding and Content-Length")
         codings = [c.strip().lower() for c in b",".join(te).split(b",") if c.strip()]
         if codings and codings[-1] == b"chunked":
             return _CHUNKED, UNKNOWN_LENGTH

@@ -258,8 +258,10 @@ class Http11AgentTests(unittest.TestCase):
             b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
             b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000,
+            b"HTTP/1.1 200 OK\r\nBad(Name): 1\r\nContent-Length: 0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
         ]
-        for _ in range(4):
+        for _ in range(6):
             with self.assertRaises(ResponseFailed) as caught:
                 await self.agent.request(b"GET", self.url())
             self.assertIsInstance(caught.exception.reasons[0].value, ProtocolError)
