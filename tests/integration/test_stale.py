@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from tests.integration.harness import (
     IntegrationTestCase,
     UpstreamConnection,
@@ -107,6 +109,25 @@ def _release(date: bytes, label: bytes) -> bytes:
 class LaggingMirrorTests(IntegrationTestCase):
     """Two mirrors behind one name, one of them a week behind."""
 
+    async def _cached_then_lagging(self, path: str, newer: bytes, older: bytes) -> Any:
+        """``path`` is fetched and cached as ``newer``; once it is due, the upstream
+        answers ``older``: the client gets the newer copy back (REVALIDATED)."""
+        upstream = await self.start_upstream()
+        upstream.handlers[path.encode()] = static(newer, [(b"etag", b'"current"')])
+        proxy = await self.start_proxy(
+            {"routes": {"debian": {"upstream": upstream.url("/debian/"), "index_ttl": "1s"}}}
+        )
+        client = self.client()
+        first = await client.get(proxy.url(path))
+        self.assertEqual((first.x_cache, first.body), (b"MISS", newer))
+        await proxy.settled()
+        await sleep(1.2)
+        upstream.handlers[path.encode()] = static(older, [(b"etag", b'"lagging"')])
+        kept = await client.get(proxy.url(path))
+        self.assertEqual((kept.status, kept.x_cache, kept.body), (200, b"REVALIDATED", newer))
+        await proxy.settled()
+        return upstream, proxy, client
+
     async def test_older_inrelease_does_not_replace_the_cached_one(self) -> None:
         """The lagging mirror's InRelease is fetched whole, found older than the cached
         one, and dropped: the client gets the newer copy (REVALIDATED), which stays
@@ -114,29 +135,14 @@ class LaggingMirrorTests(IntegrationTestCase):
         newer = _release(b"Sat, 10 Feb 2024 09:24:50 UTC", b"current")
         older = _release(b"Sat, 03 Feb 2024 09:24:50 UTC", b"lagging")
         newest = _release(b"Sat, 17 Feb 2024 09:24:50 UTC", b"next")
-        upstream = await self.start_upstream()
-        path = b"/debian/dists/stable/InRelease"
-        upstream.handlers[path] = static(newer, [(b"etag", b'"current"')])
-        proxy = await self.start_proxy(
-            {"routes": {"debian": {"upstream": upstream.url("/debian/"), "index_ttl": "1s"}}}
-        )
-        client = self.client()
-        url = proxy.url("/debian/dists/stable/InRelease")
-        first = await client.get(url)
-        self.assertEqual((first.x_cache, first.body), (b"MISS", newer))
-        await proxy.settled()
-
-        await sleep(1.2)
-        upstream.handlers[path] = static(older, [(b"etag", b'"lagging"')])
-        kept = await client.get(url)
-        self.assertEqual((kept.status, kept.x_cache, kept.body), (200, b"REVALIDATED", newer))
-        await proxy.settled()
-        again = await client.get(url)
+        path = "/debian/dists/stable/InRelease"
+        upstream, proxy, client = await self._cached_then_lagging(path, newer, older)
+        again = await client.get(proxy.url(path))
         self.assertEqual((again.x_cache, again.body), (b"HIT", newer))
 
         await sleep(1.2)
-        upstream.handlers[path] = static(newest, [(b"etag", b'"next"')])
-        moved = await client.get(url)
+        upstream.handlers[path.encode()] = static(newest, [(b"etag", b'"next"')])
+        moved = await client.get(proxy.url(path))
         self.assertEqual((moved.x_cache, moved.body), (b"MISS", newest))
         self.assertEqual(len(upstream.requests), 3)
 
@@ -144,18 +150,4 @@ class LaggingMirrorTests(IntegrationTestCase):
         """For a repository without InRelease: the lagging mirror's Release.gpg (made
         before the cached one) is dropped too, so the kept Release keeps its signature."""
         newer, older = armour(sig_v4(1_707_557_090)), armour(sig_v4(1_706_952_290))
-        upstream = await self.start_upstream()
-        path = b"/debian/dists/stable/Release.gpg"
-        upstream.handlers[path] = static(newer, [(b"etag", b'"current"')])
-        proxy = await self.start_proxy(
-            {"routes": {"debian": {"upstream": upstream.url("/debian/"), "index_ttl": "1s"}}}
-        )
-        client = self.client()
-        url = proxy.url("/debian/dists/stable/Release.gpg")
-        first = await client.get(url)
-        self.assertEqual((first.x_cache, first.body), (b"MISS", newer))
-        await proxy.settled()
-        await sleep(1.2)
-        upstream.handlers[path] = static(older, [(b"etag", b'"lagging"')])
-        kept = await client.get(url)
-        self.assertEqual((kept.status, kept.x_cache, kept.body), (200, b"REVALIDATED", newer))
+        await self._cached_then_lagging("/debian/dists/stable/Release.gpg", newer, older)
