@@ -17,6 +17,7 @@ any point, and the failure types the rest of pkgproxy reads (``ResponseDone``,
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
@@ -168,9 +169,18 @@ class Http11Agent:
         return gatherResults(lost) if lost else succeed(None)
 
 
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+
+
 def _request_head(
     method: bytes, target: bytes, host: bytes, headers: Headers | None, body: Any
 ) -> bytes:
+    # Nothing a client sent may end the request line early or add a line of its own.
+    if not _TOKEN.fullmatch(method):
+        raise ValueError(f"invalid method {method[:20]!r}")
+    if _CONTROL.search(target) or _CONTROL.search(host):
+        raise ValueError(f"control character or space in {target[:80]!r} or {host[:80]!r}")
     lines = [method, b" ", target, b" HTTP/1.1\r\n"]
     has_host = False
     if headers is not None:

@@ -243,6 +243,14 @@ class Http11AgentTests(unittest.TestCase):
             await self.agent.request(b"POST", self.url(), bodyProducer=_BytesBody(b"xy"))
         self.assertTrue(self.factory.requests[-1].endswith(b"Content-Length: 2\r\n\r\nxy"))
 
+    async def test_request_line_cannot_be_injected(self) -> None:
+        """A method or target that would end the request line early is refused before
+        anything is sent."""
+        for method, path in ((b"GET", "/a b"), (b"GET", "/a\r\nX: 1"), (b"GE T", "/a")):
+            with self.assertRaises(ValueError):
+                await self.agent.request(method, self.url(path))
+        self.assertEqual(self.factory.requests, [])
+
     async def test_fresh_connection_closed_before_answer_fails(self) -> None:
         def hang_up(proto: Protocol) -> None:
             proto.transport.loseConnection()
