@@ -9,6 +9,7 @@ from __future__ import annotations
 import calendar
 import email.utils
 import re
+from typing import AnyStr
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 #: Headers that belong to one connection and never cross the proxy (RFC 9110 7.6.1).
@@ -43,6 +44,27 @@ COMPRESSED_SUFFIXES = (
     ".zip",
     ".tar",
 )
+
+
+def split_origin(url: AnyStr) -> tuple[AnyStr, AnyStr]:
+    """``(scheme://authority, the rest)`` of an absolute URL, as str or bytes.
+
+    Upstream code asks this for every request, for a new URL of one of a few origins:
+    a search for the first ``/``, ``?`` or ``#`` after ``://`` instead of a full parse,
+    so what is derived from the origin can be remembered by it.
+    """
+    if isinstance(url, bytes):
+        mark, stops = url.find(b"://"), (b"/", b"?", b"#")
+    else:
+        mark, stops = url.find("://"), ("/", "?", "#")
+    if mark < 0:
+        raise ValueError(f"not an absolute URL: {url[:80]!r}")
+    end = len(url)
+    for c in stops:
+        i = url.find(c, mark + 3)  # type: ignore[arg-type]
+        if 0 <= i < end:
+            end = i
+    return url[:end], url[end:]
 
 
 def http_date(ts: float) -> str:

@@ -94,6 +94,16 @@ class DebianTests(SynchronousTestCase):
 
 
 class HttpRuleTests(SynchronousTestCase):
+    def test_split_origin(self) -> None:
+        """The origin part of an absolute URL ends at its first / ? or #, str or bytes."""
+        split = httputil.split_origin
+        self.assertEqual(split("http://h:8/a?b"), ("http://h:8", "/a?b"))
+        self.assertEqual(split("https://h?q=/x"), ("https://h", "?q=/x"))
+        self.assertEqual(split(b"http://[::1]:80#f"), (b"http://[::1]:80", b"#f"))
+        self.assertEqual(split(b"http://h"), (b"http://h", b""))
+        with self.assertRaises(ValueError):
+            split("/relative")
+
     def test_ranges(self) -> None:
         """Single ranges resolve; malformed or multiple ones mean the whole body."""
         self.assertEqual(httputil.parse_range(b"bytes=0-9", 100), (0, 10))

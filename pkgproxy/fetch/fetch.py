@@ -406,10 +406,12 @@ class Fetch:
 
         body.addBoth(finish)
 
-    def _refresh(self, entry: Entry, resp: UpstreamResponse) -> None:
+    def _refresh(self, entry: Entry, resp: UpstreamResponse, validators: bool = True) -> None:
+        """The stored entry is current again; with ``validators``, under the ones
+        ``resp`` names (a 304), else under its own (an older body that was dropped)."""
         now = self._clock.seconds()
-        etag = resp.header(b"etag")
-        lm = resp.header(b"last-modified")
+        etag = resp.header(b"etag") if validators else None
+        lm = resp.header(b"last-modified") if validators else None
         if etag:
             entry.etag = etag.decode("latin-1")
         if lm:
@@ -607,13 +609,8 @@ class Fetch:
         """The stored copy stays, fresh for another lifetime: the upstream did answer,
         just with something older. Its validators stay its own."""
         self._discard_temp()
-        now = self._clock.seconds()
-        entry.fetched = now
-        if entry.expires is not None:
-            assert self.upstream is not None
-            entry.expires = now + self._ttl(self.upstream, now)
-        self._store.update(entry)
-        self.entry = entry
+        assert self.upstream is not None
+        self._refresh(entry, self.upstream, validators=False)
         self.state = State.ANSWERED
         self._answer(Outcome.NOT_MODIFIED)
         self._notify()

@@ -59,6 +59,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
+from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
 from pkgproxy.upstream.http11 import Http11Agent
 
@@ -125,13 +126,7 @@ _origins: dict[str, tuple[str, str, int | None]] = {}
 def _origin(url: str) -> tuple[str, str, int | None]:
     """``(scheme, host, port)`` of a URL, remembered by its ``scheme://authority`` part
     (every miss asks it for a new URL of one of a few upstreams)."""
-    start = url.find("://") + 3
-    end = len(url)
-    for c in "/?#":
-        i = url.find(c, start)
-        if 2 < i < end:
-            end = i
-    prefix = url[:end]
+    prefix = httputil.split_origin(url)[0]
     found = _origins.get(prefix)
     if found is None:
         p = urlsplit(prefix)

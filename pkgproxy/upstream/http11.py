@@ -32,6 +32,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
+from pkgproxy.httputil import split_origin
 from pkgproxy.tcpwrite import plain_tcp, send_now
 
 #: A response head larger than this is refused (Twisted's client allows about the same).
@@ -104,17 +105,8 @@ class Http11Agent:
 
     def _split(self, uri: bytes) -> tuple[_Origin, bytes]:
         """The origin of an absolute URI and its request target (path and query)."""
-        mark = uri.find(b"://")
-        if mark < 0:
-            raise ValueError(f"not an absolute URI: {uri!r}")
-        start = mark + 3
-        end = len(uri)
-        for c in (b"/", b"?", b"#"):
-            i = uri.find(c, start)
-            if 0 <= i < end:
-                end = i
-        key = uri[:end]
-        target = uri[end:].split(b"#", 1)[0]
+        key, rest = split_origin(uri)
+        target = rest.split(b"#", 1)[0]
         if not target.startswith(b"/"):
             target = b"/" + target
         origin = self._origins.get(key)
@@ -663,7 +655,7 @@ class _Response:
         if self._reader is not None:
             raise RuntimeError("the body of a response can be delivered once")
         self._reader = protocol
-        protocol.makeConnection(_BodyTransport(self))  # type: ignore[arg-type]
+        protocol.makeConnection(self)  # type: ignore[arg-type]
         held, self._held = self._held, []
         for data in held:
             protocol.dataReceived(data)
@@ -689,35 +681,19 @@ class _Response:
         assert self._reader is not None and self._end is not None
         self._reader.connectionLost(self._end)
 
-    # -- for the body transport --------------------------------------------------------
+    # -- the body reader's transport: flow control over the connection until the body is
+    # whole (after that the connection may already be serving another request)
 
-    def pause(self) -> None:
+    def pauseProducing(self) -> None:
         if self._conn is not None:
             self._conn.pause()
 
-    def resume(self) -> None:
+    def resumeProducing(self) -> None:
         if self._conn is not None:
             self._conn.resume()
 
-    def stop(self) -> None:
+    def stopProducing(self) -> None:
         if self._conn is not None:
             self._conn.abort()
 
-
-class _BodyTransport:
-    """What the body's reader sees as its transport: flow control over the connection."""
-
-    def __init__(self, response: _Response) -> None:
-        self._response = response
-
-    def pauseProducing(self) -> None:
-        self._response.pause()
-
-    def resumeProducing(self) -> None:
-        self._response.resume()
-
-    def stopProducing(self) -> None:
-        self._response.stop()
-
-    def loseConnection(self) -> None:
-        self._response.stop()
+    loseConnection = stopProducing
