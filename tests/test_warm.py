@@ -189,5 +189,10 @@ class AptPrintUrisTests(TestCase):
         )
         self.assertEqual(
             aptroot.parse_print_uris(out),
-            [aptroot.DebFile("http://c:3142/debian/pool/main/c/curl/curl_7_amd64.deb", 123, SHA_A)],
+            [
+                aptroot.DebFile(
+                    "http://c:3142/debian/pool/main/c/curl/curl_7_amd64.deb", 123, "sha256", SHA_A
+                ),
+                aptroot.DebFile("http://c:3142/x.deb", 5, "md5", "00"),
+            ],
         )

@@ -24,23 +24,27 @@ class AptError(RuntimeError):
 
 @dataclass(frozen=True)
 class DebFile:
-    """One file apt would download: its URL on the server, size and SHA-256."""
+    """One file apt would download: its URL on the server, size, and the digest apt
+    prints for it (``hashlib`` name and hex)."""
 
     url: str
     size: int
-    sha256: str
+    algorithm: str
+    digest: str
 
 
-_URI = re.compile(r"^'([^']+)'\s+(\S+)\s+(\d+)\s+(?:SHA256:([0-9a-f]{64}))?")
+_URI = re.compile(r"^'([^']+)'\s+(\S+)\s+(\d+)\s+(MD5Sum|SHA1|SHA256|SHA512):([0-9a-f]+)\s*$")
+_ALGORITHMS = {"MD5Sum": "md5", "SHA1": "sha1", "SHA256": "sha256", "SHA512": "sha512"}
 
 
 def parse_print_uris(output: str) -> list[DebFile]:
-    """The lines of ``apt-get install --print-uris``: ``'URL' file size SHA256:hex``."""
+    """The lines of ``apt-get install --print-uris``: ``'URL' file size ALG:hex`` (apt
+    prints one of the index's digests, MD5Sum on Debian's own archives)."""
     files = []
     for line in output.splitlines():
         m = _URI.match(line)
-        if m is not None and m.group(4):
-            files.append(DebFile(m.group(1), int(m.group(3)), m.group(4)))
+        if m is not None:
+            files.append(DebFile(m.group(1), int(m.group(3)), _ALGORITHMS[m.group(4)], m.group(5)))
     return files
 
 

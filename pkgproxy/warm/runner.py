@@ -33,13 +33,25 @@ OCI_INDEXES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
-OCI_ACCEPT = ", ".join(
-    (
-        *OCI_INDEXES,
-        "application/vnd.oci.image.manifest.v1+json",
-        "application/vnd.docker.distribution.manifest.v2+json",
-    )
+OCI_MANIFESTS = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
 )
+#: pkgproxy keeps a tag per ``Accept`` variant (a client that cannot read an index is never
+#: served one), so a tag is read as each kind of client asks for it: containerd (Docker,
+#: Kubernetes nodes), then containers/image (podman, buildah, skopeo).
+OCI_CLIENT_ACCEPTS = (
+    ", ".join((*OCI_MANIFESTS[::-1], *OCI_INDEXES[::-1], "*/*")),
+    ", ".join(
+        (
+            *OCI_MANIFESTS,
+            "application/vnd.docker.distribution.manifest.v1+prettyjws",
+            "application/vnd.docker.distribution.manifest.v1+json",
+            *OCI_INDEXES[::-1],
+        )
+    ),
+)
+OCI_ACCEPT = ", ".join((*OCI_INDEXES, *OCI_MANIFESTS))
 
 
 class WarmError(Exception):
@@ -375,7 +387,9 @@ class DebianSet(Task):
             raise WarmError(f"{self.label}: {e}") from None
         ctx.record(Outcome(self.label, route.prefix, "page"))
         return [
-            Download(f.url.rsplit("/", 1)[-1], ctx.server.path_of(f.url), (("sha256", f.sha256),))
+            Download(
+                f.url.rsplit("/", 1)[-1], ctx.server.path_of(f.url), ((f.algorithm, f.digest),)
+            )
             for f in files
         ]
 
@@ -399,10 +413,13 @@ class OciManifest(Task):
 
     def run(self, ctx: Context) -> list[Task]:
         path = self._path("manifests", self.reference)
-        doc, resp = ctx.server.get_json(path, OCI_ACCEPT)
+        by_tag = not self.reference.startswith("sha256:")
+        doc, resp = ctx.server.get_json(path, OCI_CLIENT_ACCEPTS[0] if by_tag else OCI_ACCEPT)
         if not isinstance(doc, dict):
             raise WarmError(f"{self.label}: the manifest is not a JSON object")
         ctx.record(Outcome(self.label, path, "page", cache=resp.getheader("X-Cache", "")))
+        for accept in OCI_CLIENT_ACCEPTS[1:] if by_tag else ():
+            ctx.server.get_json(path, accept)
         media = doc.get("mediaType") or resp.getheader("Content-Type", "")
         if media in OCI_INDEXES or "manifests" in doc:
             chosen = _platform(doc.get("manifests", []), ctx.platform)
