@@ -180,6 +180,15 @@ class ListTests(TestCase):
         self.assertIsNone(_platform(manifests, "windows/amd64"))
 
 
+class WarmupTagTests(TestCase):
+    def test_tag_from_user_agent(self) -> None:
+        from pkgproxy.admin.metrics import warmup_tag
+
+        self.assertEqual(warmup_tag("pkgproxy-warm/1.0 (ci-nightly)"), "ci-nightly")
+        self.assertEqual(warmup_tag("pkgproxy-warm/1.0"), "(untagged)")
+        self.assertIsNone(warmup_tag("pip/24.0"))
+
+
 class AptPrintUrisTests(TestCase):
     def test_parse(self) -> None:
         out = (

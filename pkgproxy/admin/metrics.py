@@ -71,6 +71,35 @@ class ErrorRecord:
     message: str
 
 
+#: The User-Agent product of ``pkgproxy-warm``; its comment (``(tag)``) names the warm-up.
+WARM_AGENT = "pkgproxy-warm/"
+#: Warm-ups the status page lists: the newest, and none idle for longer than an hour.
+RECENT_WARMUPS = 10
+WARMUP_FORGET_SECONDS = 3600.0
+
+
+@dataclass
+class WarmupStats:
+    """One ``pkgproxy-warm`` run, as the server saw its requests."""
+
+    tag: str
+    started: float
+    last: float
+    requests: int = 0
+    fetched: int = 0  # requests this warm-up downloaded from upstream (MISS)
+    cached: int = 0  # requests answered from the cache
+    failed: int = 0  # 4xx/5xx answers and cut-off transfers
+    bytes: int = 0
+
+
+def warmup_tag(user_agent: str) -> str | None:
+    """The tag of a ``pkgproxy-warm/<version> (<tag>)`` User-Agent, else None."""
+    if not user_agent.startswith(WARM_AGENT):
+        return None
+    _, _, rest = user_agent.partition("(")
+    return rest.rstrip(")").strip()[:100] or "(untagged)"
+
+
 @dataclass
 class FamilyStats:
     """What one family's requests did since start, from the counters.
@@ -228,6 +257,7 @@ class ProxyMetrics(Observer):
         ProcessCollector(registry=reg)
         PlatformCollector(registry=reg)
         self._usage: tuple[float, list[RouteUsage]] | None = None
+        self._warmups: dict[str, WarmupStats] = {}
 
     def attach(self, switch: Switch) -> None:
         """Name the object whose ``offline`` flag the ``pkgproxy_offline`` gauge shows."""
@@ -248,6 +278,33 @@ class ProxyMetrics(Observer):
             self.served_bytes.labels(family, record.route, cache).inc(record.bytes_sent)
         if not record.completed:
             self.incomplete.labels(family, record.route).inc()
+        if record.user_agent.startswith(WARM_AGENT):
+            self._warmup_request(record, cache)
+
+    def _warmup_request(self, record: RequestRecord, cache: str) -> None:
+        tag = warmup_tag(record.user_agent) or ""
+        now = self._clock.seconds()
+        w = self._warmups.get(tag)
+        if w is None:
+            w = self._warmups[tag] = WarmupStats(tag, now, now)
+            if len(self._warmups) > RECENT_WARMUPS:
+                oldest = min(self._warmups.values(), key=lambda x: x.last)
+                del self._warmups[oldest.tag]
+        w.last = now
+        w.requests += 1
+        w.bytes += record.bytes_sent
+        if record.status >= 400 or not record.completed:
+            w.failed += 1
+        elif cache == "miss":
+            w.fetched += 1
+        elif cache != NO_CACHE:
+            w.cached += 1
+
+    def warmups(self) -> list[WarmupStats]:
+        """Recent warm-ups, newest first (none idle for over an hour)."""
+        now = self._clock.seconds()
+        recent = [w for w in self._warmups.values() if now - w.last < WARMUP_FORGET_SECONDS]
+        return sorted(recent, key=lambda w: -w.started)
 
     def fetch_settled(self, route: Route, fetch: Fetch) -> None:
         labels = (route.family, route.name)

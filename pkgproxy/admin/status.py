@@ -20,6 +20,7 @@ from pkgproxy.admin.metrics import (
     ErrorRecord,
     FamilyStats,
     RouteUsage,
+    WarmupStats,
 )
 from pkgproxy.config import Config
 
@@ -63,6 +64,7 @@ class StatusView:
     config_text: str
     base_url: str
     token_required: bool
+    warmups: Sequence[WarmupStats] = ()
 
 
 def human_bytes(n: float) -> str:
@@ -215,6 +217,7 @@ def render_status(view: StatusView) -> str:
         families=_families(view.families),
         usage=_usage(view.usage, view.cache_bytes),
         downloads=_downloads(view.downloads),
+        warmups=_warmups(view.warmups, view.now),
         errors=_errors(view.errors, view.now),
         config=_e(view.config_text),
         actions=_actions(view.base_url, view.token_required),
@@ -304,6 +307,42 @@ def _downloads(downloads: Sequence[DownloadView]) -> str:
         ("Running", "num"),
     ]
     return _table(headers, rows, "No downloads in progress.")
+
+
+#: A warm-up with no request for this long is shown as finished.
+WARMUP_IDLE_SECONDS = 30.0
+
+
+def _warmups(warmups: Sequence[WarmupStats], now: float) -> str:
+    rows = []
+    for w in warmups:
+        idle = now - w.last
+        state = (
+            '<span class="pill ok small">running</span>'
+            if idle < WARMUP_IDLE_SECONDS
+            else f'<span class="small muted">finished {human_duration(idle)} ago</span>'
+        )
+        rows.append(
+            f'<tr><td><div class="url" title="{_e(w.tag)}">{_e(w.tag)}</div></td>'
+            f"<td>{state}</td>"
+            f'<td class="num">{w.requests:,}</td>'
+            f'<td class="num">{w.fetched:,}</td>'
+            f'<td class="num">{w.cached:,}</td>'
+            f'<td class="num">{w.failed:,}</td>'
+            f'<td class="num">{human_bytes(w.bytes)}</td>'
+            f'<td class="num">{human_duration(w.last - w.started)}</td></tr>'
+        )
+    headers = [
+        ("Warm-up", ""),
+        ("State", ""),
+        ("Requests", "num"),
+        ("Fetched", "num"),
+        ("Cached", "num"),
+        ("Failed", "num"),
+        ("Served", "num"),
+        ("Took", "num"),
+    ]
+    return _table(headers, rows, "No warm-up in the last hour.")
 
 
 def _errors(errors: Sequence[ErrorRecord], now: float) -> str:
@@ -412,6 +451,7 @@ _PAGE = """<!DOCTYPE html>
 <div class="cards">{cards}</div>
 <section class="card"><h2>Families</h2>{families}</section>
 <section class="card"><h2>Downloads in progress</h2>{downloads}</section>
+<section class="card"><h2>Warm-ups (pkgproxy-warm)</h2>{warmups}</section>
 <div class="grid2 wide-right">
 <section class="card"><h2>Cache by route</h2>{usage}</section>
 <section class="card"><h2>Recent upstream errors</h2>{errors}</section>

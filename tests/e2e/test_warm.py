@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -75,12 +76,19 @@ class PypiWarmTests(TestCase):
         reqs = self.requirements(
             ("pkgproxy-demo-app", "1.0", app.sha256), ("PkgProxy_Demo.Lib", "1.0", lib.sha256)
         )
-        status, out, err = warm(self.proxy, reqs)
+        status, out, err = warm(self.proxy, "--tag", "nightly <ci>", reqs)
         context = f"{out}\n{err}\n{self.proxy.logs()}"
         self.assertEqual(status, 0, context)
         self.assertIn("fetched 4 files", out, context)  # two wheels and their .metadata
         self.assertIn("0 failed", out)
         self.assertIn(app.filename, out)
+        # The status page shows the warm-up under its tag: 2 pages, 4 HEADs, 4 GETs.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(self.proxy.url("/_pkgproxy/"), timeout=10) as resp:
+            page = resp.read().decode()
+        self.assertIn("nightly &lt;ci&gt;", page)
+        row = page[page.index("nightly &lt;ci&gt;") :].split("</tr>", 1)[0]
+        self.assertIn('<td class="num">10</td>', row)
         self.index.stop()
         self.files.stop()
         venv = os.path.abspath(self.mktemp())
