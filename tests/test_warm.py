@@ -140,6 +140,31 @@ class NpmLockTests(TestCase):
         self.assertEqual(wants[1].digests, (("sha1", "c" * 40),))
         self.assertEqual(wants[0].url, "https://registry.yarnpkg.com/@s/b/-/b-2.0.1.tgz")
 
+    def test_pnpm_lock_v6_and_v9(self) -> None:
+        v9 = (
+            "lockfileVersion: '9.0'\n\nimporters:\n  .:\n    dependencies:\n"
+            "      a:\n        specifier: ^1\n        version: 1.0.0\n\n"
+            "packages:\n\n"
+            "  '@s/b@2.0.0':\n"
+            f"    resolution: {{integrity: {_sri(b'b')}}}\n"
+            "    engines: {node: '>=6'}\n\n"
+            "  a@1.0.0:\n"
+            f"    resolution: {{integrity: {_sri(b'a')}}}\n\n"
+            "snapshots:\n\n  a@1.0.0: {}\n"
+        )
+        wants = sources.read("pnpm-lock.yaml", v9)
+        self.assertEqual([(w.name, w.version) for w in wants], [("@s/b", "2.0.0"), ("a", "1.0.0")])
+        self.assertEqual(wants[1].digests, (("sha512", hashlib.sha512(b"a").hexdigest()),))
+        v6 = (
+            "lockfileVersion: '6.0'\n\npackages:\n\n"
+            "  /@s/b@2.0.0(react@18.0.0):\n"
+            f"    resolution: {{integrity: {_sri(b'b')}}}\n"
+            "    dev: false\n"
+        )
+        self.assertEqual(
+            [(w.name, w.version) for w in sources.read("pnpm-lock.yaml", v6)], [("@s/b", "2.0.0")]
+        )
+
 
 class ListTests(TestCase):
     def test_debian_list_and_selections(self) -> None:

@@ -54,7 +54,7 @@ def family_of(path: str) -> str | None:
         return "pypi"
     if base in ("uv.lock", "poetry.lock") or (base.startswith("pylock") and base.endswith(".toml")):
         return "pypi"
-    if base in ("package-lock.json", "npm-shrinkwrap.json", "yarn.lock"):
+    if base in ("package-lock.json", "npm-shrinkwrap.json", "yarn.lock", "pnpm-lock.yaml"):
         return "npm"
     return None
 
@@ -79,7 +79,7 @@ def read(path: str, text: str, family: str | None = None) -> list[Want]:
         else:
             reader = requirements
     elif family == "npm":
-        reader = yarn_lock if base == "yarn.lock" else package_lock
+        reader = {"yarn.lock": yarn_lock, "pnpm-lock.yaml": pnpm_lock}.get(base, package_lock)
     elif family == "debian":
         reader = debian_list
     elif family == "oci":
@@ -314,6 +314,40 @@ def yarn_lock(path: str, text: str) -> list[Want]:
             key, _, value = line.strip().partition(" ")
             fields[key] = value.strip().strip('"')
     flush()
+    return list(seen.values())
+
+
+_PNPM_KEY = re.compile(r"^  '?/?((?:@[^/@\s]+/)?[^/@\s]+)[@/]([0-9][^(':\s]*)(?:\([^']*\))?'?:\s*$")
+_PNPM_INTEGRITY = re.compile(r"^    resolution: \{.*integrity: ([A-Za-z0-9+/=-]+)")
+
+
+def pnpm_lock(path: str, text: str) -> list[Want]:
+    """``pnpm-lock.yaml`` (lockfile versions 5 to 9): the ``packages:`` section's
+    ``name@version`` keys and their ``resolution.integrity``. Read line by line in the
+    shape pnpm writes; a key it does not recognise (a git or tarball dependency) is
+    passed over, since the tarball comes from the packument either way."""
+    seen: dict[tuple[str, str], Want] = {}
+    in_packages = False
+    key: tuple[str, str] | None = None
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if not line.startswith(" "):
+            in_packages = line.rstrip() == "packages:"
+            key = None
+            continue
+        if not in_packages:
+            continue
+        m = _PNPM_KEY.match(line)
+        if m is not None:
+            key = (m.group(1), m.group(2))
+            seen.setdefault(key, Want("npm", key[0], key[1]))
+            continue
+        integrity = _PNPM_INTEGRITY.match(line)
+        if integrity is not None and key is not None:
+            seen[key] = Want("npm", key[0], key[1], integrity_digests(integrity.group(1)))
+    if not seen and "lockfileVersion" not in text:
+        raise SourceError(f"{path}: not a pnpm lock file (no lockfileVersion)")
     return list(seen.values())
 
 
