@@ -25,10 +25,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Fill a running pkgproxy from lock files and package lists, through "
         "its own routes: pages and indexes first, then every file they pin.",
         epilog="Files: requirements.txt with --hash pins, uv.lock, poetry.lock, pylock.toml; "
-        "package-lock.json, npm-shrinkwrap.json, yarn.lock (v1); a Debian package list "
-        "('bookworm amd64 curl git' a line, or dpkg --get-selections output with --suite "
-        "and --arch); an image list (one reference a line). Give --family for a file whose "
-        "name does not tell (package lists and image lists always).",
+        "package-lock.json, npm-shrinkwrap.json, yarn.lock (v1), pnpm-lock.yaml; a Debian "
+        "package list ('bookworm amd64 curl git' a line, or dpkg --get-selections output "
+        "with --suite and --arch); an image list (one reference a line). Give --family for a "
+        "file whose name does not tell (package lists and image lists always).",
     )
     p.add_argument("server", help="the server's base URL, e.g. http://cache.example:3142")
     p.add_argument("files", nargs="+", metavar="FILE", help="lock files and lists to read")
