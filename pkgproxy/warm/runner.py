@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 from pkgproxy.config import Route
@@ -258,26 +259,48 @@ class Download(Task):
         return []
 
 
-@dataclass
-class PypiProject(Task):
-    """A project page, then the files whose SHA-256 the lock file pins."""
+class PageTask(Task):
+    """Reads one page of a route (a project page, a packument) and follows it."""
 
+    family = ""
+    accept = ""
     name: str
     wants: list[Want]
 
     @property
     def label(self) -> str:  # type: ignore[override]
-        return f"pypi {self.name}"
+        return f"{self.family} {self.name}"
+
+    def page_path(self, route: Route) -> str:
+        raise NotImplementedError
+
+    def follow(self, ctx: Context, doc: dict[str, Any], page: str) -> list[Task]:
+        raise NotImplementedError
 
     def run(self, ctx: Context) -> list[Task]:
-        route = ctx.server.route("pypi", ctx.routes.get("pypi"))
-        page = f"{route.prefix}simple/{self.name}/"
-        doc, _ = ctx.server.get_json(page, PYPI_JSON)
+        page = self.page_path(ctx.server.route(self.family, ctx.routes.get(self.family)))
+        doc, _ = ctx.server.get_json(page, self.accept)
         ctx.record(Outcome(self.label, page, "page"))
-        files = doc.get("files", []) if isinstance(doc, dict) else []
+        return self.follow(ctx, doc if isinstance(doc, dict) else {}, page)
+
+
+@dataclass
+class PypiProject(PageTask):
+    """A project page, then the files whose SHA-256 the lock file pins."""
+
+    family = "pypi"
+    accept = PYPI_JSON
+    name: str
+    wants: list[Want]
+
+    def page_path(self, route: Route) -> str:
+        return f"{route.prefix}simple/{self.name}/"
+
+    def follow(self, ctx: Context, doc: dict[str, Any], page: str) -> list[Task]:
+        files = doc.get("files")
         by_sha = {
-            str(f.get("hashes", {}).get("sha256", "")).lower(): f
-            for f in files
+            str(f["hashes"].get("sha256", "")).lower(): f
+            for f in (files if isinstance(files, list) else ())
             if isinstance(f, dict) and isinstance(f.get("hashes"), dict)
         }
         tasks: list[Task] = []
@@ -313,22 +336,19 @@ class PypiProject(Task):
 
 
 @dataclass
-class NpmPackage(Task):
+class NpmPackage(PageTask):
     """A packument, then the tarballs of the locked versions whose integrity it confirms."""
 
+    family = "npm"
+    accept = NPM_ACCEPT
     name: str
     wants: list[Want]
 
-    @property
-    def label(self) -> str:  # type: ignore[override]
-        return f"npm {self.name}"
+    def page_path(self, route: Route) -> str:
+        return route.prefix + quote(self.name, safe="@").replace("/", "%2f")
 
-    def run(self, ctx: Context) -> list[Task]:
-        route = ctx.server.route("npm", ctx.routes.get("npm"))
-        page = route.prefix + quote(self.name, safe="@").replace("/", "%2f")
-        doc, _ = ctx.server.get_json(page, NPM_ACCEPT)
-        ctx.record(Outcome(self.label, page, "page"))
-        versions = doc.get("versions", {}) if isinstance(doc, dict) else {}
+    def follow(self, ctx: Context, doc: dict[str, Any], page: str) -> list[Task]:
+        versions = doc.get("versions", {})
         tasks: list[Task] = []
         for want in self.wants:
             label = f"{want.name}@{want.version}"

@@ -159,61 +159,66 @@ def _hash_pair(value: object, where: str) -> tuple[str, str]:
     return alg.lower(), hexa.lower()
 
 
+def _toml_locks(
+    path: str,
+    text: str,
+    table: str,
+    digests_of: Callable[[dict[str, Any], str], tuple[tuple[str, str], ...]],
+) -> list[Want]:
+    """One :class:`Want` for each entry of the array of tables ``table`` whose
+    ``digests_of`` names any digest (entries it gives none are not from an index)."""
+    wants = []
+    for i, pkg in enumerate(_list(_toml(path, text).get(table), f"{path}: {table}")):
+        where = f"{path}: {table}[{i}]"
+        digests = digests_of(pkg, where)
+        if digests:
+            name, version = _s(pkg, "name", where), _s(pkg, "version", where)
+            wants.append(Want("pypi", normalise(name), version, digests))
+    return wants
+
+
+def _files(pkg: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """A package's sdist and wheels (uv.lock and pylock.toml spell them alike)."""
+    files = [pkg["sdist"]] if isinstance(pkg.get("sdist"), dict) else []
+    return files + _list(pkg.get("wheels", []), f"{where}.wheels")
+
+
+def _uv_digests(pkg: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    source = pkg.get("source") or {}
+    if not isinstance(source, dict) or "registry" not in source:
+        return ()  # the project itself, a path or git dependency: nothing to fetch
+    return tuple(_hash_pair(f.get("hash"), where) for f in _files(pkg, where) if f.get("hash"))
+
+
+def _pylock_digests(pkg: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (alg.lower(), str(hexa).lower())
+        for f in _files(pkg, where)
+        for alg, hexa in (f.get("hashes") or {}).items()
+    )
+
+
+def _poetry_digests(pkg: dict[str, Any], where: str) -> tuple[tuple[str, str], ...]:
+    source = pkg.get("source")
+    if isinstance(source, dict) and source.get("type") in ("git", "directory", "file", "url"):
+        return ()
+    files = _list(pkg.get("files", []), f"{where}.files")
+    return tuple(_hash_pair(f.get("hash"), where) for f in files if f.get("hash"))
+
+
 def uv_lock(path: str, text: str) -> list[Want]:
     """``uv.lock``: every package from a registry, with its sdist's and wheels' hashes."""
-    data = _toml(path, text)
-    wants = []
-    for i, pkg in enumerate(_list(data.get("package"), f"{path}: package")):
-        where = f"{path}: package[{i}]"
-        source = pkg.get("source") or {}
-        if not isinstance(source, dict) or "registry" not in source:
-            continue  # the project itself, a path or git dependency: nothing to fetch
-        files = [pkg["sdist"]] if isinstance(pkg.get("sdist"), dict) else []
-        files += _list(pkg.get("wheels", []), f"{where}.wheels")
-        digests = tuple(_hash_pair(f.get("hash"), where) for f in files if f.get("hash"))
-        if digests:
-            wants.append(
-                Want("pypi", normalise(_s(pkg, "name", where)), _s(pkg, "version", where), digests)
-            )
-    return wants
+    return _toml_locks(path, text, "package", _uv_digests)
 
 
 def pylock(path: str, text: str) -> list[Want]:
     """PEP 751 ``pylock.toml``: each package's wheels and sdist with their hashes."""
-    data = _toml(path, text)
-    wants = []
-    for i, pkg in enumerate(_list(data.get("packages"), f"{path}: packages")):
-        where = f"{path}: packages[{i}]"
-        files = [pkg["sdist"]] if isinstance(pkg.get("sdist"), dict) else []
-        files += _list(pkg.get("wheels", []), f"{where}.wheels")
-        digests = tuple(
-            (alg.lower(), str(hexa).lower())
-            for f in files
-            for alg, hexa in (f.get("hashes") or {}).items()
-        )
-        if digests and "version" in pkg:
-            wants.append(
-                Want("pypi", normalise(_s(pkg, "name", where)), _s(pkg, "version", where), digests)
-            )
-    return wants
+    return _toml_locks(path, text, "packages", _pylock_digests)
 
 
 def poetry_lock(path: str, text: str) -> list[Want]:
     """``poetry.lock``: each package's files (by name) with their hashes."""
-    data = _toml(path, text)
-    wants = []
-    for i, pkg in enumerate(_list(data.get("package"), f"{path}: package")):
-        where = f"{path}: package[{i}]"
-        source = pkg.get("source")
-        if isinstance(source, dict) and source.get("type") in ("git", "directory", "file", "url"):
-            continue
-        files = _list(pkg.get("files", []), f"{where}.files")
-        digests = tuple(_hash_pair(f.get("hash"), where) for f in files if f.get("hash"))
-        if digests:
-            wants.append(
-                Want("pypi", normalise(_s(pkg, "name", where)), _s(pkg, "version", where), digests)
-            )
-    return wants
+    return _toml_locks(path, text, "package", _poetry_digests)
 
 
 # -- npm ----------------------------------------------------------------------------------
