@@ -9,7 +9,7 @@ ends up in the file. The paths come from the built-in routes, or from the server
 configuration file with ``--config`` when its routes were renamed or moved.
 
 Tools: ``apt`` (HTTP proxy: the sources stay as they are), ``apt-sources`` (deb822 sources
-through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``docker`` (Docker Hub mirror),
+through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``go``, ``docker`` (Docker Hub mirror),
 ``containerd`` (``hosts.toml`` of one registry) and ``all``.
 
 ``pkgproxy-config ca`` prints pkgproxy's CA certificate (for TLS interception), fetched
@@ -190,6 +190,16 @@ def npm(t: Target) -> Snippet:
     return Snippet("~/.npmrc", text, "or the project's .npmrc, or /etc/npmrc")
 
 
+def go(t: Target) -> Snippet:
+    """Go's module proxy; the checksum database is reached through it as well."""
+    text = _comment("#", t) + f"GOPROXY={t.url('go')},direct\n"
+    return Snippet(
+        "~/.config/go/env",
+        text,
+        "the file `go env GOENV` names; or GOPROXY=... in the environment",
+    )
+
+
 def docker(t: Target) -> Snippet:
     """Docker Engine's Hub mirror (the daemon mirrors nothing but Docker Hub)."""
     t.url("docker.io")  # the route must exist, at the root's /v2/
@@ -237,6 +247,7 @@ TOOLS: dict[str, Callable[[Target], Snippet]] = {
     "pip": pip,
     "uv": uv,
     "npm": npm,
+    "go": go,
     "docker": docker,
     "containerd": containerd,
 }

@@ -140,6 +140,15 @@ class Decision:
     version_of: Callable[[bytes], float | None] | None = None
     #: Store under this route name instead of the request's (content shared by routes).
     key_scope: str | None = None
+    #: Seconds an upstream 404 or 410 for this path is remembered, for a path that is
+    #: not an index (GOPROXY's "no such version", an answer clients rely on); an
+    #: index's is remembered for its ``ttl`` anyway.
+    absent_ttl: float | None = None
+
+    @property
+    def remembers_absence(self) -> bool:
+        """Whether an upstream 404 or 410 for this path is remembered for a while."""
+        return self.cache_class is CacheClass.MUTABLE or self.absent_ttl is not None
 
     def with_expect(self, expect: Expect | None) -> Decision:
         """This decision, also checking what an index said."""
@@ -228,7 +237,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic, npm, oci, pypi
+    from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi
 
     return {
         "oci": oci.FAMILY,
@@ -237,6 +246,7 @@ def _families() -> dict[str, Family]:
         "generic": generic.FAMILY,
         "npm": npm.FAMILY,
         "pypi": pypi.FAMILY,
+        "go": go.FAMILY,
     }
 
 

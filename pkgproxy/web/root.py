@@ -442,7 +442,7 @@ class ProxyResource(Resource):
             ):
                 self._serve_entry(ctx, entry, b"HIT")
                 return
-        if entry is None and decision.cache_class is CacheClass.MUTABLE:
+        if entry is None and decision.remembers_absence:
             absent = self._negative.get(ctx.key, now)
             if absent is not None and not (
                 wants_check and now - absent.fetched >= self._revalidate_window
@@ -622,14 +622,16 @@ class ProxyResource(Resource):
             if stale is not None and fetch.status >= 500:
                 self._serve_stale(ctx, stale, f"upstream answered {fetch.status}")
             else:
-                if fetch.status in (404, 410) and ctx.decision.cache_class is CacheClass.MUTABLE:
+                if fetch.status in (404, 410) and ctx.decision.remembers_absence:
                     self._negative.put(
                         ctx.key,
                         fetch.status,
                         fetch.headers,
                         fetch.error_body,
                         fetch.answered_at,
-                        ctx.decision.ttl,
+                        ctx.decision.absent_ttl
+                        if ctx.decision.absent_ttl is not None
+                        else ctx.decision.ttl,
                     )
                 self._send_small(ctx, fetch.status, fetch.headers, fetch.error_body, b"MISS")
         else:
