@@ -9,8 +9,8 @@ ends up in the file. The paths come from the built-in routes, or from the server
 configuration file with ``--config`` when its routes were renamed or moved.
 
 Tools: ``apt`` (HTTP proxy: the sources stay as they are), ``apt-sources`` (deb822 sources
-through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``go``, ``docker`` (Docker Hub mirror),
-``containerd`` (``hosts.toml`` of one registry) and ``all``.
+through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``go``, ``docker`` (Docker
+Hub mirror), ``containerd`` (``hosts.toml`` of one registry) and ``all``.
 
 ``pkgproxy-config ca`` prints pkgproxy's CA certificate (for TLS interception), fetched
 from a running server or read from its cache directory, for the clients to install.

@@ -252,7 +252,9 @@ class GoZipHasher:
             raise _BadZip("no central directory")
         buf, pos, seen = bytes(self._buf), 0, 0
         while buf[pos : pos + 4] == _CENTRAL:
-            (crc, csize, usize, nlen, xlen, clen) = struct.unpack("<IIIHHH", buf[pos + 16 : pos + 34])
+            (crc, csize, usize, nlen, xlen, clen) = struct.unpack(
+                "<IIIHHH", buf[pos + 16 : pos + 34]
+            )
             (offset,) = struct.unpack("<I", buf[pos + 42 : pos + 46])
             name = buf[pos + 46 : pos + 46 + nlen]
             if self._members.get(offset) != (name, crc, csize, usize):

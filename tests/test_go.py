@@ -4,12 +4,14 @@ proxy serving them (an in-memory proxy against a scripted upstream)."""
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
+from pkgproxy import clientconfig
 from pkgproxy.config import BUILTIN_ROUTES, Route
 from pkgproxy.digests import GoModHasher, GoZipHasher
 from pkgproxy.families import FAMILIES, CacheClass, Expect, Facts, go
@@ -166,7 +168,8 @@ class GoHashTests(SynchronousTestCase):
         cut = good[:-5]
         trailing = good + b"x"
         twice = io.BytesIO()
-        with zipfile.ZipFile(twice, "w") as z:
+        with warnings.catch_warnings(), zipfile.ZipFile(twice, "w") as z:
+            warnings.simplefilter("ignore")
             z.writestr("m@v1.0.0/a", b"1")
             z.writestr("m@v1.0.0/a", b"2")
         # Another member's name in the central directory than in its local header.
@@ -283,3 +286,14 @@ class GoProxyTests(SynchronousTestCase):
         self.assertEqual(self.proxy.get(tile)[1], b"\x00" * 32)
         self.assertEqual(self.proxy.get(latest)[1], b"go.sum database tree\n2\n")
         self.assertEqual((self.up.count(tile), self.up.count(latest)), (1, 2))
+
+
+class GoClientConfigTests(SynchronousTestCase):
+    def test_snippet(self) -> None:
+        """``pkgproxy-config go``: GOPROXY through the route, then direct (go reads the
+        file as GOENV in tests/e2e/test_go.py)."""
+        routes = {r.name: r for r in BUILTIN_ROUTES}
+        snippet = clientconfig.go(clientconfig.Target("http://cache:3142", routes))
+        lines = [x for x in snippet.text.splitlines() if not x.startswith("#")]
+        self.assertEqual(lines, ["GOPROXY=http://cache:3142/go/,direct"])
+        self.assertIn("go", clientconfig.TOOLS)
