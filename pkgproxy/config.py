@@ -345,6 +345,19 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         ),
         index_ttl=300.0,
     ),
+    Route(
+        name="rubygems",
+        family="rubygems",
+        prefix="/rubygems/",
+        upstream="https://rubygems.org/",
+        forward=(
+            "http://rubygems.org/",
+            "https://rubygems.org/",
+            "http://index.rubygems.org/",
+            "https://index.rubygems.org/",
+        ),
+        index_ttl=300.0,
+    ),
     # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub
     # at /v2/ itself, others at /v2/<registry>/ or by containerd's ?ns=<registry>. The
     # route name is the registry's name. index_ttl is how long a tag is trusted.

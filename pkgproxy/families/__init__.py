@@ -144,6 +144,10 @@ class Decision:
     #: not an index (GOPROXY's "no such version", an answer clients rely on); an
     #: index's is remembered for its ``ttl`` anyway.
     absent_ttl: float | None = None
+    #: A :mod:`hashlib` digest of the body, computed as it is stored, whose quoted hex
+    #: is the stored copy's ETag in place of the upstream's (bundler takes a compact
+    #: index file's ETag for the MD5 of its content and checks its copy against it).
+    etag_digest: str | None = None
 
     @property
     def remembers_absence(self) -> bool:
@@ -237,7 +241,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi
+    from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi, rubygems
 
     return {
         "oci": oci.FAMILY,
@@ -247,6 +251,7 @@ def _families() -> dict[str, Family]:
         "npm": npm.FAMILY,
         "pypi": pypi.FAMILY,
         "go": go.FAMILY,
+        "rubygems": rubygems.FAMILY,
     }
 
 

@@ -693,7 +693,10 @@ class ProxyResource(Resource):
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
         etag = f'"{entry.sha256}"'
-        if entry.etag and ctx.decision.rewrite is None:
+        own = entry.digests.get(ctx.decision.etag_digest or "")
+        if own is not None:
+            etag = f'"{own}"'
+        elif entry.etag and ctx.decision.rewrite is None:
             etag = entry.etag
         self._set_headers(
             req, entry.headers, ctx.decision.response_headers, x_cache, etag, entry.last_modified
@@ -794,6 +797,8 @@ class ProxyResource(Resource):
         headers = {k.decode(): v.decode("latin-1") for k, v in fetch.headers.items()}
         if ctx.decision.rewrite is not None:
             etag = f'"{fetch.sha256}"'  # this is our representation, not the upstream's
+        if ctx.decision.etag_digest is not None:
+            etag = None  # the stored copy's is known once it is complete
         self._set_headers(
             req,
             headers,
