@@ -128,8 +128,14 @@ class RubyGemsProxyTests(SynchronousTestCase):
         longer = VERSIONS + b"fix 1.2.0 def\n"
         self.up.add("/rubygems/versions", longer, etag=b'"upstream-2"')
         self.proxy.clock.advance(61)
-        resp, body = self.proxy.get("/rubygems/versions", {"Range": f"bytes={len(VERSIONS) - 1}-"})
-        self.assertEqual(body, longer[len(VERSIONS) - 1 :])
+        # While it is fetched again a Range gets the whole body, without an ETag (which
+        # bundler takes as "start again"); from the new stored copy, the part.
+        tail = {"Range": f"bytes={len(VERSIONS) - 1}-"}
+        resp, body = self.proxy.get("/rubygems/versions", tail)
+        self.assertEqual((resp.code, body, header(resp, "etag")), (200, longer, None))
+        resp, body = self.proxy.get("/rubygems/versions", tail)
+        self.assertEqual((resp.code, body), (206, longer[len(VERSIONS) - 1 :]))
+        self.assertEqual(header(resp, "etag"), f'"{hashlib.md5(longer).hexdigest()}"')
         self.proxy.clock.advance(61)
         self.up.down = True
         resp, body = self.proxy.get("/rubygems/versions")
@@ -154,3 +160,16 @@ class RubyGemsProxyTests(SynchronousTestCase):
         resp, _ = self.proxy.get("/rubygems/api/v1/dependencies?gems=fix")
         self.assertEqual(resp.code, 404)
         self.assertEqual(self.up.seen, [])
+
+    def test_root_head_stored(self) -> None:
+        """RubyGems' HEAD of the root (is there a compact index?) is fetched as a GET and
+        stored, so that it is answered when the upstream is down."""
+        self.up.add("/rubygems/", b"<html>rubygems</html>")
+        resp, _ = self.proxy.get("/rubygems/", method="HEAD")
+        self.assertEqual(resp.code, 200)
+        self.assertEqual(self.up.count("/rubygems/", b"GET"), 1)
+        self.proxy.clock.advance(61)
+        self.up.down = True
+        resp, _ = self.proxy.get("/rubygems/", method="HEAD")
+        self.assertEqual((resp.code, header(resp, "x-cache")), (200, "STALE"))
+        self.assertEqual(self.up.count("/rubygems/", b"HEAD"), 0)

@@ -148,6 +148,10 @@ class Decision:
     #: is the stored copy's ETag in place of the upstream's (bundler takes a compact
     #: index file's ETag for the MD5 of its content and checks its copy against it).
     etag_digest: str | None = None
+    #: A HEAD with nothing stored fetches and stores the body as a GET would, so that
+    #: later HEADs are answered from the stored copy, stale when the upstream is down
+    #: (RubyGems tells a compact index from a full one by a HEAD of the root).
+    head_fetches: bool = False
 
     @property
     def remembers_absence(self) -> bool:

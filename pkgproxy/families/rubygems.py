@@ -14,8 +14,9 @@ Clients use the route as ``gem sources --add http://cache:3142/rubygems/`` or
   and ``quick/Marshal.4.8/<gem>-<version>.gemspec.rz`` (never change).
 - ``gems/<gem>-<version>[-<platform>].gem`` never changes once pushed: kept forever,
   and stored only if it matches the sha256 of a cached ``info/<gem>`` that lists it.
-- The server root (which RubyGems asks for to tell a compact index from a full one)
-  is an index too, so that the choice holds when the upstream is down.
+- The server root, whose HEAD tells RubyGems whether there is a compact index, is an
+  index too, fetched and stored on a HEAD, so that the answer holds when the upstream
+  is down.
 - ``api/v1/dependencies`` (retired on rubygems.org) is answered 404 here, which sends
   bundler to the compact index; the rest of ``api/`` passes through uncached.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from pkgproxy.families import (
@@ -66,7 +68,9 @@ def classify(
         return Decision(CacheClass.IMMUTABLE).with_expect(known)
     if _GEMSPEC.match(path):
         return Decision(CacheClass.IMMUTABLE)
-    if path in ("", "versions", "names") or _INFO.match(path) or _FULL_INDEX.match(path):
+    if path == "":
+        return replace(_index(route), head_fetches=True)
+    if path in ("versions", "names") or _INFO.match(path) or _FULL_INDEX.match(path):
         return _index(route)
     if _DEPENDENCIES.match(path):
         return Decision(

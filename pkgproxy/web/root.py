@@ -465,7 +465,12 @@ class ProxyResource(Resource):
         if fetch is None and self._store.disk_trouble() and decision.rewrite is None:
             self._relay_direct(ctx, entry if decision.cache_class is not CacheClass.PASS else None)
             return
-        if fetch is None and entry is None and req.method == b"HEAD" and not decision.rewrite:
+        if (
+            fetch is None
+            and entry is None
+            and req.method == b"HEAD"
+            and not (decision.rewrite or decision.head_fetches)
+        ):
             # (A rewritten document's headers are its own: a HEAD fetches it like a GET.)
             self._head_upstream(ctx)
             return
@@ -797,8 +802,11 @@ class ProxyResource(Resource):
         headers = {k.decode(): v.decode("latin-1") for k, v in fetch.headers.items()}
         if ctx.decision.rewrite is not None:
             etag = f'"{fetch.sha256}"'  # this is our representation, not the upstream's
+        # A part is sent only with the ETag it belongs to; a body whose own ETag is
+        # known once it is complete goes out whole, without one.
+        ranges = fetch.length is not None and ctx.decision.etag_digest is None
         if ctx.decision.etag_digest is not None:
-            etag = None  # the stored copy's is known once it is complete
+            etag = None
         self._set_headers(
             req,
             headers,
@@ -806,7 +814,7 @@ class ProxyResource(Resource):
             x_cache,
             etag,
             lm,
-            ranges=fetch.length is not None,
+            ranges=ranges,
         )
         if etag is not None and self._not_modified(req, etag, lm):
             # The client's copy is current even though the cache had to fetch (an
@@ -816,7 +824,8 @@ class ProxyResource(Resource):
             req.finish()
             return
         start, end = 0, fetch.length
-        if fetch.length is not None:
+        if ranges:
+            assert fetch.length is not None
             span = self._range(req, fetch.length, etag, lm)
             if span is None:
                 file.release()
