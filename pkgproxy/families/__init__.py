@@ -199,6 +199,16 @@ class Facts:
         return len(self._known)
 
 
+def listed(facts: Facts | None, route: Route, path: str) -> Expect | None:
+    """What a cached index said of the file at ``path`` of ``route``, if one did."""
+    return facts.get(route.upstream + path) if facts is not None else None
+
+
+def upstream_base(url: str, path: str) -> str | None:
+    """The route's upstream base, from an index's path below it and its upstream URL."""
+    return url[: len(url) - len(path)] if url.endswith(path) else None
+
+
 def _never(path: str) -> bool:
     return False
 

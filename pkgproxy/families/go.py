@@ -34,6 +34,8 @@ from pkgproxy.families import (
     Family,
     LocalAnswer,
     Request,
+    listed,
+    upstream_base,
 )
 
 if TYPE_CHECKING:
@@ -87,8 +89,8 @@ def classify(
         if not _CANONICAL.match(m["version"]):
             # A query (a branch, a commit) the upstream resolves: its answer moves.
             return Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
-        known = facts.get(route.upstream + path) if facts is not None else None
-        return Decision(CacheClass.IMMUTABLE, absent_ttl=route.index_ttl).with_expect(known)
+        decision = Decision(CacheClass.IMMUTABLE, absent_ttl=route.index_ttl)
+        return decision.with_expect(listed(facts, route, path))
     if _INDEX.match(path):
         return Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
     return _not_found(
@@ -119,9 +121,9 @@ def parse_lookup(text: str) -> list[tuple[str, str, bool, str]]:
 
 def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     """The expected ``h1:`` of the ``.zip`` and ``.mod`` a lookup names (disk pool)."""
-    if not url.endswith(path):
+    base = upstream_base(url, path)
+    if base is None:
         return []
-    base = url[: len(url) - len(path)]
     with open(local_file, "rb") as f:
         text = f.read(64 * 1024).decode("utf-8", "replace")
     out = []

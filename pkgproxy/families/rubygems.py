@@ -36,6 +36,8 @@ from pkgproxy.families import (
     Family,
     LocalAnswer,
     Request,
+    listed,
+    upstream_base,
 )
 
 if TYPE_CHECKING:
@@ -64,8 +66,7 @@ def classify(
 ) -> Decision:
     """Classify ``path`` (below the repository root) of a RubyGems route."""
     if _GEM.match(path):
-        known = facts.get(route.upstream + path) if facts is not None else None
-        return Decision(CacheClass.IMMUTABLE).with_expect(known)
+        return Decision(CacheClass.IMMUTABLE).with_expect(listed(facts, route, path))
     if _GEMSPEC.match(path):
         return Decision(CacheClass.IMMUTABLE)
     if path == "":
@@ -103,9 +104,9 @@ def parse_info(name: str, lines: Iterable[str]) -> list[tuple[str, str]]:
 def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     """The sha256 each ``.gem`` an info file lists must have (in the disk pool)."""
     m = _INFO.match(path)
-    if m is None or not url.endswith(path):
+    base = upstream_base(url, path)
+    if m is None or base is None:
         return []
-    base = url[: len(url) - len(path)]
     with open(local_file, encoding="utf-8", errors="replace") as f:
         return [
             (f"{base}gems/{file}", Expect(None, {"sha256": sha}))
