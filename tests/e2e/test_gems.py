@@ -145,9 +145,10 @@ class GemsThroughPkgproxyTests(TestCase):
         self._gem_installs(APP.name, APP.version)
         self.assertEqual(self._upstream_gets(f"/gems/{DEP.filename}"), 1)
 
-        # A new version, published by appending to versions.
-        gemrepo.write_repo(self.root, [APP, DEP, DEP_NEXT])
+        # A new version, published by appending to versions, once the indexes are past
+        # their TTL (and a second later: the upstream's Last-Modified has 1 s steps).
         time.sleep(1.2)
+        gemrepo.write_repo(self.root, [APP, DEP, DEP_NEXT])
         self._gem_installs(DEP.name, DEP_NEXT.version)
         self.run_tool(["bundle", "update", DEP.name], bundle_home)
         self.assertIn(f"{DEP.name} ({DEP_NEXT.version})", self._locked())
@@ -175,6 +176,11 @@ class GemsThroughPkgproxyTests(TestCase):
         result = self.run_tool(["gem", "install", "--no-document", DEP.name], ok=False)
         self.assertNotEqual(result.returncode, 0, result.stdout)
         self.assertIn("sha256 mismatch", self.proxy.logs())
+        # The metrics count the refusal under the family.
+        metrics = self.proxy.metrics().decode()
+        self.assertRegex(
+            metrics, r'pkgproxy_verification_failures_total{[^}]*family="rubygems"[^}]*} [1-9]'
+        )
         self.assertEqual(_get(self.proxy.port, f"/rubygems/gems/{DEP.filename}"), 0)
         with open(path, "wb") as f:
             f.write(DEP.gem)
