@@ -185,3 +185,20 @@ class GemsThroughPkgproxyTests(TestCase):
         with open(path, "wb") as f:
             f.write(DEP.gem)
         self._gem_installs(DEP.name, DEP.version)
+
+    def test_full_index_only(self) -> None:
+        """A mirror made with ``gem generate_index`` alone: bundler finds no compact index
+        and no dependency API, and installs from specs.4.8.gz and quick/Marshal.4.8
+        through pkgproxy; then again with the mirror stopped."""
+        root = os.path.abspath(self.mktemp())
+        gemrepo.write_repo(root, [APP, DEP], compact=False)
+        self.upstream.stop()
+        self.upstream = start_static_server(self, root, port=self.upstream.port)
+        self.run_tool(["bundle", "install"])
+        self.assertIn(f"{DEP.name} ({DEP.version})", self._locked())
+        log = self.proxy.logs()
+        self.assertRegex(log, r'"GET /rubygems/api/v1/dependencies[^"]*" 404 ')
+        self.assertRegex(log, r'"GET /rubygems/specs.4.8.gz" 200 ')
+        self.upstream.stop()
+        time.sleep(1.2)
+        self.run_tool(["bundle", "install"])

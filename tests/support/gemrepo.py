@@ -88,17 +88,24 @@ def info(versions: Iterable[GemFixture]) -> bytes:
     return ("---\n" + "".join(g.info_line() for g in versions)).encode()
 
 
-def write_repo(root: str, gems: Iterable[GemFixture]) -> None:
+def write_repo(root: str, gems: Iterable[GemFixture], compact: bool = True) -> None:
     """Write (or bring up to date) a repository of ``gems`` below ``root``.
 
     ``versions`` is appended to, as rubygems.org does between its rebuilds: a line for
     each gem whose versions changed, naming only the new versions and the MD5 of the
-    gem's new info file.
+    gem's new info file. Without ``compact``, only what ``gem generate_index`` makes.
     """
     by_name: dict[str, list[GemFixture]] = {}
     for g in gems:
         by_name.setdefault(g.name, []).append(g)
     os.makedirs(os.path.join(root, "gems"), exist_ok=True)
+    if not compact:
+        for g in by_name.values():
+            for item in g:
+                with open(os.path.join(root, "gems", item.filename), "wb") as f:
+                    f.write(item.gem)
+        _generate_index(root)
+        return
     os.makedirs(os.path.join(root, "info"), exist_ok=True)
     versions_path = os.path.join(root, "versions")
     if os.path.exists(versions_path):
@@ -128,6 +135,11 @@ def write_repo(root: str, gems: Iterable[GemFixture]) -> None:
         f.write(versions)
     with open(os.path.join(root, "names"), "wb") as f:
         f.write(("---\n" + "".join(f"{n}\n" for n in sorted(by_name))).encode())
+    _generate_index(root)
+
+
+def _generate_index(root: str) -> None:
+    """The full index of the gems in ``root``/gems, by RubyGems itself."""
     subprocess.run(
         ["gem", "generate_index", "--directory", root],
         env=clean_env(),
