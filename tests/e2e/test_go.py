@@ -41,6 +41,36 @@ func main() { fmt.Println(lib.Name(), "/", upper.Name()) }
 """
 
 
+#: Writes a zip of (name, file) argument pairs to stdout with archive/zip's Create.
+ZIPPER = """package main
+
+import (
+	"archive/zip"
+	"os"
+)
+
+func main() {
+	w := zip.NewWriter(os.Stdout)
+	for i := 1; i+1 < len(os.Args); i += 2 {
+		f, err := w.Create(os.Args[i])
+		if err != nil {
+			panic(err)
+		}
+		data, err := os.ReadFile(os.Args[i+1])
+		if err != nil {
+			panic(err)
+		}
+		if _, err := f.Write(data); err != nil {
+			panic(err)
+		}
+	}
+	if err := w.Close(); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
 def _get(port: int, path: str) -> tuple[int, str | None, bytes]:
     """Status, X-Cache and body of a GET; status 0 for a connection cut before the end.
 
@@ -183,6 +213,28 @@ class GoThroughPkgproxyTests(TestCase):
         missing = self.go("mod", "download", f"{LIB.path}@v9.0.0", ok=False)
         self.assertNotEqual(missing.returncode, 0)
 
+    def _go_zip(self, files: dict[str, bytes]) -> bytes:
+        """A zip of ``files`` made by Go's archive/zip."""
+        src = os.path.join(self.work, "zipper")
+        os.makedirs(src)
+        argv = []
+        for i, (name, data) in enumerate(files.items()):
+            with open(os.path.join(src, f"member{i}"), "wb") as f:
+                f.write(data)
+            argv += [name, os.path.join(src, f"member{i}")]
+        with open(os.path.join(src, "zipper.go"), "w") as f:
+            f.write(ZIPPER)
+        out = subprocess.run(
+            ["go", "run", "zipper.go", *argv],
+            cwd=src,
+            env=self._env(),
+            capture_output=True,
+            timeout=GO_TIMEOUT,
+        )
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertEqual(out.stdout[6:8], b"\x08\x00")  # the data descriptor flag
+        return out.stdout
+
     def test_corrupt_zip_refused_when_hash_known(self) -> None:
         """Once a checksum database lookup through pkgproxy gave a version's h1:, a zip
         that does not match it never reaches go complete, and is not kept."""
@@ -210,9 +262,11 @@ class GoThroughPkgproxyTests(TestCase):
         self.assertEqual(_get(self.proxy.port, f"/go/{UPPER.base()}.zip")[0], 0)
         self.assertEqual(self._upstream_gets(f"/{UPPER.base()}.zip"), before + 1)
 
-        # The upstream repaired: the right zip is fetched, checked, kept.
+        # The upstream repaired, with a zip written by Go's own archive/zip (deflated,
+        # each member's sizes in a data descriptor after it, as proxy.golang.org's):
+        # fetched, its hash computed as it streams, checked, kept.
         with open(os.path.join(self.root, UPPER.base() + ".zip"), "wb") as f:
-            f.write(UPPER.zip)
+            f.write(self._go_zip(UPPER.files))
         result = self.go("mod", "download", "-json", f"{UPPER.path}@{UPPER.version}")
         self.assertIn(UPPER.h1, result.stdout)
         self.assertEqual(_get(self.proxy.port, f"/go/{UPPER.base()}.zip")[:2], (200, "HIT"))
