@@ -9,8 +9,8 @@ ends up in the file. The paths come from the built-in routes, or from the server
 configuration file with ``--config`` when its routes were renamed or moved.
 
 Tools: ``apt`` (HTTP proxy: the sources stay as they are), ``apt-sources`` (deb822 sources
-through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``docker`` (Docker Hub mirror),
-``containerd`` (``hosts.toml`` of one registry) and ``all``.
+through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``go``, ``gem``, ``bundler``,
+``docker`` (Docker Hub mirror), ``containerd`` (``hosts.toml`` of one registry) and ``all``.
 
 ``pkgproxy-config ca`` prints pkgproxy's CA certificate (for TLS interception), fetched
 from a running server or read from its cache directory, for the clients to install.
@@ -190,6 +190,33 @@ def npm(t: Target) -> Snippet:
     return Snippet("~/.npmrc", text, "or the project's .npmrc, or /etc/npmrc")
 
 
+def go(t: Target) -> Snippet:
+    """Go's module proxy; the checksum database is reached through it as well."""
+    text = _comment("#", t) + f"GOPROXY={t.url('go')},direct\n"
+    return Snippet(
+        "~/.config/go/env",
+        text,
+        "the file `go env GOENV` names; or GOPROXY=... in the environment",
+    )
+
+
+def gem(t: Target) -> Snippet:
+    """RubyGems' ``gem``: the route as its only source."""
+    text = _comment("#", t) + f"---\n:sources:\n- {t.url('rubygems')}\n"
+    return Snippet("~/.gemrc", text, "or /etc/gemrc, or GEMRC=<file>")
+
+
+def bundler(t: Target) -> Snippet:
+    """bundler: the route as a mirror of rubygems.org, Gemfiles left as they are."""
+    text = _comment("#", t) + f'---\nBUNDLE_MIRROR__HTTPS://RUBYGEMS__ORG/: "{t.url("rubygems")}"\n'
+    return Snippet(
+        "~/.bundle/config",
+        text,
+        "merge into an existing file; the same as "
+        "`bundle config set --global mirror.https://rubygems.org <url>`",
+    )
+
+
 def docker(t: Target) -> Snippet:
     """Docker Engine's Hub mirror (the daemon mirrors nothing but Docker Hub)."""
     t.url("docker.io")  # the route must exist, at the root's /v2/
@@ -237,6 +264,9 @@ TOOLS: dict[str, Callable[[Target], Snippet]] = {
     "pip": pip,
     "uv": uv,
     "npm": npm,
+    "go": go,
+    "gem": gem,
+    "bundler": bundler,
     "docker": docker,
     "containerd": containerd,
 }

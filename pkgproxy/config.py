@@ -332,6 +332,32 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         ),
         index_ttl=600.0,
     ),
+    # Go modules and RubyGems: released versions never change; module lists, @latest
+    # and the gem indexes revalidate after 5 minutes.
+    Route(
+        name="go",
+        family="go",
+        prefix="/go/",
+        upstream="https://proxy.golang.org/",
+        forward=(
+            "http://proxy.golang.org/",
+            "https://proxy.golang.org/",
+        ),
+        index_ttl=300.0,
+    ),
+    Route(
+        name="rubygems",
+        family="rubygems",
+        prefix="/rubygems/",
+        upstream="https://rubygems.org/",
+        forward=(
+            "http://rubygems.org/",
+            "https://rubygems.org/",
+            "http://index.rubygems.org/",
+            "https://index.rubygems.org/",
+        ),
+        index_ttl=300.0,
+    ),
     # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub
     # at /v2/ itself, others at /v2/<registry>/ or by containerd's ?ns=<registry>. The
     # route name is the registry's name. index_ttl is how long a tag is trusted.

@@ -140,6 +140,23 @@ class Decision:
     version_of: Callable[[bytes], float | None] | None = None
     #: Store under this route name instead of the request's (content shared by routes).
     key_scope: str | None = None
+    #: Seconds an upstream 404 or 410 for this path is remembered, for a path that is
+    #: not an index (GOPROXY's "no such version", an answer clients rely on); an
+    #: index's is remembered for its ``ttl`` anyway.
+    absent_ttl: float | None = None
+    #: A :mod:`hashlib` digest of the body, computed as it is stored, whose quoted hex
+    #: is the stored copy's ETag in place of the upstream's (bundler takes a compact
+    #: index file's ETag for the MD5 of its content and checks its copy against it).
+    etag_digest: str | None = None
+    #: A HEAD with nothing stored fetches and stores the body as a GET would, so that
+    #: later HEADs are answered from the stored copy, stale when the upstream is down
+    #: (RubyGems tells a compact index from a full one by a HEAD of the root).
+    head_fetches: bool = False
+
+    @property
+    def remembers_absence(self) -> bool:
+        """Whether an upstream 404 or 410 for this path is remembered for a while."""
+        return self.cache_class is CacheClass.MUTABLE or self.absent_ttl is not None
 
     def with_expect(self, expect: Expect | None) -> Decision:
         """This decision, also checking what an index said."""
@@ -180,6 +197,16 @@ class Facts:
 
     def __len__(self) -> int:
         return len(self._known)
+
+
+def listed(facts: Facts | None, route: Route, path: str) -> Expect | None:
+    """What a cached index said of the file at ``path`` of ``route``, if one did."""
+    return facts.get(route.upstream + path) if facts is not None else None
+
+
+def upstream_base(url: str, path: str) -> str | None:
+    """The route's upstream base, from an index's path below it and its upstream URL."""
+    return url[: len(url) - len(path)] if url.endswith(path) else None
 
 
 def _never(path: str) -> bool:
@@ -228,7 +255,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic, npm, oci, pypi
+    from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi, rubygems
 
     return {
         "oci": oci.FAMILY,
@@ -237,6 +264,8 @@ def _families() -> dict[str, Family]:
         "generic": generic.FAMILY,
         "npm": npm.FAMILY,
         "pypi": pypi.FAMILY,
+        "go": go.FAMILY,
+        "rubygems": rubygems.FAMILY,
     }
 
 

@@ -379,6 +379,8 @@ class Fetch:
 
     def _start_body(self, resp: UpstreamResponse) -> None:
         algos = {"sha256", *self._expected}
+        if self.request.decision.etag_digest is not None:
+            algos.add(self.request.decision.etag_digest)
         self._hashers = {a: new_hasher(a) for a in algos}
         self.state = State.STREAMING
         if self.request.decision.rewrite is None and not self._compares_versions:

@@ -442,7 +442,7 @@ class ProxyResource(Resource):
             ):
                 self._serve_entry(ctx, entry, b"HIT")
                 return
-        if entry is None and decision.cache_class is CacheClass.MUTABLE:
+        if entry is None and decision.remembers_absence:
             absent = self._negative.get(ctx.key, now)
             if absent is not None and not (
                 wants_check and now - absent.fetched >= self._revalidate_window
@@ -465,7 +465,12 @@ class ProxyResource(Resource):
         if fetch is None and self._store.disk_trouble() and decision.rewrite is None:
             self._relay_direct(ctx, entry if decision.cache_class is not CacheClass.PASS else None)
             return
-        if fetch is None and entry is None and req.method == b"HEAD" and not decision.rewrite:
+        if (
+            fetch is None
+            and entry is None
+            and req.method == b"HEAD"
+            and not (decision.rewrite or decision.head_fetches)
+        ):
             # (A rewritten document's headers are its own: a HEAD fetches it like a GET.)
             self._head_upstream(ctx)
             return
@@ -622,14 +627,16 @@ class ProxyResource(Resource):
             if stale is not None and fetch.status >= 500:
                 self._serve_stale(ctx, stale, f"upstream answered {fetch.status}")
             else:
-                if fetch.status in (404, 410) and ctx.decision.cache_class is CacheClass.MUTABLE:
+                if fetch.status in (404, 410) and ctx.decision.remembers_absence:
                     self._negative.put(
                         ctx.key,
                         fetch.status,
                         fetch.headers,
                         fetch.error_body,
                         fetch.answered_at,
-                        ctx.decision.ttl,
+                        ctx.decision.absent_ttl
+                        if ctx.decision.absent_ttl is not None
+                        else ctx.decision.ttl,
                     )
                 self._send_small(ctx, fetch.status, fetch.headers, fetch.error_body, b"MISS")
         else:
@@ -691,7 +698,10 @@ class ProxyResource(Resource):
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
         etag = f'"{entry.sha256}"'
-        if entry.etag and ctx.decision.rewrite is None:
+        own = entry.digests.get(ctx.decision.etag_digest or "")
+        if own is not None:
+            etag = f'"{own}"'
+        elif entry.etag and ctx.decision.rewrite is None:
             etag = entry.etag
         self._set_headers(
             req, entry.headers, ctx.decision.response_headers, x_cache, etag, entry.last_modified
@@ -792,6 +802,11 @@ class ProxyResource(Resource):
         headers = {k.decode(): v.decode("latin-1") for k, v in fetch.headers.items()}
         if ctx.decision.rewrite is not None:
             etag = f'"{fetch.sha256}"'  # this is our representation, not the upstream's
+        # A part is sent only with the ETag it belongs to; a body whose own ETag is
+        # known once it is complete goes out whole, without one.
+        ranges = fetch.length is not None and ctx.decision.etag_digest is None
+        if ctx.decision.etag_digest is not None:
+            etag = None
         self._set_headers(
             req,
             headers,
@@ -799,7 +814,7 @@ class ProxyResource(Resource):
             x_cache,
             etag,
             lm,
-            ranges=fetch.length is not None,
+            ranges=ranges,
         )
         if etag is not None and self._not_modified(req, etag, lm):
             # The client's copy is current even though the cache had to fetch (an
@@ -809,7 +824,8 @@ class ProxyResource(Resource):
             req.finish()
             return
         start, end = 0, fetch.length
-        if fetch.length is not None:
+        if ranges:
+            assert fetch.length is not None
             span = self._range(req, fetch.length, etag, lm)
             if span is None:
                 file.release()

@@ -235,8 +235,8 @@ class PkgProxy(ServerProcess):
             f"--- pkgproxy stdout/stderr {self.stdio_path} ---\n{tail(self.stdio_path, 4000)}"
         )
 
-    def cache_entries(self) -> int:
-        """Complete entries in the cache, from the server's own metrics."""
+    def metrics(self) -> bytes:
+        """The server's Prometheus text (``/_pkgproxy/metrics``)."""
         conn = http.client.HTTPConnection(HOST, self.port, timeout=10)
         try:
             conn.request("GET", "/_pkgproxy/metrics")
@@ -245,6 +245,11 @@ class PkgProxy(ServerProcess):
         finally:
             conn.close()
         assert resp.status == 200, body
+        return body
+
+    def cache_entries(self) -> int:
+        """Complete entries in the cache, from the server's own metrics."""
+        body = self.metrics()
         found = re.search(rb"^pkgproxy_cache_entries ([0-9.e+]+)$", body, re.M)
         assert found is not None, body
         return int(float(found.group(1)))
