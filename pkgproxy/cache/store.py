@@ -267,7 +267,7 @@ class CacheStore(Service):
         error = f.value
         why = os_reason(error) if isinstance(error, OSError) else str(error)
         self.failure = f"cache directory {self.directory}: {why}"
-        log.critical("{failure}", failure=self.failure)
+        log.critical("{problem}", problem=self.failure)
         waiters, self._failed_waiters = self._failed_waiters, []
         for d in waiters:
             d.callback(self.failure)
@@ -290,7 +290,7 @@ class CacheStore(Service):
         def checked(problem: str | None) -> None:
             if problem != self.failure:
                 if problem is not None:
-                    log.critical("{failure}", failure=problem)
+                    log.critical("{problem}", problem=problem)
                 else:
                     log.info("cache directory {dir} is usable again", dir=self.directory)
             self.failure = problem
