@@ -339,6 +339,31 @@ class UnusableCacheTests(TestCase):
             self.addCleanup(os.chmod, os.path.join(path, sub), 0o755)
         self._assert_refused(path, "permission denied", WITHOUT_DAC)
 
+    def test_not_writable_by_the_user_twistd_switches_to(self) -> None:
+        """``twistd --uid``: checked as root, the cache is opened as another user, who
+        cannot write it; recovery fails while running, and that stops pkgproxy in one
+        line too (exit 1), instead of leaving a server that answers 503 for ever."""
+        path = os.path.join(self.work, "cache")
+        os.makedirs(path)
+        args = ["--cache-dir", path, "--listen", f"tcp:{free_port()}:interface={HOST}"]
+        argv = _twistd_prefix(os.path.join(self.work, "twistd.log"))
+        at = argv.index("pkgproxy")
+        wrapper_argv = [*argv[:at], "--uid=65534", "--gid=65534", *argv[at:], *args]
+        started = time.monotonic()
+        result = subprocess.run(
+            wrapper_argv,
+            cwd=self.work,
+            env=_child_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
+        line = _assert_one_line(self, result, args, os.path.join(self.work, "twistd.log"))
+        self.assertEqual(result.returncode, 1, line)
+        self.assertLess(time.monotonic() - started, QUICK, line)
+        self.assertTrue(line.startswith(f"pkgproxy: cache directory {path}: "), line)
+
     def test_read_only_file_system(self) -> None:
         """The cache directory is a read-only mount (in a mount namespace of its own)."""
         path = os.path.join(self.work, "cache")
