@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 
@@ -207,3 +208,15 @@ class DirectoryTests(SynchronousTestCase):
         os.rename(self.dir + ".gone", self.dir)
         self.clock.advance(5)
         self.assertIsNone(store.failure)
+
+    def test_full_disk_is_usable(self) -> None:
+        """A full disk is not a failed cache: misses are relayed until there is room."""
+        real_open = os.open
+
+        def full(path: str, flags: int, mode: int = 0o777) -> int:
+            if ".probe-" in path:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            return real_open(path, flags, mode)
+
+        self.patch(os, "open", full)
+        self.assertIsNone(directory_problem(self.dir, create=True))

@@ -16,6 +16,7 @@ so a hit costs no database access; access times reach the database in batches.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -44,8 +45,9 @@ def directory_problem(directory: str, create: bool = False) -> str | None:
 
     It must be a directory with ``data/`` and ``tmp/`` (made here with ``create``: at
     start, never later, when a missing directory means a disk that went away), on a
-    writable file system, and a file must be creatable in ``tmp/``. Blocking: call it
-    before the reactor runs, or in the disk pool.
+    writable file system, a file must be creatable in ``tmp/`` (a full disk passes),
+    and an existing index must be a database. Blocking: call it before the reactor
+    runs, or in the disk pool.
     """
     data = os.path.join(directory, "data")
     tmp = os.path.join(directory, "tmp")
@@ -61,8 +63,14 @@ def directory_problem(directory: str, create: bool = False) -> str | None:
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
             return f"cache directory {directory}: read-only file system"
         probe = os.path.join(tmp, f".probe-{os.getpid()}")
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-        os.unlink(probe)
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            # A full disk is not an unusable cache: hits are served and misses relayed
+            # until there is room again (see CacheStore.disk_error).
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
         index = os.path.join(directory, "index.sqlite")
         if create and os.path.exists(index):
             db = sqlite3.connect(index)
