@@ -23,6 +23,7 @@ from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LegacyLogObserverWrapper,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
 )
@@ -47,6 +48,8 @@ from pkgproxy.upstream.client import UpstreamService, require_service_identity, 
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import ProxySite
 from pkgproxy.web.tunnel import Connector
+
+log = Logger()
 
 #: Exit status of a bad option or configuration value (argparse's).
 USAGE_ERROR = 2
@@ -347,5 +350,19 @@ def makeService(options: Options) -> IService:
     if problem is not None:
         fail(problem, 1)
     raise_open_file_limit()
-
+    reactor.callWhenRunning(log_summary, options.config)
     return build_service(options.config, reactor)
+
+
+def log_summary(cfg: Config) -> None:
+    """One line at start with what an operator checks first: where, which cache, routes."""
+    from pkgproxy.admin.status import human_bytes
+
+    log.info(
+        "pkgproxy {version}: listening on {listen}; cache {dir} up to {size}; routes {routes}",
+        version=__version__,
+        listen=", ".join(cfg.listen),
+        dir=os.path.abspath(cfg.cache.dir),
+        size=human_bytes(cfg.cache.max_size),
+        routes=", ".join(r.name for r in cfg.enabled_routes()),
+    )

@@ -470,6 +470,8 @@ class LogLevelTests(TestCase):
     def test_default_hides_debug(self) -> None:
         text = self._learn_once()
         self.assertIn('"GET /npm/x" 200', text)  # access lines stay
+        self.assertIn("[pkgproxy.tap#info] pkgproxy ", text)  # and the summary at start
+        self.assertIn("routes ", text)
         self.assertNotIn("#debug]", text)
         self.assertNotIn(" entries from ", text)
 
