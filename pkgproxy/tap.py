@@ -234,10 +234,15 @@ class Options(usage.Options):
         self.config = cfg
 
 
-def build_service(cfg: Config, reactor: Any) -> MultiService:
+def build_service(
+    cfg: Config, reactor: Any, on_cache_failed: Callable[[str], object] | None = None
+) -> MultiService:
     """The service tree: disk pool, cache, upstream pool, then the listeners.
 
     Listeners are added last so that they stop first on shutdown.
+
+    :param on_cache_failed: called with the one-line reason if the cache's recovery at
+        start fails (twistd's process then stops: see :func:`makeService`).
     """
     from pkgproxy.cache.store import CacheStore
 
@@ -254,7 +259,8 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         disk_retry_after=cfg.cache.disk_retry_after,
     )
     store.setServiceParent(top)
-    store.when_failed().addCallback(lambda why: stop_failed(reactor, why))
+    if on_cache_failed is not None:
+        store.when_failed().addCallback(on_cache_failed)
     upstream = UpstreamService(
         reactor,
         cfg.upstream,
@@ -351,7 +357,7 @@ def makeService(options: Options) -> IService:
         fail(problem, 1)
     raise_open_file_limit()
     reactor.callWhenRunning(log_summary, options.config)
-    return build_service(options.config, reactor)
+    return build_service(options.config, reactor, lambda why: stop_failed(reactor, why))
 
 
 def log_summary(cfg: Config) -> None:
