@@ -1,16 +1,32 @@
 """``twistd pkgproxy``: command-line options and the service tree.
 
-The only module that touches the global reactor: everything below receives it.
+The only module that touches the global reactor (and the other process-wide state:
+stderr, the exit status, twistd's log observer): everything below receives it.
+
+Whatever stops pkgproxy from starting is one line on stderr, ``pkgproxy: <reason>``:
+a bad option or configuration value exits with status 2 (as argparse does), a cache
+directory or a port it cannot use with status 1.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from types import TracebackType
+from typing import Any, NoReturn
 
-from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LegacyLogObserverWrapper,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+)
 from twisted.python import usage
 
 from pkgproxy import __version__
@@ -21,12 +37,95 @@ from pkgproxy.families import Facts
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.gcpolicy import HeapFreeze
 from pkgproxy.learning import Learner
-from pkgproxy.service import OrderedMultiService
+from pkgproxy.service import (
+    Listener,
+    OrderedMultiService,
+    StartupError,
+    kernel_backlog_limit,
+)
 from pkgproxy.tlsca import CAError, CertificateAuthority
 from pkgproxy.upstream.client import UpstreamService, require_service_identity, route_ca_files
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import ProxySite
 from pkgproxy.web.tunnel import Connector
+
+log = Logger()
+
+#: Exit status of a bad option or configuration value (argparse's).
+USAGE_ERROR = 2
+#: ``--log-level`` names; ``info`` shows what an operator acts on (start, the cache
+#: summary, warnings, access lines), ``debug`` adds what pkgproxy learns from indexes.
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def fail(message: str, status: int) -> NoReturn:
+    """Print ``pkgproxy: message`` on the process's own stderr and exit with ``status``.
+
+    ``sys.__stderr__``: once twistd's logging has begun, ``sys.stderr`` goes to the log.
+    """
+    stderr = sys.__stderr__ or sys.stderr
+    stderr.write(f"pkgproxy: {message}\n")
+    stderr.flush()
+    raise SystemExit(status)
+
+
+def _startup_excepthook(
+    previous: Callable[[type[BaseException], BaseException, TracebackType | None], Any],
+) -> Callable[[type[BaseException], BaseException, TracebackType | None], Any]:
+    """An excepthook that prints a :class:`StartupError` as its one line.
+
+    A listener that cannot listen raises while twistd starts the services; twistd
+    removes its pid file and lets the exception end the process (status 1), and this
+    prints it instead of a traceback.
+    """
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> Any:
+        if isinstance(value, StartupError):
+            stderr = sys.__stderr__ or sys.stderr
+            stderr.write(f"pkgproxy: {value}\n")
+            stderr.flush()
+            return None
+        return previous(kind, value, tb)
+
+    return hook
+
+
+def stop_failed(reactor: Any, message: str) -> None:
+    """A fatal error once running (the cache failed its recovery): one line, status 1.
+
+    twistd has no exit status of its own: the reactor stops (services flush and close),
+    twistd removes its pid file, and the exit status is set at interpreter exit.
+    """
+    stderr = sys.__stderr__ or sys.stderr
+    stderr.write(f"pkgproxy: {message}\n")
+    stderr.flush()
+    atexit.register(os._exit, 1)
+    if reactor.running:
+        reactor.stop()
+
+
+class _LogSetup:
+    """The level for twistd's log observer, set by ``--log-level`` (see :func:`log_observer`).
+
+    twistd builds its observer after the options are parsed, from a ``--logger`` name;
+    pkgproxy names :func:`log_observer` there unless the operator named another.
+    """
+
+    level = LogLevel.info
+    options: Any = None
+
+
+def log_observer() -> ILogObserver:
+    """twistd's usual log observer (file, stdout or syslog), showing ``--log-level`` and up."""
+    from twisted.scripts import twistd
+
+    runner: Any = getattr(twistd, "_SomeApplicationRunner")  # noqa: B009
+    observer: Any = runner.loggerFactory(_LogSetup.options)._getLogObserver()
+    if not ILogObserver.providedBy(observer):
+        observer = LegacyLogObserverWrapper(observer)
+    return FilteringLogObserver(
+        observer, [LogLevelFilterPredicate(defaultLogLevel=_LogSetup.level)]
+    )
 
 
 class Options(usage.Options):
@@ -42,6 +141,13 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (see etc/pkgproxy.toml)."],
         ["cache-dir", "d", None, "Cache directory (overrides cache.dir)."],
         ["max-size", "m", None, "Cache size budget, e.g. 10GiB (overrides cache.max_size)."],
+        [
+            "log-level",
+            None,
+            "info",
+            "Lowest level logged: debug, info, warn, error or critical. debug adds what "
+            "pkgproxy learns from every index.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -57,7 +163,31 @@ class Options(usage.Options):
         print(f"pkgproxy {__version__}")
         raise SystemExit(0)
 
+    def parseOptions(self, options: Any = None) -> None:
+        """Parse. Under twistd, an error is one line on stderr and exit status 2.
+
+        (twistd itself would print its usage text on stdout, then the error, and exit 1.)
+        Without twistd (``parent``), the :class:`usage.UsageError` is raised as usual.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is None:
+                raise
+            fail(str(e), USAGE_ERROR)
+
     def postOptions(self) -> None:
+        level = str(self["log-level"]).lower()
+        if level not in LOG_LEVELS:
+            raise usage.UsageError(
+                f"--log-level: {self['log-level']!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        parent = getattr(self, "parent", None)
+        if parent is not None and not parent.get("logger"):
+            # twistd turns this name into its log observer after all options are parsed.
+            _LogSetup.level = LogLevel.levelWithName(level)
+            _LogSetup.options = parent
+            parent["logger"] = f"{__name__}.log_observer"
         try:
             cfg = load_config(self["config"])
             if self["cache-dir"]:
@@ -80,8 +210,6 @@ class Options(usage.Options):
             port = getattr(endpoint, "_port", None)
             if isinstance(port, int) and not 0 <= port <= 65535:
                 raise usage.UsageError(f"listen: bad description {desc!r}: port must be 0-65535")
-        if os.path.exists(cfg.cache.dir) and not os.path.isdir(cfg.cache.dir):
-            raise usage.UsageError(f"cache.dir: {cfg.cache.dir} exists and is not a directory")
         if cfg.access_log.enabled and cfg.access_log.file is not None:
             try:
                 os.close(
@@ -106,10 +234,15 @@ class Options(usage.Options):
         self.config = cfg
 
 
-def build_service(cfg: Config, reactor: Any) -> MultiService:
+def build_service(
+    cfg: Config, reactor: Any, on_cache_failed: Callable[[str], object] | None = None
+) -> MultiService:
     """The service tree: disk pool, cache, upstream pool, then the listeners.
 
     Listeners are added last so that they stop first on shutdown.
+
+    :param on_cache_failed: called with the one-line reason if the cache's recovery at
+        start fails (twistd's process then stops: see :func:`makeService`).
     """
     from pkgproxy.cache.store import CacheStore
 
@@ -126,6 +259,8 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
         disk_retry_after=cfg.cache.disk_retry_after,
     )
     store.setServiceParent(top)
+    if on_cache_failed is not None:
+        store.when_failed().addCallback(on_cache_failed)
     upstream = UpstreamService(
         reactor,
         cfg.upstream,
@@ -165,8 +300,9 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     site.timeOut = cfg.limits.client_idle_timeout
     site.max_header_bytes = cfg.limits.max_header_bytes
     site.max_headers = cfg.limits.max_headers
+    backlog = kernel_backlog_limit()
     for desc in cfg.listen:
-        strports.service(desc, site, reactor=reactor).setServiceParent(top)
+        Listener(reactor, desc, site, backlog).setServiceParent(top)
     return top
 
 
@@ -207,9 +343,32 @@ def raise_open_file_limit() -> None:
 
 
 def makeService(options: Options) -> IService:
-    """Called by twistd with parsed :class:`Options`."""
+    """Called by twistd with parsed :class:`Options`, before it starts logging.
+
+    A cache directory that cannot be used stops the start here, in one line.
+    """
     from twisted.internet import reactor
 
-    raise_open_file_limit()
+    from pkgproxy.cache.store import directory_problem
 
-    return build_service(options.config, reactor)
+    sys.excepthook = _startup_excepthook(sys.excepthook)
+    problem = directory_problem(os.path.abspath(options.config.cache.dir), create=True)
+    if problem is not None:
+        fail(problem, 1)
+    raise_open_file_limit()
+    reactor.callWhenRunning(log_summary, options.config)
+    return build_service(options.config, reactor, lambda why: stop_failed(reactor, why))
+
+
+def log_summary(cfg: Config) -> None:
+    """One line at start with what an operator checks first: where, which cache, routes."""
+    from pkgproxy.admin.status import human_bytes
+
+    log.info(
+        "pkgproxy {version}: listening on {listen}; cache {dir} up to {size}; routes {routes}",
+        version=__version__,
+        listen=", ".join(cfg.listen),
+        dir=os.path.abspath(cfg.cache.dir),
+        size=human_bytes(cfg.cache.max_size),
+        routes=", ".join(r.name for r in cfg.enabled_routes()),
+    )

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from pkgproxy.cache.store import CacheStore, Entry
+from pkgproxy.cache.store import CacheStore, Entry, directory_problem
 from pkgproxy.diskpool import DiskPool
 
 
@@ -138,3 +139,84 @@ class StoreTests(SynchronousTestCase):
         self.put("c", b"c" * 100, store=again)
         self.assertIsNotNone(again.peek("a"))
         self.assertIsNone(again.peek("b"))
+
+
+class DirectoryTests(SynchronousTestCase):
+    """The cache directory at start and while running: usable, or one line saying why."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        self.clock = Clock()
+
+    def test_usable_directory_is_made(self) -> None:
+        self.assertIsNone(directory_problem(self.dir, create=True))
+        for sub in ("data", "tmp"):
+            self.assertTrue(os.path.isdir(os.path.join(self.dir, sub)))
+        self.assertEqual(os.listdir(os.path.join(self.dir, "tmp")), [])
+
+    def test_a_file_is_not_a_directory(self) -> None:
+        with open(self.dir, "w") as f:
+            f.write("x")
+        self.assertEqual(
+            directory_problem(self.dir, create=True), f"cache directory {self.dir}: not a directory"
+        )
+
+    def test_missing_is_not_created_while_running(self) -> None:
+        """Later checks never make the directory: a missing one is a disk gone away."""
+        problem = directory_problem(self.dir)
+        self.assertEqual(problem, f"cache directory {self.dir}: no such file or directory")
+        self.assertFalse(os.path.exists(self.dir))
+
+    def test_data_replaced_by_a_file(self) -> None:
+        os.makedirs(os.path.join(self.dir, "tmp"))
+        with open(os.path.join(self.dir, "data"), "w") as f:
+            f.write("x")
+        problem = directory_problem(self.dir)
+        self.assertEqual(problem, f"cache directory {self.dir}: {self.dir}/data is not a directory")
+
+    def test_corrupt_index(self) -> None:
+        os.makedirs(self.dir)
+        with open(os.path.join(self.dir, "index.sqlite"), "wb") as f:
+            f.write(b"garbage" * 1000)
+        problem = directory_problem(self.dir, create=True)
+        assert problem is not None
+        self.assertTrue(problem.startswith(f"cache directory {self.dir}: index.sqlite: "))
+
+    def test_failed_recovery_is_reported(self) -> None:
+        """Recovery that fails sets ``failure`` and fires ``when_failed``; never ready."""
+        with open(self.dir, "w") as f:
+            f.write("x")
+        store = CacheStore(self.dir, 1000, DiskPool(None), self.clock)
+        failed: list[str] = []
+        store.when_failed().addCallback(failed.append)
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.assertFalse(store.ready)
+        self.assertEqual(len(failed), 1)
+        self.assertEqual(store.failure, failed[0])
+        self.assertTrue(failed[0].startswith(f"cache directory {self.dir}: "), failed[0])
+
+    def test_checked_while_running(self) -> None:
+        """Every ``check_interval`` the directory is checked; failure follows it both ways."""
+        store = CacheStore(self.dir, 1000, DiskPool(None), self.clock, check_interval=5)
+        store.startService()
+        self.addCleanup(store.stopService)
+        self.assertIsNone(store.failure)
+        os.rename(self.dir, self.dir + ".gone")
+        self.clock.advance(5)
+        self.assertEqual(store.failure, f"cache directory {self.dir}: no such file or directory")
+        os.rename(self.dir + ".gone", self.dir)
+        self.clock.advance(5)
+        self.assertIsNone(store.failure)
+
+    def test_full_disk_is_usable(self) -> None:
+        """A full disk is not a failed cache: misses are relayed until there is room."""
+        real_open = os.open
+
+        def full(path: str, flags: int, mode: int = 0o777) -> int:
+            if ".probe-" in path:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+            return real_open(path, flags, mode)
+
+        self.patch(os, "open", full)
+        self.assertIsNone(directory_problem(self.dir, create=True))

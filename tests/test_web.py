@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
@@ -845,3 +846,26 @@ class SharedPoolTests(SynchronousTestCase):
             {"routes": {"ubuntu-security": {"share_pool": "alpine"}}},
         )
         self.assertEqual(e.key, "routes.ubuntu-security.share_pool")
+
+
+class HealthTests(ProxyTestCase):
+    def test_health_follows_the_cache(self) -> None:
+        """A cache directory gone while running: health and ready 503, one line naming it.
+
+        (Found failing: health answered 200 ``ok`` whatever became of the cache.)
+        """
+        resp, body = self.proxy.get("/_pkgproxy/health")
+        self.assertEqual((resp.code, body), (200, b"ok\n"))
+        directory = self.proxy.store.directory
+        os.rename(directory, directory + ".gone")
+        self.proxy.store.check()
+        for path in ("/_pkgproxy/health", "/_pkgproxy/ready"):
+            resp, body = self.proxy.get(path)
+            self.assertEqual(resp.code, 503, path)
+            self.assertEqual(
+                body, f"pkgproxy: cache directory {directory}: no such file or directory\n".encode()
+            )
+        os.rename(directory + ".gone", directory)
+        self.proxy.store.check()
+        resp, body = self.proxy.get("/_pkgproxy/health")
+        self.assertEqual((resp.code, body), (200, b"ok\n"))

@@ -271,7 +271,7 @@ def _families(families: Sequence[FamilyStats]) -> str:
 
 def _usage(usage: Sequence[RouteUsage], total: int) -> str:
     rows = [
-        f'<tr><td class="nowrap"><b>{_e(u.route)}</b></td><td>{_e(u.family or "–")}</td>'
+        f'<tr><td class="name"><b>{_e(u.route)}</b></td><td>{_e(u.family or "–")}</td>'
         f'<td class="num">{u.entries:,}</td><td class="num">{human_bytes(u.bytes)}</td>'
         f'<td class="w-share">{_bar(_pct(u.bytes, total))}</td></tr>'
         for u in sorted(usage, key=lambda u: -u.bytes)
@@ -406,7 +406,6 @@ color:var(--muted);font-weight:650}
 .ratio{display:flex;align-items:center;gap:8px}.ratio .bar{flex:1}
 .ratio span{font-variant-numeric:tabular-nums;font-size:12.5px;min-width:44px}
 .grid2{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:18px}
-.grid2.wide-right{grid-template-columns:minmax(0,1fr) minmax(0,1.7fr)}
 @media (max-width:1000px){.grid2{grid-template-columns:1fr}}
 table{width:100%;border-collapse:collapse}
 th,td{text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
@@ -419,7 +418,7 @@ font-weight:650}
 .muted{color:var(--muted)}.small{font-size:12px}.empty{color:var(--muted);margin:6px 0}
 .url{font-family:ui-monospace,"DejaVu Sans Mono",monospace;font-size:12.5px;
 max-width:640px;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-.grid2 .url{max-width:340px}.nowrap{white-space:nowrap}
+.grid2 .url{max-width:340px}.nowrap{white-space:nowrap}.name{overflow-wrap:anywhere}
 .msg{white-space:normal;word-break:break-word}
 .pill{display:inline-block;padding:2px 10px;border-radius:99px;font-size:12px;font-weight:650;
 background:rgba(255,255,255,.18);color:#fff}
@@ -452,10 +451,8 @@ _PAGE = """<!DOCTYPE html>
 <section class="card"><h2>Families</h2>{families}</section>
 <section class="card"><h2>Downloads in progress</h2>{downloads}</section>
 <section class="card"><h2>Warm-ups (pkgproxy-warm)</h2>{warmups}</section>
-<div class="grid2 wide-right">
 <section class="card"><h2>Cache by route</h2>{usage}</section>
 <section class="card"><h2>Recent upstream errors</h2>{errors}</section>
-</div>
 <div class="grid2">
 <section class="card"><details><summary>Effective configuration</summary>
 <pre>{config}</pre></details></section>

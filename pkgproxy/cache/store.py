@@ -16,14 +16,17 @@ so a hit costs no database access; access times reach the database in batches.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import sqlite3
+import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -32,8 +35,55 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pkgproxy.diskpool import DiskPool
+from pkgproxy.service import os_reason
 
 log = Logger()
+
+
+def directory_problem(directory: str, create: bool = False) -> str | None:
+    """Why the cache directory cannot be used, as one line naming it; ``None`` if it can.
+
+    It must be a directory with ``data/`` and ``tmp/`` (made here with ``create``: at
+    start, never later, when a missing directory means a disk that went away), on a
+    writable file system, a file must be creatable in ``tmp/`` (a full disk passes),
+    and an existing index must be a database. Blocking: call it before the reactor
+    runs, or in the disk pool.
+    """
+    data = os.path.join(directory, "data")
+    tmp = os.path.join(directory, "tmp")
+    try:
+        if create:
+            if os.path.exists(directory) and not os.path.isdir(directory):
+                return f"cache directory {directory}: not a directory"
+            os.makedirs(data, exist_ok=True)
+            os.makedirs(tmp, exist_ok=True)
+        for path in (directory, data, tmp):
+            if not stat.S_ISDIR(os.stat(path).st_mode):
+                return f"cache directory {directory}: {path} is not a directory"
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"cache directory {directory}: read-only file system"
+        probe = os.path.join(tmp, f".probe-{os.getpid()}")
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(probe)
+        except OSError as e:
+            # A full disk is not an unusable cache: hits are served and misses relayed
+            # until there is room again (see CacheStore.disk_error).
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+        index = os.path.join(directory, "index.sqlite")
+        if create and os.path.exists(index):
+            db = sqlite3.connect(index)
+            try:
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            finally:
+                db.close()
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename and e.filename != directory else ""
+        return f"cache directory {directory}: {os_reason(e)}{where}"
+    except sqlite3.Error as e:
+        return f"cache directory {directory}: index.sqlite: {e}"
+    return None
 
 
 @dataclass
@@ -171,6 +221,9 @@ class CacheStore(Service):
     """The cache: lookup, temp files for downloads, atomic commit, eviction, recovery.
 
     :param flush_interval: seconds between batched writes of access times.
+    :param check_interval: seconds between checks that the directory is still usable.
+    :ivar failure: why the cache cannot be used (recovery failed, or the directory
+        failed its last check), as one line naming the directory; ``None`` while it can.
     """
 
     def __init__(
@@ -181,6 +234,7 @@ class CacheStore(Service):
         clock: IReactorTime,
         flush_interval: float = 30.0,
         disk_retry_after: float = 30.0,
+        check_interval: float = 10.0,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.max_size = max_size
@@ -199,6 +253,11 @@ class CacheStore(Service):
         self.disk_retry_after = disk_retry_after
         self.disk_errors = 0
         self._disk_trouble_until = 0.0
+        self.failure: str | None = None
+        self._failed_waiters: list[Deferred[str]] = []
+        self._checker = LoopingCall(self.check)
+        self._checker.clock = clock
+        self._check_interval = check_interval
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -210,7 +269,43 @@ class CacheStore(Service):
         super().startService()
         d = self._pool.run(self._recover)
         d.addCallback(self._loaded)
-        d.addErrback(lambda f: log.failure("cache recovery failed", f))
+        d.addErrback(self._recovery_failed)
+
+    def _recovery_failed(self, f):  # type: ignore[no-untyped-def]
+        error = f.value
+        why = os_reason(error) if isinstance(error, OSError) else str(error)
+        self.failure = f"cache directory {self.directory}: {why}"
+        log.critical("{problem}", problem=self.failure)
+        waiters, self._failed_waiters = self._failed_waiters, []
+        for d in waiters:
+            d.callback(self.failure)
+
+    def when_failed(self) -> Deferred[str]:
+        """Fires with the reason if recovery at start fails (the cache cannot be used)."""
+        d: Deferred[str] = Deferred()
+        self._failed_waiters.append(d)
+        return d
+
+    def check(self) -> Deferred[None]:
+        """Check in the pool that the directory is still usable; keep :attr:`failure`.
+
+        Runs every ``check_interval`` once the cache is ready, so that a disk that went
+        away or turned read-only makes ``/_pkgproxy/health`` fail, and one that came
+        back makes it pass again.
+        """
+        d: Deferred[Any] = self._pool.run(directory_problem, self.directory)
+
+        def checked(problem: str | None) -> None:
+            if problem != self.failure:
+                if problem is not None:
+                    log.critical("{problem}", problem=problem)
+                else:
+                    log.info("cache directory {dir} is usable again", dir=self.directory)
+            self.failure = problem
+
+        d.addCallback(checked)
+        d.addErrback(lambda f: log.failure("checking the cache directory", f))
+        return d
 
     def when_ready(self) -> Deferred[None]:
         """Fires once the index is loaded and recovery is done."""
@@ -274,6 +369,7 @@ class CacheStore(Service):
         )
         self.ready = True
         self._flusher.start(self._flush_interval, now=False)
+        self._checker.start(self._check_interval, now=False)
         self._evict()
         waiters, self._ready_waiters = self._ready_waiters, []
         for d in waiters:
@@ -284,6 +380,8 @@ class CacheStore(Service):
         super().stopService()
         if self._flusher.running:
             self._flusher.stop()
+        if self._checker.running:
+            self._checker.stop()
         if self._db is not None:
             yield self.flush()
             db, self._db = self._db, None

@@ -122,6 +122,7 @@ def classify(
             upstream_url=upstream_url,
             digest_header="Docker-Content-Digest",
             head_revalidate=True,
+            head_fetches=True,
         )
     if match.re is _TAGS:
         return Decision(

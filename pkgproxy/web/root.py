@@ -401,10 +401,16 @@ class ProxyResource(Resource):
 
     def _admin(self, request: Request) -> bytes:
         if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            failure = self._store.failure
+            if failure is not None:
+                # Alive but useless: a cache it cannot use (a disk gone, read-only) is
+                # a failed health check, so a supervisor restarts or replaces it.
+                request.setResponseCode(http.SERVICE_UNAVAILABLE)
+                return f"pkgproxy: {failure}\n".encode()
             ready = (self._store.ready and self._learner.ready) or (
                 request.path == b"/_pkgproxy/health"
             )
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
             request.setResponseCode(200 if ready else 503)
             return b"ok\n" if ready else b"starting\n"
         if request.path == b"/_pkgproxy/ca.crt" and self._ca is not None:
@@ -471,7 +477,11 @@ class ProxyResource(Resource):
             and req.method == b"HEAD"
             and not (decision.rewrite or decision.head_fetches)
         ):
-            # (A rewritten document's headers are its own: a HEAD fetches it like a GET.)
+            # A rewritten document's headers are its own, and a document clients
+            # resolve with HEAD (an OCI tag: containerd HEADs it, then GETs by digest; the
+            # RubyGems root) must be in the cache to be answered offline: those a HEAD
+            # fetches like a GET. Anything else, a HEAD on a miss only asks upstream for
+            # the headers.
             self._head_upstream(ctx)
             return
         stale = entry if ctx.decision.cache_class is not CacheClass.PASS else None

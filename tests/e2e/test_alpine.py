@@ -223,7 +223,10 @@ class AlpineCase(TestCase):
             signature_end_marker=self.signature_end_marker,
         )
         self.upstream = start_static_server(self, self.repo.serve_dir)
-        self.proxy: PkgProxy = start_pkgproxy(self, config(self.upstream, self.repo.mount))
+        # --log-level debug: the tests wait for the line saying the index was read.
+        self.proxy: PkgProxy = start_pkgproxy(
+            self, config(self.upstream, self.repo.mount), args=["--log-level", "debug"]
+        )
         self.proxy_url = self.proxy.url("/")
         self.curl_dir = os.path.abspath(self.mktemp())
 

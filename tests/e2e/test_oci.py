@@ -143,6 +143,38 @@ class DockerHubRouteTests(OCITestCase):
             time.sleep(0.1)
         self.assertIn(" STALE ", answers[-1] if answers else "", self._context())
 
+    def test_head_by_tag_served_from_cache_with_registry_gone(self) -> None:
+        """containerd and the Docker daemon resolve a tag with HEAD, then fetch the
+        manifest by digest: the tag itself is never GET. With the registry stopped, a
+        HEAD of that tag is answered from the cache as a GET is (stale), with
+        ``Docker-Content-Digest``, ``Content-Type`` and the ``Content-Length`` of the
+        body, so an offline pull by tag starts.
+
+        (Found failing: a HEAD on a miss asked the registry for headers only, so the tag
+        was never stored, and offline the same HEAD answered 502.)"""
+        path = f"/v2/library/{NAME}/manifests/{TAG}"
+        url = self.proxy.url(path)
+        top = self.layout.top
+        accepts = (oci.CONTAINERD_ACCEPT, None)
+        for accept in accepts:
+            status, online, body = _http(url, "HEAD", accept=accept)
+            self.assertEqual(status, 200, f"HEAD online: {body[:300]!r}\n{self._context()}")
+            self.assertEqual(online["Docker-Content-Digest"], top.digest)
+        self.registry.stop()
+        for accept in accepts:
+            status, headers, body = _http(url, "HEAD", accept=accept)
+            where = f"HEAD {path} (Accept {accept}) offline: {body[:300]!r}\n{self._context()}"
+            self.assertEqual(status, 200, where)
+            self.assertEqual(body, b"", where)
+            self.assertEqual(headers["Docker-Content-Digest"], top.digest, where)
+            self.assertEqual(headers["Content-Type"], top.media_type, where)
+            self.assertEqual(headers["Content-Length"], str(len(top.data)), where)
+            self.assertEqual(headers["X-Cache"], "STALE", where)
+            status, got_headers, got = _http(url, accept=accept)
+            self.assertEqual((status, got), (200, top.data), where)
+            for name in ("Docker-Content-Digest", "Content-Type", "Content-Length", "ETag"):
+                self.assertEqual(headers[name], got_headers[name], f"{name}: {where}")
+
     def test_accept_over_several_header_lines(self) -> None:
         """A client that sends each media type on its own ``Accept`` line (skopeo,
         podman and the Docker daemon do: Go's ``Header.Add``) is served as if they were

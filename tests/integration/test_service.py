@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import subprocess
 import threading
 from typing import Any
 
@@ -11,6 +12,7 @@ from twisted.internet.defer import maybeDeferred
 
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import config_from_dict
+from pkgproxy.service import DEFAULT_BACKLOG, kernel_backlog_limit, with_backlog
 from tests.integration.harness import (
     HTTPTestClient,
     IntegrationTestCase,
@@ -95,3 +97,50 @@ class ServiceTreeTests(IntegrationTestCase):
         self.assertIsNone(store._db, "the cache index was not closed")
         self.assertEqual(_disk_threads(), [])
         self.assertEqual(gc.get_freeze_count(), 0)
+
+
+def _listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on 127.0.0.1:``port``, as the kernel has it.
+
+    For a listening socket, ``ss`` reports the backlog in the Send-Q column.
+    """
+    out = subprocess.run(
+        ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    fields = out.split()
+    assert fields and fields[0] == "LISTEN", out
+    return int(fields[2])
+
+
+class ListenBacklogTests(IntegrationTestCase):
+    """A TCP listener gets a backlog the size of the kernel's limit, not Twisted's 50.
+
+    (Found failing: with the backlog of 50, a burst of connections waited out one-second
+    SYN retries.)
+    """
+
+    async def _backlog_of(self, listen: str) -> int:
+        config = config_from_dict(
+            {"listen": [listen], "cache": {"dir": self.mktemp(), "max_size": "1GiB"}}
+        )
+        _, _, port = await start_service_tree(self, config)
+        return _listen_backlog(port)
+
+    async def test_default_backlog(self) -> None:
+        """``tcp:0`` with no ``backlog=`` listens with the kernel's ``somaxconn``."""
+        want = kernel_backlog_limit()
+        self.assertGreaterEqual(want, DEFAULT_BACKLOG)
+        self.assertEqual(await self._backlog_of("tcp:0:interface=127.0.0.1"), want)
+
+    async def test_backlog_named_in_the_description_is_kept(self) -> None:
+        self.assertEqual(await self._backlog_of("tcp:0:interface=127.0.0.1:backlog=7"), 7)
+
+    def test_with_backlog(self) -> None:
+        """Only TCP descriptions without a backlog get one."""
+        self.assertEqual(with_backlog("tcp:3142", 9), "tcp:3142:backlog=9")
+        self.assertEqual(with_backlog("ssl:443:privateKey=k", 9), "ssl:443:privateKey=k:backlog=9")
+        self.assertEqual(with_backlog("tcp:3142:backlog=3", 9), "tcp:3142:backlog=3")
+        self.assertEqual(
+            with_backlog("systemd:domain=INET:index=0", 9), "systemd:domain=INET:index=0"
+        )
+        self.assertEqual(with_backlog("unix:/run/p.sock", 9), "unix:/run/p.sock")

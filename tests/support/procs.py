@@ -355,13 +355,15 @@ def start_pkgproxy(
     port: int | None = None,
     timeout: float = 20.0,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> PkgProxy:
     """Run ``twistd -n pkgproxy`` with ``config_toml`` until the test ends; return its handle.
 
     The handle has ``.port``, ``.cache_dir``, ``.url(path)``, ``.stop()`` (SIGTERM, then
     SIGKILL after 10 s), ``.kill9()``, ``.log_path`` (twistd's log) and ``.logs()`` (tails
     for failure messages). Pass the ``cache_dir`` (and ``port``) of an earlier handle to
-    restart on the same cache, e.g. after ``kill9()``. ``env`` adds environment variables.
+    restart on the same cache, e.g. after ``kill9()``. ``env`` adds environment variables,
+    ``args`` options after the usual ones (``["--log-level", "debug"]``).
 
     The repository root goes first on PYTHONPATH, so the code under test is this checkout's
     even without ``pip install``, and so is its ``twisted/plugins`` entry for ``pkgproxy``.
@@ -383,7 +385,7 @@ def start_pkgproxy(
     pythonpath = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
     child_env = clean_env({"PYTHONPATH": pythonpath, "PYTHONUNBUFFERED": "1", **(env or {})})
     server = PkgProxy(
-        pkgproxy_argv(config_path, port, cache_dir, log_path),
+        [*pkgproxy_argv(config_path, port, cache_dir, log_path), *args],
         port,
         log_path,
         os.path.join(work, "twistd.stdio"),
