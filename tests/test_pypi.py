@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
 from pkgproxy.config import config_from_dict
-from pkgproxy.families import CacheClass, Facts, RewriteContext
+from pkgproxy.families import CacheClass, Facts, RewriteContext, pypi
 from pkgproxy.families import Request as FamilyRequest
 from pkgproxy.families.pypi import (
     OFFERS,
@@ -30,6 +30,7 @@ from pkgproxy.families.pypi import (
     negotiate,
     requested_format,
 )
+from pkgproxy.learning import UpstreamLinks
 from pkgproxy.rewrite import htmldoc, pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 from pkgproxy.testing import MemoryProxy
@@ -461,7 +462,8 @@ class LearnTests(SynchronousTestCase):
             f.write(body)
         self.assertTrue(learns(path))
         facts = Facts()
-        facts.add(learn(path, local, url))
+        links = UpstreamLinks(tuple(ROUTES.values()))
+        facts.add([(links(u), e) for u, e in learn(path, local, url)])
         return facts
 
     def check(self, facts: Facts, size: int | None) -> None:
@@ -487,9 +489,10 @@ class LearnTests(SynchronousTestCase):
         self.check(facts, None)
 
     def test_from_rewritten_html(self) -> None:
-        """A page as it was stored, rewritten for a reverse-mode client: found by path."""
+        """A page as it was stored, rewritten for a reverse-mode client: its links are
+        mapped back to the upstream URLs, whatever host the client used."""
         facts = self.facts_from(data("six.rewritten.html"), "https://pypi.org/simple/six/")
-        self.assertIsNotNone(facts.get("/pypi/files/" + self.SIX_WHL))
+        self.assertIsNotNone(facts.get("https://files.pythonhosted.org/" + self.SIX_WHL))
         self.check(facts, None)
 
     def test_from_forward_mode_page(self) -> None:
@@ -549,7 +552,7 @@ class FileClassifyTests(SynchronousTestCase):
         local 404."""
         d = classify(PYPI, "pypi/six/json", Facts())
         self.assertEqual((d.cache_class, d.ttl), (CacheClass.MUTABLE, 600.0))
-        self.assertIs(d.rewrite, pypi_simple.rewrite_api)
+        self.assertIs(d.rewrite, pypi.rewrite_api)
         self.assertTrue(learns("pypi/six/1.17.0/json"))
         self.assertEqual(
             classify(PYPI, "integrity/six/1.17.0/x.whl/provenance").cache_class, CacheClass.PASS
@@ -762,7 +765,9 @@ class ProxyTests(SynchronousTestCase):
             json.loads(body)["urls"][0]["url"], f"http://proxy.test/pypi/files/{self.path}"
         )
         self.assertEqual(header(self.proxy.get("/pypi/pypi/demo/json")[0], "x-cache"), "HIT")
-        self.assertEqual(self.proxy.facts.get(f"/pypi/files/{self.path}").size, len(self.whl))
+        self.assertEqual(
+            self.proxy.facts.get(f"http://upstream.test/files/{self.path}").size, len(self.whl)
+        )
 
     def test_checks_survive_restart(self) -> None:
         """The stored (rewritten) page is read again when the cache reopens, and what it
@@ -780,7 +785,8 @@ class ProxyTests(SynchronousTestCase):
         )
         self.addCleanup(again.close)
         self.assertEqual(
-            again.facts.get(f"/pypi/files/{self.path}.metadata").digests, {"sha256": self.meta_sha}
+            again.facts.get(f"http://upstream.test/files/{self.path}.metadata").digests,
+            {"sha256": self.meta_sha},
         )
         again.upstream.add("/files/" + self.path + ".metadata", b"Metadata-Version: 2.1\n")
         self.assertRaises(ResponseFailed, again.get, "/pypi/files/" + self.path + ".metadata")

@@ -22,7 +22,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from twisted.application.service import Service
@@ -199,6 +199,8 @@ class CacheStore(Service):
         self.disk_retry_after = disk_retry_after
         self.disk_errors = 0
         self._disk_trouble_until = 0.0
+        #: Called with each entry removed or evicted (not with one a commit replaces).
+        self.on_drop: list[Callable[[Entry], object]] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -430,6 +432,7 @@ class CacheStore(Service):
         self.total_bytes -= e.size
         self._dirty.discard(key)
         self._retire(e)
+        self._dropped(e)
         if self._db is not None:
             self._pool.run_durable(self._db.delete, [key]).addErrback(
                 lambda f: log.failure("index delete failed", f)
@@ -437,6 +440,10 @@ class CacheStore(Service):
         return True
 
     # -- housekeeping ----------------------------------------------------------------
+
+    def _dropped(self, e: Entry) -> None:
+        for f in self.on_drop:
+            f(e)
 
     def _retire(self, e: Entry) -> None:
         e.obsolete = True
@@ -473,6 +480,7 @@ class CacheStore(Service):
             del self._entries[e.key]
             self._dirty.discard(e.key)
             self._retire(e)
+            self._dropped(e)
         self.evictions += len(victims)
         if victims and self._db is not None:
             log.info("evicted {n} entries to fit {max} bytes", n=len(victims), max=self.max_size)

@@ -27,7 +27,7 @@ from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
 from pkgproxy.digests import new_hasher
-from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, RewriteContext
+from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, RewriteContext
 from pkgproxy.upstream.client import (
     UpstreamClient,
     UpstreamError,
@@ -187,6 +187,9 @@ class Fetch:
         self.written = 0
         self.entry: Entry | None = None
         self.sha256: str | None = None
+        #: What the upstream's document taught, read while it was rewritten (``None``
+        #: where it was not: the learner then reads the stored copy).
+        self.learned: Learned | None = None
         self.subscribers = 0
         self.started_at = clock.seconds()
         #: When the upstream's answer was known (headers, or the error).
@@ -623,18 +626,18 @@ class Fetch:
         assert rewrite is not None and context is not None and self._temp is not None
         raw, out = self._temp, self._store.temp_name(self.key)
 
-        def work() -> tuple[int, str, int]:
-            rewrite(raw, out, context)
+        def work() -> tuple[int, str, int, Learned | None]:
+            learned = rewrite(raw, out, context)
             h = hashlib.sha256()
             size = 0
             with open(out, "rb") as f:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
                     size += len(chunk)
-            return os.open(out, os.O_RDWR), h.hexdigest(), size
+            return os.open(out, os.O_RDWR), h.hexdigest(), size, learned
 
-        def swapped(result: tuple[int, str, int]) -> None:
-            fd, digest, size = result
+        def swapped(result: tuple[int, str, int, Learned | None]) -> None:
+            fd, digest, size, self.learned = result
             self._discard_temp()
             self._temp, self._file = out, _SharedFile(fd)
             self.written = self.length = size

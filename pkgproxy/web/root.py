@@ -576,7 +576,9 @@ class ProxyResource(Resource):
                     },
                     on_verified=on_verified,
                     rewrite_context=RewriteContext(
-                        ctx.url, lambda url: self._table.public_url(url, ctx.base, ctx.scheme)
+                        ctx.url,
+                        lambda url: self._table.public_url(url, ctx.base, ctx.scheme),
+                        lambda url: self._table.public_prefix(url, ctx.base, ctx.scheme),
                     ),
                 ),
                 self._client,
