@@ -1,0 +1,367 @@
+"""Rewriting documents by replacing the file prefix in their bytes, and what they teach.
+
+The prefix path must give what rewriting the parsed links one by one gives (PyPI JSON:
+the same bytes; npm: the same JSON, with the upstream's own bytes kept), fall back to
+that parsing path whenever a link does not fit, and learn the same checks from the
+upstream's own document in the same pass. Then, through the server: a document teaches
+checks only for its own files (issue 15, 5), and learning is per upstream document,
+whatever Host the clients use (issue 15, 3).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from pkgproxy.config import config_from_dict
+from pkgproxy.families import Learned, RewriteContext, npm, pypi
+from pkgproxy.rewrite import jsondoc, npm_packument, prefix
+from pkgproxy.testing import MemoryProxy
+from pkgproxy.web.routing import RouteTable
+from tests.support import npmrepo
+from tests.support.npmrepo import DEP, DEP_OLD, SCOPED, NpmPackage
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pypi")
+TABLE = RouteTable(config_from_dict({}).enabled_routes())
+FILES = "https://files.pythonhosted.org/"
+REGISTRY = "https://registry.npmjs.org/"
+BASE = "http://cache:3142"
+
+
+def data(name: str) -> bytes:
+    with open(os.path.join(DATA, name), "rb") as f:
+        return f.read()
+
+
+def context(page_url: str, fast: bool = True, base: str = BASE) -> RewriteContext:
+    """The context the server passes: with ``fast``, the prefix mapping too."""
+    return RewriteContext(
+        page_url,
+        lambda url: TABLE.public_url(url, base),
+        (lambda url: TABLE.public_prefix(url, base)) if fast else None,
+    )
+
+
+def sha(n: int) -> str:
+    return hashlib.sha256(b"%d" % n).hexdigest()
+
+
+def simple_page(project: str, n: int, indent: int | None = None) -> bytes:
+    """A PEP 691 project page shaped like pypi.org's (compact unless ``indent``)."""
+    files = []
+    for i in range(n):
+        for name in (f"{project}-1.{i}-py3-none-any.whl", f"{project}-1.{i}.tar.gz"):
+            files.append(
+                {
+                    "core-metadata": {"sha256": sha(-i)} if name.endswith(".whl") else False,
+                    "data-dist-info-metadata": False,
+                    "filename": name,
+                    "hashes": {"sha256": sha(i)},
+                    "requires-python": ">=3.8",
+                    "size": 1000 + i,
+                    "upload-time": "2024-12-04T17:35:26.475808Z",
+                    "url": f"{FILES}packages/ab/cd/{sha(i)[:60]}/{name}",
+                    "yanked": False,
+                }
+            )
+    doc = {
+        "files": files,
+        "meta": {"_last-serial": 1, "api-version": "1.3"},
+        "name": project,
+        "versions": [f"1.{i}" for i in range(n)],
+    }
+    sep = (",", ":") if indent is None else None
+    return json.dumps(doc, indent=indent, separators=sep).encode()
+
+
+class PypiJsonTests(SynchronousTestCase):
+    """PEP 691 pages and the JSON API: byte-for-byte what the parsing path writes."""
+
+    def run_both(
+        self, raw: bytes, rewriter: Callable[..., Learned], page_url: str, fast: bool
+    ) -> tuple[bytes, Learned]:
+        """Rewrite ``raw`` both ways; assert the results agree and that the prefix path
+        was taken (``fast``) or not; return the bytes and what was learned."""
+        calls: list[object] = []
+        walk = jsondoc.replace_strings
+
+        def counted(*a: Any, **kw: Any) -> int:
+            calls.append(a)
+            return walk(*a, **kw)
+
+        self.patch(jsondoc, "replace_strings", counted)
+        results = []
+        for use_prefix in (False, True):
+            work = self.mktemp()
+            os.makedirs(work)
+            src, out = os.path.join(work, "raw"), os.path.join(work, "out")
+            with open(src, "wb") as f:
+                f.write(raw)
+            learned = rewriter(src, out, context(page_url, use_prefix))
+            with open(out, "rb") as f:
+                results.append((f.read(), learned))
+        self.assertEqual(len(calls), 1 if fast else 2)
+        self.assertEqual(results[0], results[1])
+        return results[1]
+
+    def simple(self, raw: bytes, project: str, fast: bool) -> tuple[bytes, Learned]:
+        def rewriter(src: str, out: str, ctx: RewriteContext) -> Learned:
+            return pypi._rewrite_simple(src, out, ctx, want_json=True, root=False)
+
+        return self.run_both(raw, rewriter, f"https://pypi.org/simple/{project}/", fast)
+
+    def test_compact_page(self) -> None:
+        """pypi.org's compact page: every file URL to the proxy, all else as it was."""
+        raw = simple_page("demo", 50)
+        body, learned = self.simple(raw, "demo", fast=True)
+        self.assertEqual(
+            body, raw.replace(b'"' + FILES.encode(), b'"' + BASE.encode() + b"/pypi/files/")
+        )
+        self.assertEqual(len(learned), 150)  # 100 files and 50 metadata files
+        self.assertTrue(all(url.startswith(FILES) for url, _ in learned))
+
+    def test_indented_page(self) -> None:
+        """Whitespace around the members does not matter."""
+        body, _ = self.simple(simple_page("demo", 3, indent=2), "demo", fast=True)
+        self.assertIn(b'"url": "http://cache:3142/pypi/files/packages/', body)
+
+    def test_six_page(self) -> None:
+        """The six page of the fixtures has every shape the prefix does not cover (a
+        files-host URL in ``meta`` and in a nested member, escaped slashes, a relative
+        link): the parsing path gives the page it always gave."""
+        body, learned = self.simple(data("six.json"), "six", fast=False)
+        self.assertEqual(body, data("six.rewritten.json"))
+        self.assertEqual(len(learned), 4)
+
+    def test_json_api(self) -> None:
+        """The JSON API, as PyPI serves it (a files URL under ``info`` too): same result."""
+        raw = data("six-api.json")
+        body, learned = self.run_both(
+            raw, pypi.rewrite_api, "https://pypi.org/pypi/six/json", False
+        )
+        self.assertEqual(body, data("six-api.rewritten.json"))
+        trap = json.loads(raw)["info"]["project_urls"]["url"]
+        clean = raw.replace(trap.encode(), b"https://example.org/")
+        _, again = self.run_both(clean, pypi.rewrite_api, "https://pypi.org/pypi/six/json", True)
+        self.assertEqual(again, learned)
+
+    def test_links_that_do_not_fit(self) -> None:
+        """Any link the prefix does not cover sends the page down the parsing path."""
+        raw = simple_page("demo", 3)
+        one = f"{FILES}packages/ab/cd/{sha(1)[:60]}/demo-1.1.tar.gz".encode()
+        cases = {
+            "relative": b"../../packages/x/demo-1.1.tar.gz",
+            "escaped slashes": one.replace(b"/", b"\\/"),
+            "escaped letter": b"\\u0068" + one[1:],
+            "dot segment": one.replace(b"/ab/", b"/ab/../ab/"),
+            "another routed host": b"https://pypi.org/packages/demo-1.1.tar.gz",
+        }
+        for why, link in cases.items():
+            changed = raw.replace(one, link)
+            self.assertNotEqual(changed, raw, why)
+            self.simple(changed, "demo", fast=False)
+        # A link to a host no route serves is left alone by both: no obstacle.
+        self.simple(raw.replace(one, b"https://elsewhere.example/demo-1.1.tar.gz"), "demo", True)
+
+    def test_hostile_member_order(self) -> None:
+        """A duplicated ``url`` member, or an escaped key standing for ``url``: the bytes
+        cannot be trusted to say which value the parser keeps."""
+        raw = simple_page("demo", 2)
+        dup = raw.replace(b'"url":', b'"url":"' + FILES.encode() + b'x","url":', 1)
+        self.simple(dup, "demo", fast=False)
+        escaped = raw.replace(b'"url":', b'"\\u0075rl":', 1)
+        self.simple(escaped, "demo", fast=False)
+
+
+class NpmTests(SynchronousTestCase):
+    """Packuments: the same JSON as the parsing path writes, the upstream's bytes kept."""
+
+    def run_both(self, raw: bytes, name: str, fast: bool) -> tuple[bytes, Learned]:
+        written: list[int] = []
+        write_json = npm_packument.write_json
+
+        def counted(*a: Any) -> None:
+            written.append(1)
+            write_json(*a)
+
+        self.patch(npm_packument, "write_json", counted)
+        out_docs = []
+        for use_prefix in (False, True):
+            work = self.mktemp()
+            os.makedirs(work)
+            src, out = os.path.join(work, "raw"), os.path.join(work, "out")
+            with open(src, "wb") as f:
+                f.write(raw)
+            url = REGISTRY + name.replace("/", "%2f")
+            learned = npm._rewrite(src, out, context(url, use_prefix), base=REGISTRY, owner=name)
+            with open(out, "rb") as f:
+                out_docs.append((f.read(), learned))
+        self.assertEqual(len(written), 1 if fast else 2)
+        (slow, slow_learned), (body, learned) = out_docs
+        self.assertEqual(json.loads(body), json.loads(slow))
+        self.assertEqual(learned, slow_learned)
+        return body, learned
+
+    def check_fast(self, versions: list[NpmPackage], abbreviated: bool) -> None:
+        doc = npmrepo.packument(versions, REGISTRY, abbreviated=abbreviated)
+        raw = json.dumps(doc, ensure_ascii=False).encode()  # spaces: not as the parser writes
+        body, learned = self.run_both(raw, versions[0].name, fast=True)
+        public = f"{BASE}/npm/".encode()
+        self.assertEqual(body, raw.replace(b'"' + REGISTRY.encode(), b'"' + public))
+        self.assertEqual({url for url, _ in learned}, {REGISTRY + p.tarball_path for p in versions})
+
+    def test_full_packument(self) -> None:
+        self.check_fast([DEP_OLD, DEP], abbreviated=False)
+
+    def test_abbreviated_packument(self) -> None:
+        self.check_fast([DEP_OLD, DEP], abbreviated=True)
+
+    def test_scoped_packument(self) -> None:
+        self.check_fast([SCOPED], abbreviated=False)
+        self.check_fast([SCOPED], abbreviated=True)
+
+    def test_links_that_do_not_fit(self) -> None:
+        """A registry URL elsewhere, an escaped or other-scheme tarball: parsing path."""
+        doc = npmrepo.packument([DEP_OLD, DEP], REGISTRY)
+        raw = json.dumps(doc).encode()
+        one = (REGISTRY + DEP.tarball_path).encode()
+        cases = {
+            "escaped slashes": raw.replace(one, one.replace(b"/", b"\\/")),
+            "other scheme": raw.replace(one, one.replace(b"https:", b"http:")),
+            "registry URL in another field": raw.replace(
+                b'"main": "index.js"', b'"main": "' + REGISTRY.encode() + b'x"', 1
+            ),
+            "tarball key elsewhere": raw.replace(
+                b'"main": "index.js"', b'"tarball": "' + REGISTRY.encode() + b'x"', 1
+            ),
+        }
+        for why, changed in cases.items():
+            self.assertNotEqual(changed, raw, why)
+            self.run_both(changed, DEP.name, fast=False)
+
+    def test_owns_only_its_tarballs(self) -> None:
+        """``evil``'s packument listing ``good``'s tarball teaches nothing about it."""
+        good = NpmPackage("good", "1.0.0")
+        evil = NpmPackage("evil", "1.0.0")
+        doc = npmrepo.packument([evil], REGISTRY)
+        doc["versions"]["2.0.0"] = {
+            "name": "good",
+            "dist": {"tarball": REGISTRY + good.tarball_path, "shasum": "0" * 40},
+        }
+        _, learned = self.run_both(json.dumps(doc).encode(), "evil", fast=True)
+        self.assertEqual([url for url, _ in learned], [REGISTRY + evil.tarball_path])
+
+
+class PrefixCheckTests(SynchronousTestCase):
+    def test_unsafe_public_prefix(self) -> None:
+        """A public prefix that would need escaping in JSON is never spliced in."""
+        link = FILES + "a.whl"
+        data = b'{"url":"' + link.encode() + b'"}'
+        self.assertTrue(prefix.exact(data, "url", [link], [link], FILES, "http://h/"))
+        self.assertFalse(prefix.exact(data, "url", [link], [link], FILES, 'http://h"/'))
+
+    def test_written_in_pieces(self) -> None:
+        out: list[bytes] = []
+        data = b'["P/a","P/b", "x"]'.replace(b"P/", b"http://u/")
+        prefix.write_replaced(data, "http://u/", "https://pub/x/", out.append, chunk=4)
+        self.assertGreater(len(out), 1)
+        self.assertEqual(b"".join(out), b'["https://pub/x/a","https://pub/x/b", "x"]')
+
+
+class ServerTests(SynchronousTestCase):
+    """Through the server: ownership of checks, and learning per upstream document."""
+
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {
+                "routes": {
+                    "npm": {"upstream": "http://upstream.test/npm/"},
+                    "pypi": {"upstream": "http://upstream.test/index/"},
+                    "pypi-files": {"upstream": "http://upstream.test/files/"},
+                }
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        self.up = self.proxy.upstream
+
+    def test_evil_packument_cannot_block_good(self) -> None:
+        """The issue's example: ``evil`` lists ``good``'s tarball with another integrity;
+        ``good``'s cached tarball, and a new download of it, still verify."""
+        up = "http://upstream.test/npm/"
+        good = NpmPackage("good", "1.0.0")
+        evil_doc = npmrepo.packument([NpmPackage("evil", "1.0.0")], up)
+        evil_doc["versions"]["1.0.0"]["dist"].update(
+            tarball=up + good.tarball_path,
+            integrity="sha512-" + "A" * 86 + "==",
+            shasum="0" * 40,
+        )
+        self.up.add("/npm/good", json.dumps(npmrepo.packument([good], up)).encode())
+        self.up.add("/npm/evil", json.dumps(evil_doc).encode())
+        self.up.add("/npm/" + good.tarball_path, good.tarball)
+        self.proxy.get("/npm/good")
+        resp, body = self.proxy.get("/npm/" + good.tarball_path)
+        self.assertEqual((resp.code, body), (200, good.tarball))
+        _, listed = self.proxy.get("/npm/evil")
+        tarball = json.loads(listed)["versions"]["1.0.0"]["dist"]["tarball"]
+        self.assertEqual(tarball, "http://proxy.test/npm/" + good.tarball_path)
+        expect = self.proxy.facts.get(up + good.tarball_path)
+        assert expect is not None
+        self.assertEqual(expect.digests["sha1"], good.sha1)
+        resp, body = self.proxy.get("/npm/" + good.tarball_path)
+        self.assertEqual((resp.code, body), (200, good.tarball))
+        # Nothing learned from good yet: evil still teaches nothing about it.
+        self.proxy.store.remove("npm:" + good.tarball_path)
+        self.proxy.store.remove("npm:good#full#@http://proxy.test")
+        self.assertIsNone(self.proxy.facts.get(up + good.tarball_path))
+        self.proxy.get("/npm/evil", headers={"Accept": "application/json", "Host": "other"})
+        self.assertIsNone(self.proxy.facts.get(up + good.tarball_path))
+        resp, body = self.proxy.get("/npm/" + good.tarball_path)
+        self.assertEqual((resp.code, body), (200, good.tarball))
+
+    def test_evil_page_cannot_block_good_file(self) -> None:
+        """A PyPI page linking another project's file (even naming it as its own) does
+        not decide what that file must be."""
+        whl = b"the good wheel"
+        path = "packages/good-1.0-py3-none-any.whl"
+        self.up.add("/files/" + path, whl)
+        link = f"http://upstream.test/files/{path}"
+        evil = f'<a href="{link}#sha256={"0" * 64}">evil-1.0-py3-none-any.whl</a>'
+        self.up.add("/index/simple/evil/", evil.encode())
+        self.proxy.get("/pypi/simple/evil/")
+        self.assertIsNone(self.proxy.facts.get(link))
+        resp, body = self.proxy.get("/pypi/files/" + path)
+        self.assertEqual((resp.code, body), (200, whl))
+
+    def test_learned_once_per_document_whatever_the_host(self) -> None:
+        """Many Host headers for one page: one set of facts, filed by upstream URL, that
+        goes when the last stored copy goes."""
+        doc = simple_page("demo", 20).replace(FILES.encode(), b"http://upstream.test/files/")
+        self.up.add("/index/simple/demo/", doc)
+        accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
+        for i in range(30):
+            resp, body = self.proxy.get("/pypi/simple/demo/", headers={**accept, "Host": f"h{i}"})
+            self.assertIn(f'"url":"http://h{i}/pypi/files/packages/'.encode(), body)
+        self.assertEqual(len(self.proxy.facts), 60)
+        self.assertEqual(self.proxy.facts.sources(), 1)
+        keys = [e.key for e in self.proxy.store.entries() if "simple/demo" in e.key]
+        self.assertEqual(len(keys), 30)
+        for key in keys[:-1]:
+            self.proxy.store.remove(key)
+        self.assertEqual(len(self.proxy.facts), 60)
+        self.proxy.store.remove(keys[-1])
+        self.assertEqual(len(self.proxy.facts), 0)
+
+    def test_hostile_page_fails_cleanly(self) -> None:
+        """A document that is not JSON where JSON was promised: 502, nothing stored."""
+        self.up.add("/index/simple/demo/", b'{"files": [')
+        accept = {"Accept": "application/vnd.pypi.simple.v1+json"}
+        resp, _ = self.proxy.get("/pypi/simple/demo/", headers=accept)
+        self.assertEqual(resp.code, 502)
+        self.assertEqual(len(self.proxy.store), 0)
+        self.flushLoggedErrors(ValueError)
