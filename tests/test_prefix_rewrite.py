@@ -19,7 +19,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pkgproxy.config import config_from_dict
-from pkgproxy.families import Learned, RewriteContext, npm, pypi
+from pkgproxy.families import Learned, RewriteContext, debian, npm, pypi
 from pkgproxy.rewrite import jsondoc, npm_packument, prefix
 from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.routing import RouteTable
@@ -365,3 +365,32 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(resp.code, 502)
         self.assertEqual(len(self.proxy.store), 0)
         self.flushLoggedErrors(ValueError)
+
+
+class IndexOwnershipTests(SynchronousTestCase):
+    """Debian indexes teach only what lies below the directory they describe."""
+
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_packages(self) -> None:
+        stanza = "Package: {n}\nFilename: {f}\nSize: 3\nSHA256: " + "a" * 64 + "\n\n"
+        text = "".join(
+            stanza.format(n=i, f=f)
+            for i, f in enumerate(["pool/main/a/a.deb", "../other/pool/b.deb", "/etc/c.deb"])
+        )
+        url = "http://deb.test/debian/dists/stable/main/binary-amd64/Packages"
+        learned = debian.learn_packages(self.write(text), url)
+        self.assertEqual([u for u, _ in learned], ["http://deb.test/debian/pool/main/a/a.deb"])
+
+    def test_release(self) -> None:
+        lines = [f" {'b' * 64} 10 {rel}" for rel in ("main/binary-amd64/Packages", "../x/Packages")]
+        url = "http://deb.test/debian/dists/stable/Release"
+        learned = debian.learn_release(self.write("SHA256:\n" + "\n".join(lines) + "\n"), url)
+        self.assertEqual(
+            [u for u, _ in learned],
+            ["http://deb.test/debian/dists/stable/main/binary-amd64/Packages"],
+        )
