@@ -100,7 +100,8 @@ class ClassifyTests(SynchronousTestCase):
                 self.assertEqual(d.cache_class, CacheClass.MUTABLE, path)
                 self.assertEqual(d.ttl, 300.0)
                 self.assertEqual(d.variant, which)
-                self.assertEqual(d.upstream_headers, {"Accept": npm.UPSTREAM_ACCEPT[which]})
+                want_headers = {"Accept": npm.UPSTREAM_ACCEPT[which], "Accept-Encoding": "gzip"}
+                self.assertEqual(d.upstream_headers, want_headers)
                 self.assertEqual(d.response_headers, {"Vary": "Accept"})
                 self.assertIsNotNone(d.rewrite)
                 # Scoped names go upstream as npm sends them; others as they are.

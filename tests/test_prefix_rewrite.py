@@ -10,6 +10,7 @@ whatever Host the clients use (issue 15, 3).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from pkgproxy.config import config_from_dict
 from pkgproxy.families import Learned, RewriteContext, debian, npm, pypi
 from pkgproxy.rewrite import jsondoc, npm_packument, prefix
+from pkgproxy.rewrite.pypi_simple import V1_JSON
 from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.routing import RouteTable
 from tests.support import npmrepo
@@ -394,3 +396,54 @@ class IndexOwnershipTests(SynchronousTestCase):
             [u for u, _ in learned],
             ["http://deb.test/debian/dists/stable/main/binary-amd64/Packages"],
         )
+
+
+class GzipUpstreamTests(SynchronousTestCase):
+    """Rewritten documents are asked for gzip-compressed and served as themselves."""
+
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {
+                "routes": {
+                    "npm": {"upstream": "http://upstream.test/npm/"},
+                    "pypi": {"upstream": "http://upstream.test/index/"},
+                    "pypi-files": {"upstream": "http://upstream.test/files/"},
+                }
+            },
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        self.up = self.proxy.upstream
+
+    def test_pypi_page_taken_compressed(self) -> None:
+        doc = simple_page("demo", 5).replace(FILES.encode(), b"http://upstream.test/files/")
+        self.up.add(
+            "/index/simple/demo/",
+            gzip.compress(doc),
+            headers={b"content-encoding": b"gzip", b"content-type": V1_JSON.encode()},
+        )
+        resp, body = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
+        self.assertEqual(self.up.seen[-1].headers[b"accept-encoding"], b"gzip")
+        self.assertFalse(any(resp.headers.getRawHeaders(b"content-encoding") or []))
+        self.assertEqual(body, doc.replace(b"upstream.test/files/", b"proxy.test/pypi/files/"))
+        self.assertEqual(len(self.proxy.facts), 15)
+        resp, again = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
+        self.assertEqual((again, resp.headers.getRawHeaders(b"x-cache")), (body, [b"HIT"]))
+
+    def test_packument_taken_compressed(self) -> None:
+        up = "http://upstream.test/npm/"
+        doc = json.dumps(npmrepo.packument([DEP_OLD, DEP], up)).encode()
+        self.up.add(f"/npm/{DEP.name}", gzip.compress(doc), headers={b"content-encoding": b"gzip"})
+        resp, body = self.proxy.get(f"/npm/{DEP.name}", headers={"Accept": "application/json"})
+        self.assertEqual(self.up.seen[-1].headers[b"accept-encoding"], b"gzip")
+        self.assertFalse(any(resp.headers.getRawHeaders(b"content-encoding") or []))
+        self.assertEqual(body, doc.replace(up.encode(), b"http://proxy.test/npm/"))
+        self.assertEqual(len(self.proxy.facts), 2)
+
+    def test_bad_gzip_is_refused(self) -> None:
+        """A body that says gzip and is not: 502, nothing stored, nothing learned."""
+        self.up.add("/index/simple/demo/", b"not gzip", headers={b"content-encoding": b"gzip"})
+        resp, _ = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
+        self.assertEqual(resp.code, 502)
+        self.assertEqual((len(self.proxy.store), len(self.proxy.facts)), (0, 0))
+        self.flushLoggedErrors(ValueError)

@@ -163,7 +163,9 @@ class NegotiationTests(SynchronousTestCase):
         served, with Vary: Accept."""
         decision = classify(PYPI, "simple/six/", Facts(), FamilyRequest(accept=PIP_ACCEPT))
         self.assertEqual(decision.variant, V1_JSON)
-        self.assertEqual(dict(decision.upstream_headers), {"Accept": V1_JSON})
+        self.assertEqual(
+            dict(decision.upstream_headers), {"Accept": V1_JSON, "Accept-Encoding": "gzip"}
+        )
         self.assertEqual(
             dict(decision.response_headers), {"Vary": "Accept", "Content-Type": V1_JSON}
         )
@@ -189,7 +191,7 @@ class NegotiationTests(SynchronousTestCase):
             FamilyRequest(accept="text/html", query=f"format={V1_JSON}"),
         )
         self.assertEqual((d.variant, d.query_consumed), (V1_JSON, True))
-        self.assertEqual(dict(d.upstream_headers), {"Accept": V1_JSON})
+        self.assertEqual(dict(d.upstream_headers), {"Accept": V1_JSON, "Accept-Encoding": "gzip"})
         d = classify(
             PYPI, "simple/six/", Facts(), FamilyRequest(accept=PIP_ACCEPT, query="format=x")
         )

@@ -69,6 +69,10 @@ class RewriteContext:
     public_prefix: Callable[[str], tuple[str, str] | None] | None = None
 
 
+#: What to ask for a document that is rewritten: gzip, as direct clients take it (a
+#: fraction of the bytes); the fetch decompresses it after checking it, to rewrite it.
+REWRITTEN_CODING = {"Accept-Encoding": "gzip"}
+
 #: What a document teaches: ``(artifact upstream URL, Expect)`` pairs.
 Learned = list[tuple[str, "Expect"]]
 #: ``(raw file, output file, context)``: writes the representation clients are served,

@@ -38,6 +38,7 @@ from urllib.parse import unquote, urlsplit
 
 from pkgproxy import gcpolicy, httputil
 from pkgproxy.families import (
+    REWRITTEN_CODING,
     CacheClass,
     Decision,
     Expect,
@@ -120,7 +121,7 @@ def _document(route: Route, bare: str, request: Request | None) -> Decision:
         CacheClass.MUTABLE,
         ttl=route.index_ttl,
         variant=which,
-        upstream_headers={"Accept": UPSTREAM_ACCEPT[which]},
+        upstream_headers={"Accept": UPSTREAM_ACCEPT[which], **REWRITTEN_CODING},
         response_headers={"Vary": "Accept"},
         rewrite=partial(_rewrite, base=route.upstream, owner=_owner(bare)),
         upstream_url=upstream_url,

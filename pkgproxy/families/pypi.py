@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from pkgproxy import httputil
 from pkgproxy.families import (
+    REWRITTEN_CODING,
     CacheClass,
     Decision,
     Expect,
@@ -148,7 +149,7 @@ def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
         CacheClass.MUTABLE,
         ttl=route.index_ttl * (ROOT_TTL_FACTOR if root else 1),
         variant=chosen,
-        upstream_headers={"Accept": chosen},
+        upstream_headers={"Accept": chosen, **REWRITTEN_CODING},
         response_headers={"Vary": "Accept", "Content-Type": chosen},
         rewrite=partial(_rewrite_simple, want_json=chosen == V1_JSON, root=root),
         query_consumed=consumed,
@@ -199,7 +200,12 @@ def classify(
             return _redirect(name, f"{normalize(name)}/" if bare else f"../{normalize(name)}/")
         return _index_page(route, request, root=False)
     if _API.match(path):
-        return Decision(CacheClass.MUTABLE, ttl=route.index_ttl, rewrite=rewrite_api)
+        return Decision(
+            CacheClass.MUTABLE,
+            ttl=route.index_ttl,
+            rewrite=rewrite_api,
+            upstream_headers=REWRITTEN_CODING,
+        )
     if _HOSTED.match(path) or _FILE.search(path):
         return _file(route, path, facts)
     if path.startswith("integrity/"):

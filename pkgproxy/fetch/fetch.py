@@ -10,8 +10,11 @@ subscriber's response ends as a failed transfer.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -57,6 +60,8 @@ LOW_WATER = 2 * 1024 * 1024
 #: When the cache disk refuses a download's write, up to this much of the rest of its
 #: body is held in memory so that its clients still get it whole (it is not stored).
 SPILL_MAX = 64 * 1024 * 1024
+#: A gzip-compressed document to rewrite may expand to this much, no more.
+MAX_DOCUMENT = 1024 * 1024 * 1024
 _DONE = Failure(ResponseDone())
 
 
@@ -625,9 +630,21 @@ class Fetch:
         context = self.request.rewrite_context
         assert rewrite is not None and context is not None and self._temp is not None
         raw, out = self._temp, self._store.temp_name(self.key)
+        coding = self.headers.get(b"content-encoding", b"").strip().lower()
+        plain = self._store.temp_name(self.key) if coding in (b"gzip", b"x-gzip") else None
 
         def work() -> tuple[int, str, int, Learned | None]:
-            learned = rewrite(raw, out, context)
+            if plain is None:
+                learned = rewrite(raw, out, context)
+            else:
+                # Taken compressed (verified as the upstream sent it); rewritten and
+                # served as the document itself.
+                try:
+                    _gunzip(raw, plain, MAX_DOCUMENT)
+                    learned = rewrite(plain, out, context)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(plain)
             h = hashlib.sha256()
             size = 0
             with open(out, "rb") as f:
@@ -638,6 +655,8 @@ class Fetch:
 
         def swapped(result: tuple[int, str, int, Learned | None]) -> None:
             fd, digest, size, self.learned = result
+            if plain is not None:
+                del self.headers[b"content-encoding"]
             self._discard_temp()
             self._temp, self._file = out, _SharedFile(fd)
             self.written = self.length = size
@@ -761,6 +780,23 @@ class Fetch:
         callbacks, self._settled_callbacks = self._settled_callbacks, []
         for f in callbacks:
             f(self)
+
+
+def _gunzip(src: str, dst: str, limit: int) -> None:
+    """Decompress the gzip file ``src`` into ``dst`` (in the disk pool).
+
+    :raises ValueError: it is not gzip, or it expands past ``limit`` bytes.
+    """
+    total = 0
+    try:
+        with gzip.open(src, "rb") as g, open(dst, "wb") as f:
+            while chunk := g.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise ValueError(f"the document expands past {limit >> 20} MiB")
+                f.write(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"bad gzip body: {e}") from None
 
 
 class _Known:
