@@ -102,7 +102,7 @@ class ClassifyTests(SynchronousTestCase):
                 self.assertEqual(d.variant, which)
                 want_headers = {"Accept": npm.UPSTREAM_ACCEPT[which], "Accept-Encoding": "gzip"}
                 self.assertEqual(d.upstream_headers, want_headers)
-                self.assertEqual(d.response_headers, {"Vary": "Accept"})
+                self.assertEqual(d.response_headers, {"Vary": "Accept, Accept-Encoding"})
                 self.assertIsNotNone(d.rewrite)
                 # Scoped names go upstream as npm sends them; others as they are.
                 want = REGISTRY + path.replace("/", "%2f") if path.startswith("@") else None
@@ -474,7 +474,7 @@ class NpmProxyTests(SynchronousTestCase):
         resp, body = self.proxy.get(f"/npm/{DEP.name}", headers={"Accept": NPM_ACCEPT})
         self.assertEqual(resp.code, 200)
         self.assertEqual(header(resp, "content-type"), CORGI)
-        self.assertEqual(header(resp, "vary"), "Accept")
+        self.assertEqual(header(resp, "vary"), "Accept, Accept-Encoding")
         self.assertEqual(header(resp, "etag"), f'"{hashlib.sha256(body).hexdigest()}"')
         doc = json.loads(body)
         self.assertIn("modified", doc)

@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from pkgproxy.config import config_from_dict
 from pkgproxy.families import Learned, RewriteContext, debian, npm, pypi
+from pkgproxy.fetch.fetch import PACKED
 from pkgproxy.rewrite import jsondoc, npm_packument, prefix
 from pkgproxy.rewrite.pypi_simple import V1_JSON
 from pkgproxy.testing import MemoryProxy
@@ -351,7 +352,11 @@ class ServerTests(SynchronousTestCase):
             self.assertIn(f'"url":"http://h{i}/pypi/files/packages/'.encode(), body)
         self.assertEqual(len(self.proxy.facts), 60)
         self.assertEqual(self.proxy.facts.sources(), 1)
-        keys = [e.key for e in self.proxy.store.entries() if "simple/demo" in e.key]
+        keys = [
+            e.key
+            for e in self.proxy.store.entries()
+            if "simple/demo" in e.key and not e.key.endswith(PACKED)
+        ]
         self.assertEqual(len(keys), 30)
         for key in keys[:-1]:
             self.proxy.store.remove(key)
@@ -447,3 +452,74 @@ class GzipUpstreamTests(SynchronousTestCase):
         self.assertEqual(resp.code, 502)
         self.assertEqual((len(self.proxy.store), len(self.proxy.facts)), (0, 0))
         self.flushLoggedErrors(ValueError)
+
+
+class GzipClientTests(GzipUpstreamTests):
+    """A rewritten document is stored with its gzip form beside it: a client that takes
+    gzip gets that, one that does not gets the document, in either order, on the raw
+    wire (no client library decoding in between)."""
+
+    def wire(self, path: str, *headers: str) -> tuple[dict[bytes, bytes], bytes]:
+        head = f"GET {path} HTTP/1.1\r\nHost: proxy.test\r\n" + "".join(h + "\r\n" for h in headers)
+        raw = self.proxy.raw(head.encode() + b"\r\n")
+        top, _, body = raw.partition(b"\r\n\r\n")
+        fields = dict(
+            (k.strip().lower(), v.strip())
+            for k, _, v in (line.partition(b":") for line in top.split(b"\r\n")[1:])
+        )
+        self.assertEqual(len(body), int(fields[b"content-length"]))
+        return fields, body
+
+    def publish(self) -> bytes:
+        doc = simple_page("demo", 20).replace(FILES.encode(), b"http://upstream.test/files/")
+        self.up.add("/index/simple/demo/", doc)
+        return doc.replace(b"upstream.test/files/", b"proxy.test/pypi/files/")
+
+    def test_gzip_client_after_identity_client(self) -> None:
+        want = self.publish()
+        accept = f"Accept: {V1_JSON}"
+        first, body = self.wire("/pypi/simple/demo/", accept)
+        self.assertEqual((body, first.get(b"content-encoding")), (want, None))
+        self.assertEqual(first[b"vary"], b"Accept, Accept-Encoding")
+        gz, packed = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip, deflate")
+        self.assertEqual((gz[b"content-encoding"], gz[b"x-cache"]), (b"gzip", b"HIT"))
+        self.assertEqual(gzip.decompress(packed), want)
+        self.assertLess(len(packed), len(want) // 2)
+        self.assertNotEqual(gz[b"etag"], first[b"etag"])
+        self.assertEqual(gz[b"vary"], b"Accept, Accept-Encoding")
+        # And back: identity again (also from the hit path), gzip again.
+        for _ in range(2):
+            again, body = self.wire("/pypi/simple/demo/", accept)
+            self.assertEqual((body, again.get(b"content-encoding")), (want, None))
+            gz, packed = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip")
+            self.assertEqual(gzip.decompress(packed), want)
+        no, body = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip;q=0")
+        self.assertEqual((body, no.get(b"content-encoding")), (want, None))
+        self.assertEqual(self.up.count("/index/simple/demo/"), 1)
+
+    def test_identity_client_after_gzip_client(self) -> None:
+        want = self.publish()
+        accept = f"Accept: {V1_JSON}"
+        first, body = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip")
+        # The first client waited for the rewrite and is streamed the document itself.
+        self.assertEqual(
+            body if not first.get(b"content-encoding") else gzip.decompress(body), want
+        )
+        plain, body = self.wire("/pypi/simple/demo/", accept)
+        self.assertEqual((body, plain.get(b"content-encoding")), (want, None))
+        gz, packed = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip")
+        self.assertEqual((gz[b"content-encoding"], gzip.decompress(packed)), (b"gzip", want))
+        self.assertEqual(self.up.count("/index/simple/demo/"), 1)
+
+    def test_stale_gzip_form_is_not_served(self) -> None:
+        """A gzip form that is not of the stored document (left from an older one) is
+        never served: the document is."""
+        want = self.publish()
+        accept = f"Accept: {V1_JSON}"
+        self.wire("/pypi/simple/demo/", accept)
+        key = next(e.key for e in self.proxy.store.entries() if e.key.endswith(PACKED))
+        sibling = self.proxy.store.peek(key)
+        assert sibling is not None
+        sibling.etag = "0" * 64
+        plain, body = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip")
+        self.assertEqual((body, plain.get(b"content-encoding")), (want, None))

@@ -72,6 +72,8 @@ class RewriteContext:
 #: What to ask for a document that is rewritten: gzip, as direct clients take it (a
 #: fraction of the bytes); the fetch decompresses it after checking it, to rewrite it.
 REWRITTEN_CODING = {"Accept-Encoding": "gzip"}
+#: A rewritten document is served gzip-compressed to clients that take it.
+VARY_CODING = "Accept-Encoding"
 
 #: What a document teaches: ``(artifact upstream URL, Expect)`` pairs.
 Learned = list[tuple[str, "Expect"]]

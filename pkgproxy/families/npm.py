@@ -39,6 +39,7 @@ from urllib.parse import unquote, urlsplit
 from pkgproxy import gcpolicy, httputil
 from pkgproxy.families import (
     REWRITTEN_CODING,
+    VARY_CODING,
     CacheClass,
     Decision,
     Expect,
@@ -122,7 +123,7 @@ def _document(route: Route, bare: str, request: Request | None) -> Decision:
         ttl=route.index_ttl,
         variant=which,
         upstream_headers={"Accept": UPSTREAM_ACCEPT[which], **REWRITTEN_CODING},
-        response_headers={"Vary": "Accept"},
+        response_headers={"Vary": f"Accept, {VARY_CODING}"},
         rewrite=partial(_rewrite, base=route.upstream, owner=_owner(bare)),
         upstream_url=upstream_url,
     )

@@ -34,6 +34,7 @@ from urllib.parse import unquote, urlsplit
 from pkgproxy import httputil
 from pkgproxy.families import (
     REWRITTEN_CODING,
+    VARY_CODING,
     CacheClass,
     Decision,
     Expect,
@@ -150,7 +151,7 @@ def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
         ttl=route.index_ttl * (ROOT_TTL_FACTOR if root else 1),
         variant=chosen,
         upstream_headers={"Accept": chosen, **REWRITTEN_CODING},
-        response_headers={"Vary": "Accept", "Content-Type": chosen},
+        response_headers={"Vary": f"Accept, {VARY_CODING}", "Content-Type": chosen},
         rewrite=partial(_rewrite_simple, want_json=chosen == V1_JSON, root=root),
         query_consumed=consumed,
     )
@@ -205,6 +206,7 @@ def classify(
             ttl=route.index_ttl,
             rewrite=rewrite_api,
             upstream_headers=REWRITTEN_CODING,
+            response_headers={"Vary": VARY_CODING},
         )
     if _HOSTED.match(path) or _FILE.search(path):
         return _file(route, path, facts)

@@ -32,7 +32,7 @@ from pkgproxy.families import (
     RewriteContext,
 )
 from pkgproxy.families import Request as FamilyRequest
-from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
+from pkgproxy.fetch.fetch import PACKED, Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner, cache_key
 from pkgproxy.observe import Observer, RequestRecord
@@ -692,6 +692,11 @@ class ProxyResource(Resource):
 
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
+        if ctx.decision.rewrite is not None and _takes_gzip(req.getHeader(b"accept-encoding")):
+            # The gzip form stored beside a rewritten document, if it is of this one.
+            sibling = self._store.get(entry.key + PACKED)
+            if sibling is not None and sibling.etag == entry.sha256:
+                entry = sibling
         etag = f'"{entry.sha256}"'
         if entry.etag and ctx.decision.rewrite is None:
             etag = entry.etag
@@ -1006,6 +1011,29 @@ class ProxyResource(Resource):
         req.setHeader(b"content-range", f"bytes {start}-{end - 1}/{size}".encode())
         req.setHeader(b"content-length", str(end - start).encode())
         return span
+
+
+def _takes_gzip(value: bytes | None) -> bool:
+    """Whether an ``Accept-Encoding`` header admits gzip (``q`` > 0)."""
+    if not value:
+        return False
+    star = False
+    for element in value.decode("latin-1").split(","):
+        coding, *params = element.split(";")
+        coding = coding.strip().lower()
+        q = 1.0
+        for param in params:
+            name, _, number = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(number)
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0
+        if coding == "*":
+            star = q > 0
+    return star
 
 
 def _client_base(request: Request) -> str:
