@@ -50,6 +50,20 @@ def context(page_url: str, fast: bool = True, base: str = BASE) -> RewriteContex
     )
 
 
+def through_files(
+    case: SynchronousTestCase, raw: bytes, rewrite: Callable[[str, str], Learned]
+) -> tuple[bytes, Learned]:
+    """Rewrite ``raw`` from one file into another, as the fetch does: ``(out, learned)``."""
+    work = case.mktemp()
+    os.makedirs(work)
+    src, out = os.path.join(work, "raw"), os.path.join(work, "out")
+    with open(src, "wb") as f:
+        f.write(raw)
+    learned = rewrite(src, out)
+    with open(out, "rb") as f:
+        return f.read(), learned
+
+
 def sha(n: int) -> str:
     return hashlib.sha256(b"%d" % n).hexdigest()
 
@@ -98,16 +112,12 @@ class PypiJsonTests(SynchronousTestCase):
             return walk(*a, **kw)
 
         self.patch(jsondoc, "replace_strings", counted)
-        results = []
-        for use_prefix in (False, True):
-            work = self.mktemp()
-            os.makedirs(work)
-            src, out = os.path.join(work, "raw"), os.path.join(work, "out")
-            with open(src, "wb") as f:
-                f.write(raw)
-            learned = rewriter(src, out, context(page_url, use_prefix))
-            with open(out, "rb") as f:
-                results.append((f.read(), learned))
+        results = [
+            through_files(
+                self, raw, lambda src, out, f=fast: rewriter(src, out, context(page_url, f))
+            )
+            for fast in (False, True)
+        ]
         self.assertEqual(len(calls), 1 if fast else 2)
         self.assertEqual(results[0], results[1])
         return results[1]
@@ -193,17 +203,17 @@ class NpmTests(SynchronousTestCase):
             write_json(*a)
 
         self.patch(npm_packument, "write_json", counted)
-        out_docs = []
-        for use_prefix in (False, True):
-            work = self.mktemp()
-            os.makedirs(work)
-            src, out = os.path.join(work, "raw"), os.path.join(work, "out")
-            with open(src, "wb") as f:
-                f.write(raw)
-            url = REGISTRY + name.replace("/", "%2f")
-            learned = npm._rewrite(src, out, context(url, use_prefix), base=REGISTRY, owner=name)
-            with open(out, "rb") as f:
-                out_docs.append((f.read(), learned))
+        url = REGISTRY + name.replace("/", "%2f")
+        out_docs = [
+            through_files(
+                self,
+                raw,
+                lambda src, out, f=fast: npm._rewrite(
+                    src, out, context(url, f), base=REGISTRY, owner=name
+                ),
+            )
+            for fast in (False, True)
+        ]
         self.assertEqual(len(written), 1 if fast else 2)
         (slow, slow_learned), (body, learned) = out_docs
         self.assertEqual(json.loads(body), json.loads(slow))
@@ -276,8 +286,8 @@ class PrefixCheckTests(SynchronousTestCase):
         self.assertEqual(b"".join(out), b'["https://pub/x/a","https://pub/x/b", "x"]')
 
 
-class ServerTests(SynchronousTestCase):
-    """Through the server: ownership of checks, and learning per upstream document."""
+class ProxyCase(SynchronousTestCase):
+    """A memory proxy with npm and PyPI routes on one fake upstream."""
 
     def setUp(self) -> None:
         self.proxy = MemoryProxy(
@@ -292,6 +302,10 @@ class ServerTests(SynchronousTestCase):
         )
         self.addCleanup(self.proxy.close)
         self.up = self.proxy.upstream
+
+
+class ServerTests(ProxyCase):
+    """Through the server: ownership of checks, and learning per upstream document."""
 
     def test_evil_packument_cannot_block_good(self) -> None:
         """The issue's example: ``evil`` lists ``good``'s tarball with another integrity;
@@ -403,22 +417,8 @@ class IndexOwnershipTests(SynchronousTestCase):
         )
 
 
-class GzipUpstreamTests(SynchronousTestCase):
+class GzipUpstreamTests(ProxyCase):
     """Rewritten documents are asked for gzip-compressed and served as themselves."""
-
-    def setUp(self) -> None:
-        self.proxy = MemoryProxy(
-            {
-                "routes": {
-                    "npm": {"upstream": "http://upstream.test/npm/"},
-                    "pypi": {"upstream": "http://upstream.test/index/"},
-                    "pypi-files": {"upstream": "http://upstream.test/files/"},
-                }
-            },
-            cache_dir=self.mktemp(),
-        )
-        self.addCleanup(self.proxy.close)
-        self.up = self.proxy.upstream
 
     def test_pypi_page_taken_compressed(self) -> None:
         doc = simple_page("demo", 5).replace(FILES.encode(), b"http://upstream.test/files/")
@@ -454,7 +454,7 @@ class GzipUpstreamTests(SynchronousTestCase):
         self.flushLoggedErrors(ValueError)
 
 
-class GzipClientTests(GzipUpstreamTests):
+class GzipClientTests(ProxyCase):
     """A rewritten document is stored with its gzip form beside it: a client that takes
     gzip gets that, one that does not gets the document, in either order, on the raw
     wire (no client library decoding in between)."""

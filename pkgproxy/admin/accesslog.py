@@ -99,6 +99,29 @@ def format_text(record: RequestRecord) -> dict[str, str]:
     }
 
 
+class _Batch:
+    """Lines buffered until :attr:`BATCH` bytes or :attr:`DELAY` seconds, then
+    :meth:`flush`-ed (by the access log classes below)."""
+
+    BATCH = 64 * 1024
+    DELAY = 1.0
+    _lines: list[str]
+    _size: int
+    _timer: IDelayedCall | None
+    _clock: IReactorTime | None
+
+    def flush(self) -> Deferred[None]:
+        raise NotImplementedError
+
+    def _add(self, line: str) -> None:
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self.BATCH:
+            self.flush()
+        elif self._timer is None and self._clock is not None:
+            self._timer = self._clock.callLater(self.DELAY, self.flush)
+
+
 class _Direct:
     """Where the normal log writes text lines, for access lines written in batches.
 
@@ -176,7 +199,7 @@ def _write_lines(fds: list[int], data: bytes) -> None:
         start = end
 
 
-class AccessLog(Service, Observer):
+class AccessLog(_Batch, Service, Observer):
     """One ``info`` line per finished request in the ``pkgproxy.access`` namespace of the
     normal log.
 
@@ -193,7 +216,6 @@ class AccessLog(Service, Observer):
     :param logger: where to emit events (tests pass their own; then always events).
     """
 
-    BATCH = 64 * 1024
     DELAY = 0.25
 
     def __init__(
@@ -244,13 +266,7 @@ class AccessLog(Service, Observer):
             text = json.dumps(record_fields(record), separators=(",", ":"), ensure_ascii=True)
         else:
             text = _TEXT.format(**format_text(record))
-        line = self._prefix(self._clock.seconds()) + text + "\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= self.BATCH:
-            self.flush()
-        elif self._timer is None:
-            self._timer = self._clock.callLater(self.DELAY, self.flush)
+        self._add(self._prefix(self._clock.seconds()) + text + "\n")
 
     def _emit(self, record: RequestRecord) -> None:
         fields = record_fields(record)
@@ -300,7 +316,7 @@ class AccessLog(Service, Observer):
         return self.flush()
 
 
-class AccessLogFile(Service, Observer):
+class AccessLogFile(_Batch, Service, Observer):
     """The access log written to a file of its own, in batches, off the reactor thread.
 
     A line through ``twisted.logger`` costs about 100 µs (the event, every observer, the
@@ -311,9 +327,6 @@ class AccessLogFile(Service, Observer):
     moves it the next write creates a new one. A write that fails is reported once in
     the normal log and its lines are counted in :attr:`dropped`.
     """
-
-    BATCH = 64 * 1024
-    DELAY = 1.0
 
     def __init__(
         self, path: str, pool: DiskPool, clock: IReactorTime, json_lines: bool = False
@@ -332,6 +345,7 @@ class AccessLogFile(Service, Observer):
         self._log = Logger(namespace=NAMESPACE)
 
     def request_done(self, record: RequestRecord) -> None:
+        assert self._clock is not None
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._clock.seconds()))
         if self._json:
             fields = record_fields(record)
@@ -339,12 +353,7 @@ class AccessLogFile(Service, Observer):
             line = json.dumps(fields, separators=(",", ":"), ensure_ascii=True) + "\n"
         else:
             line = stamp + " " + _TEXT.format(**format_text(record)) + "\n"
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= self.BATCH:
-            self.flush()
-        elif self._timer is None:
-            self._timer = self._clock.callLater(self.DELAY, self.flush)
+        self._add(line)
 
     def flush(self) -> Deferred[None]:
         """Write what is buffered; fires once it is written (or dropped)."""
@@ -377,7 +386,7 @@ class AccessLogFile(Service, Observer):
             self._writing = None
             if self._size >= self.BATCH or (self._lines and not self.running):
                 return self.flush()
-            if self._lines and self._timer is None:
+            if self._lines and self._timer is None and self._clock is not None:
                 self._timer = self._clock.callLater(self.DELAY, self.flush)
             return None
 
