@@ -523,3 +523,19 @@ class GzipClientTests(ProxyCase):
         sibling.etag = "0" * 64
         plain, body = self.wire("/pypi/simple/demo/", accept, "Accept-Encoding: gzip")
         self.assertEqual((body, plain.get(b"content-encoding")), (want, None))
+
+
+class HostTests(ProxyCase):
+    def test_non_ascii_host_is_not_a_base(self) -> None:
+        """A Host that is not an ASCII name (``isalnum`` takes any script) is not put in
+        rewritten links: the address the client connected to is."""
+        doc = simple_page("demo", 2).replace(FILES.encode(), b"http://upstream.test/files/")
+        self.up.add("/index/simple/demo/", doc)
+        raw = self.proxy.raw(
+            b"GET /pypi/simple/demo/ HTTP/1.1\r\nHost: \xe9xample\r\n"
+            b"Accept: " + V1_JSON.encode() + b"\r\n\r\n"
+        )
+        self.assertIn(b"200 OK", raw.split(b"\r\n", 1)[0])
+        body = raw.partition(b"\r\n\r\n")[2]
+        self.assertNotIn(b"xample/pypi/files/", body)
+        self.assertIn(b"/pypi/files/packages/", body)

@@ -7,6 +7,7 @@ carries an absolute URI, which Twisted keeps whole in ``request.path``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -1036,13 +1037,17 @@ def _takes_gzip(value: bytes | None) -> bool:
     return star
 
 
+#: A Host header usable as the base of rewritten links: an ASCII name or address, port.
+_HOST_NAME = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
+
+
 def _client_base(request: Request) -> str:
     """``scheme://host[:port]`` as the client named the proxy (its Host header)."""
     scheme = "https" if request.isSecure() else "http"
     host = request.getHeader(b"host")
     if host:
         name = host.decode("latin-1").strip()
-        if name and all(c.isalnum() or c in "-.:[]_" for c in name):
+        if _HOST_NAME.match(name):  # ASCII only: str.isalnum would take any script
             return f"{scheme}://{name}"
     addr = request.getHost()
     return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"
