@@ -23,7 +23,7 @@ from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import FAMILIES, Expect, Facts
-from pkgproxy.fetch.fetch import Fetch
+from pkgproxy.fetch.fetch import PACKED, Fetch
 
 log = Logger()
 
@@ -190,6 +190,8 @@ class Learner:
         """Read every cached index again (at start)."""
         entries = []
         for e in self._store.entries():
+            if e.key.endswith(PACKED):
+                continue  # the gzip form of a document, read as the document itself
             name, path = split_key(e.key)
             route = self._routes.get(name)
             if route is not None and self.wants(route, path):

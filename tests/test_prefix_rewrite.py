@@ -286,20 +286,20 @@ class PrefixCheckTests(SynchronousTestCase):
         self.assertEqual(b"".join(out), b'["https://pub/x/a","https://pub/x/b", "x"]')
 
 
+ROUTES = {
+    "routes": {
+        "npm": {"upstream": "http://upstream.test/npm/"},
+        "pypi": {"upstream": "http://upstream.test/index/"},
+        "pypi-files": {"upstream": "http://upstream.test/files/"},
+    }
+}
+
+
 class ProxyCase(SynchronousTestCase):
     """A memory proxy with npm and PyPI routes on one fake upstream."""
 
     def setUp(self) -> None:
-        self.proxy = MemoryProxy(
-            {
-                "routes": {
-                    "npm": {"upstream": "http://upstream.test/npm/"},
-                    "pypi": {"upstream": "http://upstream.test/index/"},
-                    "pypi-files": {"upstream": "http://upstream.test/files/"},
-                }
-            },
-            cache_dir=self.mktemp(),
-        )
+        self.proxy = MemoryProxy(ROUTES, cache_dir=self.mktemp())
         self.addCleanup(self.proxy.close)
         self.up = self.proxy.upstream
 
@@ -539,3 +539,22 @@ class HostTests(ProxyCase):
         body = raw.partition(b"\r\n\r\n")[2]
         self.assertNotIn(b"xample/pypi/files/", body)
         self.assertIn(b"/pypi/files/packages/", body)
+
+
+class RestartTests(ProxyCase):
+    def test_relearned_from_the_document_not_its_gzip_form(self) -> None:
+        """After a restart, what a page taught is read again from its stored copy (the
+        links mapped back to the upstream), never from the gzip form beside it."""
+        doc = simple_page("demo", 20).replace(FILES.encode(), b"http://upstream.test/files/")
+        self.up.add("/index/simple/demo/", doc)
+        self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON, "Host": "h1"})
+        self.assertEqual(len(self.proxy.facts), 60)
+        url = f"http://upstream.test/files/packages/ab/cd/{sha(0)[:60]}/demo-1.0.tar.gz"
+        expect = self.proxy.facts.get(url)
+        self.assertIsNotNone(expect)
+        self.assertTrue(any(e.key.endswith(PACKED) for e in self.proxy.store.entries()))
+        self.proxy.close()
+        again = MemoryProxy(ROUTES, cache_dir=self.proxy.config.cache.dir)
+        self.addCleanup(again.close)
+        self.assertEqual((len(again.facts), again.facts.sources()), (60, 1))
+        self.assertEqual(again.facts.get(url), expect)
