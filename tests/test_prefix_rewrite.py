@@ -558,3 +558,12 @@ class RestartTests(ProxyCase):
         self.addCleanup(again.close)
         self.assertEqual((len(again.facts), again.facts.sources()), (60, 1))
         self.assertEqual(again.facts.get(url), expect)
+
+    def test_gzip_form_goes_with_its_document(self) -> None:
+        doc = simple_page("demo", 20).replace(FILES.encode(), b"http://upstream.test/files/")
+        self.up.add("/index/simple/demo/", doc)
+        self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
+        keys = sorted(e.key for e in self.proxy.store.entries())
+        self.assertEqual([k.endswith(PACKED) for k in keys], [False, True])
+        self.proxy.store.remove(keys[0])
+        self.assertEqual(len(self.proxy.store), 0)

@@ -166,6 +166,12 @@ class ProxyResource(Resource):
         self.offline = config.offline
         #: Repeated hits answered below twisted.web (the site's channels use it).
         self.hit_path = HitPath(store, self._learner, self._observer, clock, config.cache.memory)
+        store.on_drop.append(self._drop_packed)
+
+    def _drop_packed(self, entry: Entry) -> None:
+        """A document's gzip form goes with it (purged, evicted)."""
+        if not entry.key.endswith(PACKED):
+            self._store.remove(entry.key + PACKED)
 
     def render(self, request: Request) -> bytes | int:
         # Twisted would label a body without a type text/html; unknown stays unknown.
