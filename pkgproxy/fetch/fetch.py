@@ -775,7 +775,8 @@ class Fetch:
         """Store the gzip form of a rewritten document beside it (see :data:`PACKED`)."""
         packed, self._packed = self._packed, None
         if packed is None:
-            self._store.remove(entry.key + PACKED)  # a gzip form of an older document
+            if self.request.decision.rewrite is not None:
+                self._store.remove(entry.key + PACKED)  # the gzip form of an older one
             return None
         from pkgproxy.cache.store import Entry
 
