@@ -5,8 +5,11 @@ as an absolute URL on the registry. Served unchanged, it would send npm, yarn an
 straight to the registry for every tarball, past the cache. :func:`rewrite_packument`
 parses the document and replaces each tarball URL with the one this client uses for it
 through the proxy (``RewriteContext.public_url``); ``integrity`` and ``shasum`` are left
-as they are. It parses and re-serialises JSON instead of replacing bytes: a document may
-escape its slashes (``https:\\/\\/``), and a byte-level replace would miss or mangle it.
+as they are. The document is parsed (what it teaches is read from the same parse); where
+every tarball is under the registry's prefix, written plainly, the registry's bytes are
+served with that prefix replaced (:mod:`pkgproxy.rewrite.prefix`, which proves that this
+is the parsed rewrite); otherwise, as for a document that escapes its slashes
+(``https:\\/\\/``), the parsed document is rewritten and serialised again.
 
 Packuments of popular packages reach tens of MB. The rewrite runs in the disk pool, but
 a thread only helps the reactor while it lets go of the GIL, and ``json.loads`` and

@@ -8,7 +8,7 @@ with ``"<prefix>`` replaced by ``"<public prefix>``: no walk, no re-serialisatio
 
 It is only done when the bytes prove it gives exactly what rewriting the parsed values
 would. :class:`KeyedStrings` records, while the document is parsed, every string value
-of a member named ``key`` (``url``, ``tarball``), decoded; then :func:`replace` checks
+of a member named ``key`` (``url``, ``tarball``), decoded; then :func:`exact` checks
 
 - that every occurrence of ``"<prefix>`` in the bytes stands right after a literal
   ``"key":`` (so it starts the value of such a member, written without escapes);
@@ -17,7 +17,8 @@ of a member named ``key`` (``url``, ``tarball``), decoded; then :func:`replace` 
 - that these are exactly the links the format rewrites (the caller passes those).
 
 Anything else (an escaped slash, a relative link, a link to another host, a registry
-URL in some other field) returns ``None`` and the caller takes the parsing path.
+URL in some other field) fails the check, and the caller takes the parsing path.
+:func:`write_replaced` then writes the document in pieces, never copied whole.
 """
 
 from __future__ import annotations
