@@ -2,7 +2,11 @@
 
 When a family says a committed body is an index (a Debian Packages file, an Alpine
 APKINDEX), it is parsed in the disk pool and what it lists goes into :class:`Facts`.
-On start the cached indexes are read again, so the checks survive a restart.
+A document the proxy rewrites (a PyPI page, a packument) is learned from while it is
+rewritten, from the upstream's own bytes. Either way the facts are filed under the
+document's upstream URL, whichever client base a rewritten copy was made for, and go
+when its last cached copy goes. On start the cached indexes are read again (links of
+rewritten copies mapped back to upstream URLs), so the checks survive a restart.
 
 A family is "busy" from the moment one of its indexes is verified (its client is about
 to see the whole index and ask for what it lists) until what the index lists is in the
