@@ -207,8 +207,9 @@ class AccessLog(_Batch, Service, Observer):
     (the event, every observer, the timestamp, a write and a flush). So where the normal
     log is twistd's text log (every observer a text file observer, checked by having
     each format a probe event), lines are formatted here, the timestamp once a second,
-    and written in batches of :attr:`BATCH` bytes or every :attr:`DELAY` seconds, from
-    the disk pool when the log is an OS file: the same lines, in the same place. Any
+    and written in batches, the lines of one reactor turn (or :attr:`BATCH` bytes) at a
+    time, from the disk pool when the log is an OS file: the same lines, in the same
+    place. Any
     other log setup (JSON, syslog, a test's observer) gets one event per request, which
     also carries the fields as the ``access`` key.
 
@@ -216,7 +217,9 @@ class AccessLog(_Batch, Service, Observer):
     :param logger: where to emit events (tests pass their own; then always events).
     """
 
-    DELAY = 0.25
+    #: At the end of the reactor turn: a busy server's turn ends many requests, one
+    #: write takes them all; an idle one's line is in the log at once.
+    DELAY = 0.0
 
     def __init__(
         self,
