@@ -279,11 +279,14 @@ class PrefixCheckTests(SynchronousTestCase):
         self.assertFalse(prefix.exact(data, "url", [link], [link], FILES, 'http://h"/'))
 
     def test_written_in_pieces(self) -> None:
-        out: list[bytes] = []
         data = b'["P/a","P/b", "x"]'.replace(b"P/", b"http://u/")
-        prefix.write_replaced(data, "http://u/", "https://pub/x/", out.append, chunk=4)
-        self.assertGreater(len(out), 1)
-        self.assertEqual(b"".join(out), b'["https://pub/x/a","https://pub/x/b", "x"]')
+        want = b'["https://pub/x/a","https://pub/x/b", "x"]'
+        for copy_max in (prefix.COPY_MAX, 0):
+            self.patch(prefix, "COPY_MAX", copy_max)
+            out: list[bytes] = []
+            prefix.write_replaced(data, "http://u/", "https://pub/x/", out.append, chunk=4)
+            self.assertGreater(len(out), 1)
+            self.assertEqual(b"".join(out), want)
 
 
 ROUTES = {
@@ -567,3 +570,26 @@ class RestartTests(ProxyCase):
         self.assertEqual([k.endswith(PACKED) for k in keys], [False, True])
         self.proxy.store.remove(keys[0])
         self.assertEqual(len(self.proxy.store), 0)
+
+
+class OwnsTests(SynchronousTestCase):
+    def test_file_names(self) -> None:
+        """Which files a project's page may teach checks for, by the name in the URL."""
+        base = "https://files.pythonhosted.org/packages/ab/cd/ef/"
+        cases = {
+            ("six", "six-1.17.0-py2.py3-none-any.whl"): True,
+            ("six", "six-1.17.0.tar.gz"): True,
+            ("six", "six-1.17.0-py2.py3-none-any.whl.metadata"): True,
+            ("zope-interface", "zope.interface-5.0.tar.gz"): True,
+            ("zope-interface", "zope_interface-5.0-cp311-none-any.whl"): True,
+            ("typing-extensions", "typing_extensions-4.0-py3-none-any.whl"): True,
+            ("foo-bar", "Foo__Bar-1.0.tar.gz"): True,
+            ("foo-bar", "foo-bar-v2.zip"): True,
+            ("foo", "foo-bar-1.0.tar.gz"): False,
+            ("foo", "foo_bar-1.0-py3-none-any.whl"): False,
+            ("evil", "good-1.0-py3-none-any.whl"): False,
+            ("evil", "evil%2F..%2Fgood-1.0.tar.gz"): False,
+            ("good", "good-1.0.tar.gz#sha256=00"): True,
+        }
+        for (project, name), want in cases.items():
+            self.assertEqual(pypi.owns(project, base + name), want, (project, name))

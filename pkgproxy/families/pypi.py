@@ -252,7 +252,8 @@ def _key(url: str) -> str | None:
 
 #: The project a document describes, from its upstream URL's path.
 _PROJECT_OF = re.compile(r"/\+?simple/(?P<a>[^/]+)/?$|/pypi/(?P<b>[^/]+)(?:/[^/]+)?/json$")
-_VERSION_START = re.compile(r"^v?[0-9]")
+_VERSION_START = re.compile(r"v?[0-9]")
+_DASHES = str.maketrans("_.", "--")
 
 
 def project_of(page_url: str) -> str | None:
@@ -270,7 +271,16 @@ def owns(project: str, url: str) -> bool:
     A wheel names its project before the first ``-``; an sdist (or egg, zip, ...) is
     ``<project>-<version>...`` with a version that starts with a digit.
     """
-    name = unquote(url.split("#", 1)[0].split("?", 1)[0].rsplit("/", 1)[-1])
+    if "#" in url or "?" in url:
+        url = url.split("#", 1)[0].split("?", 1)[0]
+    name = url[url.rfind("/") + 1 :]
+    if "%" in name:
+        name = unquote(name)
+    n = len(project)
+    head = name[:n]
+    if name[n : n + 1] == "-" and "-" not in head and head.lower().translate(_DASHES) == project:
+        # The usual spelling, one separator at a time: no regex needed.
+        return name.lower().endswith(".whl") or bool(_VERSION_START.match(name, n + 1))
     for sidecar in _SIDECAR:
         name = name.removesuffix(sidecar)
     if name.lower().endswith(".whl"):

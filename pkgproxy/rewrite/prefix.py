@@ -27,6 +27,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+#: Documents up to this size are replaced in one copy; larger ones link by link.
+COPY_MAX = 8 * 1024 * 1024
 #: What a public prefix may contain to be spliced into JSON as it is.
 _SAFE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:@!$&'()*+,;=%\[\]/-]*$")
 
@@ -86,9 +88,15 @@ def write_replaced(
     data: bytes, prefix: str, public: str, write: Callable[[bytes], object], chunk: int = 1 << 20
 ) -> None:
     """Write ``data`` through ``write`` with every ``"prefix`` as ``"public``, in pieces of
-    about ``chunk`` bytes (the document is not copied whole)."""
+    about ``chunk`` bytes (a document larger than :data:`COPY_MAX` is not copied whole)."""
     old = b'"' + prefix.encode()
     new = b'"' + public.encode()
+    if len(data) <= COPY_MAX:
+        # One copy of a document this size costs less than a loop over its links.
+        out = data.replace(old, new)
+        for i in range(0, len(out), chunk):
+            write(out[i : i + chunk])
+        return
     view = memoryview(data)
     pending: list[bytes | memoryview] = []
     size = 0
