@@ -20,7 +20,7 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from pkgproxy.config import config_from_dict
-from pkgproxy.families import Learned, RewriteContext, debian, npm, pypi
+from pkgproxy.families import Expect, Facts, Learned, RewriteContext, debian, npm, pypi
 from pkgproxy.fetch.fetch import PACKED
 from pkgproxy.rewrite import jsondoc, npm_packument, prefix
 from pkgproxy.rewrite.pypi_simple import V1_JSON
@@ -593,3 +593,22 @@ class OwnsTests(SynchronousTestCase):
         }
         for (project, name), want in cases.items():
             self.assertEqual(pypi.owns(project, base + name), want, (project, name))
+
+
+class FactsTests(SynchronousTestCase):
+    def test_a_url_two_documents_list_stays_with_either(self) -> None:
+        """A file both a project page and its JSON API list keeps its check until the
+        last of the two goes; learning a document again replaces what it taught."""
+        facts = Facts()
+        a, b = Expect(1, {"sha256": "a"}), Expect(None, {"sha256": "a"})
+        facts.add([("f", a), ("g", a)], source="page")
+        facts.add([("f", b)], source="api")
+        facts.forget("api")
+        self.assertEqual((facts.get("f"), facts.get("g")), (b, a))
+        facts.add([("f", a)], source="api")
+        facts.add([("h", a)], source="page")  # the page no longer lists f and g
+        self.assertEqual((facts.get("f"), facts.get("g"), facts.get("h")), (a, None, a))
+        facts.forget("api")
+        self.assertEqual((len(facts), facts.sources()), (1, 1))
+        facts.forget("page")
+        self.assertEqual(len(facts), 0)

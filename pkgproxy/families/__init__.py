@@ -178,7 +178,8 @@ class Facts:
 
     def __init__(self) -> None:
         self._known: dict[str, Expect] = {}
-        self._source_of: dict[str, str] = {}
+        #: The document, or documents, that taught each URL (one, nearly always).
+        self._sources_of: dict[str, str | tuple[str, ...]] = {}
         self._taught: dict[str, list[str]] = {}
         #: Changes whenever something is learned: a decision made under an older
         #: generation may no longer hold (the cache's hit path checks it).
@@ -196,29 +197,40 @@ class Facts:
         if source is not None:
             self._drop(source)
         taught = []
+        sources = self._sources_of
         for url, expect in items:
             self._known[url] = expect
             taught.append(url)
-            if source is not None:
-                self._source_of[url] = source
-            else:
-                self._source_of.pop(url, None)
+            if source is None:
+                sources.pop(url, None)  # never forgotten
+                continue
+            had = sources.get(url)
+            if had is None:
+                sources[url] = source
+            elif had != source and not (isinstance(had, tuple) and source in had):
+                sources[url] = (had, source) if isinstance(had, str) else (*had, source)
         if source is not None:
             self._taught[source] = taught
         self.generation += 1
         return len(taught)
 
     def forget(self, source: str) -> None:
-        """Drop what the index at ``source`` taught (its last cached copy is gone)."""
+        """Drop what the index at ``source`` taught (its last cached copy is gone); a
+        URL another cached index also lists stays."""
         if source in self._taught:
             self._drop(source)
             self.generation += 1
 
     def _drop(self, source: str) -> None:
+        sources = self._sources_of
         for url in self._taught.pop(source, ()):
-            if self._source_of.get(url) == source:
-                del self._source_of[url]
+            had = sources.get(url)
+            if had == source:
+                del sources[url]
                 del self._known[url]
+            elif isinstance(had, tuple) and source in had:
+                rest = tuple(s for s in had if s != source)
+                sources[url] = rest[0] if len(rest) == 1 else rest
 
     def sources(self) -> int:
         """How many documents the facts come from."""
