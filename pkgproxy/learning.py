@@ -2,7 +2,11 @@
 
 When a family says a committed body is an index (a Debian Packages file, an Alpine
 APKINDEX), it is parsed in the disk pool and what it lists goes into :class:`Facts`.
-On start the cached indexes are read again, so the checks survive a restart.
+A document the proxy rewrites (a PyPI page, a packument) is learned from while it is
+rewritten, from the upstream's own bytes. Either way the facts are filed under the
+document's upstream URL, whichever client base a rewritten copy was made for, and go
+when its last cached copy goes. On start the cached indexes are read again (links of
+rewritten copies mapped back to upstream URLs), so the checks survive a restart.
 
 A family is "busy" from the moment one of its indexes is verified (its client is about
 to see the whole index and ask for what it lists) until what the index lists is in the
@@ -23,7 +27,7 @@ from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import FAMILIES, Expect, Facts
-from pkgproxy.fetch.fetch import Fetch
+from pkgproxy.fetch.fetch import PACKED, Fetch
 
 log = Logger()
 
@@ -39,6 +43,37 @@ def split_key(key: str) -> tuple[str, str]:
     return route, rest.split("?", 1)[0].split("#", 1)[0]
 
 
+class UpstreamLinks:
+    """Maps a link of a stored document to the upstream URL facts are filed under.
+
+    A rewritten document links through the proxy (``http://cache:3142/pypi/files/...``
+    as one client reached it, or a forward prefix); such links are mapped back by the
+    route prefix, so what is learned is the same whoever the copy was made for.
+    """
+
+    def __init__(self, routes: tuple[Route, ...]) -> None:
+        #: ``(public prefix, upstream base)``, longest first.
+        self._back = sorted(
+            [(f, r.upstream) for r in routes for f in r.forward]
+            + [(r.prefix, r.upstream) for r in routes],
+            key=lambda pair: -len(pair[0]),
+        )
+        self._upstreams = tuple(r.upstream for r in routes)
+
+    def __call__(self, url: str) -> str:
+        if url.startswith(self._upstreams):
+            return url
+        scheme, sep, rest = url.partition("://")
+        path = "/" + rest.partition("/")[2] if sep else url
+        for public, upstream in self._back:
+            if public.startswith("/"):
+                if path.startswith(public):
+                    return upstream + path[len(public) :]
+            elif url.startswith(public):
+                return upstream + url[len(public) :]
+        return url
+
+
 class Learner:
     """Feeds :class:`Facts` from the indexes the cache holds."""
 
@@ -49,6 +84,11 @@ class Learner:
         self._store = store
         self._pool = pool
         self._routes = {r.name: r for r in routes}
+        self.upstream_url = UpstreamLinks(routes)
+        #: The cache keys of the stored copies of each learned document (one per client
+        #: base for a rewritten one): its facts go with the last of them.
+        self._copies: dict[str, set[str]] = {}
+        store.on_drop.append(self._dropped)
         self._pending: dict[str, int] = {}
         self._idle_waiters: dict[str, list[Deferred[None]]] = {}
         #: False until the indexes already in the cache have been read again.
@@ -93,7 +133,11 @@ class Learner:
         def on_settled(fetch: Fetch) -> None:
             if not began:
                 return
-            if fetch.entry is None:
+            if fetch.entry is not None and fetch.learned is not None:
+                # Learned from the upstream's own document while it was rewritten.
+                self._learned(fetch.entry, fetch.learned)
+                self._end(route.family)
+            elif fetch.entry is None:
                 self._end(route.family)
             else:
                 self.committed(fetch.entry).addBoth(lambda _: self._end(route.family))
@@ -115,9 +159,7 @@ class Learner:
         )
 
         def learned(items: list[tuple[str, Expect]]) -> int:
-            n = self.facts.add(items)
-            log.debug("learned {n} entries from {key}", n=n, key=entry.key)
-            return n
+            return self._learned(entry, [(self.upstream_url(u), e) for u, e in items])
 
         def failed(f: Failure) -> int:
             log.warn("cannot read index {key}: {e}", key=entry.key, e=f.getErrorMessage())
@@ -129,10 +171,31 @@ class Learner:
 
         return parsed.addCallbacks(learned, failed).addBoth(done)
 
+    def _learned(self, entry: Entry, items: list[tuple[str, Expect]]) -> int:
+        """Record what the document stored as ``entry`` teaches, under its upstream URL
+        (the same for every client base), for as long as a copy of it is cached."""
+        if self._store.peek(entry.key) is not entry:
+            return 0  # gone already
+        n = self.facts.add(items, source=entry.url)
+        self._copies.setdefault(entry.url, set()).add(entry.key)
+        log.debug("learned {n} entries from {key}", n=n, key=entry.key)
+        return n
+
+    def _dropped(self, entry: Entry) -> None:
+        copies = self._copies.get(entry.url)
+        if copies is None:
+            return
+        copies.discard(entry.key)
+        if not copies:
+            del self._copies[entry.url]
+            self.facts.forget(entry.url)
+
     def relearn(self) -> Deferred[None]:
         """Read every cached index again (at start)."""
         entries = []
         for e in self._store.entries():
+            if e.key.endswith(PACKED):
+                continue  # the gzip form of a document, read as the document itself
             name, path = split_key(e.key)
             route = self._routes.get(name)
             if route is not None and self.wants(route, path):

@@ -769,3 +769,92 @@ class ConfigKeyTests(SynchronousTestCase):
         self.assertConfigError({"access_log": {"format": "xml"}}, "access_log.format")
         self.assertConfigError({"access_log": {"enabled": 1}}, "access_log.enabled")
         self.assertConfigError({"access_log": {"path": "/x"}}, "access_log.path")
+
+
+class AccessLogBatchTests(SynchronousTestCase):
+    """The default access log, when the normal log is twistd's text log: the same lines
+    as one event per request would write, written in batches (from the disk pool when
+    the log is an OS file)."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from pkgproxy.diskpool import DiskPool
+
+        self.clock = Clock()
+        self.clock.advance(1_764_000_000)
+        self.pool = DiskPool(None)  # runs inline
+
+    def one_event_per_request(self, records: list[RequestRecord]) -> str:
+        """What Twisted's text log writes for the same requests, one event each (with
+        the timestamps of this test's clock)."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, formatTime, textFileLogObserver
+
+        out = StringIO()
+        publisher = LogPublisher(textFileLogObserver(out))
+        log = AccessLog(logger=Logger(namespace=NAMESPACE, observer=publisher))
+        for r in records:
+            log.request_done(r)
+        stamp = formatTime(self.clock.seconds())
+        return "".join(
+            stamp + " " + line.split(" ", 1)[1] for line in out.getvalue().splitlines(True)
+        )
+
+    def test_same_lines_batched_through_the_file_object(self) -> None:
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        publisher = LogPublisher(textFileLogObserver(out))
+        alog = AccessLog(clock=self.clock, pool=self.pool, publisher=publisher)
+        alog.startService()
+        records = [_record(f"/files/{i}") for i in range(3)] + [_record('/we"ird\n')]
+        for r in records:
+            alog.request_done(r)
+        self.assertEqual(out.getvalue(), "", "nothing written per request")
+        self.clock.advance(alog.DELAY)
+        self.assertEqual(out.getvalue(), self.one_event_per_request(records))
+        alog.request_done(_record("/last"))
+        alog.stopService()
+        self.assertIn('"GET /last"', out.getvalue().splitlines()[-1])
+
+    def test_os_file_written_from_the_pool(self) -> None:
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as out:
+            publisher = LogPublisher(textFileLogObserver(out))
+            ran: list[object] = []
+            run = self.pool.run
+
+            def counted(f: Any, *a: Any) -> Any:
+                ran.append(f)
+                return run(f, *a)
+
+            self.patch(self.pool, "run", counted)
+            alog = AccessLog(clock=self.clock, pool=self.pool, publisher=publisher)
+            alog.startService()
+            records = [_record(f"/files/{i:0100d}") for i in range(AccessLog.BATCH // 150)]
+            for r in records:
+                alog.request_done(r)
+            alog.stopService()
+        self.assertTrue(ran, "written by the disk pool")
+        with open(path, encoding="utf-8") as f:
+            self.assertEqual(f.read(), self.one_event_per_request(records))
+
+    def test_other_observers_get_events(self) -> None:
+        """A JSON log (or any observer that is not a text file) gets one event each."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, jsonFileLogObserver
+
+        out = StringIO()
+        publisher = LogPublisher(jsonFileLogObserver(out))
+        alog = AccessLog(clock=self.clock, pool=self.pool, publisher=publisher)
+        alog.log = Logger(namespace=NAMESPACE, observer=publisher)
+        alog._own_log = alog.log  # the default logger, on this publisher
+        alog.request_done(_record())
+        self.assertIn('"access"', out.getvalue())

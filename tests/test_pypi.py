@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
 from pkgproxy.config import config_from_dict
-from pkgproxy.families import CacheClass, Facts, RewriteContext
+from pkgproxy.families import CacheClass, Facts, RewriteContext, pypi
 from pkgproxy.families import Request as FamilyRequest
 from pkgproxy.families.pypi import (
     OFFERS,
@@ -30,6 +30,7 @@ from pkgproxy.families.pypi import (
     negotiate,
     requested_format,
 )
+from pkgproxy.learning import UpstreamLinks
 from pkgproxy.rewrite import htmldoc, pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 from pkgproxy.testing import MemoryProxy
@@ -162,9 +163,12 @@ class NegotiationTests(SynchronousTestCase):
         served, with Vary: Accept."""
         decision = classify(PYPI, "simple/six/", Facts(), FamilyRequest(accept=PIP_ACCEPT))
         self.assertEqual(decision.variant, V1_JSON)
-        self.assertEqual(dict(decision.upstream_headers), {"Accept": V1_JSON})
         self.assertEqual(
-            dict(decision.response_headers), {"Vary": "Accept", "Content-Type": V1_JSON}
+            dict(decision.upstream_headers), {"Accept": V1_JSON, "Accept-Encoding": "gzip"}
+        )
+        self.assertEqual(
+            dict(decision.response_headers),
+            {"Vary": "Accept, Accept-Encoding", "Content-Type": V1_JSON},
         )
 
     def test_format_parameter(self) -> None:
@@ -188,7 +192,7 @@ class NegotiationTests(SynchronousTestCase):
             FamilyRequest(accept="text/html", query=f"format={V1_JSON}"),
         )
         self.assertEqual((d.variant, d.query_consumed), (V1_JSON, True))
-        self.assertEqual(dict(d.upstream_headers), {"Accept": V1_JSON})
+        self.assertEqual(dict(d.upstream_headers), {"Accept": V1_JSON, "Accept-Encoding": "gzip"})
         d = classify(
             PYPI, "simple/six/", Facts(), FamilyRequest(accept=PIP_ACCEPT, query="format=x")
         )
@@ -461,7 +465,8 @@ class LearnTests(SynchronousTestCase):
             f.write(body)
         self.assertTrue(learns(path))
         facts = Facts()
-        facts.add(learn(path, local, url))
+        links = UpstreamLinks(tuple(ROUTES.values()))
+        facts.add([(links(u), e) for u, e in learn(path, local, url)])
         return facts
 
     def check(self, facts: Facts, size: int | None) -> None:
@@ -487,9 +492,10 @@ class LearnTests(SynchronousTestCase):
         self.check(facts, None)
 
     def test_from_rewritten_html(self) -> None:
-        """A page as it was stored, rewritten for a reverse-mode client: found by path."""
+        """A page as it was stored, rewritten for a reverse-mode client: its links are
+        mapped back to the upstream URLs, whatever host the client used."""
         facts = self.facts_from(data("six.rewritten.html"), "https://pypi.org/simple/six/")
-        self.assertIsNotNone(facts.get("/pypi/files/" + self.SIX_WHL))
+        self.assertIsNotNone(facts.get("https://files.pythonhosted.org/" + self.SIX_WHL))
         self.check(facts, None)
 
     def test_from_forward_mode_page(self) -> None:
@@ -549,7 +555,7 @@ class FileClassifyTests(SynchronousTestCase):
         local 404."""
         d = classify(PYPI, "pypi/six/json", Facts())
         self.assertEqual((d.cache_class, d.ttl), (CacheClass.MUTABLE, 600.0))
-        self.assertIs(d.rewrite, pypi_simple.rewrite_api)
+        self.assertIs(d.rewrite, pypi.rewrite_api)
         self.assertTrue(learns("pypi/six/1.17.0/json"))
         self.assertEqual(
             classify(PYPI, "integrity/six/1.17.0/x.whl/provenance").cache_class, CacheClass.PASS
@@ -600,7 +606,10 @@ class ProxyTests(SynchronousTestCase):
         each is fetched with the chosen Accept and then a hit."""
         resp, body = self.proxy.get("/pypi/simple/demo/", headers={"Accept": PIP_ACCEPT})
         self.assertEqual(self.up.seen[-1].headers[b"accept"], V1_JSON.encode())
-        self.assertEqual((header(resp, "content-type"), header(resp, "vary")), (V1_JSON, "Accept"))
+        self.assertEqual(
+            (header(resp, "content-type"), header(resp, "vary")),
+            (V1_JSON, "Accept, Accept-Encoding"),
+        )
         self.assertEqual(header(resp, "etag"), f'"{hashlib.sha256(body).hexdigest()}"')
         doc = json.loads(body)
         self.assertEqual(doc["files"][0]["url"], f"http://proxy.test/pypi/files/{self.path}")
@@ -762,7 +771,9 @@ class ProxyTests(SynchronousTestCase):
             json.loads(body)["urls"][0]["url"], f"http://proxy.test/pypi/files/{self.path}"
         )
         self.assertEqual(header(self.proxy.get("/pypi/pypi/demo/json")[0], "x-cache"), "HIT")
-        self.assertEqual(self.proxy.facts.get(f"/pypi/files/{self.path}").size, len(self.whl))
+        self.assertEqual(
+            self.proxy.facts.get(f"http://upstream.test/files/{self.path}").size, len(self.whl)
+        )
 
     def test_checks_survive_restart(self) -> None:
         """The stored (rewritten) page is read again when the cache reopens, and what it
@@ -780,7 +791,8 @@ class ProxyTests(SynchronousTestCase):
         )
         self.addCleanup(again.close)
         self.assertEqual(
-            again.facts.get(f"/pypi/files/{self.path}.metadata").digests, {"sha256": self.meta_sha}
+            again.facts.get(f"http://upstream.test/files/{self.path}.metadata").digests,
+            {"sha256": self.meta_sha},
         )
         again.upstream.add("/files/" + self.path + ".metadata", b"Metadata-Version: 2.1\n")
         self.assertRaises(ResponseFailed, again.get, "/pypi/files/" + self.path + ".metadata")

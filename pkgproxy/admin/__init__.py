@@ -44,7 +44,8 @@ class Operations:
             self.access_log = AccessLogFile(alog.file, pool, clock, alog.format == "json")
             observers.append(self.access_log)
         elif alog.enabled:
-            self.access_log = AccessLog(json_lines=alog.format == "json")
+            # A Service too: its last batch is written when the server stops.
+            self.access_log = AccessLog(alog.format == "json", clock=clock, pool=pool)
             observers.append(self.access_log)
         self.observer = Observers(*observers)
         self.resource = AdminResource(config, store, inflight, self.metrics, clock)

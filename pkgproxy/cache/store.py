@@ -24,7 +24,7 @@ import sqlite3
 import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,6 +258,8 @@ class CacheStore(Service):
         self._checker = LoopingCall(self.check)
         self._checker.clock = clock
         self._check_interval = check_interval
+        #: Called with each entry removed or evicted (not with one a commit replaces).
+        self.on_drop: list[Callable[[Entry], object]] = []
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -528,6 +530,7 @@ class CacheStore(Service):
         self.total_bytes -= e.size
         self._dirty.discard(key)
         self._retire(e)
+        self._dropped(e)
         if self._db is not None:
             self._pool.run_durable(self._db.delete, [key]).addErrback(
                 lambda f: log.failure("index delete failed", f)
@@ -535,6 +538,10 @@ class CacheStore(Service):
         return True
 
     # -- housekeeping ----------------------------------------------------------------
+
+    def _dropped(self, e: Entry) -> None:
+        for f in self.on_drop:
+            f(e)
 
     def _retire(self, e: Entry) -> None:
         e.obsolete = True
@@ -571,6 +578,7 @@ class CacheStore(Service):
             del self._entries[e.key]
             self._dirty.discard(e.key)
             self._retire(e)
+            self._dropped(e)
         self.evictions += len(victims)
         if victims and self._db is not None:
             log.info("evicted {n} entries to fit {max} bytes", n=len(victims), max=self.max_size)

@@ -63,10 +63,24 @@ class RewriteContext:
 
     page_url: str
     public_url: Callable[[str], str | None]
+    #: ``upstream URL -> (upstream prefix, public prefix)``: every URL under the route
+    #: serving it maps to the public prefix plus the rest (a rewrite may then replace
+    #: prefixes in the bytes); ``None`` where that does not hold.
+    public_prefix: Callable[[str], tuple[str, str] | None] | None = None
 
 
-#: ``(raw file, output file, context)``: writes the representation clients are served.
-Rewriter = Callable[[str, str, RewriteContext], None]
+#: What to ask for a document that is rewritten: gzip, as direct clients take it (a
+#: fraction of the bytes); the fetch decompresses it after checking it, to rewrite it.
+REWRITTEN_CODING = {"Accept-Encoding": "gzip"}
+#: A rewritten document is served gzip-compressed to clients that take it.
+VARY_CODING = "Accept-Encoding"
+
+#: What a document teaches: ``(artifact upstream URL, Expect)`` pairs.
+Learned = list[tuple[str, "Expect"]]
+#: ``(raw file, output file, context)``: writes the representation clients are served,
+#: and returns what the upstream's document teaches (learned in the same pass), or
+#: ``None`` where the document is not learned from.
+Rewriter = Callable[[str, str, RewriteContext], Learned | None]
 
 
 @dataclass(frozen=True)
@@ -173,11 +187,17 @@ class Facts:
     """What cached indexes say, by upstream URL: the checks for later downloads.
 
     Keyed by URL because an index may describe files another route serves (a PyPI page
-    lists files on the files host).
+    lists files on the files host). What a document teaches is filed under its own
+    upstream URL (its source): learning a document again replaces what it taught
+    before, and :meth:`forget` drops it with the document's last cached copy, so the
+    table is as large as the documents the cache holds, whoever asked for them.
     """
 
     def __init__(self) -> None:
         self._known: dict[str, Expect] = {}
+        #: The document, or documents, that taught each URL (one, nearly always).
+        self._sources_of: dict[str, str | tuple[str, ...]] = {}
+        self._taught: dict[str, list[str]] = {}
         #: Changes whenever something is learned: a decision made under an older
         #: generation may no longer hold (the cache's hit path checks it).
         self.generation = 0
@@ -186,14 +206,52 @@ class Facts:
         """What must be true of the file at ``url``, if an index said."""
         return self._known.get(url)
 
-    def add(self, items: Iterable[tuple[str, Expect]]) -> int:
-        """Record what an index lists; returns how many items it had."""
-        n = 0
+    def add(self, items: Iterable[tuple[str, Expect]], source: str | None = None) -> int:
+        """Record what an index lists; returns how many items it had.
+
+        :param source: the index's upstream URL; what it taught before is replaced.
+        """
+        if source is not None:
+            self._drop(source)
+        taught = []
+        sources = self._sources_of
         for url, expect in items:
             self._known[url] = expect
-            n += 1
+            taught.append(url)
+            if source is None:
+                sources.pop(url, None)  # never forgotten
+                continue
+            had = sources.get(url)
+            if had is None:
+                sources[url] = source
+            elif had != source and not (isinstance(had, tuple) and source in had):
+                sources[url] = (had, source) if isinstance(had, str) else (*had, source)
+        if source is not None:
+            self._taught[source] = taught
         self.generation += 1
-        return n
+        return len(taught)
+
+    def forget(self, source: str) -> None:
+        """Drop what the index at ``source`` taught (its last cached copy is gone); a
+        URL another cached index also lists stays."""
+        if source in self._taught:
+            self._drop(source)
+            self.generation += 1
+
+    def _drop(self, source: str) -> None:
+        sources = self._sources_of
+        for url in self._taught.pop(source, ()):
+            had = sources.get(url)
+            if had == source:
+                del sources[url]
+                del self._known[url]
+            elif isinstance(had, tuple) and source in had:
+                rest = tuple(s for s in had if s != source)
+                sources[url] = rest[0] if len(rest) == 1 else rest
+
+    def sources(self) -> int:
+        """How many documents the facts come from."""
+        return len(self._taught)
 
     def __len__(self) -> int:
         return len(self._known)

@@ -84,6 +84,7 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
                         Expect(size, {"apk-control": c} if c and c.startswith("Q1") else {}),
                     )
                     for name, size, c in parse_apkindex(text)
+                    if "/" not in name  # only packages of the index's own directory
                 ]
     return []
 

@@ -256,7 +256,8 @@ def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
         if len(parts) != 3 or not parts[1].isdigit() or len(parts[0]) != 64:
             continue
         hexd, size, rel = parts[0].lower(), int(parts[1]), parts[2]
-        out.append((suite + rel, Expect(size, {"sha256": hexd})))
+        if _owned(rel):
+            out.append((suite + rel, Expect(size, {"sha256": hexd})))
     if valid_until is not None:
         out.append((url, Expect(not_after=valid_until)))
     if by_hash:
@@ -267,6 +268,12 @@ def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
             for u, e in out
         ]
     return out
+
+
+def _owned(rel: str) -> bool:
+    """Whether a path an index lists stays below the directory it is relative to: an
+    index teaches checks only for its own suite's indexes and its archive's pool."""
+    return "://" not in rel and not rel.startswith("/") and ".." not in rel.split("/")
 
 
 def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
@@ -281,7 +288,7 @@ def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
     with _open(local_file) as stream:
         for st in stanzas(stream):
             filename, size, sha = st.get("Filename"), st.get("Size"), st.get("SHA256")
-            if not filename or not size or not size.isdigit():
+            if not filename or not size or not size.isdigit() or not _owned(filename):
                 continue
             digests = {"sha256": sha.lower()} if sha and len(sha) == 64 else {}
             out.append((root + filename, Expect(int(size), digests)))

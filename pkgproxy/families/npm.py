@@ -32,18 +32,23 @@ import base64
 import binascii
 import hashlib
 import re
+from functools import partial
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from pkgproxy import gcpolicy, httputil
 from pkgproxy.families import (
+    REWRITTEN_CODING,
+    VARY_CODING,
     CacheClass,
     Decision,
     Expect,
     Facts,
     Family,
+    Learned,
     LocalAnswer,
     Request,
+    RewriteContext,
 )
 from pkgproxy.rewrite.npm_packument import (
     JSONObject,
@@ -77,6 +82,9 @@ _KEYS = "-/npm/v1/keys"
 #: Account endpoints: pkgproxy neither forwards credentials nor has accounts.
 _ACCOUNT = re.compile(r"^-/(?:whoami|user/|v1/login|npm/v1/user|npm/v1/tokens|org/|team/)")
 _KEYS_TTL = 86400.0
+
+#: A tarball file name that is canonical as it is (no escapes, no dot segment).
+_PLAIN_FILE = re.compile(r"[A-Za-z0-9!$&'()*+,;=:@_~-][A-Za-z0-9!$&'()*+,;=:@._~-]*\.tgz$")
 
 _SRI_ALGOS = ("sha512", "sha384", "sha256", "sha1")
 _HEX40 = re.compile(r"^[0-9a-fA-F]{40}$")
@@ -114,9 +122,9 @@ def _document(route: Route, bare: str, request: Request | None) -> Decision:
         CacheClass.MUTABLE,
         ttl=route.index_ttl,
         variant=which,
-        upstream_headers={"Accept": UPSTREAM_ACCEPT[which]},
-        response_headers={"Vary": "Accept"},
-        rewrite=rewrite_packument,
+        upstream_headers={"Accept": UPSTREAM_ACCEPT[which], **REWRITTEN_CODING},
+        response_headers={"Vary": f"Accept, {VARY_CODING}"},
+        rewrite=partial(_rewrite, base=route.upstream, owner=_owner(bare)),
         upstream_url=upstream_url,
     )
 
@@ -245,7 +253,14 @@ def tarball_url(base: str | None, tarball: str) -> str | None:
         return None
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
+def _owner(path: str) -> str | None:
+    """The package a packument or version document at ``path`` describes."""
+    bare = path.split("?", 1)[0]
+    m = _PACKUMENT.match(bare) or _VERSION_DOC.match(bare)
+    return m["name"] if m is not None else None
+
+
+def learn(path: str, local_file: str, url: str) -> Learned:
     """``tarball URL -> digests`` from a stored packument (runs in the disk pool).
 
     A document that cannot be read teaches nothing (its fetch already failed it).
@@ -256,21 +271,42 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
         except ValueError:
             return []
         try:
-            return _learn_document(doc, _registry_base(path, url))
+            return _learn_document(doc, _registry_base(path, url), _owner(path))
         finally:
             dispose(doc)
 
 
-def _learn_document(doc: JSONObject, base: str | None) -> list[tuple[str, Expect]]:
-    """The checks of each version's tarball, by the upstream URL requests map to."""
-    out = []
+def _rewrite(
+    raw_path: str, out_path: str, context: RewriteContext, *, base: str, owner: str | None
+) -> Learned:
+    """The packument rewriter, learning from the registry's document in the same pass."""
+    learned = rewrite_packument(
+        raw_path, out_path, context, partial(_learn_document, base=base, owner=owner)
+    )
+    return learned if learned is not None else []
+
+
+def _learn_document(doc: JSONObject, base: str | None, owner: str | None) -> Learned:
+    """The checks of each version's tarball, by the upstream URL requests map to.
+
+    Only the tarballs of the document's own package (``owner``, from the document's
+    path, not from what the document says) are taught: a packument of ``evil`` must not
+    decide what ``good``'s tarballs are.
+    """
+    out: Learned = []
+    if base is None or owner is None:
+        return out
+    own = base + owner + "/-/"
     for _name, dist in dists(doc):
         tarball = dist.get("tarball")
         expect = expect_of(dist)
         if not isinstance(tarball, str) or expect is None:
             continue
+        if tarball.startswith(own) and _PLAIN_FILE.match(tarball, len(own)):
+            out.append((tarball, expect))  # the registry's own URL, already canonical
+            continue
         target = tarball_url(base, tarball)
-        if target is not None:
+        if target is not None and target.startswith(own):
             out.append((target, expect))
     return out
 

@@ -26,19 +26,24 @@ PROTOCOLS.md section 4 gives the details.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from functools import partial
 from typing import TYPE_CHECKING
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from pkgproxy import httputil
 from pkgproxy.families import (
+    REWRITTEN_CODING,
+    VARY_CODING,
     CacheClass,
     Decision,
     Expect,
     Facts,
     Family,
+    Learned,
     LocalAnswer,
     Request,
+    RewriteContext,
 )
 from pkgproxy.httputil import BadPath, canonical_path
 from pkgproxy.rewrite import pypi_simple
@@ -145,9 +150,9 @@ def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
         CacheClass.MUTABLE,
         ttl=route.index_ttl * (ROOT_TTL_FACTOR if root else 1),
         variant=chosen,
-        upstream_headers={"Accept": chosen},
-        response_headers={"Vary": "Accept", "Content-Type": chosen},
-        rewrite=pypi_simple.simple_rewriter(want_json=chosen == V1_JSON, root=root),
+        upstream_headers={"Accept": chosen, **REWRITTEN_CODING},
+        response_headers={"Vary": f"Accept, {VARY_CODING}", "Content-Type": chosen},
+        rewrite=partial(_rewrite_simple, want_json=chosen == V1_JSON, root=root),
         query_consumed=consumed,
     )
 
@@ -163,28 +168,9 @@ def _not_found(why: str) -> Decision:
     return Decision(CacheClass.PASS, local=LocalAnswer(404, why))
 
 
-def fact_keys(route: Route, path: str) -> Iterator[str]:
-    """Where :func:`learn` may have filed what is known of the file at ``path``.
-
-    By the upstream URL, when the page listed the file as the upstream has it; and by
-    the URL a client was given for it (the path alone for a reverse-mode client, since
-    the host it used is unknown here; the forward URL for a forward-mode one), because
-    the learner reads a page as it was stored, i.e. rewritten.
-    """
-    yield route.upstream + path
-    yield route.prefix + path
-    for forward in route.forward:
-        yield forward + path
-
-
 def _known(route: Route, path: str, facts: Facts | None) -> Expect | None:
-    if facts is None:
-        return None
-    for key in fact_keys(route, path):
-        known = facts.get(key)
-        if known is not None:
-            return known
-    return None
+    """What a page of the file's own project said of the file at ``path``."""
+    return facts.get(route.upstream + path) if facts is not None else None
 
 
 def _file(route: Route, path: str, facts: Facts | None) -> Decision:
@@ -215,7 +201,13 @@ def classify(
             return _redirect(name, f"{normalize(name)}/" if bare else f"../{normalize(name)}/")
         return _index_page(route, request, root=False)
     if _API.match(path):
-        return Decision(CacheClass.MUTABLE, ttl=route.index_ttl, rewrite=pypi_simple.rewrite_api)
+        return Decision(
+            CacheClass.MUTABLE,
+            ttl=route.index_ttl,
+            rewrite=rewrite_api,
+            upstream_headers=REWRITTEN_CODING,
+            response_headers={"Vary": VARY_CODING},
+        )
     if _HOSTED.match(path) or _FILE.search(path):
         return _file(route, path, facts)
     if path.startswith("integrity/"):
@@ -242,42 +234,108 @@ _ORIGIN_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)(/[^?#]*)")
 _PLAIN_PATH = re.compile(r"^[A-Za-z0-9/!$&'()*+,;=:@._~-]*$")
 
 
-def _keys(url: str) -> list[str]:
-    """The :class:`Facts` keys a listed file URL is filed under (see :func:`fact_keys`).
-
-    The path is put in the form request paths take, so that a link written with
-    ``%2B`` and a client asking with ``+`` meet at one key.
-    """
+def _key(url: str) -> str | None:
+    """The :class:`Facts` key of a listed file's URL: the URL with its path in the form
+    request paths take, so that a link written with ``%2B`` and a client asking with
+    ``+`` meet at one key."""
     m = _ORIGIN_PATH.match(url)
     if m is None:
-        return []
+        return None
     origin, path = m.groups()
     if "/." in path or not _PLAIN_PATH.match(path):
         try:
             path = canonical_path(path)
         except BadPath:
-            return []
-    return [origin + path, path]
+            return None
+    return origin + path
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
-    """What a project page or JSON API document says of each file (in the disk pool).
+#: The project a document describes, from its upstream URL's path.
+_PROJECT_OF = re.compile(r"/\+?simple/(?P<a>[^/]+)/?$|/pypi/(?P<b>[^/]+)(?:/[^/]+)?/json$")
+_VERSION_START = re.compile(r"v?[0-9]")
+_DASHES = str.maketrans("_.", "--")
+
+
+def project_of(page_url: str) -> str | None:
+    """The normalised project of a project page or JSON API document, by its URL."""
+    m = _PROJECT_OF.search(urlsplit(page_url).path)
+    if m is None:
+        return None
+    return normalize(unquote(m["a"] or m["b"]))
+
+
+def owns(project: str, url: str) -> bool:
+    """Whether the file at ``url`` belongs to ``project``, by the file name in the URL
+    (what a client asks for, not the name the document gives it).
+
+    A wheel names its project before the first ``-``; an sdist (or egg, zip, ...) is
+    ``<project>-<version>...`` with a version that starts with a digit.
+    """
+    if "#" in url or "?" in url:
+        url = url.split("#", 1)[0].split("?", 1)[0]
+    name = url[url.rfind("/") + 1 :]
+    if "%" in name:
+        name = unquote(name)
+    n = len(project)
+    head = name[:n]
+    if name[n : n + 1] == "-" and "-" not in head and head.lower().translate(_DASHES) == project:
+        # The usual spelling, one separator at a time: no regex needed.
+        return name.lower().endswith(".whl") or bool(_VERSION_START.match(name, n + 1))
+    for sidecar in _SIDECAR:
+        name = name.removesuffix(sidecar)
+    if name.lower().endswith(".whl"):
+        return normalize(name.split("-", 1)[0]) == project
+    flat = normalize(name)
+    return flat.startswith(project + "-") and bool(_VERSION_START.match(flat[len(project) + 1 :]))
+
+
+def teach(page_url: str, items: Iterable[pypi_simple.Listed]) -> Learned:
+    """What a project's document says of each of its own files.
 
     Only sha256 is taken (and the size where the JSON gives it): it is the hash every
     stored file has, so a stored file is never refetched for want of a weaker digest.
-    The PEP 658 metadata file is filed under the file's URL plus ``.metadata``.
+    The PEP 658 metadata file is filed under the file's URL plus ``.metadata``. A file
+    of another project (by its name) is not taught: one project's page must never
+    decide what another's files are.
     """
-    out: list[tuple[str, Expect]] = []
-    for item in pypi_simple.listed(local_file, url):
+    project = project_of(page_url)
+    out: Learned = []
+    if project is None:
+        return out
+    for item in items:
+        if not owns(project, item.url):
+            continue
+        key = _key(item.url)
+        if key is None:
+            continue
         sha = item.hashes.get("sha256")
         if sha or item.size is not None:
-            expect = Expect(item.size, {"sha256": sha} if sha else {})
-            out.extend((key, expect) for key in _keys(item.url))
+            out.append((key, Expect(item.size, {"sha256": sha} if sha else {})))
         meta = item.metadata_hashes.get("sha256")
         if meta:
-            expect = Expect(None, {"sha256": meta})
-            out.extend((key, expect) for key in _keys(item.url + ".metadata"))
+            out.append((key + ".metadata", Expect(None, {"sha256": meta})))
     return out
+
+
+def learn(path: str, local_file: str, url: str) -> Learned:
+    """What a stored project page or JSON API document teaches (in the disk pool).
+
+    Keys are the URLs as the stored document links them; the learner maps links that
+    lead through this proxy back to their upstream URLs.
+    """
+    return teach(url, pypi_simple.listed(local_file, url))
+
+
+def _rewrite_simple(
+    raw_path: str, out_path: str, context: RewriteContext, *, want_json: bool, root: bool
+) -> Learned:
+    items = pypi_simple.rewrite_simple(raw_path, out_path, context, want_json=want_json, root=root)
+    return [] if root else teach(context.page_url, items)
+
+
+def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> Learned:
+    """The JSON API's rewriter, which learns from the upstream's document as it goes."""
+    return teach(context.page_url, pypi_simple.rewrite_api(raw_path, out_path, context))
 
 
 FAMILY = Family(classify, learns, learn)

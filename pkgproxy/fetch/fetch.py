@@ -10,8 +10,11 @@ subscriber's response ends as a failed transfer.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -27,7 +30,7 @@ from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
 from pkgproxy.digests import new_hasher
-from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, RewriteContext
+from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, RewriteContext
 from pkgproxy.upstream.client import (
     UpstreamClient,
     UpstreamError,
@@ -57,6 +60,14 @@ LOW_WATER = 2 * 1024 * 1024
 #: When the cache disk refuses a download's write, up to this much of the rest of its
 #: body is held in memory so that its clients still get it whole (it is not stored).
 SPILL_MAX = 64 * 1024 * 1024
+#: The cache key suffix of a rewritten document's gzip form, stored beside it (its
+#: entry's ``etag`` is the identity document's sha256) and served to clients that take
+#: gzip, with ``Vary: Accept-Encoding``.
+PACKED = "#gzip"
+#: Rewritten documents smaller than this are not worth a gzip form.
+PACK_MIN = 1024
+#: A gzip-compressed document to rewrite may expand to this much, no more.
+MAX_DOCUMENT = 1024 * 1024 * 1024
 _DONE = Failure(ResponseDone())
 
 
@@ -187,6 +198,11 @@ class Fetch:
         self.written = 0
         self.entry: Entry | None = None
         self.sha256: str | None = None
+        #: What the upstream's document taught, read while it was rewritten (``None``
+        #: where it was not: the learner then reads the stored copy).
+        self.learned: Learned | None = None
+        #: The gzip form of a rewritten document, committed beside it.
+        self._packed: _Packed | None = None
         self.subscribers = 0
         self.started_at = clock.seconds()
         #: When the upstream's answer was known (headers, or the error).
@@ -423,6 +439,10 @@ class Fetch:
             entry.expires = now + self._ttl(resp, now)
         self._store.update(entry)
         self.entry = entry
+        sibling = self._store.peek(entry.key + PACKED)
+        if sibling is not None and sibling.etag == entry.sha256:
+            sibling.fetched, sibling.expires = entry.fetched, entry.expires
+            self._store.update(sibling)
 
     def _ttl(self, resp: UpstreamResponse, now: float) -> float:
         ttl = self.request.decision.ttl
@@ -624,20 +644,32 @@ class Fetch:
         context = self.request.rewrite_context
         assert rewrite is not None and context is not None and self._temp is not None
         raw, out = self._temp, self._store.temp_name(self.key)
+        coding = self.headers.get(b"content-encoding", b"").strip().lower()
+        plain = self._store.temp_name(self.key) if coding in (b"gzip", b"x-gzip") else None
 
-        def work() -> tuple[int, str, int]:
-            rewrite(raw, out, context)
-            h = hashlib.sha256()
-            size = 0
-            with open(out, "rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
-                    size += len(chunk)
-            return os.open(out, os.O_RDWR), h.hexdigest(), size
+        packed = self._store.temp_name(self.key)
 
-        def swapped(result: tuple[int, str, int]) -> None:
-            fd, digest, size = result
+        def work() -> tuple[int, str, int, Learned | None, _Packed | None]:
+            if plain is None:
+                learned = rewrite(raw, out, context)
+            else:
+                # Taken compressed (verified as the upstream sent it); rewritten and
+                # served as the document itself.
+                try:
+                    _gunzip(raw, plain, MAX_DOCUMENT)
+                    learned = rewrite(plain, out, context)
+                finally:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(plain)
+            digest, size, gz = _hash_and_pack(out, packed)
+            return os.open(out, os.O_RDWR), digest, size, learned, gz
+
+        def swapped(result: tuple[int, str, int, Learned | None, _Packed | None]) -> None:
+            fd, digest, size, self.learned, gz = result
+            if plain is not None:
+                del self.headers[b"content-encoding"]
             self._discard_temp()
+            self._packed = gz
             self._temp, self._file = out, _SharedFile(fd)
             self.written = self.length = size
             self._hashers = {"sha256": _Known(digest)}
@@ -647,6 +679,7 @@ class Fetch:
         def failed(f: Failure) -> None:
             log.failure("rewriting {url} failed", f, url=self.request.url)
             self._store.discard(out)
+            self._store.discard(packed)
             self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")
 
         self._pool.run(work).addCallbacks(swapped, failed)
@@ -727,14 +760,46 @@ class Fetch:
         body = bytes(self._file.data) if isinstance(self._file, _MemoryBody) else None
         d = self._store.commit(entry, self._temp, body)
 
-        def committed(e: Entry) -> None:
+        def committed(e: Entry) -> Deferred[None] | None:
             self.entry = e
+            return self._commit_packed(e)
 
         def failed(f: Failure) -> None:
             log.failure("cannot commit {url} to the cache", f, url=self.request.url)
+            if self._packed is not None:
+                self._store.discard(self._packed.path)
+                self._packed = None
 
         d.addCallbacks(committed, failed)
         d.addBoth(lambda _: self._settle())
+
+    def _commit_packed(self, entry: Entry) -> Deferred[None] | None:
+        """Store the gzip form of a rewritten document beside it (see :data:`PACKED`)."""
+        packed, self._packed = self._packed, None
+        if packed is None:
+            if self.request.decision.rewrite is not None:
+                self._store.remove(entry.key + PACKED)  # the gzip form of an older one
+            return None
+        from pkgproxy.cache.store import Entry
+
+        sibling = Entry(
+            key=entry.key + PACKED,
+            url=entry.url,
+            file="",
+            size=packed.size,
+            sha256=packed.sha256,
+            headers={**entry.headers, "content-encoding": "gzip"},
+            etag=entry.sha256,  # which identity document this is the gzip form of
+            last_modified=entry.last_modified,
+            fetched=entry.fetched,
+            expires=entry.expires,
+            last_access=entry.last_access,
+        )
+
+        def failed(f: Failure) -> None:
+            log.failure("cannot commit the gzip form of {url}", f, url=self.request.url)
+
+        return self._store.commit(sibling, packed.path).addCallbacks(lambda _: None, failed)
 
     def _fail(self, why: str, kind: str = "transfer") -> None:
         self.state = State.FAILED
@@ -749,6 +814,9 @@ class Fetch:
     def _discard_temp(self) -> None:
         if self._temp is not None:
             self._store.discard(self._temp)
+        if self._packed is not None:
+            self._store.discard(self._packed.path)
+            self._packed = None
         if self._file is not None:
             self._file.release()
             self._file = None
@@ -760,6 +828,54 @@ class Fetch:
         callbacks, self._settled_callbacks = self._settled_callbacks, []
         for f in callbacks:
             f(self)
+
+
+@dataclass(frozen=True)
+class _Packed:
+    path: str
+    sha256: str
+    size: int
+
+
+def _hash_and_pack(path: str, packed: str) -> tuple[str, int, _Packed | None]:
+    """The sha256 and size of the file at ``path``, and its gzip form written to
+    ``packed`` when it is worth serving (in the disk pool, one read of the file)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f, open(packed, "wb") as out:
+        # No name and no time in the header: the same document, the same bytes.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=1) as gz:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+                gz.write(chunk)
+    if size < PACK_MIN:
+        os.unlink(packed)
+        return h.hexdigest(), size, None
+    ph = hashlib.sha256()
+    psize = 0
+    with open(packed, "rb") as f:
+        while chunk := f.read(1 << 20):
+            ph.update(chunk)
+            psize += len(chunk)
+    return h.hexdigest(), size, _Packed(packed, ph.hexdigest(), psize)
+
+
+def _gunzip(src: str, dst: str, limit: int) -> None:
+    """Decompress the gzip file ``src`` into ``dst`` (in the disk pool).
+
+    :raises ValueError: it is not gzip, or it expands past ``limit`` bytes.
+    """
+    total = 0
+    try:
+        with gzip.open(src, "rb") as g, open(dst, "wb") as f:
+            while chunk := g.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise ValueError(f"the document expands past {limit >> 20} MiB")
+                f.write(chunk)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"bad gzip body: {e}") from None
 
 
 class _Known:

@@ -5,8 +5,11 @@ as an absolute URL on the registry. Served unchanged, it would send npm, yarn an
 straight to the registry for every tarball, past the cache. :func:`rewrite_packument`
 parses the document and replaces each tarball URL with the one this client uses for it
 through the proxy (``RewriteContext.public_url``); ``integrity`` and ``shasum`` are left
-as they are. It parses and re-serialises JSON instead of replacing bytes: a document may
-escape its slashes (``https:\\/\\/``), and a byte-level replace would miss or mangle it.
+as they are. The document is parsed (what it teaches is read from the same parse); where
+every tarball is under the registry's prefix, written plainly, the registry's bytes are
+served with that prefix replaced (:mod:`pkgproxy.rewrite.prefix`, which proves that this
+is the parsed rewrite); otherwise, as for a document that escapes its slashes
+(``https:\\/\\/``), the parsed document is rewritten and serialised again.
 
 Packuments of popular packages reach tens of MB. The rewrite runs in the disk pool, but
 a thread only helps the reactor while it lets go of the GIL, and ``json.loads`` and
@@ -28,16 +31,18 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urljoin
 
 from pkgproxy import gcpolicy
+from pkgproxy.rewrite import prefix
 
 if TYPE_CHECKING:  # pkgproxy.families imports the npm family, which imports this module
     from pkgproxy.families import RewriteContext
 
 #: A JSON object as parsed here.
 JSONObject = dict[str, Any]
+T = TypeVar("T")
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Encoded output is written to the file in pieces of about this size.
@@ -86,13 +91,21 @@ def read_document(path: str) -> tuple[JSONObject, bool]:
     compressed = data.startswith(_GZIP_MAGIC)
     if compressed:
         data = gzip.decompress(data)
+    return _parse(data, _object), compressed
+
+
+def _parse(data: bytes, hook: Callable[[list[tuple[str, Any]]], JSONObject]) -> JSONObject:
+    """The JSON object ``data`` holds, parsed with ``hook`` building each object.
+
+    :raises ValueError: not a JSON object (an HTML error page, garbage).
+    """
     try:
-        doc = load_json(data)
+        doc = json.loads(data, object_pairs_hook=hook)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 included
         raise ValueError(f"not a JSON document: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"not an npm document: the JSON is a {type(doc).__name__}")
-    return doc, compressed
+    return doc
 
 
 def _piece(value: Any) -> bytes:
@@ -213,29 +226,86 @@ def rewrite_document(doc: JSONObject, context: RewriteContext) -> int:
     return changed
 
 
-def rewrite_packument(raw_path: str, out_path: str, context: RewriteContext) -> None:
+def _prefix_rewrite(
+    data: bytes, doc: JSONObject, seen: list[str], context: RewriteContext
+) -> tuple[str, str] | None:
+    """``(registry prefix, public prefix)`` if replacing the one by the other in
+    ``data`` serves exactly the rewritten document.
+
+    ``None`` when the document does not allow it (see :mod:`pkgproxy.rewrite.prefix`):
+    a tarball elsewhere, a relative or escaped URL, or the registry's URL in another
+    field. A tarball no route serves, which the parser leaves too, is no obstacle.
+    """
+    if context.public_prefix is None:
+        return None
+    found = context.public_prefix(context.page_url)
+    if found is None:
+        return None
+    upstream, public = found
+    links: list[str] = []
+    for _name, dist in dists(doc):
+        tarball = dist.get("tarball")
+        if not isinstance(tarball, str):
+            continue
+        if tarball.startswith(upstream) and "/." not in tarball:
+            links.append(tarball)
+        elif public_tarball(tarball, context) not in (None, tarball):
+            return None
+    return found if prefix.exact(data, "tarball", seen, links, upstream, public) else None
+
+
+def rewrite_packument(
+    raw_path: str,
+    out_path: str,
+    context: RewriteContext,
+    learn: Callable[[JSONObject], T] | None = None,
+) -> T | None:
     """The npm family's rewriter: read ``raw_path``, write the served form to ``out_path``.
 
     Runs in the disk pool after the upstream body was verified. A body that is not a
     JSON object raises :class:`ValueError`, so nothing is cached and the client is told
-    the upstream answer was unusable. A gzip body (an upstream that ignored
-    ``Accept-Encoding: identity``) is written back gzip-compressed, to match the
-    ``Content-Encoding`` stored with it.
+    the upstream answer was unusable. Where every tarball is under the registry's own
+    prefix (the usual case), the served bytes are the upstream's with that prefix
+    replaced; otherwise the document is rewritten as parsed and written out again. A
+    gzip body (an upstream that answered ``Content-Encoding: gzip``) is written back
+    gzip-compressed, to match the ``Content-Encoding`` stored with it.
+
+    :param learn: called with the upstream's document before it is rewritten; its
+        result is returned (what the document teaches, learned in the same pass).
     """
+    with open(raw_path, "rb") as f:
+        data = f.read()
+    compressed = data.startswith(_GZIP_MAGIC)
+    if compressed:
+        data = gzip.decompress(data)
+    seen = prefix.KeyedStrings("tarball")
     with gcpolicy.quiet():
-        doc, compressed = read_document(raw_path)
+        doc = _parse(data, seen)
         try:
-            rewrite_document(doc, context)
-            if compressed:
-                # No name and no time in the gzip header: the same document always gives
-                # the same bytes, and so the same ETag for clients.
-                with (
-                    open(out_path, "wb") as f,
-                    gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz,
-                ):
-                    write_json(doc, gz.write)
-            else:
-                with open(out_path, "wb") as f:
-                    write_json(doc, f.write)
+            learned = learn(doc) if learn is not None else None
+            fast = _prefix_rewrite(data, doc, seen.values, context)
+            with open(out_path, "wb") as f:
+                if compressed:
+                    # No name and no time in the gzip header: the same document always
+                    # gives the same bytes, and so the same ETag for clients.
+                    with gzip.GzipFile(filename="", mode="wb", fileobj=f, mtime=0) as gz:
+                        _write(data, doc, fast, context, gz.write)
+                else:
+                    _write(data, doc, fast, context, f.write)
         finally:
             dispose(doc)
+    return learned
+
+
+def _write(
+    data: bytes,
+    doc: JSONObject,
+    fast: tuple[str, str] | None,
+    context: RewriteContext,
+    write: Callable[[bytes], object],
+) -> None:
+    if fast is not None:
+        prefix.write_replaced(data, *fast, write, _WRITE_CHUNK)
+        return
+    rewrite_document(doc, context)
+    write_json(doc, write)

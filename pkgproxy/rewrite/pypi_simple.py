@@ -23,16 +23,16 @@ import json
 import re
 import shutil
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Any, BinaryIO
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from urllib.parse import unquote, urlsplit
 
-from pkgproxy.rewrite import htmldoc, jsondoc
+from pkgproxy.rewrite import htmldoc, jsondoc, prefix
 from pkgproxy.rewrite.links import Linker
 
 if TYPE_CHECKING:  # pkgproxy.families imports the pypi family, which imports this module
-    from pkgproxy.families import RewriteContext, Rewriter
+    from pkgproxy.families import RewriteContext
 
 HTML = "text/html"
 V1_HTML = "application/vnd.pypi.simple.v1+html"
@@ -57,8 +57,10 @@ def normalize(name: str) -> str:
     return _NORMALIZE.sub("-", name).lower()
 
 
-@dataclass(frozen=True)
-class Listed:
+_NOTHING: Mapping[str, Any] = MappingProxyType({})
+
+
+class Listed(NamedTuple):
     """One file a project page or the JSON API lists.
 
     :ivar href: the link as written (entities decoded), without its fragment.
@@ -67,6 +69,8 @@ class Listed:
     :ivar size: bytes, where the document says (JSON).
     :ivar metadata_hashes: hashes of the PEP 658 ``.metadata`` file, where given.
     :ivar fields: the PEP 691 fields besides those, for the HTML to JSON conversion.
+
+    A named tuple: a page lists tens of thousands of these, made cheaply.
     """
 
     href: str
@@ -74,8 +78,8 @@ class Listed:
     filename: str
     hashes: Mapping[str, str]
     size: int | None = None
-    metadata_hashes: Mapping[str, str] = field(default_factory=dict)
-    fields: Mapping[str, Any] = field(default_factory=dict)
+    metadata_hashes: Mapping[str, str] = _NOTHING
+    fields: Mapping[str, Any] = _NOTHING
 
 
 def _hashes(value: object) -> dict[str, str]:
@@ -225,8 +229,13 @@ def _map_link(linker: Linker, value: str) -> str | None:
     return None if mapped is None else mapped + hashmark + fragment
 
 
-def rewrite_html(raw_path: str, out_path: str, context: RewriteContext) -> None:
-    """Rewrite the ``href`` of every ``<a>`` of a PEP 503 page (project or root list)."""
+def rewrite_html(
+    raw_path: str, out_path: str, context: RewriteContext, listing: bool = True
+) -> list[Listed]:
+    """Rewrite the ``href`` of every ``<a>`` of a PEP 503 page (project or root list).
+
+    :return: with ``listing``, the files the upstream's page lists.
+    """
     linker = Linker.of(context)
 
     def replace(tag: htmldoc.Tag, attr: htmldoc.Attr) -> bytes | None:
@@ -249,22 +258,93 @@ def rewrite_html(raw_path: str, out_path: str, context: RewriteContext) -> None:
     with htmldoc.mapped(raw_path) as buf, open(out_path, "wb", buffering=1 << 20) as out:
         _base(buf, linker)
         htmldoc.rewrite(buf, out, replace, frozenset({b"a"}))
+        return list(listed_in_html(buf, Linker(context.page_url))) if listing else []
+
+
+def _values_at(value: object, path: jsondoc.Path) -> Iterator[object]:
+    """The values at ``path`` below a parsed JSON ``value`` (``None``: any key or item)."""
+    if not path:
+        yield value
+        return
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        if head is None:
+            for v in value.values():
+                yield from _values_at(v, rest)
+        elif head in value:
+            yield from _values_at(value[head], rest)
+    elif isinstance(value, list) and head is None:
+        for v in value:
+            yield from _values_at(v, rest)
+
+
+def _prefix_plan(
+    data: bytes,
+    doc: object,
+    seen: list[str],
+    context: RewriteContext,
+    paths: tuple[jsondoc.Path, ...],
+) -> tuple[str, str] | None:
+    """``(files prefix, public prefix)`` if replacing the one by the other in ``data``
+    gives exactly what rewriting the links at ``paths`` one by one would.
+
+    Every link the parser would change must be under the prefix of the route that
+    serves the first link, written without escapes, and the only ``url`` member
+    starting with it (see :mod:`pkgproxy.rewrite.prefix`).
+    """
+    if context.public_prefix is None:
+        return None
+    linker = Linker.of(context)
+    values = [v for p in paths for v in _values_at(doc, p) if isinstance(v, str)]
+    if not values:
+        return None
+    found = context.public_prefix(linker.resolve(values[0].partition("#")[0]))
+    if found is None:
+        return None
+    upstream, public = found
+    links = []
+    for v in values:
+        if v.startswith(upstream) and "/." not in v:
+            links.append(v)
+        elif _map_link(linker, v) is not None:
+            return None
+    return found if prefix.exact(data, "url", seen, links, upstream, public) else None
 
 
 def rewrite_json(
     raw_path: str, out_path: str, context: RewriteContext, paths: tuple[jsondoc.Path, ...]
-) -> None:
-    """Rewrite the file URLs at ``paths`` of a JSON document."""
-    linker = Linker.of(context)
+) -> list[Listed]:
+    """Rewrite the file URLs at ``paths`` of a JSON document.
+
+    The usual document names every file under one prefix, which is then replaced in
+    the bytes; any other is walked and its links replaced one by one.
+
+    :return: the files the upstream's document lists (read from the same parse).
+    """
     with open(raw_path, "rb") as f:
-        text = f.read().decode("utf-8", "surrogateescape")
+        data = f.read()
+    seen = prefix.KeyedStrings("url")
+    try:
+        doc = json.loads(data, object_pairs_hook=seen)
+    except (ValueError, RecursionError):
+        doc = None  # the walk below says what is wrong with it
+    items = list(listed_in_json(doc, Linker(context.page_url)))
+    plan = _prefix_plan(data, doc, seen.values, context, paths) if doc is not None else None
+    del doc
     with open(out_path, "wb", buffering=1 << 20) as out:
+        if plan is not None:
+            prefix.write_replaced(data, *plan, out.write)
+            return items
+        linker = Linker.of(context)
+        text = data.decode("utf-8", "surrogateescape")
+        del data
         jsondoc.replace_strings(text, paths, partial(_map_link, linker), out)
+    return items
 
 
-def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> None:
+def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> list[Listed]:
     """The JSON API (``/pypi/<project>[/<version>]/json``): ``urls`` and ``releases``."""
-    rewrite_json(raw_path, out_path, context, API_URLS)
+    return rewrite_json(raw_path, out_path, context, API_URLS)
 
 
 def _write_json_items(
@@ -279,9 +359,13 @@ def _write_json_items(
     out.write(b"]}")
 
 
-def html_to_json(raw_path: str, out_path: str, context: RewriteContext, root: bool) -> None:
-    """A PEP 503 page as PEP 691 JSON (API version 1.0), links mapped as in HTML."""
+def html_to_json(raw_path: str, out_path: str, context: RewriteContext, root: bool) -> list[Listed]:
+    """A PEP 503 page as PEP 691 JSON (API version 1.0), links mapped as in HTML.
+
+    :return: the files the upstream's page lists.
+    """
     linker = Linker.of(context)
+    items: list[Listed] = []
     meta = {"meta": {"api-version": "1.0"}}
     with htmldoc.mapped(raw_path) as buf, open(out_path, "wb", buffering=1 << 20) as out:
         if root:
@@ -291,12 +375,13 @@ def html_to_json(raw_path: str, out_path: str, context: RewriteContext, root: bo
                 if tag.name == b"a" and tag.get(b"href") is not None
             )
             _write_json_items(out, meta, "projects", names)
-            return
+            return items
         segments = [s for s in urlsplit(context.page_url).path.split("/") if s]
         head = {**meta, "name": normalize(unquote(segments[-1])) if segments else ""}
 
         def files() -> Iterator[dict[str, Any]]:
             for item in listed_in_html(buf, linker):
+                items.append(item)
                 entry: dict[str, Any] = {
                     "filename": item.filename,
                     "url": linker.map(item.href) or item.href,
@@ -309,15 +394,17 @@ def html_to_json(raw_path: str, out_path: str, context: RewriteContext, root: bo
                 yield entry
 
         _write_json_items(out, head, "files", files())
+    return items
 
 
 def rewrite_simple(
     raw_path: str, out_path: str, context: RewriteContext, *, want_json: bool, root: bool
-) -> None:
+) -> list[Listed]:
     """A simple API page in the negotiated type, links rewritten.
 
     :param want_json: the client was promised PEP 691 JSON (else HTML).
     :param root: the project list, whose JSON form has no links at all.
+    :return: the files the upstream's page lists (none for the root list).
     """
     with htmldoc.mapped(raw_path) as buf:
         is_json = _is_json(buf)
@@ -325,14 +412,9 @@ def rewrite_simple(
         raise ValueError("the index answered JSON where HTML was asked for")
     if is_json and root:
         shutil.copyfile(raw_path, out_path)
-    elif is_json:
-        rewrite_json(raw_path, out_path, context, SIMPLE_URLS)
-    elif want_json:
-        html_to_json(raw_path, out_path, context, root)
-    else:
-        rewrite_html(raw_path, out_path, context)
-
-
-def simple_rewriter(want_json: bool, root: bool) -> Rewriter:
-    """The rewriter for one negotiated simple page (see :func:`rewrite_simple`)."""
-    return partial(rewrite_simple, want_json=want_json, root=root)
+        return []
+    if is_json:
+        return rewrite_json(raw_path, out_path, context, SIMPLE_URLS)
+    if want_json:
+        return html_to_json(raw_path, out_path, context, root)
+    return rewrite_html(raw_path, out_path, context, listing=not root)

@@ -457,7 +457,10 @@ class UpstreamClient:
                 sem.release()
 
         hdrs = Headers({k: [v] for k, v in headers.items()})
-        hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
+        if not hdrs.hasHeader(b"accept-encoding"):
+            # Raw bytes unless a family asked for a coding it undoes itself (an index
+            # it rewrites, taken gzip-compressed as direct clients take it).
+            hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
         producer = _BytesBody(body) if body is not None else None
         d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
         timer = self._clock.callLater(self._config.header_timeout, d.cancel)

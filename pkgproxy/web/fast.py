@@ -44,7 +44,9 @@ _NEUTRAL = frozenset(
 #: Records kept; past this the oldest half is forgotten (a record is cheap to remake).
 MAX_RECORDS = 20_000
 
-_Key = tuple[bytes, bytes, bytes]
+#: ``(target, host, accept, accept-encoding)``: a rewritten document's gzip form is
+#: its own answer.
+_Key = tuple[bytes, bytes, bytes, bytes]
 
 
 @dataclass(eq=False)
@@ -147,8 +149,8 @@ class HitPath:
         parsed = _parse_head(head)
         if parsed is None:
             return False
-        method, target, host, accept, agent = parsed
-        key = (target, host, accept)
+        method, target, host, accept, agent, coding = parsed
+        key = (target, host, accept, coding)
         record = self._records.get(key)
         if record is None:
             return False
@@ -207,7 +209,7 @@ def _request_key(request: Request) -> _Key | None:
         return None
     if getattr(request.channel, "pkgproxy_tunnel", None) is not None:
         return None
-    host = accept = b""
+    host = accept = coding = b""
     for name, values in request.requestHeaders.getAllRawHeaders():
         lower = name.lower()
         if lower not in _NEUTRAL:
@@ -221,11 +223,14 @@ def _request_key(request: Request) -> _Key | None:
             host = values[0]
         elif lower == b"accept":
             accept = b", ".join(values)
-    return (request.uri, host, accept)
+        elif lower == b"accept-encoding":
+            coding = b", ".join(values)
+    return (request.uri, host, accept, coding)
 
 
-def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
-    """``(method, target, host, accept, user agent)`` of a plain GET or HEAD, else None.
+def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes] | None:
+    """``(method, target, host, accept, user agent, accept-encoding)`` of a plain GET or
+    HEAD, else None.
 
     Strict on purpose: whatever is unusual (another method or version, a header not
     known to be neutral, a folded line, a body) is twisted.web's to parse and refuse.
@@ -236,6 +241,7 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
         return None
     host = agent = b""
     accepts: list[bytes] = []
+    codings: list[bytes] = []
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
         lower = name.lower()
@@ -248,11 +254,13 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes] | None:
             host = value
         elif lower == b"accept":
             accepts.append(value)
+        elif lower == b"accept-encoding":
+            codings.append(value)
         elif lower == b"user-agent":
             agent = value
         elif lower == b"connection" and value.lower() != b"keep-alive":
             return None
-    return method, target, host, b", ".join(accepts), agent
+    return method, target, host, b", ".join(accepts), agent, b", ".join(codings)
 
 
 def _read_whole(path: str, size: int) -> bytes:

@@ -7,6 +7,7 @@ carries an absolute URI, which Twisted keeps whole in ``request.path``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,7 @@ from pkgproxy.families import (
     RewriteContext,
 )
 from pkgproxy.families import Request as FamilyRequest
-from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
+from pkgproxy.fetch.fetch import PACKED, Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner, cache_key
 from pkgproxy.observe import Observer, RequestRecord
@@ -165,6 +166,12 @@ class ProxyResource(Resource):
         self.offline = config.offline
         #: Repeated hits answered below twisted.web (the site's channels use it).
         self.hit_path = HitPath(store, self._learner, self._observer, clock, config.cache.memory)
+        store.on_drop.append(self._drop_packed)
+
+    def _drop_packed(self, entry: Entry) -> None:
+        """A document's gzip form goes with it (purged, evicted)."""
+        if not entry.key.endswith(PACKED):
+            self._store.remove(entry.key + PACKED)
 
     def render(self, request: Request) -> bytes | int:
         # Twisted would label a body without a type text/html; unknown stays unknown.
@@ -591,7 +598,9 @@ class ProxyResource(Resource):
                     },
                     on_verified=on_verified,
                     rewrite_context=RewriteContext(
-                        ctx.url, lambda url: self._table.public_url(url, ctx.base, ctx.scheme)
+                        ctx.url,
+                        lambda url: self._table.public_url(url, ctx.base, ctx.scheme),
+                        lambda url: self._table.public_prefix(url, ctx.base, ctx.scheme),
                     ),
                 ),
                 self._client,
@@ -707,6 +716,11 @@ class ProxyResource(Resource):
 
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
+        if ctx.decision.rewrite is not None and _takes_gzip(req.getHeader(b"accept-encoding")):
+            # The gzip form stored beside a rewritten document, if it is of this one.
+            sibling = self._store.get(entry.key + PACKED)
+            if sibling is not None and sibling.etag == entry.sha256:
+                entry = sibling
         etag = f'"{entry.sha256}"'
         own = entry.digests.get(ctx.decision.etag_digest or "")
         if own is not None:
@@ -1032,13 +1046,40 @@ class ProxyResource(Resource):
         return span
 
 
+def _takes_gzip(value: bytes | None) -> bool:
+    """Whether an ``Accept-Encoding`` header admits gzip (``q`` > 0)."""
+    if not value:
+        return False
+    star = False
+    for element in value.decode("latin-1").split(","):
+        coding, *params = element.split(";")
+        coding = coding.strip().lower()
+        q = 1.0
+        for param in params:
+            name, _, number = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(number)
+                except ValueError:
+                    q = 0.0
+        if coding in ("gzip", "x-gzip"):
+            return q > 0
+        if coding == "*":
+            star = q > 0
+    return star
+
+
+#: A Host header usable as the base of rewritten links: an ASCII name or address, port.
+_HOST_NAME = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
+
+
 def _client_base(request: Request) -> str:
     """``scheme://host[:port]`` as the client named the proxy (its Host header)."""
     scheme = "https" if request.isSecure() else "http"
     host = request.getHeader(b"host")
     if host:
         name = host.decode("latin-1").strip()
-        if name and all(c.isalnum() or c in "-.:[]_" for c in name):
+        if _HOST_NAME.match(name):  # ASCII only: str.isalnum would take any script
             return f"{scheme}://{name}"
     addr = request.getHost()
     return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"

@@ -108,6 +108,26 @@ class RouteTable:
                 return None
         return None
 
+    def public_prefix(
+        self, url: str, base: str | None, scheme: str = "http"
+    ) -> tuple[str, str] | None:
+        """``(upstream prefix, public prefix)`` for the route serving ``url``, such that
+        :meth:`public_url` of every URL under the one is the other plus the rest.
+
+        ``None`` when no route serves ``url``, when no public URL exists, or when another
+        route's upstream lies below this one's (then the mapping is not one prefix).
+        """
+        for r in self._by_upstream:
+            if url.startswith(r.upstream):
+                if any(
+                    o.upstream != r.upstream and o.upstream.startswith(r.upstream)
+                    for o in self.routes
+                ):
+                    return None
+                public = self.public_url(r.upstream, base, scheme)
+                return None if public is None else (r.upstream, public)
+        return None
+
     def interceptable(self, host: str, port: int) -> bool:
         """Whether a route names ``https://host:port`` (a CONNECT pkgproxy may answer)."""
         host = host.lower()

@@ -303,3 +303,60 @@ class HitPathTests(IntegrationTestCase):
         raw.send(get("/files/a.bin"))
         await wait_until(lambda: len(parse_responses(bytes(raw.received))[0]) == 1, 5, "hit")
         await Deferred.fromCoroutine(raw.wait_closed(5.0))
+
+
+class GzipHitTests(IntegrationTestCase):
+    """A rewritten document's gzip form, on the hit path too: what a client is replayed
+    depends on its Accept-Encoding, in either order."""
+
+    _exchange = HitPathTests._exchange
+
+    async def test_gzip_and_identity_replays(self) -> None:
+        import gzip
+        import json
+
+        upstream = await self.start_upstream()
+        files = upstream.url("/files/")
+        doc = json.dumps(
+            {
+                "meta": {"api-version": "1.1"},
+                "name": "demo",
+                "files": [
+                    {"filename": f"demo-1.{i}.tar.gz", "url": f"{files}demo-1.{i}.tar.gz"}
+                    for i in range(100)
+                ],
+            }
+        ).encode()
+        upstream.handlers[b"/index/simple/demo/"] = static(
+            doc, [(b"content-type", b"application/vnd.pypi.simple.v1+json")]
+        )
+        proxy = await self.start_proxy(
+            {
+                "routes": {
+                    "pypi": {"upstream": upstream.url("/index/")},
+                    "pypi-files": {"upstream": files},
+                }
+            }
+        )
+        accept = b"Accept: application/vnd.pypi.simple.v1+json"
+        gz = b"Accept-Encoding: gzip"
+        raw = await self.raw_client(proxy)
+        raw.send(get("/pypi/simple/demo/", accept))
+        await wait_until(lambda: len(parse_responses(bytes(raw.received))[0]) >= 1, 10, "miss")
+        raw.abort()
+        want = parse_responses(bytes(raw.received))[0][0].body
+        self.assertIn(b'"url": "http://proxy/pypi/files/demo-1.0.tar.gz"', want)
+        await proxy.settled()
+        hits = proxy.site.hit_path
+        assert hits is not None
+        order = [(), (gz,), (), (gz,), (b"Accept-Encoding: gzip;q=0",), (gz,)]
+        for extra in order:
+            (response,), _ = await self._exchange(proxy, get("/pypi/simple/demo/", accept, *extra))
+            self.assertEqual(response.headers[b"x-cache"], b"HIT")
+            if response.headers.get(b"content-encoding") == b"gzip":
+                self.assertEqual(extra, (gz,))
+                self.assertEqual(gzip.decompress(response.body), want)
+            else:
+                self.assertNotEqual(extra, (gz,))
+                self.assertEqual(response.body, want)
+        self.assertGreaterEqual(hits.answered, 3, "replayed by the hit path")
