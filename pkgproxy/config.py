@@ -144,8 +144,11 @@ class LimitsConfig:
     #: Request line and header block together; beyond it: 400/431, connection closed.
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
-    #: A connection idle this long between requests is closed.
-    client_idle_timeout: float = 120.0
+    #: A connection idle this long between requests is closed (nginx's keep-alive).
+    client_idle_timeout: float = 75.0
+    #: A request's head (and body) must arrive within this long of its first byte,
+    #: however slowly it trickles in; past it: 408, connection closed.
+    request_head_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -640,7 +643,7 @@ _CACHE_KEYS = {
     "disk_retry_after",
     "revalidate_window",
 }
-_LIMITS_KEYS = {"max_header_bytes", "max_headers", "client_idle_timeout"}
+_LIMITS_KEYS = {"max_header_bytes", "max_headers", "client_idle_timeout", "request_head_timeout"}
 _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
@@ -726,6 +729,12 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         if seconds <= 0:
             raise ConfigError(key, "must be greater than zero")
         lc = replace(lc, client_idle_timeout=seconds)
+    if "request_head_timeout" in limits:
+        key = "limits.request_head_timeout"
+        seconds = parse_duration(limits["request_head_timeout"], key)
+        if seconds <= 0:
+            raise ConfigError(key, "must be greater than zero")
+        lc = replace(lc, request_head_timeout=seconds)
     cfg = replace(cfg, limits=lc)
 
     up = _table(data, "upstream")

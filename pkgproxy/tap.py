@@ -165,6 +165,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     site.timeOut = cfg.limits.client_idle_timeout
     site.max_header_bytes = cfg.limits.max_header_bytes
     site.max_headers = cfg.limits.max_headers
+    site.request_timeout = cfg.limits.request_head_timeout
     for desc in cfg.listen:
         strports.service(desc, site, reactor=reactor).setServiceParent(top)
     return top

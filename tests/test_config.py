@@ -65,6 +65,10 @@ class ConfigTests(SynchronousTestCase):
         self.assertConfigError({"cache": {"memory": "much"}}, "cache.memory")
         self.assertConfigError({"listen": 3142}, "listen")
         self.assertConfigError({"upstream": {"idle_timeout": "soon"}}, "upstream.idle_timeout")
+        for bad in ("0s", "soon"):
+            self.assertConfigError(
+                {"limits": {"request_head_timeout": bad}}, "limits.request_head_timeout"
+            )
         self.assertConfigError({"routes": {"x": {"family": "generic"}}}, "routes.x.upstream")
         self.assertConfigError(
             {"routes": {"x": {"family": "nope", "upstream": "http://h/"}}}, "routes.x.family"

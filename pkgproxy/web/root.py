@@ -47,7 +47,7 @@ from pkgproxy.web.producer import (
     SendfileProducer,
 )
 from pkgproxy.web.relay import Relay
-from pkgproxy.web.routing import RouteError, RouteTable
+from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 from pkgproxy.web.tunnel import BlindTunnels, Connector
 
 log = Logger()
@@ -1011,9 +1011,9 @@ def _client_base(request: Request) -> str:
     scheme = "https" if request.isSecure() else "http"
     host = request.getHeader(b"host")
     if host:
-        name = host.decode("latin-1").strip()
-        if name and all(c.isalnum() or c in "-.:[]_" for c in name):
-            return f"{scheme}://{name}"
+        name = host.strip(b" \t")
+        if name and valid_host(name):
+            return f"{scheme}://{name.decode('ascii')}"
     addr = request.getHost()
     return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"
 
