@@ -149,6 +149,10 @@ class LimitsConfig:
     #: A request's head (and body) must arrive within this long of its first byte,
     #: however slowly it trickles in; past it: 408, connection closed.
     request_head_timeout: float = 30.0
+    #: Memory all downloads together may hold to finish for their clients after the
+    #: cache disk refused their writes (each at most 64 MiB); past it, such a download
+    #: fails (its clients retry, and are relayed while the disk is in trouble).
+    disk_error_memory: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -643,7 +647,13 @@ _CACHE_KEYS = {
     "disk_retry_after",
     "revalidate_window",
 }
-_LIMITS_KEYS = {"max_header_bytes", "max_headers", "client_idle_timeout", "request_head_timeout"}
+_LIMITS_KEYS = {
+    "max_header_bytes",
+    "max_headers",
+    "client_idle_timeout",
+    "request_head_timeout",
+    "disk_error_memory",
+}
 _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
@@ -729,6 +739,9 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         if seconds <= 0:
             raise ConfigError(key, "must be greater than zero")
         lc = replace(lc, client_idle_timeout=seconds)
+    if "disk_error_memory" in limits:
+        size = parse_size(limits["disk_error_memory"], "limits.disk_error_memory")
+        lc = replace(lc, disk_error_memory=size)
     if "request_head_timeout" in limits:
         key = "limits.request_head_timeout"
         seconds = parse_duration(limits["request_head_timeout"], key)

@@ -18,6 +18,7 @@ from pkgproxy.admin import Operations
 from pkgproxy.config import Config, ConfigError, load_config, parse_size
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Facts
+from pkgproxy.fetch import fetch as fetch_module
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.gcpolicy import HeapFreeze
 from pkgproxy.learning import Learner
@@ -166,6 +167,7 @@ def build_service(cfg: Config, reactor: Any) -> MultiService:
     site.max_header_bytes = cfg.limits.max_header_bytes
     site.max_headers = cfg.limits.max_headers
     site.request_timeout = cfg.limits.request_head_timeout
+    fetch_module.SPILL_BUDGET.limit = cfg.limits.disk_error_memory
     for desc in cfg.listen:
         strports.service(desc, site, reactor=reactor).setServiceParent(top)
     return top
