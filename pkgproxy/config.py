@@ -733,21 +733,16 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         lc = replace(lc, max_header_bytes=size)
     if "max_headers" in limits:
         lc = replace(lc, max_headers=_positive_int(limits["max_headers"], "limits.max_headers"))
-    if "client_idle_timeout" in limits:
-        key = "limits.client_idle_timeout"
-        seconds = parse_duration(limits["client_idle_timeout"], key)
-        if seconds <= 0:
-            raise ConfigError(key, "must be greater than zero")
-        lc = replace(lc, client_idle_timeout=seconds)
+    for name in ("client_idle_timeout", "request_head_timeout"):
+        if name in limits:
+            seconds = parse_duration(limits[name], f"limits.{name}")
+            if seconds <= 0:
+                raise ConfigError(f"limits.{name}", "must be greater than zero")
+            timeout: dict[str, Any] = {name: seconds}
+            lc = replace(lc, **timeout)
     if "disk_error_memory" in limits:
         size = parse_size(limits["disk_error_memory"], "limits.disk_error_memory")
         lc = replace(lc, disk_error_memory=size)
-    if "request_head_timeout" in limits:
-        key = "limits.request_head_timeout"
-        seconds = parse_duration(limits["request_head_timeout"], key)
-        if seconds <= 0:
-            raise ConfigError(key, "must be greater than zero")
-        lc = replace(lc, request_head_timeout=seconds)
     cfg = replace(cfg, limits=lc)
 
     up = _table(data, "upstream")
