@@ -305,7 +305,8 @@ class HitPathTests(IntegrationTestCase):
         await Deferred.fromCoroutine(raw.wait_closed(5.0))
 
     async def test_bare_lf_on_a_hit_is_one_bad_request(self) -> None:
-        """issue 15: a bare LF before a Content-Length hides no second request on a hit.
+        """issue 15: a bare LF, bare CR or NUL before a Content-Length, or junk after the
+        version, hides no second request on a hit.
 
         Before, the hit path answered the head and then the "body" as a second request;
         now both paths agree: one 400, the connection closed, nothing replayed.
@@ -316,7 +317,12 @@ class HitPathTests(IntegrationTestCase):
             b"GET /files/a.bin HTTP/1.1\r\nHost: proxy\r\nUser-Agent: a\n"
             b"Content-Length: %d\r\n\r\n" % len(smuggled)
         )
-        for junk in (head, head.replace(b"a\n", b"a\r"), head.replace(b"a\n", b"a\x00\r\n")):
+        for junk in (
+            head,
+            head.replace(b"a\n", b"a\r"),
+            head.replace(b"a\n", b"a\x00\r\n"),
+            head.replace(b"a\n", b"a\r\n").replace(b"HTTP/1.1\r\n", b"HTTP/1.1 junk\r\n", 1),
+        ):
             raw = await self.raw_client(proxy)
             raw.send(junk + smuggled)
             await raw.wait_closed(5.0)
