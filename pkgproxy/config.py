@@ -144,8 +144,15 @@ class LimitsConfig:
     #: Request line and header block together; beyond it: 400/431, connection closed.
     max_header_bytes: int = 16 * 1024
     max_headers: int = 100
-    #: A connection idle this long between requests is closed.
-    client_idle_timeout: float = 120.0
+    #: A connection idle this long between requests is closed (nginx's keep-alive).
+    client_idle_timeout: float = 75.0
+    #: A request's head (and body) must arrive within this long of its first byte,
+    #: however slowly it trickles in; past it: 408, connection closed.
+    request_head_timeout: float = 30.0
+    #: Memory all downloads together may hold to finish for their clients after the
+    #: cache disk refused their writes (each at most 64 MiB); past it, such a download
+    #: fails (its clients retry, and are relayed while the disk is in trouble).
+    disk_error_memory: int = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -666,7 +673,13 @@ _CACHE_KEYS = {
     "disk_retry_after",
     "revalidate_window",
 }
-_LIMITS_KEYS = {"max_header_bytes", "max_headers", "client_idle_timeout"}
+_LIMITS_KEYS = {
+    "max_header_bytes",
+    "max_headers",
+    "client_idle_timeout",
+    "request_head_timeout",
+    "disk_error_memory",
+}
 _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
@@ -746,12 +759,16 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         lc = replace(lc, max_header_bytes=size)
     if "max_headers" in limits:
         lc = replace(lc, max_headers=_positive_int(limits["max_headers"], "limits.max_headers"))
-    if "client_idle_timeout" in limits:
-        key = "limits.client_idle_timeout"
-        seconds = parse_duration(limits["client_idle_timeout"], key)
-        if seconds <= 0:
-            raise ConfigError(key, "must be greater than zero")
-        lc = replace(lc, client_idle_timeout=seconds)
+    for name in ("client_idle_timeout", "request_head_timeout"):
+        if name in limits:
+            seconds = parse_duration(limits[name], f"limits.{name}")
+            if seconds <= 0:
+                raise ConfigError(f"limits.{name}", "must be greater than zero")
+            timeout: dict[str, Any] = {name: seconds}
+            lc = replace(lc, **timeout)
+    if "disk_error_memory" in limits:
+        size = parse_size(limits["disk_error_memory"], "limits.disk_error_memory")
+        lc = replace(lc, disk_error_memory=size)
     cfg = replace(cfg, limits=lc)
 
     up = _table(data, "upstream")

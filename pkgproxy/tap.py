@@ -34,6 +34,7 @@ from pkgproxy.admin import Operations
 from pkgproxy.config import Config, ConfigError, load_config, parse_size
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Facts
+from pkgproxy.fetch import fetch as fetch_module
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.gcpolicy import HeapFreeze
 from pkgproxy.learning import Learner
@@ -301,6 +302,8 @@ def build_service(
     site.max_header_bytes = cfg.limits.max_header_bytes
     site.max_headers = cfg.limits.max_headers
     backlog = kernel_backlog_limit()
+    site.request_timeout = cfg.limits.request_head_timeout
+    fetch_module.SPILL_BUDGET.limit = cfg.limits.disk_error_memory
     for desc in cfg.listen:
         Listener(reactor, desc, site, backlog).setServiceParent(top)
     return top

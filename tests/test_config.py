@@ -65,6 +65,13 @@ class ConfigTests(SynchronousTestCase):
         self.assertConfigError({"cache": {"memory": "much"}}, "cache.memory")
         self.assertConfigError({"listen": 3142}, "listen")
         self.assertConfigError({"upstream": {"idle_timeout": "soon"}}, "upstream.idle_timeout")
+        self.assertConfigError(
+            {"limits": {"disk_error_memory": "lots"}}, "limits.disk_error_memory"
+        )
+        for bad in ("0s", "soon"):
+            self.assertConfigError(
+                {"limits": {"request_head_timeout": bad}}, "limits.request_head_timeout"
+            )
         self.assertConfigError({"routes": {"x": {"family": "generic"}}}, "routes.x.upstream")
         self.assertConfigError(
             {"routes": {"x": {"family": "nope", "upstream": "http://h/"}}}, "routes.x.family"

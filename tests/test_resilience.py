@@ -181,14 +181,14 @@ class RevalidateWindowTests(_IndexTestCase):
 
 class ConfigTests(SynchronousTestCase):
     def test_defaults(self) -> None:
-        """Defaults: a 30 s window, no stale-while-revalidate, 16 KiB / 100 headers, 120 s."""
+        """Defaults: a 30 s window, no stale-while-revalidate, 16 KiB / 100 headers, 75 s."""
         cfg = config_from_dict({})
         self.assertEqual(cfg.cache.revalidate_window, 30.0)
         self.assertEqual({r.stale_while_revalidate for r in cfg.routes}, {0.0})
         limits = cfg.limits
         self.assertEqual(
             (limits.max_header_bytes, limits.max_headers, limits.client_idle_timeout),
-            (16 * 1024, 100, 120.0),
+            (16 * 1024, 100, 75.0),
         )
 
     def test_values(self) -> None:

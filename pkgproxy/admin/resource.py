@@ -36,7 +36,7 @@ from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import cache_key
-from pkgproxy.web.routing import RouteError, RouteTable
+from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 
 log = Logger()
 
@@ -294,8 +294,8 @@ def _arg(request: Request, name: str) -> str | None:
 def _base_url(request: Request) -> str:
     """``http://host:port`` as the client reached this server, for copy-paste examples."""
     scheme = "https" if request.isSecure() else "http"
-    host = (request.getHeader(b"host") or b"").decode("latin-1").strip()
-    if host and all(c.isalnum() or c in "-.:[]_" for c in host):
-        return f"{scheme}://{host}"
+    host = (request.getHeader(b"host") or b"").strip(b" \t")
+    if host and valid_host(host):
+        return f"{scheme}://{host.decode('ascii')}"
     addr = request.getHost()
     return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"

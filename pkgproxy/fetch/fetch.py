@@ -68,6 +68,37 @@ PACKED = "#gzip"
 PACK_MIN = 1024
 #: A gzip-compressed document to rewrite may expand to this much, no more.
 MAX_DOCUMENT = 1024 * 1024 * 1024
+
+
+class SpillBudget:
+    """The memory all downloads together may hold after the cache disk refused writes.
+
+    A download the disk fails reserves what it still needs (its announced remainder, or
+    :data:`SPILL_MAX` when no length was announced) before it holds any of it; when the
+    budget cannot cover that, this newcomer fails cleanly (its clients see a failed
+    transfer and a retry is relayed, as every miss is while the disk is in trouble),
+    and the downloads already held in memory go on undisturbed. A reservation is
+    returned when the last reader of that body lets go of it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        #: Bytes reserved now.
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        """Reserve ``size`` bytes, if the budget has them."""
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+#: Shared by every download of the process (``limits.disk_error_memory``).
+SPILL_BUDGET = SpillBudget(256 * 1024 * 1024)
 _DONE = Failure(ResponseDone())
 
 
@@ -118,6 +149,9 @@ class _SharedFile:
         self._refs = 1
         self.spill_at = -1
         self.spill: bytearray | None = None
+        #: What :attr:`spill` may grow to, reserved from :attr:`budget`.
+        self.reserved = 0
+        self.budget: SpillBudget | None = None
 
     def acquire(self) -> _SharedFile:
         self._refs += 1
@@ -136,6 +170,10 @@ class _SharedFile:
         self._refs -= 1
         if self._refs == 0:
             os.close(self.fd)
+            self.spill = None
+            if self.budget is not None:
+                self.budget.give(self.reserved)
+                self.budget = None
 
 
 class _MemoryBody:
@@ -497,7 +535,7 @@ class Fetch:
             if isinstance(self._file, _MemoryBody):
                 d = succeed(_append_and_hash(self._file.data, data, self._hashers))
             elif self._file.spill is not None:
-                if len(self._file.spill) + len(data) > SPILL_MAX:
+                if len(self._file.spill) + len(data) > self._file.reserved:
                     self._writing = False
                     self._give_up_spill()
                     return
@@ -535,7 +573,26 @@ class Fetch:
             and self.request.decision.rewrite is None
         ):
             # The clients of this download still get it whole: what is left of it is
-            # held in memory (up to SPILL_MAX), checked as before, and not stored.
+            # held in memory (up to SPILL_MAX, within the budget shared by all
+            # downloads), checked as before, and not stored.
+            need = SPILL_MAX if self.length is None else max(0, self.length - self.written)
+            if need > SPILL_MAX:
+                self._give_up_spill()
+                return
+            budget = SPILL_BUDGET
+            if not budget.take(need):
+                log.warn(
+                    "cache disk error writing {url} ({why}); the memory for downloads "
+                    "the disk refused is spent ({held} of {limit} MiB), so this one fails",
+                    url=self.request.url,
+                    why=why,
+                    held=budget.held >> 20,
+                    limit=budget.limit >> 20,
+                )
+                self._disk_failure("no memory left to finish it after a cache disk error")
+                return
+            body.reserved = need
+            body.budget = budget
             log.warn(
                 "cache disk error writing {url} ({why}); its clients get the rest "
                 "from memory and it is not stored",

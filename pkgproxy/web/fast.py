@@ -21,6 +21,7 @@ observer, so the access log and the metrics cannot tell them apart.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from pkgproxy.config import Route
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tcpwrite import plain_tcp, send_now
+from pkgproxy.web.routing import valid_host
 
 #: Request headers that cannot change a hit's answer. ``Accept`` can (the PyPI, npm and
 #: OCI families answer by it) and is part of a record's key; anything not named here
@@ -146,7 +148,7 @@ class HitPath:
 
         :return: False to leave the request to twisted.web, untouched.
         """
-        parsed = _parse_head(head)
+        parsed = _parse_head(head, getattr(channel, "maxHeaders", 100))
         if parsed is None:
             return False
         method, target, host, accept, agent, coding = parsed
@@ -228,28 +230,47 @@ def _request_key(request: Request) -> _Key | None:
     return (request.uri, host, accept, coding)
 
 
-def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes] | None:
+#: What the hit path accepts, byte for byte: a request line ``GET|HEAD SP target SP
+#: HTTP/1.1`` with a target of visible ASCII, then header lines whose names are tokens
+#: and whose values are visible ASCII, spaces and tabs, every line ending in CRLF. A
+#: bare CR or LF, a NUL or other control byte, obs-text, a folded line, a space before
+#: the colon, anything after the version: not this path's to judge (twisted.web's).
+_REQUEST_LINE = re.compile(rb"(GET|HEAD) ([\x21-\x7e]+) HTTP/1\.1")
+_HEADER_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[\x21-\x7e][\x20-\x7e\t]*)?)")
+
+
+def _parse_head(
+    head: bytes, max_headers: int = 100
+) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes] | None:
     """``(method, target, host, accept, user agent, accept-encoding)`` of a plain GET or
     HEAD, else None.
 
-    Strict on purpose: whatever is unusual (another method or version, a header not
-    known to be neutral, a folded line, a body) is twisted.web's to parse and refuse.
+    Strict on purpose: the hit path takes only a subset of what twisted.web parses the
+    same way (one request, no body, ending at the blank line); whatever is unusual
+    (another method or version, a header not known to be neutral, a folded line, a
+    body, a byte RFC 9112 does not allow where it is) is twisted.web's to parse and
+    refuse.
     """
     lines = head.split(b"\r\n")
-    method, target, version = (lines[0].split(b" ") + [b"", b""])[:3]
-    if (method != b"GET" and method != b"HEAD") or version != b"HTTP/1.1" or not target:
+    first = _REQUEST_LINE.fullmatch(lines[0])
+    if first is None or len(lines) - 1 > max_headers:
         return None
-    host = agent = b""
+    method, target = first.groups()
+    host: bytes | None = None
+    agent = b""
     accepts: list[bytes] = []
     codings: list[bytes] = []
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        lower = name.lower()
-        if not colon or lower not in _NEUTRAL:
+        header = _HEADER_LINE.fullmatch(line)
+        if header is None:
             return None
-        value = value.strip(b" \t")
+        name, value = header.groups()
+        lower = name.lower()
+        if lower not in _NEUTRAL:
+            return None
+        value = value.rstrip(b" \t")
         if lower == b"host":
-            if host:
+            if host is not None or not valid_host(value):
                 return None
             host = value
         elif lower == b"accept":
@@ -260,6 +281,8 @@ def _parse_head(head: bytes) -> tuple[bytes, bytes, bytes, bytes, bytes, bytes] 
             agent = value
         elif lower == b"connection" and value.lower() != b"keep-alive":
             return None
+    if not host:
+        return None
     return method, target, host, b", ".join(accepts), agent, b", ".join(codings)
 
 

@@ -7,7 +7,6 @@ carries an absolute URI, which Twisted keeps whole in ``request.path``.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,7 @@ from pkgproxy.web.producer import (
     SendfileProducer,
 )
 from pkgproxy.web.relay import Relay
-from pkgproxy.web.routing import RouteError, RouteTable
+from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 from pkgproxy.web.tunnel import BlindTunnels, Connector
 
 log = Logger()
@@ -1070,7 +1069,6 @@ def _takes_gzip(value: bytes | None) -> bool:
 
 
 #: A Host header usable as the base of rewritten links: an ASCII name or address, port.
-_HOST_NAME = re.compile(r"^[A-Za-z0-9._:\[\]-]+$")
 
 
 def _client_base(request: Request) -> str:
@@ -1078,9 +1076,9 @@ def _client_base(request: Request) -> str:
     scheme = "https" if request.isSecure() else "http"
     host = request.getHeader(b"host")
     if host:
-        name = host.decode("latin-1").strip()
-        if _HOST_NAME.match(name):  # ASCII only: str.isalnum would take any script
-            return f"{scheme}://{name}"
+        name = host.strip(b" \t")
+        if name and valid_host(name):
+            return f"{scheme}://{name.decode('ascii')}"
     addr = request.getHost()
     return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"
 

@@ -9,6 +9,7 @@ open proxy.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -181,3 +182,28 @@ class RouteTable:
         raise RouteError(
             403, f"{scheme}://{shown}{path} is not a configured upstream of this proxy"
         )
+
+
+#: A ``Host`` value: an ASCII host name (letters, digits, ``-``, ``_``, dot-separated
+#: labels of at most 63), an IPv4 address, or an IPv6 literal in brackets; then an
+#: optional ``:port``. Nothing else: no Unicode look-alikes, no spaces, no user info.
+_HOST = re.compile(
+    rb"(?:[A-Za-z0-9_-]{1,63}(?:\.[A-Za-z0-9_-]{1,63})*\.?|\[[0-9A-Fa-f:.]{2,45}\])"
+    rb"(?::([0-9]{1,5}))?"
+)
+
+
+def valid_host(value: bytes) -> bool:
+    """Whether ``value`` (a ``Host`` header, stripped) is an ASCII host name and port.
+
+    An empty value is valid (RFC 9112 3.2: a target without an authority).
+    """
+    if not value:
+        return True
+    if len(value) > 261:
+        return False
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return False
+    port = match.group(1)
+    return port is None or 0 < int(port) <= 65535

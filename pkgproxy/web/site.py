@@ -11,18 +11,29 @@
 * Twisted accepts 500 headers per request; every channel here gets the caps of
   ``[limits]`` instead, and a header line longer than the whole header budget is
   refused with a 431 rather than Twisted's silent disconnect.
+* Twisted restarts its idle timer on every byte, so a client trickling a byte a second
+  could hold a connection for hours; here a request (head and body) must arrive within
+  ``limits.request_head_timeout`` of its first byte, or it is answered 408 and closed.
+* Framing that twisted.web would take but RFC 9112 refuses is answered 400 and the
+  connection closed: a ``Transfer-Encoding`` other than one ``chunked``, no ``Host`` in
+  an HTTP/1.1 request (CONNECT aside: its target is the authority), more than one
+  ``Host``, or a ``Host`` that is not an ASCII host name and port.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from pkgproxy.config import LimitsConfig
 from pkgproxy.tcpwrite import flush
 from pkgproxy.web.fast import HitPath
+from pkgproxy.web.routing import valid_host
 
 #: The largest request body accepted: admin actions send a few form fields, and the only
 #: POSTs relayed upstream are npm's audit requests (a compressed list of packages).
@@ -95,6 +106,9 @@ class ProxyChannel(HTTPChannel):
     hit_path: HitPath | None = None
     pkgproxy_peer = "-"
     _first_data = True
+    #: Seconds a request may take to arrive, from its first byte; ``None``: no limit.
+    request_timeout: float | None = LimitsConfig.request_head_timeout
+    _request_deadline: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -123,10 +137,63 @@ class ProxyChannel(HTTPChannel):
             if not data:
                 return
         super().dataReceived(data)
+        self._watch_request()
+
+    def _watch_request(self) -> None:
+        """Arm the request deadline while a request is arriving; disarm it otherwise."""
+        transport: Any = self.transport
+        arriving = (
+            _CHANNEL_STATE_KNOWN
+            and not self._handlingRequest
+            and transport is not None
+            and not transport.disconnecting
+            and (
+                bool(self._buffer)
+                or not self.line_mode
+                or getattr(self, "_HTTPChannel__first_line", 1) == 0
+            )
+        )
+        deadline = self._request_deadline
+        if arriving and deadline is None and self.request_timeout:
+            self._request_deadline = self.callLater(self.request_timeout, self._too_slow)
+        elif not arriving and deadline is not None:
+            self._request_deadline = None
+            if deadline.active():
+                deadline.cancel()
+
+    def _too_slow(self) -> None:
+        """The request did not arrive in time: 408, and the connection closed."""
+        self._request_deadline = None
+        transport: Any = self.transport
+        if transport is None or transport.disconnecting:
+            return
+        transport.write(_REQUEST_TIMEOUT)
+        self.timeoutConnection()  # closes, and aborts if the client does not let go
+
+    def allHeadersReceived(self) -> None:
+        request = self.requests[-1]
+        problem = _framing_problem(request.requestHeaders, self._command, self._version)
+        if problem is None:
+            super().allHeadersReceived()
+            return
+        # Answered here; the request object is never run (the connection is closing).
+        request._refused = True
+        self.length = 0
+        message = b"pkgproxy: %s\n" % problem
+        transport: Any = self.transport
+        transport.write(_BAD_REQUEST % (len(message), message))
+        self.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        deadline, self._request_deadline = self._request_deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+        super().connectionLost(reason)
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
         flush(self.transport)
+        self._watch_request()
 
     def _between_requests(self) -> bool:
         """Whether twisted.web holds nothing of this connection: no request, no bytes."""
@@ -142,6 +209,29 @@ class ProxyChannel(HTTPChannel):
             and getattr(self, "_HTTPChannel__first_line", 0) == 1
             and getattr(self, "pkgproxy_tunnel", None) is None
         )
+
+
+def _framing_problem(headers: Any, method: bytes, version: bytes) -> bytes | None:
+    """Why a request head's framing or ``Host`` is refused (RFC 9112), or ``None``.
+
+    twisted.web has already refused a ``Content-Length`` that is not digits, two of
+    them, and a ``Content-Length`` with a ``Transfer-Encoding``; it lets through a
+    ``Transfer-Encoding: identity`` (alone or after ``chunked``), which a front proxy
+    may read differently.
+    """
+    codings = headers.getRawHeaders(b"transfer-encoding")
+    if codings is not None and (len(codings) != 1 or codings[0].lower() != b"chunked"):
+        return b"Transfer-Encoding must be exactly 'chunked'"
+    hosts = headers.getRawHeaders(b"host")
+    if hosts is None:
+        if version == b"HTTP/1.1" and method != b"CONNECT":
+            return b"an HTTP/1.1 request needs a Host header"
+        return None
+    if len(hosts) != 1:
+        return b"more than one Host header"
+    if not valid_host(hosts[0]):
+        return b"Host is not an ASCII host name and port"
+    return None
 
 
 #: The hit path reads a few of HTTPChannel's attributes to know the channel is idle; a
@@ -175,6 +265,8 @@ class ProxySite(Site):
     hit_path: HitPath | None = None
     max_header_bytes = LimitsConfig.max_header_bytes
     max_headers = LimitsConfig.max_headers
+    #: Seconds from a request's first byte to its last; ``None``: no limit.
+    request_timeout: float | None = LimitsConfig.request_head_timeout
 
     def startFactory(self) -> None:
         """Skip Twisted's log file and its once-a-second log-timestamp timer."""
@@ -200,6 +292,7 @@ class ProxySite(Site):
         answer a 431 that says why.
         """
         channel.totalHeadersSize = self.max_header_bytes
+        channel.request_timeout = self.request_timeout
         channel.maxHeaders = self.max_headers
         channel.MAX_LENGTH = self.max_header_bytes
 
@@ -216,6 +309,15 @@ _HEADERS_TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
     b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
     b"content-length: %d\r\n\r\n%s" % (len(_HEADERS_MESSAGE), _HEADERS_MESSAGE)
+)
+_BAD_REQUEST = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s"
+)
+_TIMEOUT_MESSAGE = b"pkgproxy: the request did not arrive in time\n"
+_REQUEST_TIMEOUT = (
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_TIMEOUT_MESSAGE), _TIMEOUT_MESSAGE)
 )
 _TLS_MESSAGE = b"pkgproxy: this port speaks plain HTTP, not TLS\n"
 _TLS_ON_PLAIN_PORT = (

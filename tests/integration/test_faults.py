@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from twisted.web.client import ResponseNeverReceived
+
 from tests.integration.harness import (
     FakeUpstream,
     HTTPTestClient,
@@ -497,6 +499,75 @@ class DiskRefusesWriteTests(FaultTestCase):
         self.assertFalse(proxy.stored("files:big.bin"))
         self.assertEqual(upstream.count(b"/big.bin"), 1)
         self.assertTrue(proxy.store.disk_trouble())
+
+    async def test_memory_for_refused_downloads_is_bounded_in_total(self) -> None:
+        """issue 15: three downloads the disk refuses at once, with room in memory for
+        one. The first is finished from memory; the newcomers fail cleanly (a failed
+        transfer, nothing stored, no temp file) instead of each holding up to 64 MiB;
+        the reservations never pass the budget and all come back; a retry is relayed.
+        """
+        from pkgproxy.fetch import fetch as fetch_module
+
+        peaks: list[int] = []
+
+        class Recorded(fetch_module.SpillBudget):
+            def take(self, size: int) -> bool:
+                taken = super().take(size)
+                peaks.append(self.held)
+                return taken
+
+        budget = Recorded(4 * 1024 * 1024)
+        self.patch(fetch_module, "SPILL_BUDGET", budget)
+        upstream, proxy = await self.files_setup({"max_connections_per_host": 4})
+        body = pattern(3 * 1024 * 1024, b"spill")
+        names = [b"/a.bin", b"/b.bin", b"/c.bin"]
+        for name in names:
+            upstream.handlers[name] = SlowBody(body, 256 * 1024, 0.05)
+        refuse = [False]
+        real = fetch_module._write_and_hash
+
+        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
+            if refuse[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real(fd, data, offset, hashers)
+
+        self.patch(fetch_module, "_write_and_hash", write)
+        clients = [HTTPTestClient() for _ in names]
+        for c in clients:
+            self.addCleanup(c.close)
+        gets = [
+            c.get(proxy.url("/files" + n.decode())) for c, n in zip(clients, names, strict=True)
+        ]
+        await wait_until(lambda: all(upstream.count(n) == 1 for n in names))
+        refuse[0] = True  # every download is under way: the disk now refuses them all
+        results = []
+        for g in gets:
+            try:
+                results.append(await g)
+            except ResponseNeverReceived:  # failed before its first byte: no response
+                results.append(None)
+        whole = [r for r in results if r is not None and r.error is None]
+        self.assertEqual(len(whole), 1, results)
+        self.assertEqual((whole[0].status, whole[0].body == body), (200, True))
+        for r in results:
+            if r is not None and r.error is not None:
+                self.assertFailedTransfer(r)
+        self.assertEqual(len(peaks), 3)
+        self.assertLessEqual(max(peaks), budget.limit)
+        await proxy.settled()
+        await proxy.no_temp_files()
+        for name in names:
+            self.assertFalse(proxy.stored("files:" + name.decode()[1:]))
+        for c in clients:
+            await c.close()
+        await wait_until(lambda: budget.held == 0, 5, "the reservations returned")
+        # A retry while the disk is in trouble is relayed, whole, and not stored.
+        retry = HTTPTestClient()
+        self.addCleanup(retry.close)
+        failed = names[[r is not None and r.error is None for r in results].index(False)]
+        again = await retry.get(proxy.url("/files" + failed.decode()))
+        self.assertEqual((again.status, again.error, again.body == body), (200, None, True))
+        self.assertFalse(proxy.stored("files:" + failed.decode()[1:]))
 
     async def test_too_much_left_for_memory_fails_the_transfer(self) -> None:
         """Beyond SPILL_MAX left to hold, the clients see a failed transfer, as before."""

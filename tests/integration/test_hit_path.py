@@ -304,6 +304,49 @@ class HitPathTests(IntegrationTestCase):
         await wait_until(lambda: len(parse_responses(bytes(raw.received))[0]) == 1, 5, "hit")
         await Deferred.fromCoroutine(raw.wait_closed(5.0))
 
+    async def test_bare_lf_on_a_hit_is_one_bad_request(self) -> None:
+        """issue 15: a bare LF, bare CR or NUL before a Content-Length, or junk after the
+        version, hides no second request on a hit.
+
+        Before, the hit path answered the head and then the "body" as a second request;
+        now both paths agree: one 400, the connection closed, nothing replayed.
+        """
+        _, proxy, hits = await self._recorded()
+        smuggled = get("/files/a.bin", b"X-Pad: " + b"p" * 10)
+        head = (
+            b"GET /files/a.bin HTTP/1.1\r\nHost: proxy\r\nUser-Agent: a\n"
+            b"Content-Length: %d\r\n\r\n" % len(smuggled)
+        )
+        for junk in (
+            head,
+            head.replace(b"a\n", b"a\r"),
+            head.replace(b"a\n", b"a\x00\r\n"),
+            head.replace(b"a\n", b"a\r\n").replace(b"HTTP/1.1\r\n", b"HTTP/1.1 junk\r\n", 1),
+        ):
+            raw = await self.raw_client(proxy)
+            raw.send(junk + smuggled)
+            await raw.wait_closed(5.0)
+            responses, _ = parse_responses(bytes(raw.received))
+            self.assertEqual([r.status for r in responses], [400], bytes(raw.received))
+        self.assertEqual(hits.answered, 0)
+
+    async def test_host_must_be_an_ascii_host_name(self) -> None:
+        """A Host with Unicode digits, two Hosts, or none: 400 on either path, no replay."""
+        _, proxy, hits = await self._recorded()
+        for head in (
+            b"GET /files/a.bin HTTP/1.1\r\nHost: \xd9\xa1\xd9\xa2\r\n\r\n",
+            b"GET /files/a.bin HTTP/1.1\r\nHost: proxy\r\nHost: proxy\r\n\r\n",
+            b"GET /files/a.bin HTTP/1.1\r\nUser-Agent: a\r\n\r\n",
+        ):
+            raw = await self.raw_client(proxy)
+            raw.send(head)
+            await raw.wait_closed(5.0)
+            responses, _ = parse_responses(bytes(raw.received))
+            self.assertEqual([r.status for r in responses], [400], head)
+        self.assertEqual(hits.answered, 0)
+        (r,), _ = await self._exchange(proxy, get("/files/a.bin"))
+        self.assertEqual((r.status, r.body, hits.answered), (200, SMALL, 1))
+
 
 class GzipHitTests(IntegrationTestCase):
     """A rewritten document's gzip form, on the hit path too: what a client is replayed

@@ -14,6 +14,7 @@ from tests.integration.harness import (
     RawClient,
     parse_responses,
     raw_connect,
+    sleep,
     start_service_tree,
     wait_until,
 )
@@ -31,13 +32,13 @@ def status_of(data: bytes) -> int:
 class LimitsTests(IntegrationTestCase):
     """Default header caps (16 KiB, 100 headers) and ``client_idle_timeout = "1s"``."""
 
-    async def _serve(self) -> int:
+    async def _serve(self, **limits: str) -> int:
         """Start the service tree; return its port."""
         config = config_from_dict(
             {
                 "listen": ["tcp:0:interface=127.0.0.1"],
                 "cache": {"dir": self.mktemp(), "max_size": "1GiB"},
-                "limits": {"client_idle_timeout": "1s"},
+                "limits": {"client_idle_timeout": "1s", **limits},
             }
         )
         return (await start_service_tree(self, config))[2]
@@ -89,3 +90,21 @@ class LimitsTests(IntegrationTestCase):
         idle = client.closed_at - answered
         self.assertGreater(idle, 0.7, "closed before the idle timeout")
         self.assertLess(idle, 4.0)
+
+    async def test_slowloris_cut_at_the_request_deadline(self) -> None:
+        """A head trickled a byte every 0.2 s (so never idle for 1 s) is answered 408 and
+        closed at ``request_head_timeout = "1.5s"``, long before its headers run out.
+        """
+        client = await self._client(await self._serve(request_head_timeout="1.5s"))
+        head = HEALTH + b"X-Slow: " + b"s" * 200 + b"\r\n\r\n"
+        started = time.monotonic()
+        for byte in range(len(head)):
+            if client.closed:
+                break
+            client.send(head[byte : byte + 1])
+            await sleep(0.2)
+        self.assertTrue(client.closed, "still open after the whole head trickled in")
+        assert client.closed_at is not None
+        self.assertLess(client.closed_at - started, 4.0)
+        self.assertGreater(client.closed_at - started, 1.2)
+        self.assertEqual(status_of(client.received), 408)
