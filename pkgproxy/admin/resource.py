@@ -212,6 +212,7 @@ class AdminResource(Resource):
             config_text=self._config_text,
             base_url=base_url,
             token_required=self._token is not None,
+            node=self._config.node_name,
         )
 
     def _metrics_page(self, request: Request) -> bytes:
