@@ -28,8 +28,10 @@ def v2_header(source: str, port: int, local: bool = False) -> bytes:
 
 class _Who(Resource):
     isLeaf = True
+    last: Request | None = None
 
     def render_GET(self, request: Request) -> bytes:
+        _Who.last = request
         peer: Any = request.getClientAddress()
         channel: Any = request.channel
         return f"{peer.host} {channel.pkgproxy_peer}".encode()
@@ -136,4 +138,7 @@ class TrustingSiteTests(SynchronousTestCase):
     def test_forwarded_for(self) -> None:
         xff = b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6, 192.0.2.7\r\n\r\n"
         self.assertEqual(_body(_serve(LB, [xff])), f"192.0.2.7 {LB}")
+        # Still so after the request is done, when the access log asks.
+        assert _Who.last is not None and _Who.last.finished
+        self.assertEqual(getattr(_Who.last.getClientAddress(), "host", None), "192.0.2.7")
         self.assertEqual(_body(_serve("192.0.2.66", [xff])), "192.0.2.66 192.0.2.66")

@@ -164,18 +164,14 @@ class TrustingChannel(ProxyChannel):
 class TrustingRequest(CappedRequest):
     """A request whose client is the one a trusted peer's ``X-Forwarded-For`` names."""
 
-    def getClientAddress(self) -> Any:
-        peer = super().getClientAddress()
-        channel = self.channel
-        host = getattr(peer, "host", None)
-        if channel is None or not channel.factory.trusted_proxies.trusts(host):
-            return peer
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        trusted = self.channel.factory.trusted_proxies
         values = self.requestHeaders.getRawHeaders(b"x-forwarded-for")
-        client = channel.factory.trusted_proxies.forwarded_client(values) if values else None
-        if client is None:
-            return peer
-        kind = IPv6Address if ":" in client else IPv4Address
-        return kind("TCP", client, 0)
+        if values and trusted.trusts(getattr(self.client, "host", None)):
+            client = trusted.forwarded_client(values)
+            if client is not None:
+                self.client = (IPv6Address if ":" in client else IPv4Address)("TCP", client, 0)
+        super().requestReceived(command, path, version)
 
 
 class TrustingSite(ProxySite):
