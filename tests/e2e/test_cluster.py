@@ -208,7 +208,7 @@ class ClusterTests(TestCase):
             out: dict[str, Reply] = {}
             for chunk in range(0, len(names), 20):
                 batch = names[chunk : chunk + 20]
-                got = _parallel(len(batch), lambda i: cluster.get(f"/npm/files/{batch[i]}"))
+                got = _parallel(len(batch), lambda i, b=batch: cluster.get(f"/npm/files/{b[i]}"))
                 for name, r in zip(batch, got, strict=True):
                     assert isinstance(r, Reply), r
                     self.assertEqual((r.status, r.body), (200, files[name]), name)
