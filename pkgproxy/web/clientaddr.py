@@ -20,7 +20,6 @@ itself is parsed by Twisted's parsers; this module only decides whom to believe.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,42 +28,19 @@ from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 
+from pkgproxy.netaddr import Networks, parse_ip
 from pkgproxy.web.site import CappedRequest, ProxyChannel, ProxySite
 
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 _V1 = b"PROXY "
 _V2 = V2Parser.PREFIX
 
 
-def parse_ip(host: object) -> _IP | None:
-    """``host`` as an IP address (an IPv4-mapped IPv6 one as IPv4), or ``None``."""
-    if not isinstance(host, str):
-        return None
-    try:
-        ip = ipaddress.ip_address(host.strip().partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
-class TrustedProxies:
+class TrustedProxies(Networks):
     """The networks whose connections may name the real client."""
-
-    def __init__(self, networks: Iterable[str]) -> None:
-        self._networks: tuple[_Network, ...] = tuple(
-            ipaddress.ip_network(n, strict=False) for n in networks
-        )
-
-    def __bool__(self) -> bool:
-        return bool(self._networks)
 
     def trusts(self, host: object) -> bool:
         """Whether ``host`` (an address string) is a trusted proxy."""
-        ip = parse_ip(host)
-        return ip is not None and any(ip in net for net in self._networks)
+        return host in self
 
     def forwarded_client(self, values: Iterable[bytes]) -> str | None:
         """The client an ``X-Forwarded-For`` from a trusted peer names, or ``None``.
