@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -39,7 +40,7 @@ class _Who(Resource):
 
 def _serve(peer: str, data: list[bytes], trusted: tuple[str, ...] = (LB,)) -> bytes:
     """What a :class:`TrustingSite` answers ``data`` (sent in those pieces) from ``peer``."""
-    site = TrustingSite(_Who(), TrustedProxies(trusted))
+    site = TrustingSite(_Who(), TrustedProxies(trusted), reactor=Clock(), timeout=None)
     channel = site.buildProtocol(IPv4Address("TCP", peer, 40000))
     transport = StringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
     channel.makeConnection(transport)
