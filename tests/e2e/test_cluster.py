@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 from twisted.trial.unittest import TestCase
 
+from tests.support.haproxy import BALANCER_SOURCE, haproxy_config, node_names
 from tests.support.procs import (
     HOST,
-    REPO_ROOT,
     PkgProxy,
     ServerProcess,
     _fail_start,
@@ -42,35 +42,13 @@ from tests.support.procs import (
 )
 from tests.support.slowserver import SlowServer, start_slow_server
 
-HAPROXY_CFG = os.path.join(REPO_ROOT, "etc", "haproxy", "pkgproxy.cfg")
-NODES = ("cache-a", "cache-b", "cache-c")
-#: The address HAProxy connects to the nodes from: the one trusted proxy.
-BALANCER_SOURCE = "127.0.0.2"
+NODES = tuple(node_names())
 TIMEOUT = 30.0
 WAIT = 15.0
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def haproxy_config(port: int, node_ports: list[int]) -> str:
-    """etc/haproxy/pkgproxy.cfg on ``port``, balancing over 127.0.0.1:``node_ports``."""
-    with open(HAPROXY_CFG, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    ports = iter(node_ports)
-    out = []
-    for line in lines:
-        if line.rstrip().endswith("# test: listen"):
-            line = f"    bind {HOST}:{port}"
-        elif line.rstrip().endswith("# test: node"):
-            name = line.split()[1]
-            line = f"    server {name} {HOST}:{next(ports)}"
-        out.append(line)
-        if line.startswith("backend "):
-            out.append(f"    source {BALANCER_SOURCE}")
-    assert next(ports, None) is None, "the shipped config names fewer nodes than the test"
-    return "\n".join(out) + "\n"
 
 
 class HAProxy(ServerProcess):
