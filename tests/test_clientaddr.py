@@ -106,6 +106,12 @@ class ProxyHeaderTests(SynchronousTestCase):
         self.assertEqual(h.feed(v2_header("", 0, local=True)), b"")
         self.assertIsNone(h.client)
 
+    def test_v1_ipv6_in_its_usual_spelling(self) -> None:
+        h = ProxyHeader()
+        self.assertEqual(h.feed(b"PROXY TCP6 2001:DB8:0:0::7 ::1 5000 3142\r\n"), b"")
+        assert h.client is not None
+        self.assertEqual(h.client.host, "2001:db8::7")
+
     def test_no_header(self) -> None:
         h = ProxyHeader()
         self.assertEqual(h.feed(GET), GET)

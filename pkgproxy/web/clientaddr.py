@@ -35,6 +35,14 @@ _V1 = b"PROXY "
 _V2 = V2Parser.PREFIX
 
 
+def address_of(host: object, port: int = 0) -> IPv4Address | IPv6Address | None:
+    """A TCP address for ``host``, in its usual spelling, or ``None`` if it is none."""
+    ip = parse_ip(host)
+    if ip is None:
+        return None
+    return (IPv4Address if ip.version == 4 else IPv6Address)("TCP", str(ip), port)
+
+
 class TrustedProxies(Networks):
     """The networks whose connections may name the real client."""
 
@@ -94,9 +102,9 @@ class ProxyHeader:
             return None
         source = info.source
         if isinstance(source, IPv4Address | IPv6Address):
-            if parse_ip(source.host) is None:
+            self.client = address_of(source.host, source.port)
+            if self.client is None:
                 raise ValueError("PROXY protocol header with a source that is no address")
-            self.client = source
         return rest or b""
 
 
@@ -144,9 +152,9 @@ class TrustingRequest(CappedRequest):
         trusted = self.channel.factory.trusted_proxies
         values = self.requestHeaders.getRawHeaders(b"x-forwarded-for")
         if values and trusted.trusts(getattr(self.client, "host", None)):
-            client = trusted.forwarded_client(values)
+            client = address_of(trusted.forwarded_client(values))
             if client is not None:
-                self.client = (IPv6Address if ":" in client else IPv4Address)("TCP", client, 0)
+                self.client = client
         super().requestReceived(command, path, version)
 
 
