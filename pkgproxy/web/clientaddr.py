@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.logger import Logger
 from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
 from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
@@ -31,6 +32,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from pkgproxy.netaddr import Networks, parse_ip
 from pkgproxy.web.site import CappedRequest, ProxyChannel, ProxySite
 
+_log = Logger("pkgproxy.clientaddr")
 _V1 = b"PROXY "
 _V2 = V2Parser.PREFIX
 
@@ -124,7 +126,8 @@ class TrustingChannel(ProxyChannel):
         if header is not None:
             try:
                 rest = header.feed(data)
-            except ValueError:
+            except ValueError as e:
+                _log.warn("{peer}: {error}; connection closed", peer=self.pkgproxy_peer, error=e)
                 self._header = None
                 if self.transport is not None:
                     self.transport.loseConnection()
