@@ -7,6 +7,7 @@ from typing import Any
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -140,7 +141,11 @@ class TrustingSiteTests(SynchronousTestCase):
         self.assertIn(b"400", answer.split(b"\r\n")[0])
 
     def test_malformed_header_closes(self) -> None:
-        self.assertTrue(_serve(LB, [b"PROXY TCP4 junk\r\n" + GET]).startswith(b"CLOSED"))
+        with capturedLogs() as events:
+            answer = _serve(LB, [b"PROXY TCP4 junk\r\n" + GET])
+        self.assertEqual(answer, b"CLOSED")
+        self.assertEqual(len(events), 1)
+        self.assertIn("malformed PROXY protocol header", formatEvent(events[0]))
 
     def test_forwarded_for(self) -> None:
         xff = b"GET / HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 6.6.6.6, 192.0.2.7\r\n\r\n"
