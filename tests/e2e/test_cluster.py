@@ -169,7 +169,7 @@ class ClusterTests(TestCase):
     def test_stampede_one_origin_fetch(self) -> None:
         """20 clients at once on one uncached large file: one origin fetch, all streamed."""
         big = os.urandom(12 * 1024 * 1024)
-        cluster = Cluster(self, {"big.bin": big}, rate=8_000_000)  # about 1.5 s to fetch
+        cluster = Cluster(self, {"big.bin": big}, rate=4_000_000)  # about 3 s to fetch
         replies = _parallel(20, lambda i: cluster.get("/npm/files/big.bin"))
         for r in replies:
             assert isinstance(r, Reply), r
