@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -217,6 +218,11 @@ class Config:
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     tls_intercept: TlsInterceptConfig = field(default_factory=lambda: TlsInterceptConfig())
+    #: Load balancers whose PROXY protocol header or ``X-Forwarded-For`` names the real
+    #: client (for the access log and ``admin_networks``); nobody else is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: This node's name in a cluster: on the status page and in ``pkgproxy_info``.
+    node_name: str = field(default_factory=socket.gethostname)
 
     def enabled_routes(self) -> tuple[Route, ...]:
         """The routes that serve requests."""
@@ -426,6 +432,21 @@ def _str_list(value: object, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _networks(value: object, key: str) -> tuple[str, ...]:
+    """A list of networks (``10.0.0.0/8``) or single addresses, each checked now."""
+    nets = _str_list(value, key)
+    for i, n in enumerate(nets):
+        try:
+            ipaddress.ip_network(n, strict=False)
+        except ValueError as e:
+            raise ConfigError(f"{key}[{i}]", str(e)) from None
+    return nets
+
+
+#: A node name goes into a metric label and the status page: keep it plain.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
 def _positive_int(value: object, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(key, f"must be a whole number greater than zero, got {value!r}")
@@ -628,6 +649,8 @@ _TOP_KEYS = {
     "upstream",
     "routes",
     "tls_intercept",
+    "trusted_proxies",
+    "node_name",
 }
 _TLS_KEYS = {"enabled", "ca_cert", "ca_key", "tunnel"}
 _ACCESS_LOG_KEYS = {"enabled", "format", "file"}
@@ -702,13 +725,14 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             raise ConfigError("listen", "needs at least one strports description")
         cfg = replace(cfg, listen=listen)
     if "admin_networks" in data:
-        nets = _str_list(data["admin_networks"], "admin_networks")
-        for i, n in enumerate(nets):
-            try:
-                ipaddress.ip_network(n, strict=False)
-            except ValueError as e:
-                raise ConfigError(f"admin_networks[{i}]", str(e)) from None
-        cfg = replace(cfg, admin_networks=nets)
+        cfg = replace(cfg, admin_networks=_networks(data["admin_networks"], "admin_networks"))
+    if "trusted_proxies" in data:
+        cfg = replace(cfg, trusted_proxies=_networks(data["trusted_proxies"], "trusted_proxies"))
+    if "node_name" in data:
+        name = _str(data["node_name"], "node_name")
+        if not _NODE_NAME.match(name):
+            raise ConfigError("node_name", f"letters, digits, . _ - only, got {name!r}")
+        cfg = replace(cfg, node_name=name)
     if "admin_token" in data and "admin_token_file" in data:
         raise ConfigError("admin_token_file", "give admin_token or admin_token_file, not both")
     if "admin_token" in data:

@@ -46,6 +46,7 @@ from pkgproxy.service import (
 )
 from pkgproxy.tlsca import CAError, CertificateAuthority
 from pkgproxy.upstream.client import UpstreamService, require_service_identity, route_ca_files
+from pkgproxy.web.clientaddr import TrustedProxies, TrustingSite
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import ProxySite
 from pkgproxy.web.tunnel import Connector
@@ -293,7 +294,11 @@ def build_service(
         revalidate_window=cfg.cache.revalidate_window,
     )
     ops.attach(root)
-    site = ProxySite(root, reactor=reactor)
+    site = (
+        TrustingSite(root, TrustedProxies(cfg.trusted_proxies), reactor=reactor)
+        if cfg.trusted_proxies
+        else ProxySite(root, reactor=reactor)
+    )
     site.hit_path = root.hit_path
     site.displayTracebacks = False
     # A client connection idle this long between requests is closed (Twisted's default

@@ -196,6 +196,7 @@ class ProxyMetrics(Observer):
         self.started = clock.seconds()
         self.recent_errors: deque[ErrorRecord] = deque(maxlen=RECENT_ERRORS)
         self._clock = clock
+        self.node = config.node_name
         self._families = {r.name: r.family for r in config.routes}
         self._store = store
         self._inflight = inflight
@@ -395,8 +396,10 @@ class _LiveCollector(Collector):
         m = self._m
         store = m._store
         labels = ["family", "route"]
-        info = GaugeMetricFamily("pkgproxy_info", "The running pkgproxy.", labels=["version"])
-        info.add_metric([__version__], 1)
+        info = GaugeMetricFamily(
+            "pkgproxy_info", "The running pkgproxy and its node name.", labels=["version", "node"]
+        )
+        info.add_metric([__version__, m.node], 1)
         yield info
         yield GaugeMetricFamily(
             "pkgproxy_ready", "1 once the cache index is loaded.", value=int(store.ready)

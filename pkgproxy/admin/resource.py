@@ -16,7 +16,6 @@ here: they are answered by the proxy resource for anyone, as orchestrators need.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,7 @@ from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import cache_key
+from pkgproxy.netaddr import IP, Networks, parse_ip
 from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 
 log = Logger()
@@ -48,7 +48,6 @@ OFFLINE_PATH = b"/_pkgproxy/admin/offline"
 LISTED_KEYS = 100
 _TRUE = {"1", "true", "on", "yes"}
 _FALSE = {"0", "false", "off", "no"}
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _plain(request: Request, code: int, message: str) -> bytes:
@@ -68,18 +67,9 @@ def _json(request: Request, data: dict[str, Any], code: int = http.OK) -> bytes:
     return b"" if request.method == b"HEAD" else body
 
 
-def client_ip(request: Request) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def client_ip(request: Request) -> IP | None:
     """The client's IP address; an IPv4-mapped IPv6 address as the IPv4 one it is."""
-    host = getattr(request.getClientAddress(), "host", None)
-    if not isinstance(host, str):
-        return None  # a UNIX socket, or something else without an address
-    try:
-        ip = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
+    return parse_ip(getattr(request.getClientAddress(), "host", None))
 
 
 def cross_site(request: Request) -> bool:
@@ -113,9 +103,7 @@ class AdminResource(Resource):
         self._inflight = inflight
         self._metrics = metrics
         self._clock = clock
-        self._networks: list[_Network] = [
-            ipaddress.ip_network(n, strict=False) for n in config.admin_networks
-        ]
+        self._networks = Networks(config.admin_networks)
         self._token = config.admin_token.encode() if config.admin_token else None
         self._table = RouteTable(config.enabled_routes())
         self._config_text = config_text(config)
@@ -137,7 +125,7 @@ class AdminResource(Resource):
     def allowed_client(self, request: Request) -> bool:
         """Whether the client's address is in ``admin_networks``."""
         ip = client_ip(request)
-        return ip is not None and any(ip in net for net in self._networks)
+        return ip is not None and ip in self._networks
 
     def _token_ok(self, request: Request) -> bool:
         if self._token is None:
@@ -213,6 +201,7 @@ class AdminResource(Resource):
             base_url=base_url,
             token_required=self._token is not None,
             warmups=self._metrics.warmups(),
+            node=self._config.node_name,
         )
 
     def _metrics_page(self, request: Request) -> bytes:

@@ -65,6 +65,8 @@ class StatusView:
     base_url: str
     token_required: bool
     warmups: Sequence[WarmupStats] = ()
+    #: This node's name (``node_name``): which member of a cluster the page is from.
+    node: str = ""
 
 
 def human_bytes(n: float) -> str:
@@ -119,6 +121,8 @@ def config_text(config: Config) -> str:
     lines = [
         f"listen = {_toml(list(config.listen))}",
         f"admin_networks = {_toml(list(config.admin_networks))}",
+        f"trusted_proxies = {_toml(list(config.trusted_proxies))}",
+        f"node_name = {_toml(config.node_name)}",
     ]
     if config.admin_token is not None:
         lines.append('admin_token = "(set, not shown)"')
@@ -211,6 +215,7 @@ def render_status(view: StatusView) -> str:
     return _PAGE.format(
         refresh=REFRESH_SECONDS,
         version=_e(view.version),
+        node=_e(view.node),
         pills="".join(pills),
         cache_dir=_e(view.cache_dir),
         cards="".join(cards),
@@ -383,6 +388,7 @@ header{background:linear-gradient(100deg,#1c2f6b,#3566e8);color:#fff;padding:18p
 header .wrap{display:flex;align-items:center;gap:14px;flex-wrap:wrap}
 header h1{margin:0;font-size:21px;font-weight:700;letter-spacing:.3px}
 header .ver{opacity:.75;font-size:13px}
+header .node{font-weight:600;font-size:14px}
 header .dir{margin-left:auto;opacity:.8;font-size:12.5px;font-family:ui-monospace,
 "DejaVu Sans Mono",monospace}
 .logo{width:30px;height:30px;border-radius:8px;background:rgba(255,255,255,.16);
@@ -443,7 +449,8 @@ _PAGE = """<!DOCTYPE html>
 </head>
 <body>
 <header><div class="wrap">
-<div class="logo">p</div><h1>pkgproxy</h1><span class="ver">{version}</span>{pills}
+<div class="logo">p</div><h1>pkgproxy</h1><span class="ver">{version}</span>
+<span class="node" title="node_name">{node}</span>{pills}
 <span class="dir">{cache_dir}</span>
 </div></header>
 <main class="wrap">
