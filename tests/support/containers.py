@@ -326,9 +326,14 @@ def debian_base(engine: Engine) -> str:
             ["podman", "import", "--change", "CMD=/bin/bash", tarball, image],
             timeout=300,
         )
+        # Stale bases (another key): their file systems and their images.
         for old in glob.glob(os.path.join(root, f"debian-{SUITE}-*.tar")):
             if old != tarball:
-                os.unlink(old)  # a stale base's file system
+                os.unlink(old)
+        names = engine.check(["buildah", "images", "--format", "{{.Name}}:{{.Tag}}"]).output
+        for name in names.split():
+            if name.startswith(BASE_REPOSITORY + ":") and name != image:
+                engine.run(["buildah", "rmi", name])
         return image
 
 
