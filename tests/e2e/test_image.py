@@ -105,7 +105,7 @@ class PkgproxyImageTest(ContainerTestCase):
         self, image: str, config: str, volume: str, port: int, name: str
     ) -> ServerProcess:
         """A new container of ``image`` running its own CMD, with ``config`` and
-        ``volume`` mounted as the README says; waits for /_pkgproxy/health."""
+        ``volume`` mounted as the README says; waits for /_pkgproxy/ready."""
         ctr = self.engine.container(self, image)
         cmd = self.image_config(image)["Cmd"]
         assert isinstance(cmd, list)

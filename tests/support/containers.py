@@ -93,7 +93,12 @@ class Engine:
         os.makedirs(root, exist_ok=True)
         conf = os.path.join(root, "containers.conf")
         text = "[containers]\n# setrlimit is refused in these sandboxes\ndefault_ulimits = []\n"
-        if not os.path.exists(conf) or open(conf).read() != text:
+        try:
+            with open(conf, encoding="utf-8") as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = ""
+        if current != text:
             _write_atomic(conf, text.encode())
         self.env = clean_env({"CONTAINERS_CONF": conf})
 
