@@ -34,6 +34,8 @@ from tests.support.procs import (
     HOST,
     PROXY_ENV_VARS,
     REPO_ROOT,
+    PkgProxy,
+    Run,
     ServerProcess,
     _wait_health,
     file_tree,
@@ -227,8 +229,14 @@ class PkgproxyImageTest(ContainerTestCase):
 class ClientImageTest(ContainerTestCase):
     """examples/: a cache-ready base, then a child image built FROM it with PKGPROXY."""
 
-    def build_child(self, base_dockerfile: str, base_arg: str | None, child: str, pkgproxy_url: str,
-                    files: dict[str, bytes] | None = None) -> tuple[str, str]:  # fmt: skip
+    def build_child(
+        self,
+        base_dockerfile: str,
+        base_arg: str | None,
+        child: str,
+        pkgproxy_url: str,
+        files: dict[str, bytes] | None = None,
+    ) -> tuple[str, str]:
         """Build ``examples/<base_dockerfile>`` (on ``base_arg``, or its default base), then
         the child Dockerfile text ``child`` FROM it with ``--build-arg PKGPROXY``.
 
@@ -248,6 +256,16 @@ class ClientImageTest(ContainerTestCase):
         )
         self.assertEqual(self.image_config(image).get("OnBuild") or [], [])
         return image, built.output
+
+    def shell(self, image: str, script: str) -> Run:
+        """Run a shell script in a new container of ``image``."""
+        return self.engine.exec(self.engine.container(self, image), ["/bin/sh", "-c", script])
+
+    def assertRequested(self, proxy: PkgProxy, build_output: str, *needles: str) -> None:
+        """pkgproxy's access log has a line with each of ``needles``."""
+        log = read(proxy.log_path)
+        for needle in needles:
+            self.assertIn(needle, log, f"{build_output[-4000:]}\n{proxy.logs()}")
 
     def assertNoProxyLeft(self, image: str) -> None:
         """The finished image has no proxy in its configuration or environment."""
@@ -279,17 +297,15 @@ class ClientImageTest(ContainerTestCase):
             "&& rm -rf /var/lib/apt/lists/*\n"
         )
         image, output = self.build_child(
-            "debian/Dockerfile", self.base, child, proxy.url("").rstrip("/"),
-            {"keyring.gpg": keyring},
-        )  # fmt: skip
+            "debian/Dockerfile", self.base, child, proxy.url(""), {"keyring.gpg": keyring}
+        )
         self.assertIn(f'probe: Acquire::http::Proxy "{proxy.url("/")}";', output)
-        log = read(proxy.log_path)
         deb = repo.package("pkgproxy-hello").filename
-        for uri in (f"{FORWARD_BASE}dists/stable/InRelease", f"{FORWARD_BASE}{deb}"):
-            self.assertIn(f"GET {uri}", log, f"{output[-4000:]}\n{proxy.logs()}")
-        ctr = self.engine.container(self, image)
-        installed = self.engine.exec(
-            ctr, ["/bin/sh", "-c", "dpkg-query -W pkgproxy-hello; apt-config dump | grep -i proxy"]
+        self.assertRequested(
+            proxy, output, f"GET {FORWARD_BASE}dists/stable/InRelease", f"GET {FORWARD_BASE}{deb}"
+        )
+        installed = self.shell(
+            image, "dpkg-query -W pkgproxy-hello; apt-config dump | grep -i proxy"
         )
         self.assertIn("pkgproxy-hello\t1.0-1", installed.output, installed.report())
         self.assertNotIn("Acquire::http::Proxy", installed.output)
@@ -317,19 +333,14 @@ class ClientImageTest(ContainerTestCase):
             "RUN /opt/app/bin/pip config list && /opt/app/bin/pip install --no-cache-dir "
             "pkgproxy-demo-app\n"
         )
-        image, output = self.build_child(
-            "python/Dockerfile", self.base, child, proxy.url("").rstrip("/")
-        )
+        image, output = self.build_child("python/Dockerfile", self.base, child, proxy.url(""))
         self.assertIn(f":env:.index-url='{proxy.url('/pypi/simple/')}'", output)
-        log = read(proxy.log_path)
         wheel = repo.dist("pkgproxy-demo-lib", "1.0").filename
-        for needle in ("GET /pypi/simple/pkgproxy-demo-app/", "/pypi/files/"):
-            self.assertIn(needle, log, f"{output[-4000:]}\n{proxy.logs()}")
-        self.assertIn(wheel, log)
-        ctr = self.engine.container(self, image)
-        installed = self.engine.exec(
-            ctr, ["/bin/sh", "-c", "/opt/app/bin/pip list; /opt/app/bin/pip config list"]
+        self.assertRequested(
+            proxy, output, "GET /pypi/simple/pkgproxy-demo-app/", "/pypi/files/packages/"
         )
+        self.assertRequested(proxy, output, wheel)
+        installed = self.shell(image, "/opt/app/bin/pip list; /opt/app/bin/pip config list")
         self.assertIn("pkgproxy-demo-lib", installed.output, installed.report())
         self.assertNotIn("index-url", installed.output)
         self.assertNoProxyLeft(image)
@@ -361,7 +372,6 @@ class ClientImageTest(ContainerTestCase):
             "alpine/Dockerfile", base, 'RUN echo "probe: $(head -n1 /etc/apk/repositories)"\n', url
         )
         self.assertIn(f"probe: {url}/alpine/", output)
-        ctr = self.engine.container(self, image)
-        repos = self.engine.exec(ctr, ["cat", "/etc/apk/repositories"])
+        repos = self.shell(image, "cat /etc/apk/repositories")
         self.assertIn("dl-cdn.alpinelinux.org", repos.output, repos.report())
         self.assertNoProxyLeft(image)

@@ -32,12 +32,11 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support.procs import ServerProcess, clean_env, tail
+from tests.support.procs import Run, ServerProcess, clean_env, run_client, tail
 
 #: Tools the container tests run.
 REQUIRED_TOOLS = ("buildah", "podman", "debootstrap")
@@ -68,19 +67,6 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-@dataclass(frozen=True)
-class Result:
-    """A finished engine command."""
-
-    argv: list[str]
-    returncode: int
-    output: str
-
-    def report(self) -> str:
-        """The command and its output, for failure messages."""
-        return f"$ {' '.join(self.argv)}\n(exit {self.returncode})\n{self.output[-12000:]}"
-
-
 class Engine:
     """buildah and podman, with the configuration this machine kind needs.
 
@@ -108,27 +94,12 @@ class Engine:
         *,
         timeout: float = RUN_TIMEOUT,
         env: Mapping[str, str] | None = None,
-        stdin: Any = subprocess.DEVNULL,
-    ) -> Result:
+    ) -> Run:
         """Run one engine command to its end (bounded by ``timeout``); never raises for a
-        non-zero exit: the caller asserts on :class:`Result`."""
-        argv = list(argv)
-        try:
-            done = subprocess.run(
-                argv,
-                stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env={**self.env, **(env or {})},
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-            return Result(argv, -1, f"{out}\n(timed out after {timeout} s)")
-        return Result(argv, done.returncode, done.stdout.decode(errors="replace"))
+        non-zero exit: the caller asserts on the :class:`~tests.support.procs.Run`."""
+        return run_client(argv, {**self.env, **(env or {})}, timeout)
 
-    def check(self, argv: Sequence[str], **kwargs: Any) -> Result:
+    def check(self, argv: Sequence[str], **kwargs: Any) -> Run:
         """:meth:`run`, raising AssertionError with the output if it fails."""
         result = self.run(argv, **kwargs)
         if result.returncode != 0:
@@ -154,7 +125,7 @@ class Engine:
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         name: str = "image",
-    ) -> tuple[str, Result]:
+    ) -> tuple[str, Run]:
         """Build ``context`` as a Docker-format image (ONBUILD, SHELL and HEALTHCHECK are
         Docker-format only) on the host's network; remove it when the test ends.
 
@@ -198,7 +169,7 @@ class Engine:
             cmd += ["--env", f"{key}={value}"]
         return [*cmd, container, "--", *argv]
 
-    def exec(self, container: str, argv: Sequence[str], **kwargs: Any) -> Result:
+    def exec(self, container: str, argv: Sequence[str], **kwargs: Any) -> Run:
         """Run ``argv`` in ``container`` to its end (see :meth:`run_argv`)."""
         return self.run(self.run_argv(container, argv, **kwargs))
 
