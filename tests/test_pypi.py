@@ -416,8 +416,9 @@ class ConversionTests(SynchronousTestCase):
 
     def test_project_page(self) -> None:
         """Every anchor becomes a PEP 691 file: rewritten url, hashes from the fragment,
-        requires-python unescaped, yanked (reason or true), core-metadata under both
-        names, gpg-sig and provenance."""
+        requires-python unescaped, yanked (reason or true), core-metadata also under
+        pypi.org's old JSON name (never PEP 658's, which old pip cannot read), gpg-sig and
+        provenance."""
         doc = self.convert(data("six.html"), "https://pypi.org/simple/six/")
         self.assertEqual((doc["meta"], doc["name"]), ({"api-version": "1.0"}, "six"))
         first, sdist, yanked, bare = doc["files"]
@@ -432,7 +433,9 @@ class ConversionTests(SynchronousTestCase):
         )
         self.assertEqual(first["requires-python"], "!=3.0.*,!=3.1.*,!=3.2.*,>=2.7")
         meta = {"sha256": "562042078c2752549f6d8a7c86dbc5dd708088a7be6d80672ec7b07100b72468"}
-        self.assertEqual((first["core-metadata"], first["dist-info-metadata"]), (meta, meta))
+        self.assertEqual((first["core-metadata"], first["data-dist-info-metadata"]), (meta, meta))
+        # PEP 714: pip 22.3 to 23.1 fail on any object under this key.
+        self.assertNotIn("dist-info-metadata", first)
         self.assertEqual(
             first["provenance"],
             "https://pypi.org/integrity/six/1.17.0/six-1.17.0-py2.py3-none-any.whl/provenance",

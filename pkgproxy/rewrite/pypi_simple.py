@@ -390,7 +390,10 @@ def html_to_json(raw_path: str, out_path: str, context: RewriteContext, root: bo
                 for key, value in item.fields.items():
                     entry[key] = value
                     if key == "core-metadata":
-                        entry["dist-info-metadata"] = value  # PEP 714: both, for older pip
+                        # Also under the key pypi.org's JSON has always used. Never as
+                        # "dist-info-metadata": pip 22.3 to 23.1 (Debian 12 has 23.0.1)
+                        # fails on any object there ("unhashable type: 'dict'", PEP 714).
+                        entry["data-dist-info-metadata"] = value
                 yield entry
 
         _write_json_items(out, head, "files", files())

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -27,9 +26,11 @@ from tests.support import pypirepo
 from tests.support.procs import (
     HOST,
     PkgProxy,
+    Run,
     ServerProcess,
     clean_env,
     free_port,
+    run_client,
     start_pkgproxy,
     start_static_server,
     tail,
@@ -39,34 +40,8 @@ CLIENT_TIMEOUT = 120.0
 APP = "pkgproxy-demo-app"
 
 
-@dataclass(frozen=True)
-class Run:
-    """What a client command did."""
-
-    argv: list[str]
-    returncode: int
-    output: str
-
-    def report(self) -> str:
-        """The command and its output, for failure messages."""
-        return f"$ {' '.join(self.argv)}\n(exit {self.returncode})\n{self.output[-6000:]}"
-
-
 def _run(argv: list[str], env: dict[str, str]) -> Run:
-    try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            env=env,
-            timeout=CLIENT_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
-        return Run(argv, -1, f"{out}\n(timed out after {CLIENT_TIMEOUT} s)")
-    return Run(argv, done.returncode, done.stdout.decode(errors="replace"))
+    return run_client(argv, env, CLIENT_TIMEOUT)
 
 
 def _count(server: ServerProcess, needle: str) -> int:

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NoReturn
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -96,6 +97,39 @@ def tail(path: str, max_bytes: int = 8000) -> str:
         return f"<{path}: {e.strerror}>"
     text = data.decode("utf-8", errors="replace")
     return ("...\n" if size > max_bytes else "") + text
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a client command did."""
+
+    argv: list[str]
+    returncode: int
+    output: str
+
+    def report(self) -> str:
+        """The command and its output, for failure messages."""
+        return f"$ {' '.join(self.argv)}\n(exit {self.returncode})\n{self.output[-8000:]}"
+
+
+def run_client(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> Run:
+    """Run a client command to its end, stdout and stderr together; bounded by ``timeout``
+    (then its output so far, and exit -1). Never raises for a non-zero exit."""
+    argv = list(argv)
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env),
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else ""
+        return Run(argv, -1, f"{out}\n(timed out after {timeout} s)")
+    return Run(argv, done.returncode, done.stdout.decode(errors="replace"))
 
 
 class ServerProcess:
