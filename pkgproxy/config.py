@@ -156,6 +156,8 @@ class UpstreamConfig:
     header_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections_per_host: int = 16
+    #: How long an idle kept-alive upstream connection stays open for the next request.
+    keepalive_timeout: float = 60.0
     max_redirects: int = 5
     ca_bundle: str | None = None
     #: Connection failures in a row after which an upstream is not asked for a while.
@@ -645,6 +647,7 @@ _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
     "idle_timeout",
+    "keepalive_timeout",
     "max_connections_per_host",
     "max_redirects",
     "ca_bundle",
@@ -731,7 +734,13 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     up = _table(data, "upstream")
     _check_keys(up, _UPSTREAM_KEYS, "upstream.")
     uchanges: dict[str, Any] = {}
-    for k in ("connect_timeout", "header_timeout", "idle_timeout", "retry_after"):
+    for k in (
+        "connect_timeout",
+        "header_timeout",
+        "idle_timeout",
+        "keepalive_timeout",
+        "retry_after",
+    ):
         if k in up:
             seconds = parse_duration(up[k], f"upstream.{k}")
             if seconds <= 0:

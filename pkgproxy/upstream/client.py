@@ -1,5 +1,5 @@
-"""The upstream side: one agent with kept-alive connections, bounded per host, raw
-bytes, redirects inside.
+"""The upstream side: Twisted's ``Agent`` over one persistent connection pool, bounded
+per host, raw bytes, redirects inside.
 
 Why not treq here: treq always wraps its agent in a gzip ContentDecoderAgent, and a
 cache must store the bytes exactly as the repository signed them. Why redirects inside:
@@ -42,11 +42,20 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    BODY,
+    DONE,
+    HTTP11ClientProtocol,
+    RequestGenerationFailed,
+)
 from twisted.web.client import (
     URI,
+    Agent,
     BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -61,7 +70,7 @@ from zope.interface import implementer
 
 from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
-from pkgproxy.upstream.http11 import Http11Agent
+from pkgproxy.tcpwrite import flush
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -254,7 +263,7 @@ class _Breaker:
 class UpstreamClient:
     """Sends requests upstream through one agent, with limits.
 
-    :param agent: production: :class:`~pkgproxy.upstream.http11.Http11Agent`; tests: any
+    :param agent: production: an ``Agent`` over a persistent pool; tests: any
         ``IAgent``.
     """
 
@@ -555,15 +564,96 @@ class UpstreamService(Service):
         if ca_files:
             policy = RouteTrustPolicy(policy, ca_files)
         endpoints = _Endpoints(reactor, policy, config.connect_timeout)
-        self.agent = Http11Agent(
-            reactor, endpoints, max_idle=config.max_connections_per_host, idle_timeout=120
-        )
+        self.pool = _Pool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = config.max_connections_per_host
+        self.pool.cachedConnectionTimeout = config.keepalive_timeout  # type: ignore[assignment]
+        self.pool.retryAutomatically = True  # GET and HEAD without a body, once
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self.client = UpstreamClient(self.agent, reactor, config, credentials)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         super().stopService()
-        yield self.agent.closeCachedConnections()
+        yield self.pool.closeCachedConnections()
+
+
+#: A response head (status line and headers) larger than this fails the response.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class ResponseHeadTooLarge(Exception):
+    """The upstream's response head is larger than :data:`MAX_RESPONSE_HEAD`."""
+
+
+class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
+    """Twisted's HTTP/1.1 client protocol, with what a cache needs on top.
+
+    - The request head leaves at once rather than on the next reactor turn (see
+      :func:`pkgproxy.tcpwrite.flush`); under TLS, the TCP socket beneath is flushed.
+    - A response head is bounded (Twisted bounds each line, not their number).
+    - Bytes after a response whose length was announced (a ``Content-Length`` smaller
+      than the body) mean the connection cannot be trusted: it is closed, not reused.
+    - A close-delimited body cut by a reset (not a clean close) fails as a broken
+      transfer instead of ending as a possibly complete one.
+    """
+
+    _head_bytes = 0
+
+    def request(self, request: Any) -> Deferred[Any]:
+        self._head_bytes = 0
+        d: Deferred[Any] = super().request(request)
+        transport: Any = self.transport
+        # A TLS transport writes the records to the TCP transport beneath it at once.
+        flush(
+            getattr(transport, "transport", None)
+            if hasattr(transport, "_tlsConnection")
+            else transport
+        )
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        parser = self._parser
+        if parser is not None and parser.state not in (BODY, DONE):
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self._giveUp(
+                    Failure(ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes"))
+                )
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        if rest and self._currentRequest is not None:
+            self._currentRequest.persistent = False  # so the connection is closed
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    def _connectionLost_WAITING(self, reason: Failure) -> None:
+        parser = self._parser
+        decoder = getattr(parser, "bodyDecoder", None) if parser is not None else None
+        if (
+            decoder is not None
+            and getattr(decoder, "contentLength", 0) is None
+            and not reason.check(net_error.ConnectionDone)
+        ):
+            # Twisted reports any end of a close-delimited body as PotentialDataLoss;
+            # one cut by a reset is a failed transfer (the decoder then says _DataLoss).
+            decoder.contentLength = -1
+        super()._connectionLost_WAITING(reason)
+
+
+class _ClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    # Twisted logs "Starting factory"/"Stopping factory" for every upstream connection.
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
+
+
+class _Pool(HTTPConnectionPool):  # type: ignore[misc]
+    """The persistent pool, making :class:`_ClientProtocol` connections."""
+
+    _factory = _ClientFactory
 
 
 @implementer(IAgentEndpointFactory)
