@@ -46,7 +46,7 @@ from twisted.web._newclient import (
     BODY,
     DONE,
     HTTP11ClientProtocol,
-    RequestGenerationFailed,
+    RequestTransmissionFailed,
 )
 from twisted.web.client import (
     URI,
@@ -429,6 +429,13 @@ class UpstreamClient:
     def _one(
         self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
     ) -> Deferred[UpstreamResponse]:
+        # Everything a client could get wrong is checked before a slot is taken or the
+        # breaker is looked at: a bad target is the client's fault, never the upstream's.
+        try:
+            url = safe_target(url)
+            _check_method(method)
+        except UpstreamError:
+            return fail()
         origin = _origin(url)
         breaker = self._breakers.get(origin)
         if breaker is None:
@@ -444,8 +451,32 @@ class UpstreamClient:
                 )
             )
         sem = self._slot(origin)
+        if sem.tokens:
+            sem.tokens -= 1  # what acquire() does, without a Deferred per request
+            return self._send(origin, breaker, sem, method, url, headers, body)
         d: Deferred[Any] = sem.acquire()
-        return d.addCallback(lambda _: self._send(origin, breaker, sem, method, url, headers, body))
+        wait = self._config.header_timeout
+        timer = self._clock.callLater(wait, d.cancel)
+
+        def acquired(_: object) -> Deferred[UpstreamResponse]:
+            if timer.active():
+                timer.cancel()
+            return self._send(origin, breaker, sem, method, url, headers, body)
+
+        def not_acquired(f: Failure) -> Failure:
+            if timer.active():
+                timer.cancel()
+            if f.check(CancelledError):
+                return Failure(
+                    UpstreamError(
+                        "busy",
+                        f"all {sem.limit} connections to {origin[1]} stayed busy for {wait:.0f}s",
+                        503,
+                    )
+                )
+            return f
+
+        return d.addCallbacks(acquired, not_acquired)
 
     def _send(
         self,
@@ -465,11 +496,23 @@ class UpstreamClient:
                 released = True
                 sem.release()
 
-        hdrs = Headers({k: [v] for k, v in headers.items()})
-        hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
-        producer = _BytesBody(body) if body is not None else None
-        d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
-        timer = self._clock.callLater(self._config.header_timeout, d.cancel)
+        timed_out = False
+
+        def time_out() -> None:
+            nonlocal timed_out
+            timed_out = True
+            d.cancel()
+
+        try:
+            hdrs = Headers({k: [v] for k, v in headers.items()})
+            hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
+            producer = _BytesBody(body) if body is not None else None
+            d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
+        except Exception:
+            # Refused before anything was sent (Twisted checks method and target).
+            release()
+            return fail(UpstreamError("request", f"request not sent: {Failure().value}", 400))
+        timer = self._clock.callLater(self._config.header_timeout, time_out)
 
         def answered(response: IResponse) -> UpstreamResponse:
             if timer.active():
@@ -481,13 +524,14 @@ class UpstreamClient:
             if timer.active():
                 timer.cancel()
             release()
-            self._failed(origin, breaker, f.value)
+            if _upstream_fault(f, timed_out):
+                self._failed(origin, breaker)
             return f
 
         return d.addCallbacks(answered, failed)
 
-    def _failed(self, origin: tuple[str, str, int | None], breaker: _Breaker, e: object) -> None:
-        """Count a connection-level failure; open the circuit after too many in a row.
+    def _failed(self, origin: tuple[str, str, int | None], breaker: _Breaker) -> None:
+        """Count a failure of the upstream; open the circuit after too many in a row.
 
         An upstream that is down then costs clients a fast 503 (or a stale copy) instead
         of a connect timeout each, well before their own timeouts (pip: 15 s,
@@ -502,6 +546,51 @@ class UpstreamClient:
                 n=breaker.failures,
                 s=self._config.retry_after,
             )
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET_OK = re.compile(r"[\x21-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_method(method: bytes) -> None:
+    if not _TOKEN.fullmatch(method):
+        raise UpstreamError("request", f"invalid method {method[:20]!r}", 400)
+
+
+def safe_target(url: str) -> str:
+    """``url`` as it may go on a request line: spaces and non-ASCII characters
+    percent-encoded (a target arrives decoded as latin-1, one character per byte);
+    a control character is refused with an :class:`UpstreamError` (kind ``request``)."""
+    if _TARGET_OK.fullmatch(url):
+        return url
+    if _CONTROL.search(url):
+        raise UpstreamError("request", f"control character in upstream target {url[:80]!r}", 400)
+    out = []
+    for c in url:
+        if "!" <= c <= "~":
+            out.append(c)
+        else:
+            data = c.encode("latin-1") if c <= "\xff" else c.encode("utf-8")
+            out.append("".join(f"%{b:02X}" for b in data))
+    return "".join(out)
+
+
+def _upstream_fault(f: Failure, timed_out: bool) -> bool:
+    """Whether a failed request is the upstream's failure (connect, DNS, TLS, a timeout,
+    a broken answer) rather than a local one (a request Twisted refused to write, a
+    request cancelled because nobody wants the answer any more)."""
+    e = f.value
+    if isinstance(e, CancelledError | net_error.ConnectingCancelledError):
+        return timed_out
+    if isinstance(e, net_error.ConnectError | net_error.DNSLookupError | net_error.TimeoutError):
+        return True
+    if isinstance(e, ResponseFailed | ResponseNeverReceived | RequestTransmissionFailed):
+        inner = [r.value for r in e.reasons]
+        if any(isinstance(i, CancelledError | net_error.ConnectionAborted) for i in inner):
+            return timed_out
+        return True
+    return type(e).__module__.startswith("OpenSSL")
 
 
 def route_ca_files(routes: Iterable[Route]) -> dict[tuple[str, int], tuple[str, ...]]:
