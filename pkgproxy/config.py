@@ -113,6 +113,9 @@ class Route:
     #: A PEM file of CAs the upstream's TLS must chain to, instead of the global trust
     #: root (an internal mirror with a private CA); applies to its whole host:port.
     ca_file: str | None = None
+    #: Hosts an upstream redirect may lead to besides this route's own origin and the
+    #: other routes' upstreams (a registry's blob CDN); ``*.example.com`` matches below.
+    redirect_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,13 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/v2/",
         upstream="https://registry-1.docker.io/v2/",
         index_ttl=300.0,
+        # Blobs are 307-redirected to Docker's CDNs (docs.docker.com, allow-list).
+        redirect_hosts=(
+            "production.cloudflare.docker.com",
+            "production.cloudfront.docker.com",
+            "docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56.r2.cloudflarestorage.com",
+            "docker-images-prod.r2.cloudflarestorage.com",
+        ),
     ),
     Route(
         name="ghcr.io",
@@ -350,6 +360,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/v2/ghcr.io/",
         upstream="https://ghcr.io/v2/",
         index_ttl=300.0,
+        redirect_hosts=(
+            "pkg-containers.githubusercontent.com",
+            "github-production-container-registry.s3.amazonaws.com",
+        ),
     ),
     Route(
         name="quay.io",
@@ -357,6 +371,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/v2/quay.io/",
         upstream="https://quay.io/v2/",
         index_ttl=300.0,
+        redirect_hosts=("cdn.quay.io", "*.quay.io"),  # cdn01..cdn03.quay.io
     ),
 )
 
@@ -472,8 +487,10 @@ _ROUTE_KEYS = {
     "password_file",
     "ca_file",
     "share_pool",
+    "redirect_hosts",
 }
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REDIRECT_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
@@ -540,6 +557,15 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
             ) from None
     if "ca_file" in data:
         changes["ca_file"] = _ca_file(data["ca_file"], where + "ca_file")
+    if "redirect_hosts" in data:
+        hosts = _str_list(data["redirect_hosts"], where + "redirect_hosts")
+        for i, h in enumerate(hosts):
+            if not _REDIRECT_HOST.match(h):
+                raise ConfigError(
+                    f"{where}redirect_hosts[{i}]",
+                    f"must be a host name, optionally starting with '*.', got {h!r}",
+                )
+        changes["redirect_hosts"] = tuple(h.lower() for h in hosts)
     route = replace(base, **changes)
     if (route.username is None) != (route.password is None):
         raise ConfigError(where + "username", "give both username and password, or neither")

@@ -174,3 +174,16 @@ class SlotWaitTests(_ClientCase):
         self.assertEqual((err.kind, err.gateway_status), ("busy", 503))
         held[0].discard()
         self.assertIsNone(self.get(f"{UP}/next")[1])
+
+
+class RedirectBodyTests(_ClientCase):
+    def test_body_never_sent_again_on_redirect(self) -> None:
+        """A 307 answering a POST is not followed: the body goes to one place only."""
+        self.agent.answer = lambda m, u: succeed(_Response(307, {b"location": b"/elsewhere"}))
+        results: list[Any] = []
+        self.client.request(b"POST", f"{UP}/-/npm/v1/security/audits", body=b"{}").addBoth(
+            results.append
+        )
+        self.assertEqual(results[0].value.kind, "redirect")
+        self.assertEqual(len(self.agent.sent), 1)
+        self.assertEqual(self.client.active(), 0)

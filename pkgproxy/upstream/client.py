@@ -43,8 +43,6 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
-    BODY,
-    DONE,
     HTTP11ClientProtocol,
     RequestTransmissionFailed,
 )
@@ -71,6 +69,7 @@ from zope.interface import implementer
 from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
 from pkgproxy.tcpwrite import flush
+from pkgproxy.upstream.redirects import RedirectPolicy, is_internal
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -273,8 +272,10 @@ class UpstreamClient:
         clock: IReactorTime,
         config: UpstreamConfig,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        routes: Iterable[Route] = (),
     ) -> None:
         self._agent = agent
+        self._redirects = RedirectPolicy(routes)
         #: (username, password) by upstream origin (``scheme://host:port``).
         self._credentials = {origin_key(k): v for k, v in (credentials or {}).items()}
         self._clock = clock
@@ -334,6 +335,7 @@ class UpstreamClient:
         body: bytes | None = None,
         first: UpstreamResponse | None = None,
     ) -> UpstreamResponse:
+        start = url
         for _hop in range(self._config.max_redirects + 1):
             resp = await self._authorized(method, url, headers, body, first)
             first = None
@@ -343,15 +345,22 @@ class UpstreamClient:
             resp.discard()
             if not location:
                 raise UpstreamError("redirect", f"upstream sent {resp.status} without Location")
-            target = urljoin(url, location.decode("latin-1"))
+            if body is not None or method not in (b"GET", b"HEAD"):
+                # A body is never sent again, to anywhere: a 307 to a POST is not followed.
+                raise UpstreamError("redirect", f"upstream redirected a {method.decode()}")
+            try:
+                target = safe_target(urljoin(url, location.decode("latin-1")))
+            except UpstreamError:
+                raise UpstreamError("redirect", "upstream redirected to a bad Location") from None
             if urlsplit(target).scheme not in ("http", "https"):
-                raise UpstreamError("redirect", f"upstream redirected to {target!r}")
+                raise UpstreamError("redirect", f"upstream redirected to {target[:200]!r}")
             if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
                 raise UpstreamError("redirect", f"refusing https to http redirect to {target}")
+            why = self._redirects.refusal(start, target)
+            if why is not None:
+                raise UpstreamError("redirect", why)
             if _origin(target) != _origin(url):
                 headers = {k: v for k, v in headers.items() if k.lower() not in _SENSITIVE}
-            if resp.status == 303 and method != b"HEAD":
-                method = b"GET"
             url = target
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
 
@@ -394,6 +403,9 @@ class UpstreamClient:
         realm = params.get("realm", "")
         if urlsplit(realm).scheme not in ("http", "https"):
             return resp
+        if is_internal(urlsplit(realm).hostname or "") and not is_internal(_origin(url)[1]):
+            resp.discard()
+            raise UpstreamError("auth", f"token realm {realm[:200]} is an internal address")
         resp.discard()
         key = (realm, params.get("service", ""), params.get("scope", ""))
         value, expires = await self._token(key, creds)
@@ -646,6 +658,7 @@ class UpstreamService(Service):
         config: UpstreamConfig,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         ca_files: Mapping[tuple[str, int], Sequence[str]] | None = None,
+        routes: Iterable[Route] = (),
     ) -> None:
         self._reactor = reactor
         self._config = config
@@ -658,7 +671,7 @@ class UpstreamService(Service):
         self.pool.cachedConnectionTimeout = config.keepalive_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = True  # GET and HEAD without a body, once
         self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
-        self.client = UpstreamClient(self.agent, reactor, config, credentials)
+        self.client = UpstreamClient(self.agent, reactor, config, credentials, routes)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
@@ -686,29 +699,17 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
       transfer instead of ending as a possibly complete one.
     """
 
-    _head_bytes = 0
-
     def request(self, request: Any) -> Deferred[Any]:
-        self._head_bytes = 0
         d: Deferred[Any] = super().request(request)
-        transport: Any = self.transport
-        # A TLS transport writes the records to the TCP transport beneath it at once.
-        flush(
-            getattr(transport, "transport", None)
-            if hasattr(transport, "_tlsConnection")
-            else transport
-        )
-        return d
-
-    def dataReceived(self, data: bytes) -> None:
-        super().dataReceived(data)
         parser = self._parser
-        if parser is not None and parser.state not in (BODY, DONE):
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD:
-                self._giveUp(
-                    Failure(ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes"))
-                )
+        if parser is not None:
+            parser.lineReceived = _bounded_lines(parser.lineReceived)  # type: ignore[method-assign]
+        transport: Any = self.transport
+        # A TLS transport writes its records to the TCP transport beneath at once.
+        if hasattr(transport, "_tlsConnection"):
+            transport = getattr(transport, "transport", None)
+        flush(transport)
+        return d
 
     def _finishResponse_WAITING(self, rest: bytes) -> None:
         if rest and self._currentRequest is not None:
@@ -729,6 +730,21 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
             # one cut by a reset is a failed transfer (the decoder then says _DataLoss).
             decoder.contentLength = -1
         super()._connectionLost_WAITING(reason)
+
+
+def _bounded_lines(received: Any) -> Any:
+    """A parser's ``lineReceived`` that refuses more than :data:`MAX_RESPONSE_HEAD`
+    bytes of lines (the parser reads lines only for heads; bodies come raw)."""
+    total = 0
+
+    def line_received(line: bytes) -> None:
+        nonlocal total
+        total += len(line) + 1
+        if total > MAX_RESPONSE_HEAD:
+            raise ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes")
+        received(line)
+
+    return line_received
 
 
 class _ClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]

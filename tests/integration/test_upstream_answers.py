@@ -1,0 +1,129 @@
+"""Hostile upstream answers through the real server: redirects, lengths, heads.
+
+Each test drives pkgproxy over real sockets against fake upstreams on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+from pkgproxy.upstream.client import MAX_RESPONSE_HEAD
+from tests.integration.harness import (
+    IntegrationTestCase,
+    UpstreamConnection,
+    UpstreamRequest,
+    response_head,
+    static,
+)
+
+
+def redirect(location: bytes, status: int = 302):  # type: ignore[no-untyped-def]
+    return static(b"", [(b"location", location)], status=status)
+
+
+class RedirectTests(IntegrationTestCase):
+    async def _setup(self, redirect_hosts: list[str] | None = None):  # type: ignore[no-untyped-def]
+        up = await self.start_upstream()
+        other = await self.start_upstream()
+        route = {"family": "generic", "immutable": True, "upstream": up.url("/")}
+        if redirect_hosts is not None:
+            route["redirect_hosts"] = redirect_hosts
+        proxy = await self.start_proxy({"routes": {"files": route}})
+        return up, other, proxy
+
+    async def test_redirect_to_unnamed_local_host_is_502_and_not_stored(self) -> None:
+        """A 302 to another server on loopback that no route names is not followed:
+        502 naming the host, nothing stored, the other server never asked."""
+        up, other, proxy = await self._setup()
+        other.handlers[b"/secret"] = static(b"secret")
+        up.handlers[b"/x"] = redirect(other.url("/secret").encode())
+        client = self.client()
+        for _ in range(2):
+            result = await client.get(proxy.url("/files/x"))
+            self.assertEqual(result.status, 502)
+            self.assertIn(b"127.0.0.1", result.body or b"")
+        self.assertEqual(other.count(b"/secret"), 0)
+        self.assertEqual(up.count(b"/x"), 2)  # nothing was stored
+
+    async def test_redirect_to_pkgproxy_admin_pages_refused(self) -> None:
+        """A redirect to pkgproxy's own /_pkgproxy/ pages is refused, even on the
+        upstream's own origin."""
+        up, _, proxy = await self._setup()
+        up.handlers[b"/x"] = redirect(proxy.url("/_pkgproxy/status").encode())
+        up.handlers[b"/y"] = redirect(b"/_pkgproxy/admin/offline?enabled=true")
+        client = self.client()
+        for path in ("/files/x", "/files/y"):
+            result = await client.get(proxy.url(path))
+            self.assertEqual(result.status, 502, path)
+
+    async def test_redirect_within_origin_and_to_listed_host_followed(self) -> None:
+        """Same origin is followed; another host only when redirect_hosts names it."""
+        up, other, proxy = await self._setup(redirect_hosts=["localhost"])
+        up.handlers[b"/a"] = redirect(b"/real-a")
+        up.handlers[b"/real-a"] = static(b"A" * 100)
+        other.handlers[b"/blob"] = static(b"B" * 100)
+        up.handlers[b"/b"] = redirect(f"http://localhost:{other.port_number}/blob".encode())
+        client = self.client()
+        result = await client.get(proxy.url("/files/a"))
+        self.assertEqual((result.status, result.body), (200, b"A" * 100))
+        result = await client.get(proxy.url("/files/b"))
+        self.assertEqual((result.status, result.body), (200, b"B" * 100))
+
+    async def test_refused_redirect_does_not_open_the_circuit(self) -> None:
+        """Refused redirects are not upstream failures: after many, the origin still
+        answers."""
+        up, other, proxy = await self._setup()
+        up.handlers[b"/x"] = redirect(other.url("/secret").encode())
+        up.handlers[b"/ok"] = static(b"fine")
+        client = self.client()
+        for _ in range(8):
+            self.assertEqual((await client.get(proxy.url("/files/x"))).status, 502)
+        result = await client.get(proxy.url("/files/ok"))
+        self.assertEqual((result.status, result.body), (200, b"fine"))
+
+
+class AnswerTests(IntegrationTestCase):
+    async def test_huge_response_head_is_refused(self) -> None:
+        """A response head over 64 KiB (many short headers) fails the request with a
+        502 instead of growing without bound."""
+        up, proxy = await self.files_setup()
+
+        def handle(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            filler = [(b"x-filler-%d" % i, b"y" * 100) for i in range(MAX_RESPONSE_HEAD // 100)]
+            conn.write(response_head(200, [(b"content-length", b"2"), *filler]) + b"ok")
+            conn.done()
+
+        up.handlers[b"/big-head"] = handle
+        result = await self.client().get(proxy.url("/files/big-head"))
+        self.assertEqual(result.status, 502)
+
+    async def test_bytes_after_content_length_close_the_connection(self) -> None:
+        """A body longer than its Content-Length: the announced bytes are the response,
+        the connection is not used again (the extra bytes are not read as the next
+        answer)."""
+        up, proxy = await self.files_setup()
+
+        def liar(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            smuggled = response_head(200, [(b"content-length", b"4")]) + b"EVIL"
+            conn.write(response_head(200, [(b"content-length", b"5")]) + b"hello" + smuggled)
+            conn.done()
+
+        up.handlers[b"/liar"] = liar
+        up.handlers[b"/next"] = static(b"honest")
+        client = self.client()
+        result = await client.get(proxy.url("/files/liar"))
+        self.assertEqual((result.status, result.body), (200, b"hello"))
+        result = await client.get(proxy.url("/files/next"))
+        self.assertEqual((result.status, result.body), (200, b"honest"))
+        self.assertEqual(up.count(b"/next"), 1)
+
+    async def test_close_delimited_body_cut_by_reset_fails(self) -> None:
+        """A body with no length that ends in a reset is a failed transfer for the
+        client, and is not stored."""
+        up, proxy = await self.files_setup()
+
+        def reset(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, []) + b"partial" * 1000)
+            conn.later(0.05, conn.abort)
+
+        up.handlers[b"/cut"] = reset
+        result = await self.client().get(proxy.url("/files/cut"))
+        self.assertFailedTransfer(result)
