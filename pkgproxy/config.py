@@ -163,6 +163,12 @@ class UpstreamConfig:
     keepalive_timeout: float = 60.0
     max_redirects: int = 5
     ca_bundle: str | None = None
+    #: Outbound HTTP proxy for every upstream (``http://[user:pass@]host:port``); ``""``:
+    #: none. With neither this nor ``no_proxy`` set, ``https_proxy``/``http_proxy``/
+    #: ``no_proxy`` from the environment apply, as curl reads them.
+    proxy: str | None = None
+    #: Hosts, domains (``.example.com``), addresses and CIDR ranges reached directly.
+    no_proxy: tuple[str, ...] | None = None
     #: Connection failures in a row after which an upstream is not asked for a while.
     failure_threshold: int = 5
     retry_after: float = 15.0
@@ -679,7 +685,24 @@ _UPSTREAM_KEYS = {
     "ca_bundle",
     "failure_threshold",
     "retry_after",
+    "proxy",
+    "no_proxy",
 }
+
+
+def _proxy_url(value: object, key: str) -> str:
+    """An outbound proxy URL: ``http://[user:pass@]host[:port]``, or ``""`` for none."""
+    url = _str(value, key).strip()
+    if not url:
+        return ""
+    p = urlsplit(url if "://" in url else "http://" + url)
+    try:
+        _ = p.port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {p.netloc.rpartition('@')[2]!r}") from None
+    if p.scheme != "http" or not p.hostname:
+        raise ConfigError(key, f"must look like 'http://proxy.example:3128', got {p.scheme}://...")
+    return url
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
@@ -777,6 +800,10 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             uchanges[k] = _positive_int(up[k], f"upstream.{k}")
     if "ca_bundle" in up:
         uchanges["ca_bundle"] = _str(up["ca_bundle"], "upstream.ca_bundle")
+    if "proxy" in up:
+        uchanges["proxy"] = _proxy_url(up["proxy"], "upstream.proxy")
+    if "no_proxy" in up:
+        uchanges["no_proxy"] = _str_list(up["no_proxy"], "upstream.no_proxy")
     cfg = replace(cfg, upstream=replace(cfg.upstream, **uchanges))
 
     routes = {r.name: r for r in cfg.routes}

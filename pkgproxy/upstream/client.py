@@ -69,25 +69,19 @@ from zope.interface import implementer
 from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
 from pkgproxy.tcpwrite import flush
+from pkgproxy.upstream.errors import UpstreamError as UpstreamError
+from pkgproxy.upstream.proxy import (
+    Proxy,
+    ProxyingAgent,
+    ProxySettings,
+    TunnelEndpoint,
+    proxy_settings,
+)
 from pkgproxy.upstream.redirects import RedirectPolicy, is_internal
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SENSITIVE = (b"authorization", b"cookie", b"proxy-authorization")
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer usefully.
-
-    :ivar kind: a short word for metrics and logs: ``connect``, ``timeout``, ``tls``,
-        ``redirect``, ``protocol``.
-    :ivar gateway_status: the status to answer a client with (502 or 504).
-    """
-
-    def __init__(self, kind: str, message: str, gateway_status: int = 502) -> None:
-        self.kind = kind
-        self.gateway_status = gateway_status
-        super().__init__(message)
 
 
 @dataclass
@@ -659,18 +653,26 @@ class UpstreamService(Service):
         credentials: Mapping[str, tuple[str, str]] | None = None,
         ca_files: Mapping[tuple[str, int], Sequence[str]] | None = None,
         routes: Iterable[Route] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """:param environ: where ``https_proxy``/``http_proxy``/``no_proxy`` are read
+        when the config names no proxy (the process environment, given by the caller)."""
         self._reactor = reactor
         self._config = config
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
         if ca_files:
             policy = RouteTrustPolicy(policy, ca_files)
-        endpoints = _Endpoints(reactor, policy, config.connect_timeout)
+        proxies = proxy_settings(config.proxy, config.no_proxy, environ or {})
+        endpoints = _Endpoints(reactor, policy, config.connect_timeout, proxies)
         self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections_per_host
         self.pool.cachedConnectionTimeout = config.keepalive_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = True  # GET and HEAD without a body, once
-        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        self.agent: IAgent
+        if proxies.active:
+            self.agent = ProxyingAgent.create(reactor, endpoints, self.pool, proxies)
+        else:
+            self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self.client = UpstreamClient(self.agent, reactor, config, credentials, routes)
 
     @inlineCallbacks
@@ -773,11 +775,35 @@ class _Endpoints:
 
     MAX = 1024
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        policy: IPolicyForHTTPS,
+        connect_timeout: float,
+        proxies: ProxySettings | None = None,
+    ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._timeout = connect_timeout
+        self._proxies = proxies or ProxySettings()
         self._kept: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._proxy_kept: dict[Proxy, IStreamClientEndpoint] = {}
+
+    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
+        if isIPAddress(host):
+            # An address needs no resolving: HostnameEndpoint would still ask getaddrinfo
+            # in a thread (one thread hop per new connection) and race one attempt.
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        return HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+
+    def proxy_endpoint(self, proxy: Proxy) -> IStreamClientEndpoint:
+        """The (kept) endpoint of an outbound proxy."""
+        endpoint = self._proxy_kept.get(proxy)
+        if endpoint is None:
+            endpoint = self._proxy_kept[proxy] = self._tcp(proxy.host, proxy.port)
+        return endpoint
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
@@ -790,14 +816,11 @@ class _Endpoints:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"upstream host {uri.host!r} is not ASCII") from None
-        if isIPAddress(host):
-            # An address needs no resolving: HostnameEndpoint would still ask getaddrinfo
-            # in a thread (one thread hop per new connection) and race one attempt.
-            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        elif isIPv6Address(host):
-            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        proxy = self._proxies.for_origin(uri.scheme.decode(), host)
+        if uri.scheme == b"https" and proxy is not None and not self._proxies.absolute_https:
+            endpoint = TunnelEndpoint(self.proxy_endpoint(proxy), proxy, host, uri.port)
         else:
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            endpoint = self._tcp(host, uri.port)
         if uri.scheme == b"https":
             creator = self._policy.creatorForNetloc(uri.host, uri.port)
             endpoint = wrapClientTLS(creator, endpoint)
