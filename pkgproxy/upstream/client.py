@@ -50,7 +50,6 @@ from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
     ResponseFailed,
     ResponseNeverReceived,
     _HTTP11ClientFactory,
@@ -70,6 +69,7 @@ from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
 from pkgproxy.tcpwrite import flush
 from pkgproxy.upstream.errors import UpstreamError as UpstreamError
+from pkgproxy.upstream.pool import HedgingPool
 from pkgproxy.upstream.proxy import (
     Proxy,
     ProxyingAgent,
@@ -668,6 +668,7 @@ class UpstreamService(Service):
         self.pool.maxPersistentPerHost = config.max_connections_per_host
         self.pool.cachedConnectionTimeout = config.keepalive_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = True  # GET and HEAD without a body, once
+        self.pool.connect_timeout = config.connect_timeout
         self.agent: IAgent
         if proxies.active:
             self.agent = ProxyingAgent.create(reactor, endpoints, self.pool, proxies)
@@ -757,8 +758,9 @@ class _ClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
         return _ClientProtocol(self._quiescentCallback)
 
 
-class _Pool(HTTPConnectionPool):  # type: ignore[misc]
-    """The persistent pool, making :class:`_ClientProtocol` connections."""
+class _Pool(HedgingPool):
+    """The persistent pool with hedged connects, making :class:`_ClientProtocol`
+    connections."""
 
     _factory = _ClientFactory
 
