@@ -192,27 +192,24 @@ def main() -> None:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CA bundle: {ca}")
     print("| run | wall s | TcpActiveOpens | upstream connections |")
     print("|---|---|---|---|")
+    clients = (
+        ("npm", npm_install, "https://registry.npmjs.org/", "/npm/"),
+        ("pip", pip_download, "https://pypi.org/simple/", "/pypi/simple/"),
+    )
     try:
-        for n in range(args.rounds):
-            wall, counts = npm_install("https://registry.npmjs.org/", ca, work)
-            print(row(f"npm direct #{n + 1}", wall, counts, False), flush=True)
-            proxy = Pkgproxy(ca, args.port or free_port(), work)
-            try:
-                for label in ("cold", "warm"):
-                    wall, counts = npm_install(proxy.url("/npm/"), ca, work)
-                    print(row(f"npm pkgproxy {label} #{n + 1}", wall, counts, True), flush=True)
-            finally:
-                proxy.stop()
-        for n in range(args.rounds):
-            wall, counts = pip_download("https://pypi.org/simple/", ca, work)
-            print(row(f"pip direct #{n + 1}", wall, counts, False), flush=True)
-            proxy = Pkgproxy(ca, args.port or free_port(), work)
-            try:
-                for label in ("cold", "warm"):
-                    wall, counts = pip_download(proxy.url("/pypi/simple/"), ca, work)
-                    print(row(f"pip pkgproxy {label} #{n + 1}", wall, counts, True), flush=True)
-            finally:
-                proxy.stop()
+        for name, run, direct, path in clients:
+            for n in range(args.rounds):
+                wall, counts = run(direct, ca, work)
+                print(row(f"{name} direct #{n + 1}", wall, counts, False), flush=True)
+                proxy = Pkgproxy(ca, args.port or free_port(), work)
+                try:
+                    for label in ("cold", "warm"):
+                        wall, counts = run(proxy.url(path), ca, work)
+                        print(
+                            row(f"{name} pkgproxy {label} #{n + 1}", wall, counts, True), flush=True
+                        )
+                finally:
+                    proxy.stop()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
