@@ -169,6 +169,10 @@ class UpstreamConfig:
     proxy: str | None = None
     #: Hosts, domains (``.example.com``), addresses and CIDR ranges reached directly.
     no_proxy: tuple[str, ...] | None = None
+    #: A parent cache (another pkgproxy) asked for every upstream URL, https included,
+    #: as an absolute URI; unreachable: direct, unless ``parent_only``.
+    parent: str | None = None
+    parent_only: bool = False
     #: Connection failures in a row after which an upstream is not asked for a while.
     failure_threshold: int = 5
     retry_after: float = 15.0
@@ -687,6 +691,8 @@ _UPSTREAM_KEYS = {
     "retry_after",
     "proxy",
     "no_proxy",
+    "parent",
+    "parent_only",
 }
 
 
@@ -804,6 +810,12 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
         uchanges["proxy"] = _proxy_url(up["proxy"], "upstream.proxy")
     if "no_proxy" in up:
         uchanges["no_proxy"] = _str_list(up["no_proxy"], "upstream.no_proxy")
+    if "parent" in up:
+        uchanges["parent"] = _proxy_url(up["parent"], "upstream.parent") or None
+        if uchanges["parent"] and uchanges.get("proxy"):
+            raise ConfigError("upstream.parent", "give parent or proxy, not both")
+    if "parent_only" in up:
+        uchanges["parent_only"] = _bool(up["parent_only"], "upstream.parent_only")
     cfg = replace(cfg, upstream=replace(cfg.upstream, **uchanges))
 
     routes = {r.name: r for r in cfg.routes}

@@ -60,6 +60,9 @@ class ProxySettingsTests(SynchronousTestCase):
             config_from_dict({"upstream": {"proxy": "socks5://p:1080"}})
         self.assertEqual(e.exception.key, "upstream.proxy")
         with self.assertRaises(ConfigError) as e:
+            config_from_dict({"upstream": {"proxy": "http://p:1", "parent": "http://q:2"}})
+        self.assertEqual(e.exception.key, "upstream.parent")
+        with self.assertRaises(ConfigError) as e:
             config_from_dict({"routes": {"docker.io": {"redirect_hosts": ["bad host"]}}})
         self.assertEqual(e.exception.key, "routes.docker.io.redirect_hosts[0]")
         self.assertIn(

@@ -662,7 +662,9 @@ class UpstreamService(Service):
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
         if ca_files:
             policy = RouteTrustPolicy(policy, ca_files)
-        proxies = proxy_settings(config.proxy, config.no_proxy, environ or {})
+        proxies = proxy_settings(
+            config.proxy, config.no_proxy, environ or {}, config.parent, config.parent_only
+        )
         endpoints = _Endpoints(reactor, policy, config.connect_timeout, proxies)
         self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections_per_host
@@ -671,7 +673,9 @@ class UpstreamService(Service):
         self.pool.connect_timeout = config.connect_timeout
         self.agent: IAgent
         if proxies.active:
-            self.agent = ProxyingAgent.create(reactor, endpoints, self.pool, proxies)
+            agent = ProxyingAgent.create(reactor, endpoints, self.pool, proxies)
+            agent.parent_retry_after = config.retry_after
+            self.agent = agent
         else:
             self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self.client = UpstreamClient(self.agent, reactor, config, credentials, routes)
@@ -819,7 +823,7 @@ class _Endpoints:
         except UnicodeDecodeError:
             raise ValueError(f"upstream host {uri.host!r} is not ASCII") from None
         proxy = self._proxies.for_origin(uri.scheme.decode(), host)
-        if uri.scheme == b"https" and proxy is not None and not self._proxies.absolute_https:
+        if uri.scheme == b"https" and proxy is not None:
             endpoint = TunnelEndpoint(self.proxy_endpoint(proxy), proxy, host, uri.port)
         else:
             endpoint = self._tcp(host, uri.port)

@@ -16,9 +16,10 @@ sent as ``Proxy-Authorization: Basic``. A proxy that refuses (a CONNECT answered
 anything but 2xx, or 407 to a request) is an :class:`~pkgproxy.upstream.client
 .UpstreamError` of kind ``proxy`` that names the proxy: a clear 502.
 
-A parent pkgproxy tier is this same mechanism with every upstream, https ones included,
-sent to the parent as absolute URIs (``absolute_https``), so that the parent caches under
-the real upstream URLs.
+A parent cache tier (``[upstream] parent``, another pkgproxy) is asked for every
+upstream URL, https ones included, as an absolute URI on kept connections to it, so that
+it caches under the real upstream URLs; when it cannot be connected to, requests go
+direct (and the parent is left alone for ``retry_after``), unless ``parent_only``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import _ensureValidURI
 from twisted.web.client import URI, Agent
@@ -41,6 +44,8 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from pkgproxy.upstream.errors import UpstreamError
+
+log = Logger()
 
 #: A proxy's answer to CONNECT larger than this is refused.
 MAX_CONNECT_HEAD = 16 * 1024
@@ -127,9 +132,10 @@ class ProxySettings:
     http: Proxy | None = None
     https: Proxy | None = None
     no_proxy: NoProxy = NoProxy(())
-    #: Send https:// requests to the proxy as absolute URIs instead of CONNECT (a parent
-    #: cache that fetches and caches them itself).
-    absolute_https: bool = False
+    #: A parent cache asked for every upstream URL as an absolute URI, https included.
+    parent: Proxy | None = None
+    #: Never go direct when the parent cannot be reached.
+    parent_only: bool = False
 
     def for_origin(self, scheme: str, host: str) -> Proxy | None:
         """The proxy for ``scheme://host``, or ``None`` to connect directly."""
@@ -140,14 +146,22 @@ class ProxySettings:
 
     @property
     def active(self) -> bool:
-        return self.http is not None or self.https is not None
+        return self.http is not None or self.https is not None or self.parent is not None
 
 
 def proxy_settings(
-    proxy: str | None, no_proxy: Sequence[str] | None, environ: Mapping[str, str]
+    proxy: str | None,
+    no_proxy: Sequence[str] | None,
+    environ: Mapping[str, str],
+    parent: str | None = None,
+    parent_only: bool = False,
 ) -> ProxySettings:
-    """The settings from ``[upstream] proxy``/``no_proxy``, or, with neither set, from
-    the environment as curl reads it."""
+    """The settings from ``[upstream] parent``, or ``proxy``/``no_proxy``, or, with none
+    of them set, from the environment as curl reads it."""
+    if parent:
+        return ProxySettings(
+            no_proxy=NoProxy(no_proxy or ()), parent=parse_proxy(parent), parent_only=parent_only
+        )
     if proxy is not None or no_proxy is not None:
         p = parse_proxy(proxy) if proxy else None
         return ProxySettings(p, p, NoProxy(no_proxy or ()))
@@ -300,10 +314,13 @@ class _Tunnel(Protocol):
 class ProxyingAgent(Agent):  # type: ignore[misc]
     """Twisted's ``Agent``, sending requests for origins whose :class:`ProxySettings`
     name a proxy to that proxy as absolute URIs (https ones go through the endpoint
-    factory's CONNECT tunnels unless ``absolute_https``)."""
+    factory's CONNECT tunnels), and every request to a parent cache if there is one."""
 
     _settings: ProxySettings
     _proxy_endpoints: Any
+    #: Until when the parent is not asked (it could not be connected to).
+    _parent_down_until = 0.0
+    parent_retry_after = 15.0
 
     @classmethod
     def create(
@@ -321,16 +338,37 @@ class ProxyingAgent(Agent):  # type: ignore[misc]
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
     ) -> Deferred[IResponse]:
-        scheme = uri[:5].lower()
-        if scheme == b"https" and not self._settings.absolute_https:
+        settings = self._settings
+        if settings.parent is None and uri[:5].lower() == b"https":
             return super().request(method, uri, headers, bodyProducer)  # CONNECT, if any
         uri = _ensureValidURI(uri.strip())
         parsed = URI.fromBytes(uri)
-        proxy = self._settings.for_origin(
-            parsed.scheme.decode("ascii"), parsed.host.decode("ascii", "replace")
-        )
+        host = parsed.host.decode("ascii", "replace")
+        parent = settings.parent
+        if parent is not None:
+            if settings.no_proxy.matches(host):
+                return super().request(method, uri, headers, bodyProducer)
+            if settings.parent_only or self._reactor.seconds() >= self._parent_down_until:
+                d = self._via(parent, method, uri, parsed, headers, bodyProducer)
+                if not settings.parent_only:
+                    d.addErrback(self._parent_failed, method, uri, headers, bodyProducer)
+                return d
+            return super().request(method, uri, headers, bodyProducer)
+        proxy = settings.for_origin(parsed.scheme.decode("ascii"), host)
         if proxy is None:
             return super().request(method, uri, headers, bodyProducer)
+        return self._via(proxy, method, uri, parsed, headers, bodyProducer)
+
+    def _via(
+        self,
+        proxy: Proxy,
+        method: bytes,
+        uri: bytes,
+        parsed: URI,
+        headers: Headers | None,
+        bodyProducer: IBodyProducer | None,
+    ) -> Deferred[IResponse]:
+        """The request sent to ``proxy`` with its absolute URI."""
         headers = headers.copy() if headers is not None else Headers()
         if proxy.authorization:
             headers.setRawHeaders(b"proxy-authorization", [proxy.authorization])
@@ -339,7 +377,40 @@ class ProxyingAgent(Agent):  # type: ignore[misc]
         d: Deferred[IResponse] = self._requestWithEndpoint(
             key, endpoint, method, parsed, headers, bodyProducer, uri
         )
-        return d.addCallback(_proxy_answer, proxy)
+        return d.addCallbacks(
+            _proxy_answer, _proxy_unreachable, callbackArgs=(proxy,), errbackArgs=(proxy,)
+        )
+
+    def _parent_failed(
+        self,
+        f: Failure,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None,
+        bodyProducer: IBodyProducer | None,
+    ) -> Deferred[IResponse] | Failure:
+        """The parent could not be connected to: go direct, and leave it alone a while.
+        Anything else (an answer, a broken one) is the request's result."""
+        if not f.check(net_error.ConnectError, net_error.DNSLookupError, net_error.TimeoutError):
+            return f
+        self._parent_down_until = self._reactor.seconds() + self.parent_retry_after
+        log.warn(
+            "parent {parent} unreachable ({why}); going direct for {s:.0f}s",
+            parent=self._settings.parent.name if self._settings.parent else "",
+            why=f.getErrorMessage(),
+            s=self.parent_retry_after,
+        )
+        return super().request(method, uri, headers, bodyProducer)
+
+
+def _proxy_unreachable(f: Failure, proxy: Proxy) -> Failure:
+    """A failure to connect to ``proxy``, saying so (it is not the upstream's)."""
+    e = f.value
+    if isinstance(e, net_error.ConnectError | net_error.DNSLookupError) and not isinstance(
+        e, net_error.ConnectingCancelledError
+    ):
+        return Failure(net_error.ConnectError(string=f"proxy {proxy.name}: {f.getErrorMessage()}"))
+    return f
 
 
 def _proxy_answer(response: IResponse, proxy: Proxy) -> IResponse:

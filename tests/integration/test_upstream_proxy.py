@@ -11,7 +11,7 @@ from typing import Any
 
 from tests.integration.harness import IntegrationTestCase, ProxyUnderTest, static
 from tests.support.outproxy import start_tinyproxy
-from tests.support.procs import file_tree
+from tests.support.procs import file_tree, free_port
 from tests.support.tlsserver import make_tls_files, start_tls_server
 
 
@@ -111,3 +111,62 @@ class OutboundProxyTests(IntegrationTestCase):
         result = await self.client().get(proxy.url("/files/a.bin"))
         self.assertEqual((result.status, result.body), (200, b"D"))
         self.assertNotIn(b"via", up.requests[0].headers)
+
+
+class ParentTests(IntegrationTestCase):
+    """``[upstream] parent``: every upstream URL asked of a parent cache as an absolute
+    URI (https ones too); direct when the parent cannot be connected to."""
+
+    async def test_https_upstream_asked_of_parent_as_absolute_uri(self) -> None:
+        """The parent receives ``GET https://host/path`` and its answer is served and
+        cached; the upstream host itself is never resolved or contacted."""
+        parent = await self.start_upstream()
+        parent.handlers[b"https://registry.invalid/f/a.bin"] = static(b"P" * 300)
+        routes = {
+            "files": {
+                "family": "generic",
+                "immutable": True,
+                "upstream": "https://registry.invalid/f/",
+            }
+        }
+        proxy = await self.start_proxy(
+            {"upstream": {"parent": parent.url("/"), "parent_only": True}, "routes": routes}
+        )
+        client = self.client()
+        result = await client.get(proxy.url("/files/a.bin"))
+        self.assertEqual((result.status, result.body), (200, b"P" * 300))
+        self.assertEqual(parent.requests[0].headers.get(b"host"), b"registry.invalid")
+        await proxy.settled()
+        result = await client.get(proxy.url("/files/a.bin"))
+        self.assertEqual(result.x_cache, b"HIT")
+
+    async def test_unreachable_parent_means_direct(self) -> None:
+        """A parent nobody listens on: the request goes direct and succeeds."""
+        up = await self.start_upstream()
+        up.handlers[b"/f/a.bin"] = static(b"D" * 10)
+        routes = {"files": {"family": "generic", "immutable": True, "upstream": up.url("/f/")}}
+        proxy = await self.start_proxy(
+            {"upstream": {"parent": f"http://127.0.0.1:{free_port()}"}, "routes": routes}
+        )
+        client = self.client()
+        for name in ("a.bin", "a.bin"):
+            result = await client.get(proxy.url(f"/files/{name}"))
+            self.assertEqual((result.status, result.body), (200, b"D" * 10))
+        self.assertEqual(up.count(b"/f/a.bin"), 1)
+
+    async def test_parent_only_with_parent_down_is_a_502_naming_it(self) -> None:
+        """``parent_only``: no direct fallback; the 502 names the parent."""
+        up = await self.start_upstream()
+        up.handlers[b"/f/a.bin"] = static(b"D")
+        port = free_port()
+        routes = {"files": {"family": "generic", "immutable": True, "upstream": up.url("/f/")}}
+        proxy = await self.start_proxy(
+            {
+                "upstream": {"parent": f"http://127.0.0.1:{port}", "parent_only": True},
+                "routes": routes,
+            }
+        )
+        result = await self.client().get(proxy.url("/files/a.bin"))
+        self.assertEqual(result.status, 502)
+        self.assertIn(f"proxy 127.0.0.1:{port}".encode(), result.body or b"")
+        self.assertEqual(up.requests, [])
