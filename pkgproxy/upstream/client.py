@@ -734,7 +734,8 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
             and not reason.check(net_error.ConnectionDone)
         ):
             # Twisted reports any end of a close-delimited body as PotentialDataLoss;
-            # one cut by a reset is a failed transfer (the decoder then says _DataLoss).
+            # one cut by a reset, or by a TLS close without close_notify (Twisted's TLS
+            # says ConnectionLost), is a failed transfer (the decoder: _DataLoss).
             decoder.contentLength = -1
         super()._connectionLost_WAITING(reason)
 

@@ -5,14 +5,20 @@ Each test drives pkgproxy over real sockets against fake upstreams on 127.0.0.1.
 
 from __future__ import annotations
 
+from twisted.internet import reactor, ssl
+from twisted.internet.protocol import Factory, Protocol
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
+
 from pkgproxy.upstream.client import MAX_RESPONSE_HEAD
 from tests.integration.harness import (
     IntegrationTestCase,
+    Result,
     UpstreamConnection,
     UpstreamRequest,
     response_head,
     static,
 )
+from tests.support.tlsserver import make_tls_files
 
 
 def redirect(location: bytes, status: int = 302):  # type: ignore[no-untyped-def]
@@ -127,3 +133,55 @@ class AnswerTests(IntegrationTestCase):
         up.handlers[b"/cut"] = reset
         result = await self.client().get(proxy.url("/files/cut"))
         self.assertFailedTransfer(result)
+
+
+class _CloseDelimited(Protocol):
+    """Answers any request with a body of unknown length, then closes: with TLS's
+    close_notify (``clean``) or by closing the TCP connection under TLS."""
+
+    clean = True
+
+    def dataReceived(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 1000)
+        if self.clean:
+            self.transport.loseConnection()
+        else:
+            self.transport.transport.loseConnection()  # type: ignore[attr-defined]
+
+
+class TlsTruncationTests(IntegrationTestCase):
+    async def _serve(self, clean: bool) -> Result:
+        tls = make_tls_files(self.mktemp())
+        with open(tls.cert, "rb") as c, open(tls.key, "rb") as k:
+            cert = ssl.PrivateCertificate.loadPEM(c.read() + k.read())
+        factory = Factory.forProtocol(type("P", (_CloseDelimited,), {"clean": clean}))
+        port = reactor.listenSSL(0, factory, cert.options(), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        upstream = f"https://127.0.0.1:{port.getHost().port}/"
+        proxy = await self.start_proxy(
+            {
+                "upstream": {"ca_bundle": tls.ca_cert},
+                "routes": {"files": {"family": "generic", "upstream": upstream}},
+            }
+        )
+        return await self.client().get(proxy.url("/files/doc"))
+
+    async def test_close_notify_ends_a_body_of_unknown_length(self) -> None:
+        """A TLS upstream that ends a body of unknown length with close_notify: the
+        client gets the whole body."""
+        result = await self._serve(clean=True)
+        self.assertEqual((result.status, result.body, result.error), (200, b"x" * 1000, None))
+
+    async def test_tls_close_without_close_notify_is_a_failed_transfer(self) -> None:
+        """The same body cut by a TCP close without close_notify (a truncation attack's
+        shape): the client never sees it complete (a failed transfer, or no answer at
+        all when it failed before the answer started), and it is not stored."""
+        try:
+            result = await self._serve(clean=False)
+        except (ResponseNeverReceived, ResponseFailed):
+            return
+        if result.status == 200:
+            self.assertFailedTransfer(result)
+        else:
+            self.assertEqual(result.status, 502)
