@@ -1,6 +1,13 @@
 """The upstream side: Twisted's ``Agent`` over one persistent connection pool, bounded
 per host, raw bytes, redirects inside.
 
+The layers, outermost first: :class:`UpstreamClient` (targets checked, redirects by the
+route's policy, Bearer/Basic challenges answered), :class:`~pkgproxy.upstream.limits
+.LimitedAgent` (circuit breaker, slots per origin, head timeout), the ``Agent`` (or the
+:class:`~pkgproxy.upstream.proxy.ProxyingAgent` when a proxy or parent is configured),
+the :class:`~pkgproxy.upstream.pool.HedgingPool` and :class:`_Endpoints` (TCP, TLS with
+the route's trust, CONNECT tunnels).
+
 Why not treq here: treq always wraps its agent in a gzip ContentDecoderAgent, and a
 cache must store the bytes exactly as the repository signed them. Why redirects inside:
 apt, pip and Docker clients must never be sent away from the cache (and apt refuses
@@ -23,7 +30,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredSemaphore,
     fail,
     inlineCallbacks,
 )
@@ -44,7 +50,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     HTTP11ClientProtocol,
-    RequestTransmissionFailed,
 )
 from twisted.web.client import (
     URI,
@@ -65,10 +70,10 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
 from pkgproxy.tcpwrite import flush
 from pkgproxy.upstream.errors import UpstreamError as UpstreamError
+from pkgproxy.upstream.limits import HeldResponse, LimitedAgent, _origin
 from pkgproxy.upstream.pool import HedgingPool
 from pkgproxy.upstream.proxy import (
     Proxy,
@@ -120,24 +125,6 @@ class _Discard(Protocol):
         self._left -= len(data)
         if self._left < 0 and self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-_origins: dict[str, tuple[str, str, int | None]] = {}
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of a URL, remembered by its ``scheme://authority`` part
-    (every miss asks it for a new URL of one of a few upstreams)."""
-    prefix = httputil.split_origin(url)[0]
-    found = _origins.get(prefix)
-    if found is None:
-        p = urlsplit(prefix)
-        port = p.port or (443 if p.scheme == "https" else 80)
-        found = (p.scheme, (p.hostname or "").lower(), port)
-        if len(_origins) >= 1024:
-            _origins.clear()
-        _origins[prefix] = found
-    return found
 
 
 def origin_key(url: str) -> str:
@@ -245,16 +232,9 @@ class _BytesBody:
         pass
 
 
-@dataclass
-class _Breaker:
-    """Consecutive connection failures of one upstream origin."""
-
-    failures: int = 0
-    open_until: float = 0.0
-
-
 class UpstreamClient:
-    """Sends requests upstream through one agent, with limits.
+    """Sends requests upstream through one agent wrapped in its limits, following the
+    redirects the route allows and answering auth challenges.
 
     :param agent: production: an ``Agent`` over a persistent pool; tests: any
         ``IAgent``.
@@ -268,28 +248,29 @@ class UpstreamClient:
         credentials: Mapping[str, tuple[str, str]] | None = None,
         routes: Iterable[Route] = (),
     ) -> None:
-        self._agent = agent
+        self._limited = LimitedAgent(agent, clock, config)
         self._redirects = RedirectPolicy(routes)
         #: (username, password) by upstream origin (``scheme://host:port``).
         self._credentials = {origin_key(k): v for k, v in (credentials or {}).items()}
         self._clock = clock
         self._config = config
-        self._slots: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
-        self._breakers: dict[tuple[str, str, int | None], _Breaker] = {}
         #: Bearer tokens by (realm, service, scope), with their expiry time.
         self._tokens: dict[tuple[str, str, str], tuple[bytes, float]] = {}
         #: The token scope last asked for by each area of an upstream (see _auth_area).
         self._scopes: dict[str, tuple[str, str, str]] = {}
 
-    def _slot(self, origin: tuple[str, str, int | None]) -> DeferredSemaphore:
-        sem = self._slots.get(origin)
-        if sem is None:
-            sem = self._slots[origin] = DeferredSemaphore(self._config.max_connections_per_host)
-        return sem
+    @property
+    def _agent(self) -> IAgent:
+        """The agent the limits wrap (tests swap it)."""
+        return self._limited.agent
+
+    @_agent.setter
+    def _agent(self, agent: IAgent) -> None:
+        self._limited.agent = agent
 
     def active(self) -> int:
         """How many upstream requests hold a connection slot now."""
-        return sum(s.limit - s.tokens for s in self._slots.values())
+        return self._limited.active()
 
     def request(
         self,
@@ -442,116 +423,16 @@ class UpstreamClient:
             _check_method(method)
         except UpstreamError:
             return fail()
-        origin = _origin(url)
-        breaker = self._breakers.get(origin)
-        if breaker is None:
-            breaker = self._breakers[origin] = _Breaker()
-        now = self._clock.seconds()
-        if now < breaker.open_until:
-            return fail(
-                UpstreamError(
-                    "circuit",
-                    f"{origin[1]} failed {breaker.failures} times in a row; not asked again "
-                    f"for {breaker.open_until - now:.0f}s",
-                    503,
-                )
-            )
-        sem = self._slot(origin)
-        if sem.tokens:
-            sem.tokens -= 1  # what acquire() does, without a Deferred per request
-            return self._send(origin, breaker, sem, method, url, headers, body)
-        d: Deferred[Any] = sem.acquire()
-        wait = self._config.header_timeout
-        timer = self._clock.callLater(wait, d.cancel)
+        hdrs = Headers({k: [v] for k, v in headers.items()})
+        hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
+        producer = _BytesBody(body) if body is not None else None
+        d = self._limited.request(method, url.encode("ascii"), hdrs, producer)
+        return d.addCallback(_answer, url)
 
-        def acquired(_: object) -> Deferred[UpstreamResponse]:
-            if timer.active():
-                timer.cancel()
-            return self._send(origin, breaker, sem, method, url, headers, body)
 
-        def not_acquired(f: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            if f.check(CancelledError):
-                return Failure(
-                    UpstreamError(
-                        "busy",
-                        f"all {sem.limit} connections to {origin[1]} stayed busy for {wait:.0f}s",
-                        503,
-                    )
-                )
-            return f
-
-        return d.addCallbacks(acquired, not_acquired)
-
-    def _send(
-        self,
-        origin: tuple[str, str, int | None],
-        breaker: _Breaker,
-        sem: DeferredSemaphore,
-        method: bytes,
-        url: str,
-        headers: dict[bytes, bytes],
-        body: bytes | None,
-    ) -> Deferred[UpstreamResponse]:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                sem.release()
-
-        timed_out = False
-
-        def time_out() -> None:
-            nonlocal timed_out
-            timed_out = True
-            d.cancel()
-
-        try:
-            hdrs = Headers({k: [v] for k, v in headers.items()})
-            hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
-            producer = _BytesBody(body) if body is not None else None
-            d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
-        except Exception:
-            # Refused before anything was sent (Twisted checks method and target).
-            release()
-            return fail(UpstreamError("request", f"request not sent: {Failure().value}", 400))
-        timer = self._clock.callLater(self._config.header_timeout, time_out)
-
-        def answered(response: IResponse) -> UpstreamResponse:
-            if timer.active():
-                timer.cancel()
-            breaker.failures = 0
-            return UpstreamResponse(url, response.code, response.headers, response, release)
-
-        def failed(f: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            release()
-            if _upstream_fault(f, timed_out):
-                self._failed(origin, breaker)
-            return f
-
-        return d.addCallbacks(answered, failed)
-
-    def _failed(self, origin: tuple[str, str, int | None], breaker: _Breaker) -> None:
-        """Count a failure of the upstream; open the circuit after too many in a row.
-
-        An upstream that is down then costs clients a fast 503 (or a stale copy) instead
-        of a connect timeout each, well before their own timeouts (pip: 15 s,
-        containerd: 30 s), and is not hammered while it recovers.
-        """
-        breaker.failures += 1
-        if breaker.failures >= self._config.failure_threshold:
-            breaker.open_until = self._clock.seconds() + self._config.retry_after
-            log.warn(
-                "upstream {host} failed {n} times in a row; pausing requests to it for {s}s",
-                host=origin[1],
-                n=breaker.failures,
-                s=self._config.retry_after,
-            )
+def _answer(response: IResponse, url: str) -> UpstreamResponse:
+    assert isinstance(response, HeldResponse)
+    return UpstreamResponse(url, response.code, response.headers, response, response.release)
 
 
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -580,23 +461,6 @@ def safe_target(url: str) -> str:
             data = c.encode("latin-1") if c <= "\xff" else c.encode("utf-8")
             out.append("".join(f"%{b:02X}" for b in data))
     return "".join(out)
-
-
-def _upstream_fault(f: Failure, timed_out: bool) -> bool:
-    """Whether a failed request is the upstream's failure (connect, DNS, TLS, a timeout,
-    a broken answer) rather than a local one (a request Twisted refused to write, a
-    request cancelled because nobody wants the answer any more)."""
-    e = f.value
-    if isinstance(e, CancelledError | net_error.ConnectingCancelledError):
-        return timed_out
-    if isinstance(e, net_error.ConnectError | net_error.DNSLookupError | net_error.TimeoutError):
-        return True
-    if isinstance(e, ResponseFailed | ResponseNeverReceived | RequestTransmissionFailed):
-        inner = [r.value for r in e.reasons]
-        if any(isinstance(i, CancelledError | net_error.ConnectionAborted) for i in inner):
-            return timed_out
-        return True
-    return type(e).__module__.startswith("OpenSSL")
 
 
 def route_ca_files(routes: Iterable[Route]) -> dict[tuple[str, int], tuple[str, ...]]:
