@@ -12,9 +12,12 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from pkgproxy.upstream.client import MAX_RESPONSE_HEAD
 from tests.integration.harness import (
     IntegrationTestCase,
+    ProxyUnderTest,
+    RawResponse,
     Result,
     UpstreamConnection,
     UpstreamRequest,
+    parse_responses,
     response_head,
     static,
 )
@@ -185,3 +188,38 @@ class TlsTruncationTests(IntegrationTestCase):
             self.assertFailedTransfer(result)
         else:
             self.assertEqual(result.status, 502)
+
+
+class HostileTargetTests(IntegrationTestCase):
+    """Request targets twisted.web accepts but an upstream request line may not carry."""
+
+    async def _raw_get(self, proxy: ProxyUnderTest, target: bytes) -> RawResponse:
+        client = await self.raw_client(proxy)
+        client.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await client.wait_closed()
+        responses, _ = parse_responses(bytes(client.received))
+        return responses[0]
+
+    async def test_non_ascii_targets_do_not_wedge_the_upstream(self) -> None:
+        """Sixteen targets with a byte over 0x7f (more than the per-host limit) are sent
+        percent-encoded; a normal miss afterwards is answered at once."""
+        up, proxy = await self.files_setup({"max_connections_per_host": 2})
+        for n in range(16):
+            up.handlers[b"/gen/x?%d%%80" % n] = static(b"enc")
+            response = await self._raw_get(proxy, b"/files/gen/x?%d\x80" % n)
+            self.assertEqual((response.status, response.body), (200, b"enc"))
+        up.handlers[b"/ok"] = static(b"fine")
+        result = await self.client().get(proxy.url("/files/ok"))
+        self.assertEqual((result.status, result.body), (200, b"fine"))
+
+    async def test_control_bytes_do_not_trip_the_breaker(self) -> None:
+        """Ten targets with a DEL: each a 400 for that client, none sent upstream, and
+        the upstream's circuit stays closed for everyone else."""
+        up, proxy = await self.files_setup({"failure_threshold": 2})
+        for n in range(10):
+            response = await self._raw_get(proxy, b"/files/gen/x?%d\x7f" % n)
+            self.assertEqual(response.status, 400)
+        self.assertEqual(up.requests, [])
+        up.handlers[b"/ok"] = static(b"fine")
+        result = await self.client().get(proxy.url("/files/ok"))
+        self.assertEqual((result.status, result.body), (200, b"fine"))
