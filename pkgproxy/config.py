@@ -114,6 +114,9 @@ class Route:
     #: A PEM file of CAs the upstream's TLS must chain to, instead of the global trust
     #: root (an internal mirror with a private CA); applies to its whole host:port.
     ca_file: str | None = None
+    #: Hosts an upstream redirect may lead to besides this route's own origin and the
+    #: other routes' upstreams (a registry's blob CDN); ``*.example.com`` matches below.
+    redirect_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,20 @@ class UpstreamConfig:
     header_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_connections_per_host: int = 16
+    #: How long an idle kept-alive upstream connection stays open for the next request.
+    keepalive_timeout: float = 60.0
     max_redirects: int = 5
     ca_bundle: str | None = None
+    #: Outbound HTTP proxy for every upstream (``http://[user:pass@]host:port``); ``""``:
+    #: none. With neither this nor ``no_proxy`` set, ``https_proxy``/``http_proxy``/
+    #: ``no_proxy`` from the environment apply, as curl reads them.
+    proxy: str | None = None
+    #: Hosts, domains (``.example.com``), addresses and CIDR ranges reached directly.
+    no_proxy: tuple[str, ...] | None = None
+    #: A parent cache (another pkgproxy) asked for every upstream URL, https included,
+    #: as an absolute URI; unreachable: direct, unless ``parent_only``.
+    parent: str | None = None
+    parent_only: bool = False
     #: Connection failures in a row after which an upstream is not asked for a while.
     failure_threshold: int = 5
     retry_after: float = 15.0
@@ -380,6 +395,13 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/v2/",
         upstream="https://registry-1.docker.io/v2/",
         index_ttl=300.0,
+        # Blobs are 307-redirected to Docker's CDNs (docs.docker.com, allow-list).
+        redirect_hosts=(
+            "production.cloudflare.docker.com",
+            "production.cloudfront.docker.com",
+            "docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56.r2.cloudflarestorage.com",
+            "docker-images-prod.r2.cloudflarestorage.com",
+        ),
     ),
     Route(
         name="ghcr.io",
@@ -387,6 +409,10 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/v2/ghcr.io/",
         upstream="https://ghcr.io/v2/",
         index_ttl=300.0,
+        redirect_hosts=(
+            "pkg-containers.githubusercontent.com",
+            "github-production-container-registry.s3.amazonaws.com",
+        ),
     ),
     Route(
         name="quay.io",
@@ -394,6 +420,7 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         prefix="/v2/quay.io/",
         upstream="https://quay.io/v2/",
         index_ttl=300.0,
+        redirect_hosts=("cdn.quay.io", "*.quay.io"),  # cdn01..cdn03.quay.io
     ),
 )
 
@@ -524,8 +551,10 @@ _ROUTE_KEYS = {
     "password_file",
     "ca_file",
     "share_pool",
+    "redirect_hosts",
 }
 _ROUTE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_REDIRECT_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
@@ -592,6 +621,15 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
             ) from None
     if "ca_file" in data:
         changes["ca_file"] = _ca_file(data["ca_file"], where + "ca_file")
+    if "redirect_hosts" in data:
+        hosts = _str_list(data["redirect_hosts"], where + "redirect_hosts")
+        for i, h in enumerate(hosts):
+            if not _REDIRECT_HOST.match(h):
+                raise ConfigError(
+                    f"{where}redirect_hosts[{i}]",
+                    f"must be a host name, optionally starting with '*.', got {h!r}",
+                )
+        changes["redirect_hosts"] = tuple(h.lower() for h in hosts)
     route = replace(base, **changes)
     if (route.username is None) != (route.password is None):
         raise ConfigError(where + "username", "give both username and password, or neither")
@@ -707,12 +745,32 @@ _UPSTREAM_KEYS = {
     "connect_timeout",
     "header_timeout",
     "idle_timeout",
+    "keepalive_timeout",
     "max_connections_per_host",
     "max_redirects",
     "ca_bundle",
     "failure_threshold",
     "retry_after",
+    "proxy",
+    "no_proxy",
+    "parent",
+    "parent_only",
 }
+
+
+def _proxy_url(value: object, key: str) -> str:
+    """An outbound proxy URL: ``http://[user:pass@]host[:port]``, or ``""`` for none."""
+    url = _str(value, key).strip()
+    if not url:
+        return ""
+    p = urlsplit(url if "://" in url else "http://" + url)
+    try:
+        _ = p.port
+    except ValueError:
+        raise ConfigError(key, f"bad port in {p.netloc.rpartition('@')[2]!r}") from None
+    if p.scheme != "http" or not p.hostname:
+        raise ConfigError(key, f"must look like 'http://proxy.example:3128', got {p.scheme}://...")
+    return url
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
@@ -798,7 +856,13 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     up = _table(data, "upstream")
     _check_keys(up, _UPSTREAM_KEYS, "upstream.")
     uchanges: dict[str, Any] = {}
-    for k in ("connect_timeout", "header_timeout", "idle_timeout", "retry_after"):
+    for k in (
+        "connect_timeout",
+        "header_timeout",
+        "idle_timeout",
+        "keepalive_timeout",
+        "retry_after",
+    ):
         if k in up:
             seconds = parse_duration(up[k], f"upstream.{k}")
             if seconds <= 0:
@@ -809,6 +873,16 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
             uchanges[k] = _positive_int(up[k], f"upstream.{k}")
     if "ca_bundle" in up:
         uchanges["ca_bundle"] = _str(up["ca_bundle"], "upstream.ca_bundle")
+    if "proxy" in up:
+        uchanges["proxy"] = _proxy_url(up["proxy"], "upstream.proxy")
+    if "no_proxy" in up:
+        uchanges["no_proxy"] = _str_list(up["no_proxy"], "upstream.no_proxy")
+    if "parent" in up:
+        uchanges["parent"] = _proxy_url(up["parent"], "upstream.parent") or None
+        if uchanges["parent"] and uchanges.get("proxy"):
+            raise ConfigError("upstream.parent", "give parent or proxy, not both")
+    if "parent_only" in up:
+        uchanges["parent_only"] = _bool(up["parent_only"], "upstream.parent_only")
     cfg = replace(cfg, upstream=replace(cfg.upstream, **uchanges))
 
     routes = {r.name: r for r in cfg.routes}

@@ -268,6 +268,8 @@ def build_service(
         cfg.upstream,
         cfg.upstream_credentials(),
         ca_files=route_ca_files(cfg.enabled_routes()),
+        routes=cfg.enabled_routes(),
+        environ=os.environ,
     )
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)

@@ -173,6 +173,7 @@ class MemoryProxy:
             self.clock,
             self.config.upstream,
             self.config.upstream_credentials(),
+            self.config.enabled_routes(),
         )
         self.observed = Recorder()
         self.facts = Facts()

@@ -1,5 +1,12 @@
-"""The upstream side: one agent with kept-alive connections, bounded per host, raw
-bytes, redirects inside.
+"""The upstream side: Twisted's ``Agent`` over one persistent connection pool, bounded
+per host, raw bytes, redirects inside.
+
+The layers, outermost first: :class:`UpstreamClient` (targets checked, redirects by the
+route's policy, Bearer/Basic challenges answered), :class:`~pkgproxy.upstream.limits
+.LimitedAgent` (circuit breaker, slots per origin, head timeout), the ``Agent`` (or the
+:class:`~pkgproxy.upstream.proxy.ProxyingAgent` when a proxy or parent is configured),
+the :class:`~pkgproxy.upstream.pool.HedgingPool` and :class:`_Endpoints` (TCP, TLS with
+the route's trust, CONNECT tunnels).
 
 Why not treq here: treq always wraps its agent in a gzip ContentDecoderAgent, and a
 cache must store the bytes exactly as the repository signed them. Why redirects inside:
@@ -23,7 +30,6 @@ from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
-    DeferredSemaphore,
     fail,
     inlineCallbacks,
 )
@@ -42,11 +48,16 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    HTTP11ClientProtocol,
+)
 from twisted.web.client import (
     URI,
+    Agent,
     BrowserLikePolicyForHTTPS,
     ResponseFailed,
     ResponseNeverReceived,
+    _HTTP11ClientFactory,
 )
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
@@ -59,27 +70,23 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from pkgproxy import httputil
 from pkgproxy.config import Route, UpstreamConfig
-from pkgproxy.upstream.http11 import Http11Agent
+from pkgproxy.tcpwrite import flush
+from pkgproxy.upstream.errors import UpstreamError as UpstreamError
+from pkgproxy.upstream.limits import HeldResponse, LimitedAgent, _origin
+from pkgproxy.upstream.pool import HedgingPool
+from pkgproxy.upstream.proxy import (
+    Proxy,
+    ProxyingAgent,
+    ProxySettings,
+    TunnelEndpoint,
+    proxy_settings,
+)
+from pkgproxy.upstream.redirects import RedirectPolicy, is_internal
 
 log = Logger()
 _REDIRECTS = (301, 302, 303, 307, 308)
 _SENSITIVE = (b"authorization", b"cookie", b"proxy-authorization")
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached or did not answer usefully.
-
-    :ivar kind: a short word for metrics and logs: ``connect``, ``timeout``, ``tls``,
-        ``redirect``, ``protocol``.
-    :ivar gateway_status: the status to answer a client with (502 or 504).
-    """
-
-    def __init__(self, kind: str, message: str, gateway_status: int = 502) -> None:
-        self.kind = kind
-        self.gateway_status = gateway_status
-        super().__init__(message)
 
 
 @dataclass
@@ -118,24 +125,6 @@ class _Discard(Protocol):
         self._left -= len(data)
         if self._left < 0 and self.transport is not None:
             self.transport.stopProducing()  # type: ignore[attr-defined]
-
-
-_origins: dict[str, tuple[str, str, int | None]] = {}
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    """``(scheme, host, port)`` of a URL, remembered by its ``scheme://authority`` part
-    (every miss asks it for a new URL of one of a few upstreams)."""
-    prefix = httputil.split_origin(url)[0]
-    found = _origins.get(prefix)
-    if found is None:
-        p = urlsplit(prefix)
-        port = p.port or (443 if p.scheme == "https" else 80)
-        found = (p.scheme, (p.hostname or "").lower(), port)
-        if len(_origins) >= 1024:
-            _origins.clear()
-        _origins[prefix] = found
-    return found
 
 
 def origin_key(url: str) -> str:
@@ -243,18 +232,11 @@ class _BytesBody:
         pass
 
 
-@dataclass
-class _Breaker:
-    """Consecutive connection failures of one upstream origin."""
-
-    failures: int = 0
-    open_until: float = 0.0
-
-
 class UpstreamClient:
-    """Sends requests upstream through one agent, with limits.
+    """Sends requests upstream through one agent wrapped in its limits, following the
+    redirects the route allows and answering auth challenges.
 
-    :param agent: production: :class:`~pkgproxy.upstream.http11.Http11Agent`; tests: any
+    :param agent: production: an ``Agent`` over a persistent pool; tests: any
         ``IAgent``.
     """
 
@@ -264,28 +246,31 @@ class UpstreamClient:
         clock: IReactorTime,
         config: UpstreamConfig,
         credentials: Mapping[str, tuple[str, str]] | None = None,
+        routes: Iterable[Route] = (),
     ) -> None:
-        self._agent = agent
+        self._limited = LimitedAgent(agent, clock, config)
+        self._redirects = RedirectPolicy(routes)
         #: (username, password) by upstream origin (``scheme://host:port``).
         self._credentials = {origin_key(k): v for k, v in (credentials or {}).items()}
         self._clock = clock
         self._config = config
-        self._slots: dict[tuple[str, str, int | None], DeferredSemaphore] = {}
-        self._breakers: dict[tuple[str, str, int | None], _Breaker] = {}
         #: Bearer tokens by (realm, service, scope), with their expiry time.
         self._tokens: dict[tuple[str, str, str], tuple[bytes, float]] = {}
         #: The token scope last asked for by each area of an upstream (see _auth_area).
         self._scopes: dict[str, tuple[str, str, str]] = {}
 
-    def _slot(self, origin: tuple[str, str, int | None]) -> DeferredSemaphore:
-        sem = self._slots.get(origin)
-        if sem is None:
-            sem = self._slots[origin] = DeferredSemaphore(self._config.max_connections_per_host)
-        return sem
+    @property
+    def _agent(self) -> IAgent:
+        """The agent the limits wrap (tests swap it)."""
+        return self._limited.agent
+
+    @_agent.setter
+    def _agent(self, agent: IAgent) -> None:
+        self._limited.agent = agent
 
     def active(self) -> int:
         """How many upstream requests hold a connection slot now."""
-        return sum(s.limit - s.tokens for s in self._slots.values())
+        return self._limited.active()
 
     def request(
         self,
@@ -325,6 +310,7 @@ class UpstreamClient:
         body: bytes | None = None,
         first: UpstreamResponse | None = None,
     ) -> UpstreamResponse:
+        start = url
         for _hop in range(self._config.max_redirects + 1):
             resp = await self._authorized(method, url, headers, body, first)
             first = None
@@ -334,15 +320,22 @@ class UpstreamClient:
             resp.discard()
             if not location:
                 raise UpstreamError("redirect", f"upstream sent {resp.status} without Location")
-            target = urljoin(url, location.decode("latin-1"))
+            if body is not None or method not in (b"GET", b"HEAD"):
+                # A body is never sent again, to anywhere: a 307 to a POST is not followed.
+                raise UpstreamError("redirect", f"upstream redirected a {method.decode()}")
+            try:
+                target = safe_target(urljoin(url, location.decode("latin-1")))
+            except UpstreamError:
+                raise UpstreamError("redirect", "upstream redirected to a bad Location") from None
             if urlsplit(target).scheme not in ("http", "https"):
-                raise UpstreamError("redirect", f"upstream redirected to {target!r}")
+                raise UpstreamError("redirect", f"upstream redirected to {target[:200]!r}")
             if urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http":
                 raise UpstreamError("redirect", f"refusing https to http redirect to {target}")
+            why = self._redirects.refusal(start, target)
+            if why is not None:
+                raise UpstreamError("redirect", why)
             if _origin(target) != _origin(url):
                 headers = {k: v for k, v in headers.items() if k.lower() not in _SENSITIVE}
-            if resp.status == 303 and method != b"HEAD":
-                method = b"GET"
             url = target
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
 
@@ -385,6 +378,9 @@ class UpstreamClient:
         realm = params.get("realm", "")
         if urlsplit(realm).scheme not in ("http", "https"):
             return resp
+        if is_internal(urlsplit(realm).hostname or "") and not is_internal(_origin(url)[1]):
+            resp.discard()
+            raise UpstreamError("auth", f"token realm {realm[:200]} is an internal address")
         resp.discard()
         key = (realm, params.get("service", ""), params.get("scope", ""))
         value, expires = await self._token(key, creds)
@@ -420,82 +416,54 @@ class UpstreamClient:
     def _one(
         self, method: bytes, url: str, headers: dict[bytes, bytes], body: bytes | None = None
     ) -> Deferred[UpstreamResponse]:
-        origin = _origin(url)
-        breaker = self._breakers.get(origin)
-        if breaker is None:
-            breaker = self._breakers[origin] = _Breaker()
-        now = self._clock.seconds()
-        if now < breaker.open_until:
-            return fail(
-                UpstreamError(
-                    "circuit",
-                    f"{origin[1]} failed {breaker.failures} times in a row; not asked again "
-                    f"for {breaker.open_until - now:.0f}s",
-                    503,
-                )
-            )
-        sem = self._slot(origin)
-        d: Deferred[Any] = sem.acquire()
-        return d.addCallback(lambda _: self._send(origin, breaker, sem, method, url, headers, body))
-
-    def _send(
-        self,
-        origin: tuple[str, str, int | None],
-        breaker: _Breaker,
-        sem: DeferredSemaphore,
-        method: bytes,
-        url: str,
-        headers: dict[bytes, bytes],
-        body: bytes | None,
-    ) -> Deferred[UpstreamResponse]:
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                sem.release()
-
+        # Everything a client could get wrong is checked before a slot is taken or the
+        # breaker is looked at: a bad target is the client's fault, never the upstream's.
+        try:
+            url = safe_target(url)
+            _check_method(method)
+        except UpstreamError:
+            return fail()
         hdrs = Headers({k: [v] for k, v in headers.items()})
         if not hdrs.hasHeader(b"accept-encoding"):
             # Raw bytes unless a family asked for a coding it undoes itself (an index
             # it rewrites, taken gzip-compressed as direct clients take it).
             hdrs.setRawHeaders(b"accept-encoding", [b"identity"])
         producer = _BytesBody(body) if body is not None else None
-        d = self._agent.request(method, url.encode("ascii"), hdrs, producer)
-        timer = self._clock.callLater(self._config.header_timeout, d.cancel)
+        d = self._limited.request(method, url.encode("ascii"), hdrs, producer)
+        return d.addCallback(_answer, url)
 
-        def answered(response: IResponse) -> UpstreamResponse:
-            if timer.active():
-                timer.cancel()
-            breaker.failures = 0
-            return UpstreamResponse(url, response.code, response.headers, response, release)
 
-        def failed(f: Failure) -> Failure:
-            if timer.active():
-                timer.cancel()
-            release()
-            self._failed(origin, breaker, f.value)
-            return f
+def _answer(response: IResponse, url: str) -> UpstreamResponse:
+    assert isinstance(response, HeldResponse)
+    return UpstreamResponse(url, response.code, response.headers, response, response.release)
 
-        return d.addCallbacks(answered, failed)
 
-    def _failed(self, origin: tuple[str, str, int | None], breaker: _Breaker, e: object) -> None:
-        """Count a connection-level failure; open the circuit after too many in a row.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TARGET_OK = re.compile(r"[\x21-\x7e]*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-        An upstream that is down then costs clients a fast 503 (or a stale copy) instead
-        of a connect timeout each, well before their own timeouts (pip: 15 s,
-        containerd: 30 s), and is not hammered while it recovers.
-        """
-        breaker.failures += 1
-        if breaker.failures >= self._config.failure_threshold:
-            breaker.open_until = self._clock.seconds() + self._config.retry_after
-            log.warn(
-                "upstream {host} failed {n} times in a row; pausing requests to it for {s}s",
-                host=origin[1],
-                n=breaker.failures,
-                s=self._config.retry_after,
-            )
+
+def _check_method(method: bytes) -> None:
+    if not _TOKEN.fullmatch(method):
+        raise UpstreamError("request", f"invalid method {method[:20]!r}", 400)
+
+
+def safe_target(url: str) -> str:
+    """``url`` as it may go on a request line: spaces and non-ASCII characters
+    percent-encoded (a target arrives decoded as latin-1, one character per byte);
+    a control character is refused with an :class:`UpstreamError` (kind ``request``)."""
+    if _TARGET_OK.fullmatch(url):
+        return url
+    if _CONTROL.search(url):
+        raise UpstreamError("request", f"control character in upstream target {url[:80]!r}", 400)
+    out = []
+    for c in url:
+        if "!" <= c <= "~":
+            out.append(c)
+        else:
+            data = c.encode("latin-1") if c <= "\xff" else c.encode("utf-8")
+            out.append("".join(f"%{b:02X}" for b in data))
+    return "".join(out)
 
 
 def route_ca_files(routes: Iterable[Route]) -> dict[tuple[str, int], tuple[str, ...]]:
@@ -551,22 +519,122 @@ class UpstreamService(Service):
         config: UpstreamConfig,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         ca_files: Mapping[tuple[str, int], Sequence[str]] | None = None,
+        routes: Iterable[Route] = (),
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        """:param environ: where ``https_proxy``/``http_proxy``/``no_proxy`` are read
+        when the config names no proxy (the process environment, given by the caller)."""
         self._reactor = reactor
         self._config = config
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
         if ca_files:
             policy = RouteTrustPolicy(policy, ca_files)
-        endpoints = _Endpoints(reactor, policy, config.connect_timeout)
-        self.agent = Http11Agent(
-            reactor, endpoints, max_idle=config.max_connections_per_host, idle_timeout=120
+        proxies = proxy_settings(
+            config.proxy, config.no_proxy, environ or {}, config.parent, config.parent_only
         )
-        self.client = UpstreamClient(self.agent, reactor, config, credentials)
+        endpoints = _Endpoints(reactor, policy, config.connect_timeout, proxies)
+        self.pool = _Pool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = config.max_connections_per_host
+        self.pool.cachedConnectionTimeout = config.keepalive_timeout  # type: ignore[assignment]
+        self.pool.retryAutomatically = True  # GET and HEAD without a body, once
+        self.pool.connect_timeout = config.connect_timeout
+        self.agent: IAgent
+        if proxies.active:
+            agent = ProxyingAgent.create(reactor, endpoints, self.pool, proxies)
+            agent.parent_retry_after = config.retry_after
+            self.agent = agent
+        else:
+            self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
+        self.client = UpstreamClient(self.agent, reactor, config, credentials, routes)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]
         super().stopService()
-        yield self.agent.closeCachedConnections()
+        yield self.pool.closeCachedConnections()
+
+
+#: A response head (status line and headers) larger than this fails the response.
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class ResponseHeadTooLarge(Exception):
+    """The upstream's response head is larger than :data:`MAX_RESPONSE_HEAD`."""
+
+
+class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
+    """Twisted's HTTP/1.1 client protocol, with what a cache needs on top.
+
+    - The request head leaves at once rather than on the next reactor turn (see
+      :func:`pkgproxy.tcpwrite.flush`); under TLS, the TCP socket beneath is flushed.
+    - A response head is bounded (Twisted bounds each line, not their number).
+    - Bytes after a response whose length was announced (a ``Content-Length`` smaller
+      than the body) mean the connection cannot be trusted: it is closed, not reused.
+    - A close-delimited body cut by a reset (not a clean close) fails as a broken
+      transfer instead of ending as a possibly complete one.
+    """
+
+    def request(self, request: Any) -> Deferred[Any]:
+        d: Deferred[Any] = super().request(request)
+        parser = self._parser
+        if parser is not None:
+            parser.lineReceived = _bounded_lines(parser.lineReceived)  # type: ignore[method-assign]
+        transport: Any = self.transport
+        # A TLS transport writes its records to the TCP transport beneath at once.
+        if hasattr(transport, "_tlsConnection"):
+            transport = getattr(transport, "transport", None)
+        flush(transport)
+        return d
+
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        if rest and self._currentRequest is not None:
+            self._currentRequest.persistent = False  # so the connection is closed
+        super()._finishResponse_WAITING(rest)
+
+    _finishResponse_TRANSMITTING = _finishResponse_WAITING
+
+    def _connectionLost_WAITING(self, reason: Failure) -> None:
+        parser = self._parser
+        decoder = getattr(parser, "bodyDecoder", None) if parser is not None else None
+        if (
+            decoder is not None
+            and getattr(decoder, "contentLength", 0) is None
+            and not reason.check(net_error.ConnectionDone)
+        ):
+            # Twisted reports any end of a close-delimited body as PotentialDataLoss;
+            # one cut by a reset, or by a TLS close without close_notify (Twisted's TLS
+            # says ConnectionLost), is a failed transfer (the decoder: _DataLoss).
+            decoder.contentLength = -1
+        super()._connectionLost_WAITING(reason)
+
+
+def _bounded_lines(received: Any) -> Any:
+    """A parser's ``lineReceived`` that refuses more than :data:`MAX_RESPONSE_HEAD`
+    bytes of lines (the parser reads lines only for heads; bodies come raw)."""
+    total = 0
+
+    def line_received(line: bytes) -> None:
+        nonlocal total
+        total += len(line) + 1
+        if total > MAX_RESPONSE_HEAD:
+            raise ResponseHeadTooLarge(f"response head over {MAX_RESPONSE_HEAD} bytes")
+        received(line)
+
+    return line_received
+
+
+class _ClientFactory(_HTTP11ClientFactory):  # type: ignore[misc]
+    # Twisted logs "Starting factory"/"Stopping factory" for every upstream connection.
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> _ClientProtocol:
+        return _ClientProtocol(self._quiescentCallback)
+
+
+class _Pool(HedgingPool):
+    """The persistent pool with hedged connects, making :class:`_ClientProtocol`
+    connections."""
+
+    _factory = _ClientFactory
 
 
 @implementer(IAgentEndpointFactory)
@@ -581,11 +649,35 @@ class _Endpoints:
 
     MAX = 1024
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        policy: IPolicyForHTTPS,
+        connect_timeout: float,
+        proxies: ProxySettings | None = None,
+    ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._timeout = connect_timeout
+        self._proxies = proxies or ProxySettings()
         self._kept: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._proxy_kept: dict[Proxy, IStreamClientEndpoint] = {}
+
+    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
+        if isIPAddress(host):
+            # An address needs no resolving: HostnameEndpoint would still ask getaddrinfo
+            # in a thread (one thread hop per new connection) and race one attempt.
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        if isIPv6Address(host):
+            return TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        return HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+
+    def proxy_endpoint(self, proxy: Proxy) -> IStreamClientEndpoint:
+        """The (kept) endpoint of an outbound proxy."""
+        endpoint = self._proxy_kept.get(proxy)
+        if endpoint is None:
+            endpoint = self._proxy_kept[proxy] = self._tcp(proxy.host, proxy.port)
+        return endpoint
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         key = (uri.scheme, uri.host, uri.port)
@@ -598,14 +690,11 @@ class _Endpoints:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
             raise ValueError(f"upstream host {uri.host!r} is not ASCII") from None
-        if isIPAddress(host):
-            # An address needs no resolving: HostnameEndpoint would still ask getaddrinfo
-            # in a thread (one thread hop per new connection) and race one attempt.
-            endpoint = TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
-        elif isIPv6Address(host):
-            endpoint = TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        proxy = self._proxies.for_origin(uri.scheme.decode(), host)
+        if uri.scheme == b"https" and proxy is not None:
+            endpoint = TunnelEndpoint(self.proxy_endpoint(proxy), proxy, host, uri.port)
         else:
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            endpoint = self._tcp(host, uri.port)
         if uri.scheme == b"https":
             creator = self._policy.creatorForNetloc(uri.host, uri.port)
             endpoint = wrapClientTLS(creator, endpoint)

@@ -15,7 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
 from pkgproxy.tcpwrite import flush, unsent
-from pkgproxy.upstream import http11
+from pkgproxy.upstream import client as upstream_client
 from pkgproxy.web.site import ProxyChannel
 from tests.integration.harness import (
     HTTPTestClient,
@@ -34,18 +34,19 @@ class FlushTests(IntegrationTestCase):
         after_response: list[int] = []
         after_request: list[int] = []
         original_done = ProxyChannel.requestDone
-        original_send = http11._Connection.send
+        original_request = upstream_client._ClientProtocol.request
 
         def request_done(channel: ProxyChannel, request: Any) -> None:
             original_done(channel, request)
             after_response.append(unsent(channel.transport))
 
-        def send(conn: Any, exchange: Any, reused: bool) -> None:
-            original_send(conn, exchange, reused)
-            after_request.append(unsent(conn.transport))
+        def request(protocol: Any, req: Any) -> Any:
+            d = original_request(protocol, req)
+            after_request.append(unsent(protocol.transport))
+            return d
 
         self.patch(ProxyChannel, "requestDone", request_done)
-        self.patch(http11._Connection, "send", send)
+        self.patch(upstream_client._ClientProtocol, "request", request)
         upstream, proxy = await self.files_setup()
         for n in range(3):
             upstream.handlers[b"/f%d" % n] = static(pattern(20_000, b"f%d" % n))

@@ -69,7 +69,12 @@ class TlsServer(ServerProcess):
 
 
 def start_tls_server(
-    testcase: SynchronousTestCase, root_dir: str, files: TlsFiles, *, timeout: float = 10.0
+    testcase: SynchronousTestCase,
+    root_dir: str,
+    files: TlsFiles,
+    *,
+    timeout: float = 10.0,
+    keepalive: bool = False,
 ) -> TlsServer:
     """Serve ``root_dir`` over https on 127.0.0.1 until the test ends.
 
@@ -82,7 +87,8 @@ def start_tls_server(
     server = TlsServer(
         "tls-server",
         [sys.executable, "-u", "-m", "tests.support.tlsserver", "--port", str(port)]
-        + ["--cert", files.cert, "--key", files.key, "--dir", os.path.abspath(root_dir)],
+        + ["--cert", files.cert, "--key", files.key, "--dir", os.path.abspath(root_dir)]
+        + (["--keepalive"] if keepalive else []),
         port,
         os.path.join(log_dir, "tls-server.log"),
         clean_env({"PYTHONPATH": REPO_ROOT}),
@@ -130,11 +136,14 @@ def main() -> None:
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--dir", required=True)
+    p.add_argument("--keepalive", action="store_true", help="HTTP/1.1 persistent connections")
     args = p.parse_args()
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(args.cert, args.key)
 
     class Handler(http.server.SimpleHTTPRequestHandler):
+        protocol_version = "HTTP/1.1" if args.keepalive else "HTTP/1.0"
+
         def __init__(self, *a: object, **kw: object) -> None:
             super().__init__(*a, directory=args.dir, **kw)  # type: ignore[arg-type]
 
