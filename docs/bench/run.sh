@@ -5,6 +5,8 @@
 # Needs root once for the harness's Debian packages (nginx, wrk, ...): run.sh --install.
 # FLOOR=1 also runs docs/bench/floor.py twice (a bare Twisted relay, and one that stores
 # every body durably) on ports 8091 and 8092: the floor of any Twisted cache on misses.
+# pkgproxy runs in its default configuration (access log on, to twistd's log file), as
+# users run it; ACCESS_LOG=off switches the access log off (the figures before 2026-12).
 set -eu
 here=$(cd "$(dirname "$0")/../.." && pwd)
 bench=${1:-$here/../shared/bench}
@@ -17,10 +19,10 @@ upstream = "http://127.0.0.1:28080/"
 
 [cache]
 max_size = "20GiB"
-
-[access_log]
-enabled = false
 TOML
+if [ "${ACCESS_LOG:-on}" = off ]; then
+    printf '\n[access_log]\nenabled = false\n' >> "$work/bench.toml"
+fi
 PYTHONPATH=$here setsid python3 -c "from twisted.scripts.twistd import run; run()" \
     -n --pidfile= --logfile="$work/twistd.log" pkgproxy --config "$work/bench.toml" \
     --listen tcp:8080:interface=127.0.0.1 --cache-dir "$work/cache" &
