@@ -228,7 +228,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic, npm, oci, pypi
+    from pkgproxy.families import alpine, debian, generic, npm, oci, pypi, rpm
 
     return {
         "oci": oci.FAMILY,
@@ -237,6 +237,7 @@ def _families() -> dict[str, Family]:
         "generic": generic.FAMILY,
         "npm": npm.FAMILY,
         "pypi": pypi.FAMILY,
+        "rpm": rpm.FAMILY,
     }
 
 
