@@ -1,0 +1,189 @@
+"""Build a tiny RPM repository (noarch rpms, createrepo_c metadata) for end-to-end tests.
+
+The packages are real rpms made by ``rpmbuild`` from a generated spec: one file each, with
+a deterministic payload derived from the name (incompressible, so a ``payload_size`` of a
+few MiB makes a large rpm), gzip level 0 payload compression so building stays fast.
+``createrepo_c`` writes ``repodata/`` with content-addressed metadata names, primary
+compressed with ``compress`` (gz, xz, bz2 or zstd), and ``--revision`` set explicitly, so a
+republished repository is always newer than the one before it.
+
+Layout (serve :attr:`RpmRepo.serve_dir`; the repository root is then ``/<mount>/``)::
+
+    <base>/www/<mount>/repodata/repomd.xml
+    <base>/www/<mount>/Packages/<name>-<version>-1.noarch.rpm
+
+Tools: ``rpmbuild`` (Debian's ``rpm``) and ``createrepo_c`` (``createrepo-c``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+REQUIRED_TOOLS = ("rpmbuild", "createrepo_c", "dnf")
+
+#: The revision of the first publication; each republication adds one.
+FIRST_REVISION = 1700000000
+
+
+@dataclass(frozen=True)
+class RpmSpec:
+    """One test package: ``payload_size`` bytes of incompressible data in one file."""
+
+    name: str
+    version: str = "1.0"
+    payload_size: int = 64
+
+
+@dataclass(frozen=True)
+class BuiltRpm:
+    """One published rpm."""
+
+    name: str
+    path: str  # relative to the repository root: Packages/<file>
+    local: str  # where it is on disk, under serve_dir
+
+    @property
+    def basename(self) -> str:
+        return os.path.basename(self.path)
+
+    def data(self) -> bytes:
+        with open(self.local, "rb") as f:
+            return f.read()
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data()).hexdigest()
+
+
+@dataclass
+class RpmRepo:
+    """A built repository; :func:`republish` adds packages to it."""
+
+    base_dir: str
+    serve_dir: str
+    mount: str
+    compress: str
+    packages: list[BuiltRpm]
+    revision: int = FIRST_REVISION
+
+    @property
+    def root(self) -> str:
+        """The repository root directory (holds ``repodata/``)."""
+        return os.path.join(self.serve_dir, self.mount)
+
+    def package(self, name: str) -> BuiltRpm:
+        for p in self.packages:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+def missing_tools(tools: Iterable[str] = REQUIRED_TOOLS) -> list[str]:
+    return [t for t in tools if shutil.which(t) is None]
+
+
+def _run(argv: Sequence[str], cwd: str | None = None) -> None:
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=120, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(argv)} failed ({done.returncode}):\n"
+            f"{done.stdout.decode(errors='replace')}{done.stderr.decode(errors='replace')}"
+        )
+
+
+def _payload(name: str, size: int) -> bytes:
+    out = bytearray()
+    block = hashlib.sha256(name.encode()).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out += block
+    return bytes(out[:size])
+
+
+_SPEC = """\
+Name: {name}
+Version: {version}
+Release: 1
+Summary: pkgproxy end-to-end test package {name}
+License: MIT
+BuildArch: noarch
+%description
+pkgproxy end-to-end test package.
+%install
+mkdir -p %{{buildroot}}/usr/share/{name}
+cp {payload} %{{buildroot}}/usr/share/{name}/data
+%files
+/usr/share/{name}/data
+"""
+
+
+def _build_rpm(spec: RpmSpec, scratch: str, dest: str) -> str:
+    payload = os.path.join(scratch, f"{spec.name}.payload")
+    with open(payload, "wb") as f:
+        f.write(_payload(spec.name, spec.payload_size))
+    spec_path = os.path.join(scratch, f"{spec.name}.spec")
+    with open(spec_path, "w", encoding="utf-8") as f:
+        f.write(_SPEC.format(name=spec.name, version=spec.version, payload=payload))
+    topdir = os.path.join(scratch, "top")
+    _run(
+        [
+            "rpmbuild", "--quiet", "-bb", spec_path,
+            "--define", f"_topdir {topdir}",
+            "--define", "_binary_payload w0.gzdio",
+            "--define", "__os_install_post %{nil}",
+            "--define", "_build_id_links none",
+            "--define", "source_date_epoch_from_changelog 0",
+        ]
+    )  # fmt: skip
+    name = f"{spec.name}-{spec.version}-1.noarch.rpm"
+    built = os.path.join(topdir, "RPMS", "noarch", name)
+    shutil.move(built, os.path.join(dest, name))
+    return name
+
+
+def _createrepo(repo: RpmRepo) -> None:
+    _run(
+        [
+            "createrepo_c", "--quiet", "--no-database",
+            "--general-compress-type", repo.compress,
+            "--revision", str(repo.revision),
+            "--retain-old-md", "0",
+            repo.root,
+        ]
+    )  # fmt: skip
+
+
+def _add(repo: RpmRepo, specs: Iterable[RpmSpec]) -> None:
+    packages_dir = os.path.join(repo.root, "Packages")
+    os.makedirs(packages_dir, exist_ok=True)
+    scratch = os.path.join(repo.base_dir, "build")
+    os.makedirs(scratch, exist_ok=True)
+    for spec in specs:
+        name = _build_rpm(spec, scratch, packages_dir)
+        repo.packages.append(
+            BuiltRpm(spec.name, f"Packages/{name}", os.path.join(packages_dir, name))
+        )
+
+
+def build_rpm_repo(
+    base_dir: str, specs: Sequence[RpmSpec], mount: str = "repo", compress: str = "gz"
+) -> RpmRepo:
+    """Build rpms for ``specs`` and publish them with createrepo_c under ``base_dir``."""
+    serve_dir = os.path.join(base_dir, "www")
+    repo = RpmRepo(base_dir, serve_dir, mount, compress, [])
+    os.makedirs(repo.root)
+    _add(repo, specs)
+    _createrepo(repo)
+    return repo
+
+
+def republish(repo: RpmRepo, specs: Sequence[RpmSpec]) -> None:
+    """Add packages and publish new metadata with a newer revision (old repodata removed)."""
+    _add(repo, specs)
+    repo.revision += 1
+    _createrepo(repo)
