@@ -13,7 +13,9 @@ import zstandard
 from twisted.trial.unittest import SynchronousTestCase
 
 from pkgproxy.config import Route
-from pkgproxy.families import FAMILIES, CacheClass, Expect, Facts, rpm
+from pkgproxy.families import FAMILIES, CacheClass, Expect, Facts, RewriteContext, rpm
+from pkgproxy.rewrite.metalink import MetalinkError, rewrite_metalink
+from pkgproxy.web.routing import RouteTable
 
 ROUTE = Route("fedora", "rpm", "/fedora/", "https://mirror.test/fedora/linux/", index_ttl=300)
 REPO = "releases/40/Everything/x86_64/os/"
@@ -179,3 +181,95 @@ class RpmPolicyTests(SynchronousTestCase):
         path = REPO + "repodata/primary.xml.gz"
         self.assertRaises((EOFError, ET.ParseError), rpm.learn, path, local, ROUTE.upstream + path)
         self.assertTrue(os.path.exists(local))
+
+
+UPSTREAM_METALINK = f"""<?xml version="1.0" encoding="utf-8"?>
+<metalink version="3.0" xmlns="http://www.metalinker.org/" type="dynamic"
+  pubdate="Thu, 03 Dec 2026 09:00:00 GMT" generator="mirrormanager"
+  xmlns:mm0="http://fedorahosted.org/mirrormanager">
+ <files>
+  <file name="repomd.xml">
+   <mm0:timestamp>1713868000</mm0:timestamp>
+   <size>4321</size>
+   <verification>
+    <hash type="md5">{"1" * 32}</hash>
+    <hash type="sha256">{"2" * 64}</hash>
+   </verification>
+   <mm0:alternates><mm0:alternate>
+     <mm0:timestamp>1713800000</mm0:timestamp><size>4300</size>
+     <verification><hash type="sha256">{"3" * 64}</hash></verification>
+   </mm0:alternate></mm0:alternates>
+   <resources maxconnections="1">
+    <url protocol="https" type="https" location="DE" preference="100"
+      >https://ftp.example.de/pub/linux/fedora/linux/releases/40/Everything/x86_64/os/repodata/repomd.xml</url>
+    <url protocol="rsync" type="rsync" location="DE" preference="99"
+      >rsync://ftp.example.de/fedora/linux/releases/40/Everything/x86_64/os/repodata/repomd.xml</url>
+   </resources>
+  </file>
+ </files>
+</metalink>
+""".encode()
+
+
+class MetalinkTests(SynchronousTestCase):
+    def _rewrite(self, raw: bytes, public: dict[str, str]) -> ET.Element:
+        src, out = self.mktemp(), self.mktemp()
+        with open(src, "wb") as f:
+            f.write(raw)
+        ctx = RewriteContext("https://mirrors.fedoraproject.org/metalink?repo=x", public.get)
+        rewrite_metalink(src, out, ctx)
+        return ET.parse(out).getroot()
+
+    def test_metalink_is_a_rewritten_index(self) -> None:
+        """``metalink`` (its query is the repo and arch) is revalidated and rewritten."""
+        d = rpm.classify(ROUTE, "metalink")
+        self.assertEqual((d.cache_class, d.rewrite), (CacheClass.MUTABLE, rewrite_metalink))
+
+    def test_points_at_the_proxy_with_upstream_checksums(self) -> None:
+        """The one mirror is this proxy, found by the tree the mirror URL names; the
+        checksums, size, timestamp and alternates of repomd.xml are the upstream's."""
+        master = "https://dl.fedoraproject.org/pub/fedora/linux/releases/40/Everything/"
+        public = {master + "x86_64/os/repodata/repomd.xml": "http://cache/fedora/r/repomd.xml"}
+        root = self._rewrite(UPSTREAM_METALINK, public)
+        ns = {"m": "http://www.metalinker.org/", "mm0": "http://fedorahosted.org/mirrormanager"}
+        file = root.find("m:files/m:file", ns)
+        assert file is not None
+        self.assertEqual(file.get("name"), "repomd.xml")
+        urls = [u.text for u in file.iterfind("m:resources/m:url", ns)]
+        self.assertEqual(urls, ["http://cache/fedora/r/repomd.xml"])
+        hashes = {h.get("type"): h.text for h in file.iterfind("m:verification/m:hash", ns)}
+        self.assertEqual(hashes, {"md5": "1" * 32, "sha256": "2" * 64})
+        self.assertEqual(file.findtext("m:size", namespaces=ns), "4321")
+        self.assertEqual(file.findtext("mm0:timestamp", namespaces=ns), "1713868000")
+        alt = file.find("mm0:alternates/mm0:alternate", ns)
+        assert alt is not None
+        self.assertEqual(alt.findtext("m:verification/m:hash", namespaces=ns), "3" * 64)
+
+    def test_unusable_metalinks_are_errors(self) -> None:
+        """Not XML, no repomd.xml, or no mirror a route serves: a clear error each."""
+        for raw, words in (
+            (b"<html>oops", "not XML"),
+            (b'<metalink xmlns="http://www.metalinker.org/"><files/></metalink>', "no repomd"),
+            (UPSTREAM_METALINK, "no route"),
+        ):
+            with self.assertRaises(MetalinkError) as e:
+                self._rewrite(raw, {})
+            self.assertIn(words, str(e.exception))
+
+    def test_public_url_by_forward_prefix(self) -> None:
+        """A URL under a route's forward prefix maps to that route, whatever its upstream."""
+        local = Route(
+            "fedora", "rpm", "/fedora/", "http://127.0.0.1:9/f/",
+            forward=("http://dl.test/pub/fedora/linux/", "https://dl.test/pub/fedora/linux/"),
+        )  # fmt: skip
+        table = RouteTable((local,))
+        url = "https://dl.test/pub/fedora/linux/releases/1/repodata/repomd.xml"
+        self.assertEqual(
+            table.public_url(url, "http://cache:3142"),
+            "http://cache:3142/fedora/releases/1/repodata/repomd.xml",
+        )
+        self.assertEqual(
+            table.public_url(url, None),
+            "http://dl.test/pub/fedora/linux/releases/1/repodata/repomd.xml",
+        )
+        self.assertIsNone(table.public_url("https://other.test/pub/fedora/linux/x", None))

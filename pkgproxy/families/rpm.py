@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
 from pkgproxy.families.compressed import open_index
 from pkgproxy.families.debian import signature_time
+from pkgproxy.rewrite.metalink import rewrite_metalink
 
 if TYPE_CHECKING:
     from pkgproxy.config import Route
@@ -58,6 +59,9 @@ def classify(
     if _CONTENT_ADDRESSED.search(path):
         return Decision(CacheClass.IMMUTABLE).with_expect(known)
     decision = Decision(CacheClass.MUTABLE, ttl=route.index_ttl)
+    if path == "metalink":
+        # MirrorManager's answer for ?repo=...&arch=...: this proxy as the one mirror.
+        return replace(decision, rewrite=rewrite_metalink)
     if _REPOMD.search(path):
         # A mirror behind a round-robin name may lag behind the one asked last time;
         # repomd.xml and its signature are one pair, refreshed together.
