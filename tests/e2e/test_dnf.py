@@ -12,6 +12,7 @@ prefix knows, so it can only succeed through pkgproxy.
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import os
 import subprocess
@@ -209,3 +210,64 @@ class DnfTests(SynchronousTestCase):
         for _, dest in runs:
             self.assertEqual(self.downloaded(dest, "pkgproxy-big"), want)
         self.assertEqual(self.origin_gets(self.repo.package("pkgproxy-big").path), 1)
+
+    def _metalink_config(self) -> str:
+        """Fedora's built-in routes, on the test's upstream: the repository as the
+        ``fedora`` route, MirrorManager's ``/metalink`` as ``fedora-metalink``."""
+        with open(os.path.join(self.repo.root, "repodata", "repomd.xml"), "rb") as f:
+            repomd = f.read()
+        mirror = "http://mirror.example.test/pub/fedora/linux/repodata/repomd.xml"
+        metalink = f"""<?xml version="1.0" encoding="utf-8"?>
+<metalink version="3.0" xmlns="http://www.metalinker.org/" type="dynamic"
+  generator="mirrormanager" xmlns:mm0="http://fedorahosted.org/mirrormanager">
+ <files>
+  <file name="repomd.xml">
+   <mm0:timestamp>{self.repo.revision}</mm0:timestamp>
+   <size>{len(repomd)}</size>
+   <verification>
+    <hash type="md5">{hashlib.md5(repomd).hexdigest()}</hash>
+    <hash type="sha256">{hashlib.sha256(repomd).hexdigest()}</hash>
+   </verification>
+   <resources maxconnections="1">
+    <url protocol="http" type="http" location="DE" preference="100">{mirror}</url>
+   </resources>
+  </file>
+ </files>
+</metalink>
+"""
+        with open(os.path.join(self.repo.serve_dir, "metalink"), "w", encoding="utf-8") as f:
+            f.write(metalink)
+        return (
+            f'[routes.fedora]\nupstream = "{self.upstream.url("/repo/")}"\n'
+            f'[routes.fedora-metalink]\nupstream = "{self.upstream.url("/")}"\n'
+        )
+
+    def _metalink(self, forward: bool) -> None:
+        proxy = start_pkgproxy(self, self._metalink_config())
+        query = "metalink?repo=fedora-1&arch=noarch"
+        where = (
+            f"http://mirrors.fedoraproject.org/{query}"
+            if forward
+            else proxy.url(f"/fedora-metalink/{query}")
+        )
+        repo_file = f"[t]\nname=t\nmetalink={where}\ngpgcheck=0\n"
+        argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
+        done = subprocess.run(
+            argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
+        )
+        self.assertEqual(
+            done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
+        )
+        want = self.repo.package("pkgproxy-hello")
+        self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
+        self.assertEqual(self.origin_gets(want.path), 1)
+
+    def test_metalink_by_path(self) -> None:
+        """``metalink=http://cache/fedora-metalink/metalink?repo=...``: the answer names
+        the proxy's Fedora route, and dnf's check of repomd.xml against the upstream
+        metalink's checksums passes."""
+        self._metalink(forward=False)
+
+    def test_metalink_as_proxy(self) -> None:
+        """A stock ``metalink=http://mirrors.fedoraproject.org/...`` with ``proxy=``."""
+        self._metalink(forward=True)
