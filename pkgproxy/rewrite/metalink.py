@@ -34,14 +34,6 @@ class MetalinkError(ValueError):
     """The upstream document is not a metalink this proxy can answer for."""
 
 
-def _find(elem: ET.Element, *names: str) -> ET.Element | None:
-    for name in names:
-        found = elem.find(name)
-        if found is not None:
-            return found
-    return None
-
-
 def _public(url: str, context: RewriteContext) -> str | None:
     mapped = context.public_url(url)
     if mapped is not None:
@@ -69,6 +61,22 @@ def _text(elem: ET.Element | None) -> str:
     return (elem.text or "").strip() if elem is not None else ""
 
 
+def _what_repomd_is(elem: ET.Element, indent: str) -> list[str]:
+    """The timestamp, size and hashes a metalink ``file`` (or ``alternate``) gives."""
+    out = []
+    timestamp = _text(elem.find(f"{{{MM0}}}timestamp"))
+    size = _text(elem.find(f"{{{NS}}}size"))
+    if timestamp.isdigit():
+        out.append(f"{indent}<mm0:timestamp>{timestamp}</mm0:timestamp>\n")
+    if size.isdigit():
+        out.append(f"{indent}<size>{size}</size>\n")
+    out.append(f"{indent}<verification>\n")
+    for kind, value in _hashes(elem.find(f"{{{NS}}}verification")):
+        out.append(f"{indent} <hash type={quoteattr(kind)}>{escape(value)}</hash>\n")
+    out.append(f"{indent}</verification>\n")
+    return out
+
+
 def rewrite_metalink(raw_path: str, out_path: str, context: RewriteContext) -> None:
     """Write the metalink of ``raw_path`` with this proxy as its one mirror."""
     try:
@@ -85,36 +93,18 @@ def rewrite_metalink(raw_path: str, out_path: str, context: RewriteContext) -> N
             break
     if public is None:
         raise MetalinkError("no route of this proxy serves any mirror the metalink lists")
-    timestamp = _text(_find(file, f"{{{MM0}}}timestamp"))
-    size = _text(file.find(f"{{{NS}}}size"))
     out = [
         '<?xml version="1.0" encoding="utf-8"?>\n'
         f'<metalink version="3.0" xmlns="{NS}" type="dynamic" generator="pkgproxy"'
-        f' xmlns:mm0="{MM0}">\n <files>\n  <file name="repomd.xml">\n'
+        f' xmlns:mm0="{MM0}">\n <files>\n  <file name="repomd.xml">\n',
+        *_what_repomd_is(file, "   "),
     ]
-    if timestamp.isdigit():
-        out.append(f"   <mm0:timestamp>{timestamp}</mm0:timestamp>\n")
-    if size.isdigit():
-        out.append(f"   <size>{size}</size>\n")
-    out.append("   <verification>\n")
-    for kind, value in _hashes(file.find(f"{{{NS}}}verification")):
-        out.append(f"    <hash type={quoteattr(kind)}>{escape(value)}</hash>\n")
-    out.append("   </verification>\n")
     alternates = file.find(f"{{{MM0}}}alternates")
     if alternates is not None:
         out.append("   <mm0:alternates>\n")
         for alt in alternates.findall(f"{{{MM0}}}alternate"):
-            out.append("    <mm0:alternate>\n")
-            stamp = _text(alt.find(f"{{{MM0}}}timestamp"))
-            alt_size = _text(alt.find(f"{{{NS}}}size"))
-            if stamp.isdigit():
-                out.append(f"     <mm0:timestamp>{stamp}</mm0:timestamp>\n")
-            if alt_size.isdigit():
-                out.append(f"     <size>{alt_size}</size>\n")
-            out.append("     <verification>\n")
-            for kind, value in _hashes(alt.find(f"{{{NS}}}verification")):
-                out.append(f"      <hash type={quoteattr(kind)}>{escape(value)}</hash>\n")
-            out.append("     </verification>\n    </mm0:alternate>\n")
+            out += ["    <mm0:alternate>\n", *_what_repomd_is(alt, "     ")]
+            out.append("    </mm0:alternate>\n")
         out.append("   </mm0:alternates>\n")
     scheme = urlsplit(public).scheme
     out.append(
