@@ -21,6 +21,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -183,7 +184,15 @@ def build_rpm_repo(
 
 
 def republish(repo: RpmRepo, specs: Sequence[RpmSpec]) -> None:
-    """Add packages and publish new metadata with a newer revision (old repodata removed)."""
+    """Add packages and publish new metadata with a newer revision (old repodata removed).
+
+    Waits until the second after the old repomd.xml was written: an upstream answering
+    ``If-Modified-Since`` from whole-second mtimes would call the new one unmodified.
+    """
+    repomd = os.path.join(repo.root, "repodata", "repomd.xml")
+    wait = int(os.stat(repomd).st_mtime) + 1.05 - time.time()
+    if wait > 0:
+        time.sleep(wait)
     _add(repo, specs)
     repo.revision += 1
     _createrepo(repo)
