@@ -60,7 +60,7 @@ class DnfTests(SynchronousTestCase):
                 rpmrepo.RpmSpec("pkgproxy-extra", "2.1", payload_size=3000),
                 rpmrepo.RpmSpec("pkgproxy-big", payload_size=BIG),
             ],
-            compress="xz",
+            compress="zstd",  # Fedora's metadata; republished too
         )
         self.upstream = start_static_server(self, self.repo.serve_dir)
         self.runs = 0

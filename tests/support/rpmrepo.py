@@ -3,9 +3,9 @@
 The packages are real rpms made by ``rpmbuild`` from a generated spec: one file each, with
 a deterministic payload derived from the name (incompressible, so a ``payload_size`` of a
 few MiB makes a large rpm), gzip level 0 payload compression so building stays fast.
-``createrepo_c`` writes ``repodata/`` with content-addressed metadata names, primary
-compressed with ``compress`` (gz, xz, bz2 or zstd), and ``--revision`` set explicitly, so a
-republished repository is always newer than the one before it.
+``createrepo_c`` writes ``repodata/`` with content-addressed metadata names, compressed
+with ``compress`` (gz, xz, bz2, or zstd recompressed here from gz), and ``--revision`` set
+explicitly, so a republished repository is always newer than the one before it.
 
 Layout (serve :attr:`RpmRepo.serve_dir`; the repository root is then ``/<mount>/``)::
 
@@ -17,13 +17,17 @@ Tools: ``rpmbuild`` (Debian's ``rpm``) and ``createrepo_c`` (``createrepo-c``).
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import zstandard
 
 REQUIRED_TOOLS = ("rpmbuild", "createrepo_c", "dnf")
 
@@ -147,16 +151,43 @@ def _build_rpm(spec: RpmSpec, scratch: str, dest: str) -> str:
     return name
 
 
+def _zstd(repodata: str) -> None:
+    """Recompress the gzip metadata to zstd, as Fedora publishes it (createrepo_c 0.17 in
+    Debian 12 cannot), renaming each file by its new checksum and fixing repomd.xml."""
+    repomd_path = os.path.join(repodata, "repomd.xml")
+    with open(repomd_path, encoding="utf-8") as f:
+        repomd = f.read()
+    for name in os.listdir(repodata):
+        if not name.endswith(".xml.gz"):
+            continue
+        with gzip.open(os.path.join(repodata, name), "rb") as f:
+            data = zstandard.ZstdCompressor().compress(f.read())
+        digest = hashlib.sha256(data).hexdigest()
+        new = f"{digest}-{name.split('-', 1)[1][: -len('.gz')]}.zst"
+        with open(os.path.join(repodata, new), "wb") as f:
+            f.write(data)
+        os.remove(os.path.join(repodata, name))
+        start = repomd.index(f'<location href="repodata/{name}"/>')
+        begin, end = repomd.rindex("<data ", 0, start), repomd.index("</data>", start)
+        block = repomd[begin:end].replace(name, new).replace(name.split("-", 1)[0], digest)
+        block = re.sub(r"<size>\d+</size>", f"<size>{len(data)}</size>", block)
+        repomd = repomd[:begin] + block + repomd[end:]
+    with open(repomd_path, "w", encoding="utf-8") as f:
+        f.write(repomd)
+
+
 def _createrepo(repo: RpmRepo) -> None:
     _run(
         [
             "createrepo_c", "--quiet", "--no-database",
-            "--general-compress-type", repo.compress,
+            "--general-compress-type", "gz" if repo.compress == "zstd" else repo.compress,
             "--revision", str(repo.revision),
             "--retain-old-md", "0",
             repo.root,
         ]
     )  # fmt: skip
+    if repo.compress == "zstd":
+        _zstd(os.path.join(repo.root, "repodata"))
 
 
 def _add(repo: RpmRepo, specs: Iterable[RpmSpec]) -> None:
