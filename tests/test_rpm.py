@@ -16,6 +16,7 @@ from pkgproxy.config import Route
 from pkgproxy.families import FAMILIES, CacheClass, Expect, Facts, RewriteContext, rpm
 from pkgproxy.rewrite.metalink import MetalinkError, rewrite_metalink
 from pkgproxy.web.routing import RouteTable
+from tests.support import pgp
 
 ROUTE = Route("fedora", "rpm", "/fedora/", "https://mirror.test/fedora/linux/", index_ttl=300)
 REPO = "releases/40/Everything/x86_64/os/"
@@ -111,8 +112,9 @@ class RpmPolicyTests(SynchronousTestCase):
         no_revision = REPOMD.replace(b"<revision>1713868000</revision>", b"<revision>x</revision>")
         self.assertEqual(d.version_of(no_revision), 1713867500.0)
         self.assertIsNone(d.version_of(b"<html>mirror error</html>"))
-        asc = rpm.classify(ROUTE, REPO + "repodata/repomd.xml.asc")
-        self.assertIsNotNone(asc.version_of)
+        asc = rpm.classify(ROUTE, REPO + "repodata/repomd.xml.asc").version_of
+        assert asc is not None
+        self.assertEqual(asc(pgp.armour(pgp.sig_v4(1713868001))), 1713868001.0)
         for path in (REPO + "Packages/a.rpm", REPO + "repodata/repomd.xml.asc"):
             self.assertEqual(rpm.classify(ROUTE, path).revalidate_also, (), path)
 

@@ -83,6 +83,8 @@ class DnfTests(SynchronousTestCase):
             f"--installroot={work}/root", "--releasever=1",
             f"--setopt=reposdir={reposdir}", f"--setopt=cachedir={work}/cache",
             "--setopt=install_weak_deps=0", "--nogpgcheck",
+            # The packages are not signed; repomd.xml is, and dnf checks its .asc.
+            "--setopt=t.repo_gpgcheck=1", f"--setopt=t.gpgkey=file://{self.repo.public_key}",
         ]  # fmt: skip
         if repo_file:
             with open(os.path.join(reposdir, "t.repo"), "w", encoding="utf-8") as f:

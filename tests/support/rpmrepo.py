@@ -12,7 +12,10 @@ Layout (serve :attr:`RpmRepo.serve_dir`; the repository root is then ``/<mount>/
     <base>/www/<mount>/repodata/repomd.xml
     <base>/www/<mount>/Packages/<name>-<version>-1.noarch.rpm
 
-Tools: ``rpmbuild`` (Debian's ``rpm``) and ``createrepo_c`` (``createrepo-c``).
+``repodata/repomd.xml.asc`` is signed with a throwaway key (:attr:`RpmRepo.public_key`)
+at every publication, so dnf can run with ``repo_gpgcheck=1``.
+
+Tools: ``rpmbuild`` (Debian's ``rpm``), ``createrepo_c`` (``createrepo-c``), ``gpg``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from dataclasses import dataclass
 
 import zstandard
 
-REQUIRED_TOOLS = ("rpmbuild", "createrepo_c", "dnf")
+from tests.support.debrepo import _fingerprint, _GnuPG
+
+REQUIRED_TOOLS = ("rpmbuild", "createrepo_c", "dnf", "gpg")
 
 #: The revision of the first publication; each republication adds one.
 FIRST_REVISION = 1700000000
@@ -75,6 +80,8 @@ class RpmRepo:
     compress: str
     packages: list[BuiltRpm]
     revision: int = FIRST_REVISION
+    #: The armoured public key that signs ``repodata/repomd.xml.asc`` (``gpgkey=file://``).
+    public_key: str = ""
 
     @property
     def root(self) -> str:
@@ -188,6 +195,38 @@ def _createrepo(repo: RpmRepo) -> None:
     )  # fmt: skip
     if repo.compress == "zstd":
         _zstd(os.path.join(repo.root, "repodata"))
+    _sign(repo)
+
+
+def _secret_key(repo: RpmRepo) -> str:
+    return os.path.join(repo.base_dir, "keys", "secret.asc")
+
+
+def _make_key(repo: RpmRepo) -> None:
+    """A throwaway signing key, as Fedora's for repomd.xml.asc (the Debian fixture's way)."""
+    keys = os.path.join(repo.base_dir, "keys")
+    os.makedirs(keys)
+    repo.public_key = os.path.join(keys, "public.asc")
+    gnupg = _GnuPG()
+    try:
+        gnupg.gpg("--quick-gen-key", "pkgproxy test rpms <rpm@example.invalid>",
+                  "ed25519", "sign", "never")  # fmt: skip
+        fingerprint = _fingerprint(gnupg)
+        gnupg.gpg("--armor", "--export", fingerprint, stdout_path=repo.public_key)
+        gnupg.gpg("--armor", "--export-secret-keys", fingerprint, stdout_path=_secret_key(repo))
+    finally:
+        gnupg.close()
+
+
+def _sign(repo: RpmRepo) -> None:
+    """``repodata/repomd.xml.asc``: a detached armoured signature of repomd.xml."""
+    repomd = os.path.join(repo.root, "repodata", "repomd.xml")
+    gnupg = _GnuPG()
+    try:
+        gnupg.gpg("--import", _secret_key(repo))
+        gnupg.gpg("--armor", "--detach-sign", "--output", f"{repomd}.asc", repomd)
+    finally:
+        gnupg.close()
 
 
 def _add(repo: RpmRepo, specs: Iterable[RpmSpec]) -> None:
@@ -209,6 +248,7 @@ def build_rpm_repo(
     serve_dir = os.path.join(base_dir, "www")
     repo = RpmRepo(base_dir, serve_dir, mount, compress, [])
     os.makedirs(repo.root)
+    _make_key(repo)
     _add(repo, specs)
     _createrepo(repo)
     return repo
