@@ -8,7 +8,8 @@ the cache back in time. repomd lists the metadata files (primary, filelists, oth
 updateinfo, modules, comps) by content-addressed names with their checksums and sizes:
 those are kept forever once they match. ``primary.xml`` lists every package's location,
 size and checksum: an ``.rpm`` is stored only once it matches them, then kept forever.
-PROTOCOLS.md has the wire details.
+Fedora's and EPEL's ``metalink`` answers are rewritten to name this proxy as the one
+mirror (:mod:`pkgproxy.rewrite.metalink`).
 """
 
 from __future__ import annotations

@@ -173,6 +173,29 @@ class DnfTests(SynchronousTestCase):
         self.assertEqual(status, 200)
         self.assertIn(f"<revision>{self.repo.revision}</revision>".encode(), body)
 
+    def test_lagging_mirror_never_takes_the_cache_back(self) -> None:
+        """A mirror that serves an older repomd.xml (smaller revision) and its signature
+        after a newer one was cached: the cache keeps the newer pair, and dnf still
+        finds the newer package and checks the signature."""
+        proxy = self.proxy(ttl="1s")
+        repodata = os.path.join(self.repo.root, "repodata")
+        old = {}
+        for name in ("repomd.xml", "repomd.xml.asc"):
+            with open(os.path.join(repodata, name), "rb") as f:
+                old[name] = f.read()
+        rpmrepo.republish(self.repo, [rpmrepo.RpmSpec("pkgproxy-new", "3.0")])
+        self.dnf(proxy, "pkgproxy-new")
+        time.sleep(1.1)  # the lagging copy must be written in a later second, too
+        for name, data in old.items():
+            with open(os.path.join(repodata, name), "wb") as f:
+                f.write(data)
+        time.sleep(1.5)
+        self.dnf(proxy, "pkgproxy-new")
+        status, body, _ = self.get(proxy, "repodata/repomd.xml")
+        self.assertEqual(status, 200)
+        self.assertIn(f"<revision>{self.repo.revision}</revision>".encode(), body)
+        self.assertGreater(self.origin_gets("repodata/repomd.xml"), 1)
+
     def test_corrupted_rpm_refused_and_not_stored(self) -> None:
         """An rpm whose bytes disagree with primary's checksum is refused and not stored;
         once the mirror has the right bytes again, they are fetched and served."""
