@@ -297,7 +297,8 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
         index_ttl=300.0,
     ),
     # RPM (dnf, yum, zypper). Fedora and EPEL from Fedora's master host, which serves every
-    # release and update; MirrorManager's metalink answers name this proxy as the one mirror.
+    # release and update; MirrorManager's metalink answers name this proxy as the one mirror
+    # (revalidated as often as repomd.xml, so the checksums they carry keep up with it).
     Route(
         name="fedora",
         family="rpm",
@@ -331,7 +332,6 @@ BUILTIN_ROUTES: tuple[Route, ...] = (
             "http://mirrors.fedoraproject.org/",
             "https://mirrors.fedoraproject.org/",
         ),
-        index_ttl=300.0,
     ),
     Route(
         name="rocky",
