@@ -78,6 +78,7 @@ class DnfTests(SynchronousTestCase):
         dest = os.path.join(work, "dest")
         for d in (reposdir, dest, os.path.join(work, "root")):
             os.makedirs(d)
+        self.addCleanup(rpmrepo.stop_gpg_agents, os.path.join(work, "cache"))
         argv = [
             "dnf", "-y", "-q", "--noplugins",
             f"--installroot={work}/root", "--releasever=1",

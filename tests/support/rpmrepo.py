@@ -202,6 +202,23 @@ def _secret_key(repo: RpmRepo) -> str:
     return os.path.join(repo.base_dir, "keys", "secret.asc")
 
 
+def stop_gpg_agents(dnf_cachedir: str) -> None:
+    """Stop the gpg-agent dnf (librepo, through gpgme) leaves running in each repository's
+    ``pubring`` under its cachedir after checking ``repo_gpgcheck`` signatures."""
+    if not os.path.isdir(dnf_cachedir):
+        return
+    for entry in os.listdir(dnf_cachedir):
+        pubring = os.path.join(dnf_cachedir, entry, "pubring")
+        if os.path.isdir(pubring):
+            subprocess.run(
+                ["gpgconf", "--homedir", pubring, "--kill", "all"],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+
+
 def _make_key(repo: RpmRepo) -> None:
     """A throwaway signing key, as Fedora's for repomd.xml.asc (the Debian fixture's way)."""
     keys = os.path.join(repo.base_dir, "keys")
