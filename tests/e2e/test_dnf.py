@@ -25,18 +25,19 @@ from tests.support import rpmrepo
 from tests.support.procs import (
     HOST,
     PkgProxy,
-    StaticServer,
+    ServerProcess,
     clean_env,
     start_pkgproxy,
     start_static_server,
 )
+from tests.support.slowserver import start_slow_server
 
 FORWARD = "http://rpm.pkgproxy.test/repo/"
 DNF_TIMEOUT = 120.0
 BIG = 6 * 1024 * 1024
 
 
-def _config(upstream: StaticServer, ttl: str = "60s") -> str:
+def _config(upstream: ServerProcess, ttl: str = "60s") -> str:
     return (
         "[routes.testrpm]\n"
         'family = "rpm"\n'
@@ -219,8 +220,10 @@ class DnfTests(SynchronousTestCase):
         self.assertIn("HIT", x_cache)
 
     def test_stampede_on_large_rpm_is_one_origin_fetch(self) -> None:
-        """Ten dnf clients at once on one large rpm: one upstream fetch, ten good copies."""
-        proxy = self.proxy()
+        """Ten dnf clients at once on one large rpm that the upstream sends slowly (about
+        4 s): one upstream fetch, which all ten are streamed, and ten good copies."""
+        slow = start_slow_server(self, self.repo.serve_dir, rate=1_500_000)
+        proxy = start_pkgproxy(self, _config(slow))
         self.dnf(proxy, "pkgproxy-hello")
         runs = [self.dnf_argv(proxy, ["pkgproxy-big"]) for _ in range(10)]
         procs = [
@@ -232,10 +235,16 @@ class DnfTests(SynchronousTestCase):
         outputs = [p.communicate(timeout=DNF_TIMEOUT)[0] for p in procs]
         for p, out in zip(procs, outputs, strict=True):
             self.assertEqual(p.returncode, 0, out.decode(errors="replace") + proxy.logs())
-        want = self.repo.package("pkgproxy-big").data()
+        big = self.repo.package("pkgproxy-big")
+        want = big.data()
         for _, dest in runs:
             self.assertEqual(self.downloaded(dest, "pkgproxy-big"), want)
-        self.assertEqual(self.origin_gets(self.repo.package("pkgproxy-big").path), 1)
+        self.assertEqual(slow.requests(f"/repo/{big.path}"), 1, slow.logs())
+        with open(proxy.log_path, encoding="utf-8") as f:
+            answers = [line for line in f if f"GET /testrpm/{big.path}" in line]
+        self.assertEqual(len(answers), 10, "".join(answers))
+        joined = [line for line in answers if " HIT " not in line]
+        self.assertGreater(len(joined), 1, "no client joined the download:\n" + "".join(answers))
 
     def _metalink_config(self) -> str:
         """Fedora's built-in routes, on the test's upstream: the repository as the
