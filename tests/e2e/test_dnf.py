@@ -286,21 +286,24 @@ class DnfTests(SynchronousTestCase):
             else proxy.url(f"/fedora-metalink/{query}")
         )
         repo_file = f"[t]\nname=t\nmetalink={where}\ngpgcheck=0\n"
-        argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
-        done = subprocess.run(
-            argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
-        )
-        self.assertEqual(
-            done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
-        )
         want = self.repo.package("pkgproxy-hello")
-        self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
-        self.assertEqual(self.origin_gets(want.path), 1)
+        for _ in ("cold", "offline"):
+            argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
+            done = subprocess.run(
+                argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
+            )
+            self.assertEqual(
+                done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
+            )
+            self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
+            self.assertEqual(self.origin_gets(want.path), 1)
+            proxy.wait_for_entries(6)  # metalink, repomd.xml and .asc, primary, filelists, rpm
+            self.upstream.stop()
 
     def test_metalink_by_path(self) -> None:
         """``metalink=http://cache/fedora-metalink/metalink?repo=...``: the answer names
         the proxy's Fedora route, and dnf's check of repomd.xml against the upstream
-        metalink's checksums passes."""
+        metalink's checksums passes; then again with the upstream stopped."""
         self._metalink(forward=False)
 
     def test_metalink_as_proxy(self) -> None:
