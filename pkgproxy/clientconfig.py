@@ -9,7 +9,8 @@ ends up in the file. The paths come from the built-in routes, or from the server
 configuration file with ``--config`` when its routes were renamed or moved.
 
 Tools: ``apt`` (HTTP proxy: the sources stay as they are), ``apt-sources`` (deb822 sources
-through the reverse paths), ``apk``, ``pip``, ``uv``, ``npm``, ``go``, ``gem``, ``bundler``,
+through the reverse paths), ``apk``, ``dnf`` (HTTP proxy), ``dnf-repo`` (Fedora's repositories
+through the reverse paths), ``pip``, ``uv``, ``npm``, ``go``, ``gem``, ``bundler``,
 ``docker`` (Docker Hub mirror), ``containerd`` (``hosts.toml`` of one registry) and ``all``.
 
 ``pkgproxy-config ca`` prints pkgproxy's CA certificate (for TLS interception), fetched
@@ -163,6 +164,48 @@ def apk(t: Target) -> Snippet:
     return Snippet("/etc/apk/repositories", text, "replaces the repository list")
 
 
+def dnf_proxy(t: Target) -> Snippet:
+    """dnf (and yum) as an HTTP proxy client: http:// repositories through pkgproxy."""
+    text = (
+        _comment("#", t)
+        + "# Only http:// baseurl/metalink URLs go through the cache; https:// ones need TLS\n"
+        + "# interception (pkgproxy-config ca) or the repository file of dnf-repo.\n"
+        + "[main]\n"
+        + f"proxy={t.base}\n"
+    )
+    return Snippet("/etc/dnf/dnf.conf", text, "merge the proxy= line into [main]")
+
+
+#: Fedora's repositories as MirrorManager names them: (section, name, metalink repo).
+_FEDORA_REPOS = (
+    ("fedora", "Fedora $releasever - $basearch", "fedora-$releasever"),
+    ("updates", "Fedora $releasever - $basearch - Updates", "updates-released-f$releasever"),
+)
+
+
+def dnf_repo(t: Target) -> Snippet:
+    """Fedora's repositories through the ``fedora-metalink`` route: dnf still checks
+    repomd.xml against Fedora's metalink and every package against its signature."""
+    lines = [_comment("#", t)]
+    for section, name, repo in _FEDORA_REPOS:
+        metalink = t.url("fedora-metalink", f"metalink?repo={repo}&arch=$basearch")
+        lines += [
+            f"[{section}]\n",
+            f"name={name} (pkgproxy)\n",
+            f"metalink={metalink}\n",
+            "enabled=1\n",
+            "gpgcheck=1\n",
+            "gpgkey=file:///etc/pki/rpm-gpg/RPM-GPG-KEY-fedora-$releasever-$basearch\n",
+            "\n",
+        ]
+    t.url("fedora")  # the metalink answers point there
+    return Snippet(
+        "/etc/yum.repos.d/pkgproxy-fedora.repo",
+        "".join(lines).rstrip("\n") + "\n",
+        "disable fedora.repo and fedora-updates.repo (enabled=0) beside it",
+    )
+
+
 def pip(t: Target) -> Snippet:
     """pip's index: the PyPI simple API through pkgproxy."""
     lines = [_comment("#", t), "[global]\n", f"index-url = {t.url('pypi', 'simple/')}\n"]
@@ -261,6 +304,8 @@ TOOLS: dict[str, Callable[[Target], Snippet]] = {
     "apt": apt_proxy,
     "apt-sources": apt_sources,
     "apk": apk,
+    "dnf": dnf_proxy,
+    "dnf-repo": dnf_repo,
     "pip": pip,
     "uv": uv,
     "npm": npm,

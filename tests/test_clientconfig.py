@@ -194,6 +194,40 @@ class ContainerTests(ClientConfigTestCase):
         self.assertEqual((host["capabilities"], host["override_path"]), (["pull", "resolve"], True))
 
 
+_READ_DNF = """
+import sys, dnf
+base = dnf.Base()
+base.conf.read(sys.argv[1])
+base.conf.substitutions["releasever"] = "40"
+base.conf.substitutions["basearch"] = "x86_64"
+base.conf.reposdir = [sys.argv[2]]
+base.read_all_repos()
+print(base.conf.proxy)
+for r in base.repos.iter_enabled():
+    print(r.id, r.metalink, r.gpgcheck)
+"""
+
+
+class DnfTests(ClientConfigTestCase):
+    def test_read_by_dnf(self) -> None:
+        """dnf's own configuration reader (Debian's python3-dnf, the interpreter dnf runs
+        on) takes the proxy line and the repository file: Fedora's metalinks on the
+        proxy's fedora-metalink route, signatures still checked."""
+        need("dnf")
+        conf = self.write("dnf.conf", self.snippet("dnf"))
+        repos = os.path.dirname(self.write("pkgproxy-fedora.repo", self.snippet("dnf-repo")))
+        out = self.run_tool(["/usr/bin/python3", "-c", _READ_DNF, conf, repos], clean_env())
+        metalink = f"{SERVER}/fedora-metalink/metalink?repo="
+        self.assertEqual(
+            out.splitlines(),
+            [
+                SERVER,
+                f"fedora {metalink}fedora-40&arch=x86_64 True",
+                f"updates {metalink}updates-released-f40&arch=x86_64 True",
+            ],
+        )
+
+
 class OtherTests(ClientConfigTestCase):
     def test_apk(self) -> None:
         """The repository list points at the alpine route for the chosen release."""

@@ -313,7 +313,7 @@ class Family:
 
 
 def _families() -> dict[str, Family]:
-    from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi, rubygems
+    from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi, rpm, rubygems
 
     return {
         "oci": oci.FAMILY,
@@ -324,6 +324,7 @@ def _families() -> dict[str, Family]:
         "pypi": pypi.FAMILY,
         "go": go.FAMILY,
         "rubygems": rubygems.FAMILY,
+        "rpm": rpm.FAMILY,
     }
 
 

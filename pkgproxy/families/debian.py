@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import bz2
-import gzip
-import lzma
 import re
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import IO, TYPE_CHECKING
 
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
+from pkgproxy.families.compressed import open_index
 from pkgproxy.httputil import parse_http_date
 
 if TYPE_CHECKING:
@@ -184,19 +182,6 @@ def learns(path: str) -> bool:
     return bool(_RELEASE.search(path) or _PACKAGES.search(path) or _PACKAGES_BY_HASH.search(path))
 
 
-def _open(local_file: str) -> IO[bytes]:
-    """Open an index whatever its compression (a by-hash name does not say)."""
-    with open(local_file, "rb") as f:
-        magic = f.read(6)
-    if magic.startswith(b"\x1f\x8b"):
-        return gzip.open(local_file, "rb")  # type: ignore[return-value]
-    if magic.startswith(b"\xfd7zXZ\x00"):
-        return lzma.open(local_file, "rb")
-    if magic.startswith(b"BZh"):
-        return bz2.open(local_file, "rb")
-    return open(local_file, "rb")
-
-
 def stanzas(stream: IO[bytes]) -> Iterator[dict[str, str]]:
     """The fields of each stanza of a deb822 file, continuation lines dropped."""
     fields: dict[str, str] = {}
@@ -285,7 +270,7 @@ def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
     # Filename is relative to the archive root, which is above dists/.
     root = url[: url.index("dists/")] if "dists/" in url else url.rsplit("/", 1)[0] + "/"
     out = []
-    with _open(local_file) as stream:
+    with open_index(local_file) as stream:
         for st in stanzas(stream):
             filename, size, sha = st.get("Filename"), st.get("Size"), st.get("SHA256")
             if not filename or not size or not size.isdigit() or not _owned(filename):

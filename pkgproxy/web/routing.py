@@ -101,12 +101,28 @@ class RouteTable:
         for r in self._by_upstream:
             if url.startswith(r.upstream):
                 rest = url[len(r.upstream) :]
-                if base is not None:
-                    return base + r.prefix + rest
-                for f in r.forward:
-                    if f.startswith(scheme + "://"):
-                        return f + rest
-                return None
+                return self._client_url(r, rest, base, scheme)
+        # A URL under a route's forward prefix is that route's too (a metalink names
+        # mirrors by the public hosts' layout, whatever upstream the route was given).
+        try:
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError:
+            return None
+        host = (parts.hostname or "").lower()
+        for f in self._forwards:
+            if not f.host.startswith("*.") and f.matches(parts.scheme, host, port, parts.path):
+                rest = parts.path[len(f.path) :] + (f"?{parts.query}" if parts.query else "")
+                return self._client_url(f.route, rest, base, scheme)
+        return None
+
+    @staticmethod
+    def _client_url(r: Route, rest: str, base: str | None, scheme: str) -> str | None:
+        if base is not None:
+            return base + r.prefix + rest
+        for f in r.forward:
+            if f.startswith(scheme + "://"):
+                return f + rest
         return None
 
     def public_prefix(

@@ -180,10 +180,10 @@ class RejectedConfigurationTests(TestCase):
     def test_unknown_family(self) -> None:
         """An unknown family names ``routes.x.family`` and the value."""
         line = self._assert_config_rejected(
-            '[routes.x]\nfamily = "rpm"\nupstream = "http://example.org/x/"\n',
+            '[routes.x]\nfamily = "conda"\nupstream = "http://example.org/x/"\n',
             "routes.x.family",
         )
-        self.assertIn("rpm", line)
+        self.assertIn("conda", line)
 
     def test_duplicate_prefix(self) -> None:
         """Two routes on one prefix name the second route's prefix and the first route."""

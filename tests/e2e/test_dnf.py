@@ -1,0 +1,311 @@
+"""RPM repositories through a real pkgproxy, fetched by the real ``dnf``.
+
+The upstream is ``python3 -m http.server`` over a repository built by
+tests/support/rpmrepo.py (rpmbuild and createrepo_c). dnf runs isolated from the machine:
+a fresh ``--installroot`` and ``cachedir`` per run (so every file is asked for again), no
+system repositories (``reposdir`` is an empty directory of the test's), no plugins, and
+``install --downloadonly`` into a directory of the test's (``dnf download`` needs the
+plugins package). By path, ``baseurl`` is the proxy's ``/testrpm/`` prefix; as a proxy,
+dnf has ``proxy=`` set and a ``baseurl`` on a host name that only the route's forward
+prefix knows, so it can only succeed through pkgproxy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.support import rpmrepo
+from tests.support.procs import (
+    HOST,
+    PkgProxy,
+    ServerProcess,
+    clean_env,
+    start_pkgproxy,
+    start_static_server,
+)
+from tests.support.slowserver import start_slow_server
+
+FORWARD = "http://rpm.pkgproxy.test/repo/"
+DNF_TIMEOUT = 120.0
+BIG = 6 * 1024 * 1024
+
+
+def _config(upstream: ServerProcess, ttl: str = "60s") -> str:
+    return (
+        "[routes.testrpm]\n"
+        'family = "rpm"\n'
+        'prefix = "/testrpm/"\n'
+        f'upstream = "{upstream.url("/repo/")}"\n'
+        f'forward = ["{FORWARD}"]\n'
+        f'index_ttl = "{ttl}"\n'
+    )
+
+
+class DnfTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        missing = rpmrepo.missing_tools()
+        if missing:
+            raise SkipTest(f"needs {', '.join(missing)} (.ci/apt-packages.txt installs them)")
+        base = os.path.abspath(self.mktemp())
+        self.repo = rpmrepo.build_rpm_repo(
+            base,
+            [
+                rpmrepo.RpmSpec("pkgproxy-hello"),
+                rpmrepo.RpmSpec("pkgproxy-extra", "2.1", payload_size=3000),
+                rpmrepo.RpmSpec("pkgproxy-big", payload_size=BIG),
+            ],
+            compress="zstd",  # Fedora's metadata; republished too
+        )
+        self.upstream = start_static_server(self, self.repo.serve_dir)
+        self.runs = 0
+
+    def proxy(self, ttl: str = "60s") -> PkgProxy:
+        return start_pkgproxy(self, _config(self.upstream, ttl))
+
+    def dnf_argv(
+        self, proxy: PkgProxy, names: Sequence[str], forward: bool = False, repo_file: str = ""
+    ) -> tuple[list[str], str]:
+        """A dnf command line with a fresh root, cache and download directory."""
+        self.runs += 1
+        work = os.path.abspath(self.mktemp())
+        reposdir = os.path.join(work, "repos.d")
+        dest = os.path.join(work, "dest")
+        for d in (reposdir, dest, os.path.join(work, "root")):
+            os.makedirs(d)
+        self.addCleanup(rpmrepo.stop_gpg_agents, os.path.join(work, "cache"))
+        argv = [
+            "dnf", "-y", "-q", "--noplugins",
+            f"--installroot={work}/root", "--releasever=1",
+            f"--setopt=reposdir={reposdir}", f"--setopt=cachedir={work}/cache",
+            "--setopt=install_weak_deps=0", "--nogpgcheck",
+            # The packages are not signed; repomd.xml is, and dnf checks its .asc.
+            "--setopt=t.repo_gpgcheck=1", f"--setopt=t.gpgkey=file://{self.repo.public_key}",
+        ]  # fmt: skip
+        if repo_file:
+            with open(os.path.join(reposdir, "t.repo"), "w", encoding="utf-8") as f:
+                f.write(repo_file)
+        else:
+            base = FORWARD if forward else proxy.url("/testrpm/")
+            argv += [f"--repofrompath=t,{base}", "--repo=t"]
+        if forward:
+            argv.append(f"--setopt=proxy=http://{HOST}:{proxy.port}")
+        argv += ["install", "--downloadonly", "--downloaddir", dest, *names]
+        return argv, dest
+
+    def dnf(self, proxy: PkgProxy, *names: str, forward: bool = False, ok: bool = True) -> str:
+        """Run dnf to download ``names``; return the download directory."""
+        argv, dest = self.dnf_argv(proxy, names, forward)
+        done = subprocess.run(
+            argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
+        )
+        report = (
+            f"$ {' '.join(argv)}\nexit {done.returncode}\n{done.stdout.decode(errors='replace')}"
+            f"{done.stderr.decode(errors='replace')}\n{proxy.logs()}"
+        )
+        if ok:
+            self.assertEqual(done.returncode, 0, report)
+            for name in names:
+                self.assertEqual(self.downloaded(dest, name), self.repo.package(name).data())
+        else:
+            self.assertNotEqual(done.returncode, 0, report)
+        return dest
+
+    def downloaded(self, dest: str, name: str) -> bytes:
+        with open(os.path.join(dest, self.repo.package(name).basename), "rb") as f:
+            return f.read()
+
+    def origin_gets(self, path: str) -> int:
+        """How many times the upstream was asked for ``path`` (below the repo root)."""
+        with open(self.upstream.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read().count(f'"GET /repo/{path} ')
+
+    def get(self, proxy: PkgProxy, path: str) -> tuple[int, bytes, str]:
+        conn = http.client.HTTPConnection(HOST, proxy.port, timeout=20)
+        try:
+            conn.request("GET", f"/testrpm/{path}")
+            resp = conn.getresponse()
+            try:
+                body = resp.read()
+            except http.client.IncompleteRead as e:
+                body = e.partial
+                return -1, body, ""
+            return resp.status, body, resp.getheader("X-Cache", "")
+        except (OSError, http.client.HTTPException):
+            return -1, b"", ""
+        finally:
+            conn.close()
+
+    def _cold_warm_offline(self, forward: bool) -> None:
+        proxy = self.proxy()
+        hello = self.repo.package("pkgproxy-hello")
+        self.dnf(proxy, "pkgproxy-hello", "pkgproxy-extra", forward=forward)
+        self.assertEqual(self.origin_gets(hello.path), 1)
+        proxy.wait_for_entries(5)
+        self.dnf(proxy, "pkgproxy-hello", "pkgproxy-extra", forward=forward)
+        self.assertEqual(self.origin_gets(hello.path), 1)
+        self.assertEqual(self.origin_gets("repodata/repomd.xml"), 1)
+        self.upstream.stop()
+        self.dnf(proxy, "pkgproxy-hello", "pkgproxy-extra", forward=forward)
+
+    def test_by_path_cold_warm_offline(self) -> None:
+        """``baseurl=http://cache/testrpm/``: cold from upstream, warm and offline from
+        the cache, each file fetched upstream once."""
+        self._cold_warm_offline(forward=False)
+
+    def test_as_proxy_cold_warm_offline(self) -> None:
+        """``proxy=http://cache`` with the mirror's own http:// baseurl: the same."""
+        self._cold_warm_offline(forward=True)
+
+    def test_republished_seen_within_ttl(self) -> None:
+        """A package published after the cache has the repository is seen once the
+        repomd.xml's TTL has passed; the old revision is never served back."""
+        proxy = self.proxy(ttl="1s")
+        self.dnf(proxy, "pkgproxy-hello")
+        rpmrepo.republish(self.repo, [rpmrepo.RpmSpec("pkgproxy-new", "3.0")])
+        time.sleep(1.5)
+        self.dnf(proxy, "pkgproxy-new")
+        status, body, _ = self.get(proxy, "repodata/repomd.xml")
+        self.assertEqual(status, 200)
+        self.assertIn(f"<revision>{self.repo.revision}</revision>".encode(), body)
+
+    def test_lagging_mirror_never_takes_the_cache_back(self) -> None:
+        """A mirror that serves an older repomd.xml (smaller revision) and its signature
+        after a newer one was cached: the cache keeps the newer pair, and dnf still
+        finds the newer package and checks the signature."""
+        proxy = self.proxy(ttl="1s")
+        repodata = os.path.join(self.repo.root, "repodata")
+        old = {}
+        for name in ("repomd.xml", "repomd.xml.asc"):
+            with open(os.path.join(repodata, name), "rb") as f:
+                old[name] = f.read()
+        rpmrepo.republish(self.repo, [rpmrepo.RpmSpec("pkgproxy-new", "3.0")])
+        self.dnf(proxy, "pkgproxy-new")
+        time.sleep(1.1)  # the lagging copy must be written in a later second, too
+        for name, data in old.items():
+            with open(os.path.join(repodata, name), "wb") as f:
+                f.write(data)
+        time.sleep(1.5)
+        self.dnf(proxy, "pkgproxy-new")
+        status, body, _ = self.get(proxy, "repodata/repomd.xml")
+        self.assertEqual(status, 200)
+        self.assertIn(f"<revision>{self.repo.revision}</revision>".encode(), body)
+        self.assertGreater(self.origin_gets("repodata/repomd.xml"), 1)
+
+    def test_corrupted_rpm_refused_and_not_stored(self) -> None:
+        """An rpm whose bytes disagree with primary's checksum is refused and not stored;
+        once the mirror has the right bytes again, they are fetched and served."""
+        proxy = self.proxy()
+        self.dnf(proxy, "pkgproxy-hello")
+        extra = self.repo.package("pkgproxy-extra")
+        good = extra.data()
+        bad = bytearray(good)
+        bad[len(bad) // 2] ^= 0xFF
+        with open(extra.local, "wb") as f:
+            f.write(bad)
+        status, body, _ = self.get(proxy, extra.path)
+        self.assertFalse(status == 200 and body == bytes(bad), "the corrupt rpm was served whole")
+        self.dnf(proxy, "pkgproxy-extra", ok=False)
+        with open(extra.local, "wb") as f:
+            f.write(good)
+        self.dnf(proxy, "pkgproxy-extra")
+        status, body, x_cache = self.get(proxy, extra.path)
+        self.assertEqual((status, body), (200, good))
+        self.assertIn("HIT", x_cache)
+
+    def test_stampede_on_large_rpm_is_one_origin_fetch(self) -> None:
+        """Ten dnf clients at once on one large rpm that the upstream sends slowly (about
+        4 s): one upstream fetch, which all ten are streamed, and ten good copies."""
+        slow = start_slow_server(self, self.repo.serve_dir, rate=1_500_000)
+        proxy = start_pkgproxy(self, _config(slow))
+        self.dnf(proxy, "pkgproxy-hello")
+        runs = [self.dnf_argv(proxy, ["pkgproxy-big"]) for _ in range(10)]
+        procs = [
+            subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=clean_env()
+            )
+            for argv, _ in runs
+        ]
+        outputs = [p.communicate(timeout=DNF_TIMEOUT)[0] for p in procs]
+        for p, out in zip(procs, outputs, strict=True):
+            self.assertEqual(p.returncode, 0, out.decode(errors="replace") + proxy.logs())
+        big = self.repo.package("pkgproxy-big")
+        want = big.data()
+        for _, dest in runs:
+            self.assertEqual(self.downloaded(dest, "pkgproxy-big"), want)
+        self.assertEqual(slow.requests(f"/repo/{big.path}"), 1, slow.logs())
+        with open(proxy.log_path, encoding="utf-8") as f:
+            answers = [line for line in f if f"GET /testrpm/{big.path}" in line]
+        self.assertEqual(len(answers), 10, "".join(answers))
+        joined = [line for line in answers if " HIT " not in line]
+        self.assertGreater(len(joined), 1, "no client joined the download:\n" + "".join(answers))
+
+    def _metalink_config(self) -> str:
+        """Fedora's built-in routes, on the test's upstream: the repository as the
+        ``fedora`` route, MirrorManager's ``/metalink`` as ``fedora-metalink``."""
+        with open(os.path.join(self.repo.root, "repodata", "repomd.xml"), "rb") as f:
+            repomd = f.read()
+        mirror = "http://mirror.example.test/pub/fedora/linux/repodata/repomd.xml"
+        metalink = f"""<?xml version="1.0" encoding="utf-8"?>
+<metalink version="3.0" xmlns="http://www.metalinker.org/" type="dynamic"
+  generator="mirrormanager" xmlns:mm0="http://fedorahosted.org/mirrormanager">
+ <files>
+  <file name="repomd.xml">
+   <mm0:timestamp>{self.repo.revision}</mm0:timestamp>
+   <size>{len(repomd)}</size>
+   <verification>
+    <hash type="md5">{hashlib.md5(repomd).hexdigest()}</hash>
+    <hash type="sha256">{hashlib.sha256(repomd).hexdigest()}</hash>
+   </verification>
+   <resources maxconnections="1">
+    <url protocol="http" type="http" location="DE" preference="100">{mirror}</url>
+   </resources>
+  </file>
+ </files>
+</metalink>
+"""
+        with open(os.path.join(self.repo.serve_dir, "metalink"), "w", encoding="utf-8") as f:
+            f.write(metalink)
+        return (
+            f'[routes.fedora]\nupstream = "{self.upstream.url("/repo/")}"\n'
+            f'[routes.fedora-metalink]\nupstream = "{self.upstream.url("/")}"\n'
+        )
+
+    def _metalink(self, forward: bool) -> None:
+        proxy = start_pkgproxy(self, self._metalink_config())
+        query = "metalink?repo=fedora-1&arch=noarch"
+        where = (
+            f"http://mirrors.fedoraproject.org/{query}"
+            if forward
+            else proxy.url(f"/fedora-metalink/{query}")
+        )
+        repo_file = f"[t]\nname=t\nmetalink={where}\ngpgcheck=0\n"
+        want = self.repo.package("pkgproxy-hello")
+        for _ in ("cold", "offline"):
+            argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
+            done = subprocess.run(
+                argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
+            )
+            self.assertEqual(
+                done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
+            )
+            self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
+            self.assertEqual(self.origin_gets(want.path), 1)
+            proxy.wait_for_entries(6)  # metalink, repomd.xml and .asc, primary, filelists, rpm
+            self.upstream.stop()
+
+    def test_metalink_by_path(self) -> None:
+        """``metalink=http://cache/fedora-metalink/metalink?repo=...``: the answer names
+        the proxy's Fedora route, and dnf's check of repomd.xml against the upstream
+        metalink's checksums passes; then again with the upstream stopped."""
+        self._metalink(forward=False)
+
+    def test_metalink_as_proxy(self) -> None:
+        """A stock ``metalink=http://mirrors.fedoraproject.org/...`` with ``proxy=``."""
+        self._metalink(forward=True)
