@@ -270,6 +270,7 @@ def build_service(
         ca_files=route_ca_files(cfg.enabled_routes()),
         routes=cfg.enabled_routes(),
         environ=os.environ,
+        node_name=cfg.node_name,
     )
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)

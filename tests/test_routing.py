@@ -74,7 +74,9 @@ REFUSED = [
     ("http://deb.debian.org/other/pool/a.deb", 403),  # outside the mapped path
     ("http://user:pw@deb.debian.org/debian/pool/a.deb", 403),  # userinfo
     ("http://deb.debian.org@evil.example/debian/pool/a.deb", 403),  # userinfo trick
-    ("https://deb.debian.org/debian/pool/a.deb", 403),  # https through a proxy
+    ("https://deb.debian.org/debian/pool/a.deb", 403),  # no route has it (http only here)
+    ("https://upstream.test:8443/debian/pool/a.deb", 403),  # not the upstream's port
+    ("https://evil.example/debian/pool/a.deb", 403),  # unknown https host
     ("ftp://deb.debian.org/debian/pool/a.deb", 400),  # another scheme
     ("http://deb.debian.org:99999/debian/", 400),  # bad port
     ("http:///debian/pool/a.deb", 400),  # no host
@@ -120,6 +122,54 @@ class RefusalTests(SynchronousTestCase):
         self.assertIn(b"X-Cache: HIT", raw)
         self.assertTrue(raw.endswith(b"\r\n\r\nA"), raw)
         self.assertEqual(proxy.upstream.count("/debian/pool/main/a/a_1_all.deb"), 1)
+
+    def test_upstream_urls_share_the_entry(self) -> None:
+        """An absolute ``https://`` URI of a route's upstream (what a branch pkgproxy asks
+        its parent for), sent in plain HTTP, is the same entry as by path and by an http
+        forward prefix: one fetch, whichever way comes first."""
+        config = {
+            "routes": {
+                "mirror": {
+                    "family": "generic",
+                    "immutable": True,
+                    "upstream": "https://upstream.test/mirror/",
+                    "forward": ["http://mirror.example/m/"],
+                }
+            }
+        }
+        proxy = MemoryProxy(config, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        proxy.upstream.add("/mirror/a.bin", b"A")
+        proxy.upstream.add("/mirror/b.bin", b"B")
+        first = proxy.raw(b"GET https://upstream.test/mirror/a.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"X-Cache: MISS", first)
+        self.assertTrue(first.endswith(b"\r\n\r\nA"), first)
+        response, body = proxy.get("/mirror/a.bin")
+        self.assertEqual((body, response.headers.getRawHeaders("x-cache")), (b"A", ["HIT"]))
+        proxy.get("/mirror/b.bin")
+        for target in (b"https://UPSTREAM.test:443/mirror/b.bin", b"http://mirror.example/m/b.bin"):
+            raw = proxy.raw(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertIn(b"X-Cache: HIT", raw)
+            self.assertTrue(raw.endswith(b"\r\n\r\nB"), raw)
+        self.assertEqual(proxy.upstream.count("/mirror/a.bin"), 1)
+        self.assertEqual(proxy.upstream.count("/mirror/b.bin"), 1)
+
+    def test_loop_through_via_refused(self) -> None:
+        """A request whose Via already names this node (its parent leads back to it) is
+        a one-line 508, and nothing is fetched; another node's name passes."""
+        config = {"node_name": "branch-1", **CONFIG}
+        proxy = MemoryProxy(config, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        proxy.upstream.add("/debian/pool/c.deb", b"C")
+        target = b"GET http://deb.debian.org/debian/pool/c.deb HTTP/1.1\r\nHost: x\r\n"
+        raw = proxy.raw(target + b"Via: 1.0 fred, 1.1 Branch-1\r\n\r\n")
+        head, _, body = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 508 "), head)
+        self.assertIn(b"branch-1", body)
+        self.assertEqual(body.count(b"\n"), 1, body)
+        self.assertEqual(proxy.upstream.seen, [])
+        raw = proxy.raw(target + b"Via: 1.1 branch-10, 1.1 parent-1 (x)\r\n\r\n")
+        self.assertTrue(raw.endswith(b"\r\n\r\nC"), raw)
 
     def test_client_credentials_not_forwarded(self) -> None:
         """Authorization and Proxy-* headers from clients never reach the upstream."""

@@ -521,9 +521,11 @@ class UpstreamService(Service):
         ca_files: Mapping[tuple[str, int], Sequence[str]] | None = None,
         routes: Iterable[Route] = (),
         environ: Mapping[str, str] | None = None,
+        node_name: str | None = None,
     ) -> None:
         """:param environ: where ``https_proxy``/``http_proxy``/``no_proxy`` are read
-        when the config names no proxy (the process environment, given by the caller)."""
+        when the config names no proxy (the process environment, given by the caller).
+        :param node_name: named in ``Via`` on requests to a parent."""
         self._reactor = reactor
         self._config = config
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
@@ -542,6 +544,8 @@ class UpstreamService(Service):
         if proxies.active:
             agent = ProxyingAgent.create(reactor, endpoints, self.pool, proxies)
             agent.parent_retry_after = config.retry_after
+            if node_name:
+                agent.via = b"1.1 " + node_name.encode("ascii")
             self.agent = agent
         else:
             self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)

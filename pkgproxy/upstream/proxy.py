@@ -20,6 +20,8 @@ A parent cache tier (``[upstream] parent``, another pkgproxy) is asked for every
 upstream URL, https ones included, as an absolute URI on kept connections to it, so that
 it caches under the real upstream URLs; when it cannot be connected to, requests go
 direct (and the parent is left alone for ``retry_after``), unless ``parent_only``.
+Those requests carry ``Via: 1.1 <node_name>``; a pkgproxy that receives a request
+already naming it there (:func:`via_names`) refuses it: its parent leads back to it.
 """
 
 from __future__ import annotations
@@ -183,6 +185,18 @@ def proxy_settings(
     )
 
 
+def via_names(values: Sequence[bytes], node_name: str) -> bool:
+    """Whether ``Via`` header ``values`` name ``node_name`` as a hop (RFC 9110 7.6.3:
+    ``protocol received-by [comment]``, comma-separated)."""
+    name = node_name.lower().encode("ascii", "replace")
+    for value in values:
+        for hop in value.split(b","):
+            parts = hop.split(None, 2)
+            if len(parts) >= 2 and parts[1].lower() == name:
+                return True
+    return False
+
+
 class ProxyRefused(Exception):
     """The proxy did not open a tunnel (its status line is in the message)."""
 
@@ -321,6 +335,8 @@ class ProxyingAgent(Agent):  # type: ignore[misc]
     #: Until when the parent is not asked (it could not be connected to).
     _parent_down_until = 0.0
     parent_retry_after = 15.0
+    #: ``Via`` sent to the parent (``1.1 <node_name>``), so that a loop is refused.
+    via: bytes | None = None
 
     @classmethod
     def create(
@@ -349,7 +365,10 @@ class ProxyingAgent(Agent):  # type: ignore[misc]
             if settings.no_proxy.matches(host):
                 return super().request(method, uri, headers, bodyProducer)
             if settings.parent_only or self._reactor.seconds() >= self._parent_down_until:
-                d = self._via(parent, method, uri, parsed, headers, bodyProducer)
+                to_parent = headers.copy() if headers is not None else Headers()
+                if self.via is not None:
+                    to_parent.addRawHeader(b"via", self.via)
+                d = self._via(parent, method, uri, parsed, to_parent, bodyProducer)
                 if not settings.parent_only:
                     d.addErrback(self._parent_failed, method, uri, headers, bodyProducer)
                 return d

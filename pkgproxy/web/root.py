@@ -38,6 +38,7 @@ from pkgproxy.learning import Learner, cache_key
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
+from pkgproxy.upstream.proxy import via_names
 from pkgproxy.web.fast import HitPath
 from pkgproxy.web.producer import (
     BodyProducer,
@@ -155,6 +156,7 @@ class ProxyResource(Resource):
         self._sync_read_max = sync_read_max
         self._learner = learner or Learner(Facts(), store, diskpool, config.routes)
         self._table = RouteTable(config.enabled_routes())
+        self._node_name = config.node_name
         self._store = store
         self._inflight = inflight
         self._client = client
@@ -217,6 +219,14 @@ class ProxyResource(Resource):
         if not self._store.ready:
             request.setHeader(b"retry-after", b"5")
             return _reason(request, http.SERVICE_UNAVAILABLE, "the cache is still starting")
+        if via_names(request.requestHeaders.getRawHeaders(b"via", []), self._node_name):
+            return _reason(
+                request,
+                508,
+                f"loop: this request already passed through {self._node_name} (its Via); "
+                "a parent must not lead back to its child, and each node needs its own "
+                "node_name",
+            )
         tunnel = getattr(request.channel, "pkgproxy_tunnel", None)
         if tunnel is not None and uri.startswith("/"):
             uri = tunnel + uri  # a request inside an intercepted CONNECT
@@ -277,7 +287,8 @@ class ProxyResource(Resource):
             tunneled = getattr(ctx.request.channel, "pkgproxy_tunnel", None) is not None
             if ctx.request.uri.startswith(b"/") and not tunneled:
                 ctx.base = _client_base(ctx.request)
-            ctx.scheme = "https" if tunneled else "http"
+            absolute_https = ctx.request.uri[:8].lower() == b"https://"
+            ctx.scheme = "https" if tunneled or absolute_https else "http"
             # '#' never stands in a canonical path, so the key's path part stays whole.
             ctx.key = f"{ctx.key}#@{ctx.base or 'forward-' + ctx.scheme}"
         ctx.learn = self._learner.wants(route, ctx.path)

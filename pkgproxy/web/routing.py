@@ -1,10 +1,11 @@
 """The route table: which route a request target belongs to, in either proxy mode.
 
 Reverse mode: ``/debian/pool/...`` by path prefix. Forward mode: an absolute URI
-(``http://deb.debian.org/debian/pool/...``) by the route's ``forward`` prefixes; the Host
-header is ignored (RFC 9112 3.2.2). Both name the same route and the same path below it,
-so both reach one cache entry. Nothing outside the table is ever fetched: this is not an
-open proxy.
+(``http://deb.debian.org/debian/pool/...``) by the route's ``forward`` prefixes or its
+``upstream`` prefix, ``https://`` ones included (a branch pkgproxy asks its parent for
+upstream URLs so); the Host header is ignored (RFC 9112 3.2.2). All name the same route
+and the same path below it, so all reach one cache entry. Nothing outside the table is
+ever fetched: this is not an open proxy.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class _Forward:
     port: int
     path: str
     route: Route
+    #: The route's upstream prefix, not one of its forward prefixes (which win a tie).
+    upstream: bool = False
 
     def matches_host(self, scheme: str, host: str, port: int) -> bool:
         if scheme != self.scheme or port != self.port:
@@ -67,13 +70,17 @@ class RouteTable:
         self._by_upstream = sorted(routes, key=lambda r: -len(r.upstream))
         forwards = []
         for r in routes:
-            for prefix in r.forward:
+            # The upstream prefix too: what a branch pkgproxy asks its parent for.
+            for prefix in dict.fromkeys((*r.forward, r.upstream)):
                 p = urlsplit(prefix)
                 port = p.port or (443 if p.scheme == "https" else 80)
-                forwards.append(_Forward(p.scheme, (p.hostname or "").lower(), port, p.path, r))
+                host = (p.hostname or "").lower()
+                upstream = prefix not in r.forward
+                forwards.append(_Forward(p.scheme, host, port, p.path, r, upstream))
         # Longer paths first; an exact host before a wildcard of the same path length.
         self._forwards = sorted(
-            forwards, key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host))
+            forwards,
+            key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host), f.upstream),
         )
 
     def _registry(self, target: str) -> tuple[Route, str] | None:
@@ -153,8 +160,8 @@ class RouteTable:
     def resolve(self, target: str, tunneled: bool = False) -> tuple[Route, str]:
         """``(route, rest)`` for a request target, ``rest`` still percent-encoded.
 
-        :param tunneled: the target came through an intercepted CONNECT tunnel, so an
-            ``https://`` URL is one pkgproxy itself terminated and may serve.
+        :param tunneled: the target came through an intercepted CONNECT tunnel (it is
+            routed as an absolute ``https://`` URI sent in plain HTTP is).
         :raises RouteError: not a target this proxy serves.
         """
         if target.startswith("/v2/") or target in ("/v2", "/v2?"):
@@ -177,12 +184,6 @@ class RouteTable:
         except ValueError:
             raise RouteError(400, f"malformed request target {target[:200]!r}") from None
         scheme = parts.scheme.lower()
-        if scheme == "https" and not tunneled:
-            raise RouteError(
-                403,
-                "https:// URLs cannot be cached through a proxy; use an http:// source or "
-                "the reverse paths such as /debian/",
-            )
         if scheme not in ("http", "https") or not parts.hostname:
             raise RouteError(400, f"malformed request target {target[:200]!r}")
         if parts.username is not None or parts.password is not None:

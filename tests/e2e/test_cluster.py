@@ -336,3 +336,39 @@ class ClusterTests(TestCase):
         self.assertEqual(moved, set(mine))
         self.assertTrue(len(probes) * 0.2 <= len(moved) <= len(probes) * 0.5, len(moved))
         self.assertNotIn(victim, set(after.values()))
+
+    def test_branch_with_the_cluster_as_parent(self) -> None:
+        """A branch node whose parent is the cluster (HAProxy's address): a file is
+        fetched from the origin once for branch and cluster together, and lands on the
+        node its by-path clients reach; with HAProxy stopped, the branch goes direct."""
+        files = {f"p{i}.bin": os.urandom(4096 + i) for i in range(3)}
+        cluster = Cluster(self, files, rate=100_000_000)
+
+        def branch(name: str) -> PkgProxy:
+            return start_pkgproxy(
+                self,
+                f'node_name = "{name}"\n'
+                "[upstream]\n"
+                f'parent = "http://{HOST}:{cluster.port}"\n'
+                "[routes.npm]\n"
+                'family = "generic"\nimmutable = true\n'
+                f'upstream = "{cluster.upstream.url("/")}"\n',
+            )
+
+        first = branch("branch-a")
+        r = cluster.get("/npm/files/p0.bin", port=first.port)
+        self.assertEqual((r.status, r.body, r.cache), (200, files["p0.bin"], "MISS"))
+        self.assertEqual(cluster.upstream.requests("/files/p0.bin"), 1)
+        deadline = time.monotonic() + WAIT
+        while (by_path := cluster.get("/npm/files/p0.bin")).cache != "HIT":
+            self.assertLess(time.monotonic(), deadline, by_path)
+            time.sleep(0.05)
+        self.assertEqual(by_path.body, files["p0.bin"])
+        r = cluster.get("/npm/files/p0.bin", port=branch("branch-b").port)
+        self.assertEqual((r.status, r.body, r.cache), (200, files["p0.bin"], "MISS"))
+        self.assertEqual(cluster.upstream.requests("/files/p0.bin"), 1)
+
+        cluster.haproxy.stop()
+        r = cluster.get("/npm/files/p1.bin", port=first.port)
+        self.assertEqual((r.status, r.body), (200, files["p1.bin"]))
+        self.assertEqual(cluster.upstream.requests("/files/p1.bin"), 1)

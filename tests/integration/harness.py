@@ -345,7 +345,9 @@ class ProxyUnderTest:
         self.config = config
         self.diskpool = DiskPool(reactor)
         self.store = CacheStore(config.cache.dir, config.cache.max_size, self.diskpool, reactor)
-        self.upstream = UpstreamService(reactor, config.upstream, routes=config.enabled_routes())
+        self.upstream = UpstreamService(
+            reactor, config.upstream, routes=config.enabled_routes(), node_name=config.node_name
+        )
         self.inflight = InFlight()
         self.learner = Learner(Facts(), self.store, self.diskpool, config.routes)
         self.store.when_ready().addCallback(lambda _: self.learner.relearn())

@@ -130,15 +130,39 @@ class ParentTests(IntegrationTestCase):
             }
         }
         proxy = await self.start_proxy(
-            {"upstream": {"parent": parent.url("/"), "parent_only": True}, "routes": routes}
+            {
+                "node_name": "branch-7",
+                "upstream": {"parent": parent.url("/"), "parent_only": True},
+                "routes": routes,
+            }
         )
         client = self.client()
         result = await client.get(proxy.url("/files/a.bin"))
         self.assertEqual((result.status, result.body), (200, b"P" * 300))
         self.assertEqual(parent.requests[0].headers.get(b"host"), b"registry.invalid")
+        self.assertEqual(parent.requests[0].headers.get(b"via"), b"1.1 branch-7")
         await proxy.settled()
         result = await client.get(proxy.url("/files/a.bin"))
         self.assertEqual(result.x_cache, b"HIT")
+
+    async def test_parent_leading_back_is_refused_as_a_loop(self) -> None:
+        """A parent that names the branch's own node (a loop, or two nodes left with one
+        name) refuses the request with 508 before any fetch; the branch answers an
+        error, the upstream is never asked."""
+        up = await self.start_upstream()
+        up.handlers[b"/f/a.bin"] = static(b"D")
+        routes = {"files": {"family": "generic", "immutable": True, "upstream": up.url("/f/")}}
+        parent = await self.start_proxy({"node_name": "twin", "routes": routes})
+        branch = await self.start_proxy(
+            {
+                "node_name": "twin",
+                "upstream": {"parent": parent.url("/"), "parent_only": True},
+                "routes": routes,
+            }
+        )
+        result = await self.client().get(branch.url("/files/a.bin"))
+        self.assertGreaterEqual(result.status, 500)
+        self.assertEqual(up.requests, [])
 
     async def test_unreachable_parent_means_direct(self) -> None:
         """A parent nobody listens on: the request goes direct and succeeds."""
