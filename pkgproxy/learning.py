@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pkgproxy.cache.store import CacheStore, Entry
-from pkgproxy.config import Route
+from pkgproxy.config.model import Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import FAMILIES, Expect, Facts
 from pkgproxy.fetch.fetch import PACKED, Fetch

@@ -32,7 +32,7 @@ from pkgproxy import __version__, httputil
 from pkgproxy.admin.metrics import ProxyMetrics, Switch
 from pkgproxy.admin.status import CSP, DownloadView, StatusView, config_text, render_status
 from pkgproxy.cache.store import CacheStore
-from pkgproxy.config import Config
+from pkgproxy.config.model import Config
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import cache_key
 from pkgproxy.netaddr import IP, Networks, parse_ip

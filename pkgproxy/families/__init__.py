@@ -19,8 +19,10 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pkgproxy.rewrite.context import RewriteContext as RewriteContext
+
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 
 class CacheClass(Enum):
@@ -48,25 +50,6 @@ class Expect:
     digests: Mapping[str, str] = field(default_factory=dict)
     alternate: str | None = None
     not_after: float | None = None
-
-
-@dataclass(frozen=True)
-class RewriteContext:
-    """What a rewriter needs to know besides the document.
-
-    :ivar page_url: the upstream URL the document came from (for relative links).
-    :ivar public_url: maps an upstream URL to the URL a client uses for it through this
-        proxy, as that client reached the proxy (``http://cache:3142/pypi/files/...``,
-        or in forward mode the route's forward prefix); ``None`` for a URL no route
-        serves. A rewritten document is cached per client base for this reason.
-    """
-
-    page_url: str
-    public_url: Callable[[str], str | None]
-    #: ``upstream URL -> (upstream prefix, public prefix)``: every URL under the route
-    #: serving it maps to the public prefix plus the rest (a rewrite may then replace
-    #: prefixes in the bytes); ``None`` where that does not hold.
-    public_prefix: Callable[[str], tuple[str, str] | None] | None = None
 
 
 #: What to ask for a document that is rewritten: gzip, as direct clients take it (a

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 _BRANCH = r"(?:v\d+\.\d+|edge|latest-stable)"
 _INDEX = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/(?:APKINDEX\.tar\.gz|Packages\.adb)$")

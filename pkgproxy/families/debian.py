@@ -25,7 +25,7 @@ from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Reque
 from pkgproxy.httputil import parse_http_date
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 _BY_HASH = re.compile(
     r"(?:^|/)dists/.+/by-hash/(?P<algo>MD5Sum|SHA1|SHA256|SHA512)/(?P<hex>[0-9a-f]{32,128})$"

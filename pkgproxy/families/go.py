@@ -39,7 +39,7 @@ from pkgproxy.families import (
 )
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 _MODULE = r"(?P<module>[^@]+?)"
 _VERSION_FILE = re.compile(rf"^{_MODULE}/@v/(?P<version>[^/]+)\.(?P<ext>info|mod|zip)$")

@@ -59,7 +59,7 @@ from pkgproxy.rewrite.npm_packument import (
 )
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 #: The abbreviated ("corgi") packument's media type.
 CORGI = "application/vnd.npm.install-v1+json"

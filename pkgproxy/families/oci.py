@@ -19,7 +19,7 @@ from pkgproxy import httputil
 from pkgproxy.families import CacheClass, Decision, Facts, Family, LocalAnswer, Request
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 _NAME = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
 _DIGEST = r"sha256:[a-f0-9]{64}"

@@ -50,7 +50,7 @@ from pkgproxy.rewrite import pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 #: The root project list is tens of megabytes and changes only by new projects, which
 #: pip never looks for there: it is revalidated this many times less often than pages.

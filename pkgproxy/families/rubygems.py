@@ -41,7 +41,7 @@ from pkgproxy.families import (
 )
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _INFO = re.compile(rf"^info/(?P<name>{_NAME})$")

@@ -21,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from pkgproxy import httputil
 from pkgproxy.cache.negative import NegativeCache
 from pkgproxy.cache.store import CacheStore, Entry
-from pkgproxy.config import Config, Route
+from pkgproxy.config.model import Config, Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import (
     FAMILIES,
