@@ -19,6 +19,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgproxy import httputil
+from pkgproxy.cache import freshness
+from pkgproxy.cache.freshness import Action
 from pkgproxy.cache.negative import NegativeCache
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config.model import Config, Route
@@ -385,24 +387,27 @@ class ProxyResource(Resource):
         wants_check = httputil.client_wants_revalidation(
             req.getHeader(b"cache-control"), req.getHeader(b"pragma")
         )
+        action = Action.ASK
         if entry is not None and decision.cache_class is not CacheClass.PASS:
             # Immutable content, or an index whose content a cached index names (and the
             # entry matched it above): nothing to ask upstream.
             pinned = bool(decision.digests) or decision.size is not None
-            if decision.cache_class is CacheClass.IMMUTABLE or pinned:
-                self._serve_entry(ctx, entry, b"HIT")
-                return
-            if (
-                entry.expires is not None
-                and entry.is_fresh(now)
-                and not (wants_check and now - entry.fetched >= self._revalidate_window)
-            ):
+            action = freshness.decide(
+                immutable=decision.cache_class is CacheClass.IMMUTABLE or pinned,
+                expires=entry.expires,
+                fetched=entry.fetched,
+                now=now,
+                wants_check=wants_check,
+                revalidate_window=self._revalidate_window,
+                stale_grace=ctx.route.stale_while_revalidate,
+            )
+            if action is Action.SERVE:
                 self._serve_entry(ctx, entry, b"HIT")
                 return
         if entry is None and decision.remembers_absence:
             absent = self._negative.get(ctx.key, now)
-            if absent is not None and not (
-                wants_check and now - absent.fetched >= self._revalidate_window
+            if absent is not None and not freshness.check_due(
+                absent.fetched, now, wants_check, self._revalidate_window
             ):
                 self._send_small(ctx, absent.status, absent.headers, absent.body, b"HIT")
                 return
@@ -410,7 +415,7 @@ class ProxyResource(Resource):
         if self.offline and fetch is None:
             self._offline(ctx, entry, now)
             return
-        if entry is not None and self._may_serve_stale(ctx, entry, now, wants_check):
+        if entry is not None and self._may_serve_stale(action, entry, now):
             # Stale-while-revalidate: this client gets the stored copy at once; the
             # upstream check runs without it, shared like any fetch, and the next
             # request sees its result.
@@ -461,25 +466,18 @@ class ProxyResource(Resource):
                 companion.expires = 0.0
                 self._store.update(companion)
 
-    def _may_serve_stale(self, ctx: _Ctx, entry: Entry, now: float, wants_check: bool) -> bool:
+    def _may_serve_stale(self, action: Action, entry: Entry, now: float) -> bool:
         """Whether an expired index may be answered at once while it is revalidated.
 
         Only within the route's ``stale_while_revalidate`` after expiry, and never for a
         client that demands a check (``max-age=0``) the last one is too old for: apt
-        asks that for every index and must see a new ``InRelease`` at once. Nor when
-        the cache disk is in trouble (a new copy could not be stored), nor for an
-        ``InRelease`` past its ``Valid-Until``.
+        asks that for every index and must see a new ``InRelease`` at once (both
+        :func:`~pkgproxy.cache.freshness.decide`). Nor when the cache disk is in trouble
+        (a new copy could not be stored), nor for an ``InRelease`` past its
+        ``Valid-Until``.
         """
-        grace = ctx.route.stale_while_revalidate
-        decision = ctx.decision
         return (
-            grace > 0
-            and decision.cache_class is CacheClass.MUTABLE
-            and not decision.digests
-            and decision.size is None
-            and entry.expires is not None
-            and now < entry.expires + grace
-            and not (wants_check and now - entry.fetched >= self._revalidate_window)
+            action is Action.SERVE_STALE
             and not self._store.disk_trouble()
             and not self._past_valid_until(entry, now)
         )
