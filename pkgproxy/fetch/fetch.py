@@ -29,6 +29,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
+from pkgproxy.cache.keys import PACKED as PACKED
 from pkgproxy.digests import new_hasher
 from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, RewriteContext
 from pkgproxy.upstream.client import (
@@ -60,10 +61,6 @@ LOW_WATER = 2 * 1024 * 1024
 #: When the cache disk refuses a download's write, up to this much of the rest of its
 #: body is held in memory so that its clients still get it whole (it is not stored).
 SPILL_MAX = 64 * 1024 * 1024
-#: The cache key suffix of a rewritten document's gzip form, stored beside it (its
-#: entry's ``etag`` is the identity document's sha256) and served to clients that take
-#: gzip, with ``Vary: Accept-Encoding``.
-PACKED = "#gzip"
 #: Rewritten documents smaller than this are not worth a gzip form.
 PACK_MIN = 1024
 #: A gzip-compressed document to rewrite may expand to this much, no more.

@@ -19,8 +19,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgproxy import httputil
-from pkgproxy.cache import freshness
+from pkgproxy.cache import freshness, keys
 from pkgproxy.cache.freshness import Action
+from pkgproxy.cache.keys import PACKED, cache_key
 from pkgproxy.cache.negative import NegativeCache
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config.model import Config, Route
@@ -34,9 +35,9 @@ from pkgproxy.families import (
     RewriteContext,
 )
 from pkgproxy.families import Request as FamilyRequest
-from pkgproxy.fetch.fetch import PACKED, Fetch, FetchRequest, Outcome
+from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
-from pkgproxy.learning import Learner, cache_key
+from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
@@ -252,9 +253,9 @@ class ProxyResource(Resource):
             ctx.key = cache_key(route.name, ctx.path)
             ctx.url = ctx.url.partition("?")[0]
         if decision.key_scope is not None:
-            ctx.key = decision.key_scope + ctx.key[len(route.name) :]
+            ctx.key = keys.scoped(ctx.key, route.name, decision.key_scope)
         if decision.variant:
-            ctx.key = f"{ctx.key}#{decision.variant}"
+            ctx.key = keys.variant(ctx.key, decision.variant)
         if decision.upstream_url is not None:
             query = ctx.url.partition("?")[2]
             ctx.url = decision.upstream_url + (f"?{query}" if query else "")
@@ -264,8 +265,7 @@ class ProxyResource(Resource):
             if ctx.request.uri.startswith(b"/") and not tunneled:
                 ctx.base = _client_base(ctx.request)
             ctx.scheme = "https" if tunneled else "http"
-            # '#' never stands in a canonical path, so the key's path part stays whole.
-            ctx.key = f"{ctx.key}#@{ctx.base or 'forward-' + ctx.scheme}"
+            ctx.key = keys.rewritten(ctx.key, ctx.base or "forward-" + ctx.scheme)
         ctx.learn = self._learner.wants(route, ctx.path)
         self._handle(ctx)
 
