@@ -238,7 +238,7 @@ class Fetch:
         self.learned: Learned | None = None
         #: The gzip form of a rewritten document, committed beside it.
         self._packed: _Packed | None = None
-        self.subscribers = 0
+        self._subscribers = 0
         self.started_at = clock.seconds()
         #: When the upstream's answer was known (headers, or the error).
         self.answered_at = self.started_at
@@ -308,6 +308,24 @@ class Fetch:
         else:
             self._progress_waiters.append(d)
         return d
+
+    @property
+    def subscribers(self) -> int:
+        """Clients being sent this fetch's body now."""
+        return self._subscribers
+
+    def subscribe(self) -> Callable[[], None]:
+        """Count one client sent the body; call the result once, when its response ends."""
+        self._subscribers += 1
+        done = False
+
+        def unsubscribe() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._subscribers -= 1
+
+        return unsubscribe
 
     def when_settled(self, f: Callable[[Fetch], None]) -> None:
         """Call ``f(self)`` once the fetch has nothing more to do with the cache."""

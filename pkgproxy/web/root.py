@@ -803,11 +803,7 @@ class ProxyResource(Resource):
             file.release()
             req.finish()
             return
-        fetch.subscribers += 1
-
-        def closed() -> None:
-            fetch.subscribers -= 1
-
+        closed = fetch.subscribe()
         BodyProducer(
             req, file, fetch, start, end, self._pool, self._clock, closed, self._sync_read_max
         ).start()
