@@ -12,7 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from pkgproxy.config.model import (
@@ -24,7 +24,6 @@ from pkgproxy.config.model import (
     TlsInterceptConfig,
     UpstreamConfig,
 )
-from pkgproxy.families import FAMILIES
 
 __all__ = [
     "AccessLogConfig",
@@ -113,177 +112,19 @@ def parse_duration(value: object, key: str = "") -> float:
     return number * _DURATION_UNITS[unit]
 
 
-BUILTIN_ROUTES: tuple[Route, ...] = (
-    Route(
-        name="debian",
-        family="debian",
-        prefix="/debian/",
-        upstream="https://deb.debian.org/debian/",
-        forward=(
-            "http://deb.debian.org/debian/",
-            "http://ftp.debian.org/debian/",
-            "https://deb.debian.org/debian/",
-            "https://ftp.debian.org/debian/",
-        ),
-    ),
-    Route(
-        name="debian-security",
-        family="debian",
-        prefix="/debian-security/",
-        upstream="https://deb.debian.org/debian-security/",
-        forward=(
-            "http://deb.debian.org/debian-security/",
-            "http://security.debian.org/debian-security/",
-            "http://security.debian.org/",
-            "https://deb.debian.org/debian-security/",
-            "https://security.debian.org/debian-security/",
-            "https://security.debian.org/",
-        ),
-    ),
-    # Ubuntu's archive is plain HTTP upstream too; apt checks the signed indexes.
-    Route(
-        name="ubuntu",
-        family="debian",
-        prefix="/ubuntu/",
-        upstream="http://archive.ubuntu.com/ubuntu/",
-        forward=(
-            "http://archive.ubuntu.com/ubuntu/",
-            "http://*.archive.ubuntu.com/ubuntu/",
-            "https://archive.ubuntu.com/ubuntu/",
-        ),
-    ),
-    Route(
-        name="ubuntu-security",
-        family="debian",
-        prefix="/ubuntu-security/",
-        upstream="http://security.ubuntu.com/ubuntu/",
-        share_pool="ubuntu",
-        forward=(
-            "http://security.ubuntu.com/ubuntu/",
-            "https://security.ubuntu.com/ubuntu/",
-        ),
-    ),
-    Route(
-        name="ubuntu-ports",
-        family="debian",
-        prefix="/ubuntu-ports/",
-        upstream="http://ports.ubuntu.com/ubuntu-ports/",
-        forward=(
-            "http://ports.ubuntu.com/ubuntu-ports/",
-            "http://*.ports.ubuntu.com/ubuntu-ports/",
-            "https://ports.ubuntu.com/ubuntu-ports/",
-        ),
-    ),
-    Route(
-        name="alpine",
-        family="alpine",
-        prefix="/alpine/",
-        upstream="https://dl-cdn.alpinelinux.org/alpine/",
-        forward=(
-            "http://dl-cdn.alpinelinux.org/alpine/",
-            "https://dl-cdn.alpinelinux.org/alpine/",
-        ),
-        index_ttl=300.0,
-    ),
-    # Packuments revalidate after 5 minutes, the registry's own max-age.
-    Route(
-        name="npm",
-        family="npm",
-        prefix="/npm/",
-        upstream="https://registry.npmjs.org/",
-        forward=(
-            "http://registry.npmjs.org/",
-            "https://registry.npmjs.org/",
-        ),
-        index_ttl=300.0,
-    ),
-    # PyPI: the index and the files host are two routes; /pypi/files/ is the longer
-    # prefix. Project pages revalidate after 10 minutes, PyPI's own max-age.
-    Route(
-        name="pypi",
-        family="pypi",
-        prefix="/pypi/",
-        upstream="https://pypi.org/",
-        forward=(
-            "http://pypi.org/",
-            "https://pypi.org/",
-        ),
-        index_ttl=600.0,
-    ),
-    Route(
-        name="pypi-files",
-        family="pypi",
-        prefix="/pypi/files/",
-        upstream="https://files.pythonhosted.org/",
-        forward=(
-            "http://files.pythonhosted.org/",
-            "https://files.pythonhosted.org/",
-        ),
-        index_ttl=600.0,
-    ),
-    # Go modules and RubyGems: released versions never change; module lists, @latest
-    # and the gem indexes revalidate after 5 minutes.
-    Route(
-        name="go",
-        family="go",
-        prefix="/go/",
-        upstream="https://proxy.golang.org/",
-        forward=(
-            "http://proxy.golang.org/",
-            "https://proxy.golang.org/",
-        ),
-        index_ttl=300.0,
-    ),
-    Route(
-        name="rubygems",
-        family="rubygems",
-        prefix="/rubygems/",
-        upstream="https://rubygems.org/",
-        forward=(
-            "http://rubygems.org/",
-            "https://rubygems.org/",
-            "http://index.rubygems.org/",
-            "https://index.rubygems.org/",
-        ),
-        index_ttl=300.0,
-    ),
-    # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub
-    # at /v2/ itself, others at /v2/<registry>/ or by containerd's ?ns=<registry>. The
-    # route name is the registry's name. index_ttl is how long a tag is trusted.
-    Route(
-        name="docker.io",
-        family="oci",
-        prefix="/v2/",
-        upstream="https://registry-1.docker.io/v2/",
-        index_ttl=300.0,
-        # Blobs are 307-redirected to Docker's CDNs (docs.docker.com, allow-list).
-        redirect_hosts=(
-            "production.cloudflare.docker.com",
-            "production.cloudfront.docker.com",
-            "docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56.r2.cloudflarestorage.com",
-            "docker-images-prod.r2.cloudflarestorage.com",
-        ),
-    ),
-    Route(
-        name="ghcr.io",
-        family="oci",
-        prefix="/v2/ghcr.io/",
-        upstream="https://ghcr.io/v2/",
-        index_ttl=300.0,
-        redirect_hosts=(
-            "pkg-containers.githubusercontent.com",
-            "github-production-container-registry.s3.amazonaws.com",
-        ),
-    ),
-    Route(
-        name="quay.io",
-        family="oci",
-        prefix="/v2/quay.io/",
-        upstream="https://quay.io/v2/",
-        index_ttl=300.0,
-        redirect_hosts=("cdn.quay.io", "*.quay.io"),  # cdn01..cdn03.quay.io
-    ),
-)
+if TYPE_CHECKING:
+    #: Every family's built-in routes (:data:`pkgproxy.families.BUILTIN_ROUTES`).
+    BUILTIN_ROUTES: tuple[Route, ...]
+
+
+def __getattr__(name: str) -> object:
+    # The families are read when first needed: they import pkgproxy.config.model, and
+    # this package's __init__ runs first.
+    if name == "BUILTIN_ROUTES":
+        from pkgproxy.families import BUILTIN_ROUTES
+
+        return BUILTIN_ROUTES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -431,6 +272,8 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
     changes: dict[str, Any] = {}
     if "family" in data:
         family = _str(data["family"], where + "family")
+        from pkgproxy.families import FAMILIES
+
         if family not in FAMILIES:
             known = ", ".join(sorted(FAMILIES))
             raise ConfigError(where + "family", f"unknown family {family!r} (known: {known})")
@@ -637,6 +480,8 @@ def _proxy_url(value: object, key: str) -> str:
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build a :class:`Config` from parsed TOML, over the built-in defaults."""
     _check_keys(data, _TOP_KEYS, "")
+    from pkgproxy.families import BUILTIN_ROUTES
+
     cfg = Config(routes=BUILTIN_ROUTES)
     if "listen" in data:
         listen = _str_list(data["listen"], "listen")

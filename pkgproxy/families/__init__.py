@@ -293,13 +293,15 @@ class Family:
     #: Paths (below the route) whose POSTs are relayed upstream uncached, as they are
     #: (npm's audit); every other POST is refused.
     post_through: re.Pattern[str] | None = None
+    #: The routes this family brings built in (a configuration file overrides one by name).
+    routes: tuple[Route, ...] = ()
 
 
 def _families() -> dict[str, Family]:
     from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi, rubygems
 
+    # The order is the order of the built-in routes.
     return {
-        "oci": oci.FAMILY,
         "debian": debian.FAMILY,
         "alpine": alpine.FAMILY,
         "generic": generic.FAMILY,
@@ -307,7 +309,10 @@ def _families() -> dict[str, Family]:
         "pypi": pypi.FAMILY,
         "go": go.FAMILY,
         "rubygems": rubygems.FAMILY,
+        "oci": oci.FAMILY,
     }
 
 
 FAMILIES: dict[str, Family] = _families()
+#: Every family's built-in routes, in registry order.
+BUILTIN_ROUTES: tuple[Route, ...] = tuple(r for f in FAMILIES.values() for r in f.routes)

@@ -11,12 +11,9 @@ from __future__ import annotations
 import gzip
 import re
 import tarfile
-from typing import TYPE_CHECKING
 
+from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
-
-if TYPE_CHECKING:
-    from pkgproxy.config.model import Route
 
 _BRANCH = r"(?:v\d+\.\d+|edge|latest-stable)"
 _INDEX = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/(?:APKINDEX\.tar\.gz|Packages\.adb)$")
@@ -89,4 +86,19 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     return []
 
 
-FAMILY = Family(classify, learns, learn)
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    Route(
+        name="alpine",
+        family="alpine",
+        prefix="/alpine/",
+        upstream="https://dl-cdn.alpinelinux.org/alpine/",
+        forward=(
+            "http://dl-cdn.alpinelinux.org/alpine/",
+            "https://dl-cdn.alpinelinux.org/alpine/",
+        ),
+        index_ttl=300.0,
+    ),
+)
+
+FAMILY = Family(classify, learns, learn, routes=ROUTES)

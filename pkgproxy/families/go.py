@@ -24,8 +24,8 @@ Clients use the route as ``GOPROXY=http://cache:3142/go/,direct``.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
 
+from pkgproxy.config.model import Route
 from pkgproxy.families import (
     CacheClass,
     Decision,
@@ -37,9 +37,6 @@ from pkgproxy.families import (
     listed,
     upstream_base,
 )
-
-if TYPE_CHECKING:
-    from pkgproxy.config.model import Route
 
 _MODULE = r"(?P<module>[^@]+?)"
 _VERSION_FILE = re.compile(rf"^{_MODULE}/@v/(?P<version>[^/]+)\.(?P<ext>info|mod|zip)$")
@@ -134,4 +131,21 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     return out
 
 
-FAMILY = Family(classify, learns, learn)
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    # Go modules and RubyGems: released versions never change; module lists, @latest
+    # and the gem indexes revalidate after 5 minutes.
+    Route(
+        name="go",
+        family="go",
+        prefix="/go/",
+        upstream="https://proxy.golang.org/",
+        forward=(
+            "http://proxy.golang.org/",
+            "https://proxy.golang.org/",
+        ),
+        index_ttl=300.0,
+    ),
+)
+
+FAMILY = Family(classify, learns, learn, routes=ROUTES)
