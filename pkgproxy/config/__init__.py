@@ -260,6 +260,8 @@ _REDIRECT_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
+    from pkgproxy.families import FAMILIES
+
     where = f"routes.{name}."
     if not _ROUTE_NAME.match(name):
         raise ConfigError(f"routes.{name}", "route names are lower-case letters, digits, . _ -")
@@ -272,8 +274,6 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
     changes: dict[str, Any] = {}
     if "family" in data:
         family = _str(data["family"], where + "family")
-        from pkgproxy.families import FAMILIES
-
         if family not in FAMILIES:
             known = ", ".join(sorted(FAMILIES))
             raise ConfigError(where + "family", f"unknown family {family!r} (known: {known})")
@@ -337,14 +337,13 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
     route = replace(base, **changes)
     if (route.username is None) != (route.password is None):
         raise ConfigError(where + "username", "give both username and password, or neither")
-    if route.family == "oci" and "prefix" not in data and not route.prefix.startswith("/v2/"):
-        route = replace(route, prefix=f"/v2/{name}/")
-    if (route.family == "oci") != route.prefix.startswith("/v2/"):
-        raise ConfigError(
-            where + "prefix",
-            "/v2/ is where OCI registries live: an oci route's prefix starts with /v2/ "
-            "(e.g. /v2/ghcr.io/), and no other route's does",
-        )
+    root = FAMILIES[route.family].prefix_root
+    if root is not None and "prefix" not in data and not route.prefix.startswith(root):
+        route = replace(route, prefix=f"{root}{name}/")
+    for family_name, owner in FAMILIES.items():
+        root = owner.prefix_root
+        if root is not None and (route.family == family_name) != route.prefix.startswith(root):
+            raise ConfigError(where + "prefix", owner.prefix_root_error)
     return route
 
 

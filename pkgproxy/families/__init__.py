@@ -295,6 +295,11 @@ class Family:
     post_through: re.Pattern[str] | None = None
     #: The routes this family brings built in (a configuration file overrides one by name).
     routes: tuple[Route, ...] = ()
+    #: A path root where every route of this family lives, and no other route (OCI's
+    #: ``/v2/``): a route of it given no prefix is ``<root><route name>/``.
+    prefix_root: str | None = None
+    #: The one-line error for a route prefix that breaks :attr:`prefix_root`.
+    prefix_root_error: str = ""
 
 
 def _families() -> dict[str, Family]:

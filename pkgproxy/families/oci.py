@@ -171,4 +171,11 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 
-FAMILY = Family(classify, error_body=error_body, routes=ROUTES)
+FAMILY = Family(
+    classify,
+    error_body=error_body,
+    routes=ROUTES,
+    prefix_root="/v2/",
+    prefix_root_error="/v2/ is where OCI registries live: an oci route's prefix starts with "
+    "/v2/ (e.g. /v2/ghcr.io/), and no other route's does",
+)
