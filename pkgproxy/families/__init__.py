@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pkgproxy import httputil
 from pkgproxy.rewrite.context import RewriteContext as RewriteContext
 
 if TYPE_CHECKING:
@@ -300,6 +301,9 @@ class Family:
     prefix_root: str | None = None
     #: The one-line error for a route prefix that breaks :attr:`prefix_root`.
     prefix_root_error: str = ""
+    #: File name suffixes of this family's package formats, whose bytes are already
+    #: compressed (never served as content-coded; see ``httputil.COMPRESSED_SUFFIXES``).
+    compressed: tuple[str, ...] = ()
 
 
 def _families() -> dict[str, Family]:
@@ -319,5 +323,10 @@ def _families() -> dict[str, Family]:
 
 
 FAMILIES: dict[str, Family] = _families()
+#: File name suffixes whose bytes are already compressed: the general formats and every
+#: family's package formats.
+COMPRESSED_SUFFIXES: tuple[str, ...] = httputil.COMPRESSED_SUFFIXES + tuple(
+    s for f in FAMILIES.values() for s in f.compressed
+)
 #: Every family's built-in routes, in registry order.
 BUILTIN_ROUTES: tuple[Route, ...] = tuple(r for f in FAMILIES.values() for r in f.routes)

@@ -101,4 +101,4 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 
-FAMILY = Family(classify, learns, learn, routes=ROUTES)
+FAMILY = Family(classify, learns, learn, routes=ROUTES, compressed=(".apk",))

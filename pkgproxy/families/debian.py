@@ -357,4 +357,4 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 
-FAMILY = Family(classify, learns, learn, routes=ROUTES)
+FAMILY = Family(classify, learns, learn, routes=ROUTES, compressed=(".deb", ".udeb"))

@@ -31,7 +31,14 @@ from twisted.web.http import PotentialDataLoss
 from pkgproxy import httputil
 from pkgproxy.cache.keys import PACKED as PACKED
 from pkgproxy.digests import new_hasher
-from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, RewriteContext
+from pkgproxy.families import (
+    COMPRESSED_SUFFIXES,
+    VERSION_HEAD,
+    CacheClass,
+    Decision,
+    Learned,
+    RewriteContext,
+)
 from pkgproxy.upstream.client import (
     UpstreamClient,
     UpstreamError,
@@ -991,7 +998,7 @@ def _stored_headers(resp: UpstreamResponse, url: str) -> dict[bytes, bytes]:
         if v is not None:
             out[name] = v
     enc = out.get(b"content-encoding", b"").strip().lower()
-    if enc in (b"", b"identity") or url.split("?")[0].endswith(httputil.COMPRESSED_SUFFIXES):
+    if enc in (b"", b"identity") or url.split("?")[0].endswith(COMPRESSED_SUFFIXES):
         # The wire bytes of a .gz/.xz/.deb are the file itself: never announce them as
         # content-coded, or a client would unpack them on the fly.
         out.pop(b"content-encoding", None)
