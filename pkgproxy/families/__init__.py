@@ -19,7 +19,8 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from pkgproxy import httputil
+from pkgproxy import digests, httputil
+from pkgproxy.digests import Hasher
 from pkgproxy.rewrite.context import RewriteContext as RewriteContext
 
 if TYPE_CHECKING:
@@ -304,6 +305,9 @@ class Family:
     #: File name suffixes of this family's package formats, whose bytes are already
     #: compressed (never served as content-coded; see ``httputil.COMPRESSED_SUFFIXES``).
     compressed: tuple[str, ...] = ()
+    #: Digests of this family's formats beyond :mod:`hashlib`'s, by the name a
+    #: :class:`Decision` gives them (Alpine's ``apk-control``, Go's ``h1:``).
+    hashers: Mapping[str, Callable[[], Hasher]] = field(default_factory=dict)
 
 
 def _families() -> dict[str, Family]:
@@ -328,5 +332,16 @@ FAMILIES: dict[str, Family] = _families()
 COMPRESSED_SUFFIXES: tuple[str, ...] = httputil.COMPRESSED_SUFFIXES + tuple(
     s for f in FAMILIES.values() for s in f.compressed
 )
+#: Every family's digests beyond hashlib's.
+HASHERS: dict[str, Callable[[], Hasher]] = {
+    name: h for f in FAMILIES.values() for name, h in f.hashers.items()
+}
+
+
+def new_hasher(name: str) -> Hasher:
+    """A fresh incremental digest for ``name``, a family's or :mod:`hashlib`'s."""
+    return digests.new_hasher(name, HASHERS)
+
+
 #: Every family's built-in routes, in registry order.
 BUILTIN_ROUTES: tuple[Route, ...] = tuple(r for f in FAMILIES.values() for r in f.routes)

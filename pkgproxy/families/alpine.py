@@ -8,9 +8,12 @@ for them. PROTOCOLS.md section 3.
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import re
 import tarfile
+import zlib
 
 from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
@@ -86,6 +89,49 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     return []
 
 
+class ApkControlHasher:
+    """Alpine's ``C:`` checksum: ``Q1`` + base64 of the SHA-1 of the second gzip member.
+
+    An ``.apk`` is three concatenated gzip streams (signature, control, data); the index
+    checksums the raw bytes of the control stream. The streams are found by inflating
+    only the first two; the large data stream is not decompressed.
+    """
+
+    def __init__(self) -> None:
+        self._member = 0
+        self._inflater = zlib.decompressobj(wbits=31)
+        self._sha1 = hashlib.sha1()
+        self._done = False
+        self._error = False
+
+    def update(self, data: bytes, /) -> None:
+        while data and not self._done and not self._error:
+            try:
+                self._inflater.decompress(data, 1 << 16)
+            except zlib.error:
+                self._error = True
+                return
+            tail = self._inflater.unconsumed_tail
+            used = len(data) - len(tail) - len(self._inflater.unused_data)
+            if self._member == 1:
+                self._sha1.update(data[:used])
+            if self._inflater.eof:
+                rest = self._inflater.unused_data
+                self._member += 1
+                if self._member == 2:
+                    self._done = True
+                    return
+                self._inflater = zlib.decompressobj(wbits=31)
+                data = rest + tail if tail else rest
+            else:
+                data = tail
+
+    def hexdigest(self) -> str:
+        if not self._done or self._error:
+            return "(no control stream)"
+        return "Q1" + base64.b64encode(self._sha1.digest()).decode()
+
+
 #: The built-in routes of this family (a configuration file overrides one by name).
 ROUTES: tuple[Route, ...] = (
     Route(
@@ -101,4 +147,11 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 
-FAMILY = Family(classify, learns, learn, routes=ROUTES, compressed=(".apk",))
+FAMILY = Family(
+    classify,
+    learns,
+    learn,
+    routes=ROUTES,
+    compressed=(".apk",),
+    hashers={"apk-control": ApkControlHasher},
+)

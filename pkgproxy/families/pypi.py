@@ -25,6 +25,7 @@ PROTOCOLS.md section 4 gives the details.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -32,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 from pkgproxy import httputil
 from pkgproxy.config.model import Route
+from pkgproxy.digests import Hasher
 from pkgproxy.families import (
     REWRITTEN_CODING,
     VARY_CODING,
@@ -335,6 +337,12 @@ def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> Learne
     return teach(context.page_url, pypi_simple.rewrite_api(raw_path, out_path, context))
 
 
+def _blake2b_256() -> Hasher:
+    """BLAKE2b with a 32-byte digest: the one files.pythonhosted.org paths are made of
+    (``hashlib.new("blake2b")`` gives the 64-byte one)."""
+    return hashlib.blake2b(digest_size=32)
+
+
 #: The built-in routes of this family (a configuration file overrides one by name).
 ROUTES: tuple[Route, ...] = (
     # PyPI: the index and the files host are two routes; /pypi/files/ is the longer
@@ -363,4 +371,11 @@ ROUTES: tuple[Route, ...] = (
     ),
 )
 
-FAMILY = Family(classify, learns, learn, routes=ROUTES, compressed=(".whl",))
+FAMILY = Family(
+    classify,
+    learns,
+    learn,
+    routes=ROUTES,
+    compressed=(".whl",),
+    hashers={"blake2b-256": _blake2b_256},
+)

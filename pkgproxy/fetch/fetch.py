@@ -30,7 +30,6 @@ from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
 from pkgproxy.cache.keys import PACKED as PACKED
-from pkgproxy.digests import new_hasher
 from pkgproxy.families import (
     COMPRESSED_SUFFIXES,
     VERSION_HEAD,
@@ -38,6 +37,7 @@ from pkgproxy.families import (
     Decision,
     Learned,
     RewriteContext,
+    new_hasher,
 )
 from pkgproxy.upstream.client import (
     UpstreamClient,
