@@ -28,7 +28,8 @@ HOP_BY_HOP = frozenset(
 )
 
 #: File names whose bytes are already compressed: a Content-Encoding on them is an
-#: upstream mistake, and the raw wire bytes are the file.
+#: upstream mistake, and the raw wire bytes are the file. These are the general
+#: formats; a family adds its own package formats (``Family.compressed``).
 COMPRESSED_SUFFIXES = (
     ".gz",
     ".xz",
@@ -37,10 +38,6 @@ COMPRESSED_SUFFIXES = (
     ".lz4",
     ".lzma",
     ".tgz",
-    ".apk",
-    ".whl",
-    ".deb",
-    ".udeb",
     ".zip",
     ".tar",
 )

@@ -23,24 +23,15 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pkgproxy.cache.keys import PACKED, split_key
+from pkgproxy.cache.keys import cache_key as cache_key
 from pkgproxy.cache.store import CacheStore, Entry
-from pkgproxy.config import Route
+from pkgproxy.config.model import Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import FAMILIES, Expect, Facts
-from pkgproxy.fetch.fetch import PACKED, Fetch
+from pkgproxy.fetch.fetch import Fetch
 
 log = Logger()
-
-
-def cache_key(route: str, path: str) -> str:
-    """The cache key of ``path`` (canonical, with its ``?query`` if any) on a route."""
-    return f"{route}:{path}"
-
-
-def split_key(key: str) -> tuple[str, str]:
-    """``(route name, path)`` of a cache key made by the proxy resource."""
-    route, _, rest = key.partition(":")
-    return route, rest.split("?", 1)[0].split("#", 1)[0]
 
 
 class UpstreamLinks:

@@ -49,6 +49,8 @@ fi
 $PY -m ruff check pkgproxy tests twisted
 $PY -m ruff format --check pkgproxy tests twisted
 $PY -m mypy pkgproxy twisted
+# The rooms and their one-way arrows (.importlinter, docs/architecture.md).
+PYTHONPATH=. $PY -c "from importlinter.cli import lint_imports_command; lint_imports_command()" --no-cache
 
 log=$(mktemp)
 status=0

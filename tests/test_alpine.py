@@ -9,8 +9,8 @@ import hashlib
 from twisted.trial.unittest import SynchronousTestCase
 
 from pkgproxy.config import Route
-from pkgproxy.digests import ApkControlHasher
 from pkgproxy.families import CacheClass, Expect, Facts, alpine
+from pkgproxy.families.alpine import ApkControlHasher
 
 ROUTE = Route(
     "alpine", "alpine", "/alpine/", "https://dl-cdn.alpinelinux.org/alpine/", index_ttl=300

@@ -98,6 +98,28 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn(path, str(e))
 
 
+class FamilyPrefixRootTests(SynchronousTestCase):
+    """A family's prefix root (OCI's /v2/) holds its routes, and only its routes."""
+
+    def _prefix(self, **route: str) -> str:
+        cfg = config_from_dict({"routes": {"reg": route}})
+        return next(r.prefix for r in cfg.routes if r.name == "reg")
+
+    def test_oci_route_without_a_prefix_lives_under_v2(self) -> None:
+        self.assertEqual(self._prefix(family="oci", upstream="https://r.example/v2/"), "/v2/reg/")
+
+    def test_oci_route_outside_v2_is_refused(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            self._prefix(family="oci", upstream="https://r.example/v2/", prefix="/reg/")
+        self.assertEqual(e.exception.key, "routes.reg.prefix")
+        self.assertIn("/v2/ is where OCI registries live", str(e.exception))
+
+    def test_other_family_under_v2_is_refused(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            self._prefix(family="generic", upstream="https://r.example/", prefix="/v2/reg/")
+        self.assertEqual(e.exception.key, "routes.reg.prefix")
+
+
 class OptionsTests(SynchronousTestCase):
     def test_overrides(self) -> None:
         """Command-line options win over the file and the defaults."""

@@ -13,8 +13,8 @@ from twisted.web.client import ResponseFailed
 
 from pkgproxy import clientconfig
 from pkgproxy.config import BUILTIN_ROUTES, Route
-from pkgproxy.digests import GoModHasher, GoZipHasher
 from pkgproxy.families import FAMILIES, CacheClass, Expect, Facts, go
+from pkgproxy.families.go import GoModHasher, GoZipHasher
 from pkgproxy.testing import MemoryProxy
 from tests.support.goproxy import LIB, LIB_NEXT, UPPER, GoModule, tree
 

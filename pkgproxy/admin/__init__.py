@@ -12,7 +12,7 @@ from pkgproxy.admin.accesslog import AccessLog, AccessLogFile
 from pkgproxy.admin.metrics import ProxyMetrics, Switch
 from pkgproxy.admin.resource import AdminResource
 from pkgproxy.cache.store import CacheStore
-from pkgproxy.config import Config
+from pkgproxy.config.model import Config
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.observe import Observer, Observers

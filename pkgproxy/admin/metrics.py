@@ -34,7 +34,7 @@ from pkgproxy.observe import Observer, RequestRecord
 
 if TYPE_CHECKING:
     from pkgproxy.cache.store import CacheStore
-    from pkgproxy.config import Config, Route
+    from pkgproxy.config.model import Config, Route
     from pkgproxy.fetch.fetch import Fetch
     from pkgproxy.fetch.registry import InFlight
     from pkgproxy.upstream.client import UpstreamError

@@ -31,10 +31,10 @@ from twisted.web.server import Request
 from pkgproxy import __version__, httputil
 from pkgproxy.admin.metrics import ProxyMetrics, Switch
 from pkgproxy.admin.status import CSP, DownloadView, StatusView, config_text, render_status
+from pkgproxy.cache.keys import cache_key, names
 from pkgproxy.cache.store import CacheStore
-from pkgproxy.config import Config
+from pkgproxy.config.model import Config
 from pkgproxy.fetch.registry import InFlight
-from pkgproxy.learning import cache_key
 from pkgproxy.netaddr import IP, Networks, parse_ip
 from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 
@@ -247,7 +247,7 @@ class AdminResource(Resource):
             matches = lambda k: k.startswith(value)  # noqa: E731
         else:
             # A key also names its variants: representations (#) and rewritten copies (@).
-            matches = lambda k: k == value or k.startswith((value + "#", value + "@"))  # noqa: E731
+            matches = lambda k: names(k, value)  # noqa: E731
         victims = [e for e in self._store.entries() if matches(e.key)]
         freed = 0
         for entry in victims:

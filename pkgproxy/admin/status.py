@@ -22,7 +22,7 @@ from pkgproxy.admin.metrics import (
     RouteUsage,
     WarmupStats,
 )
-from pkgproxy.config import Config
+from pkgproxy.config.model import Config
 
 #: The page reloads itself this often (seconds); a meta refresh needs no script.
 REFRESH_SECONDS = 15

@@ -19,8 +19,12 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from pkgproxy import digests, httputil
+from pkgproxy.digests import Hasher
+from pkgproxy.rewrite.context import RewriteContext as RewriteContext
+
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 
 class CacheClass(Enum):
@@ -48,25 +52,6 @@ class Expect:
     digests: Mapping[str, str] = field(default_factory=dict)
     alternate: str | None = None
     not_after: float | None = None
-
-
-@dataclass(frozen=True)
-class RewriteContext:
-    """What a rewriter needs to know besides the document.
-
-    :ivar page_url: the upstream URL the document came from (for relative links).
-    :ivar public_url: maps an upstream URL to the URL a client uses for it through this
-        proxy, as that client reached the proxy (``http://cache:3142/pypi/files/...``,
-        or in forward mode the route's forward prefix); ``None`` for a URL no route
-        serves. A rewritten document is cached per client base for this reason.
-    """
-
-    page_url: str
-    public_url: Callable[[str], str | None]
-    #: ``upstream URL -> (upstream prefix, public prefix)``: every URL under the route
-    #: serving it maps to the public prefix plus the rest (a rewrite may then replace
-    #: prefixes in the bytes); ``None`` where that does not hold.
-    public_prefix: Callable[[str], tuple[str, str] | None] | None = None
 
 
 #: What to ask for a document that is rewritten: gzip, as direct clients take it (a
@@ -310,13 +295,26 @@ class Family:
     #: Paths (below the route) whose POSTs are relayed upstream uncached, as they are
     #: (npm's audit); every other POST is refused.
     post_through: re.Pattern[str] | None = None
+    #: The routes this family brings built in (a configuration file overrides one by name).
+    routes: tuple[Route, ...] = ()
+    #: A path root where every route of this family lives, and no other route (OCI's
+    #: ``/v2/``): a route of it given no prefix is ``<root><route name>/``.
+    prefix_root: str | None = None
+    #: The one-line error for a route prefix that breaks :attr:`prefix_root`.
+    prefix_root_error: str = ""
+    #: File name suffixes of this family's package formats, whose bytes are already
+    #: compressed (never served as content-coded; see ``httputil.COMPRESSED_SUFFIXES``).
+    compressed: tuple[str, ...] = ()
+    #: Digests of this family's formats beyond :mod:`hashlib`'s, by the name a
+    #: :class:`Decision` gives them (Alpine's ``apk-control``, Go's ``h1:``).
+    hashers: Mapping[str, Callable[[], Hasher]] = field(default_factory=dict)
 
 
 def _families() -> dict[str, Family]:
     from pkgproxy.families import alpine, debian, generic, go, npm, oci, pypi, rpm, rubygems
 
+    # The order is the order of the built-in routes.
     return {
-        "oci": oci.FAMILY,
         "debian": debian.FAMILY,
         "alpine": alpine.FAMILY,
         "generic": generic.FAMILY,
@@ -325,7 +323,26 @@ def _families() -> dict[str, Family]:
         "go": go.FAMILY,
         "rubygems": rubygems.FAMILY,
         "rpm": rpm.FAMILY,
+        "oci": oci.FAMILY,
     }
 
 
 FAMILIES: dict[str, Family] = _families()
+#: File name suffixes whose bytes are already compressed: the general formats and every
+#: family's package formats.
+COMPRESSED_SUFFIXES: tuple[str, ...] = httputil.COMPRESSED_SUFFIXES + tuple(
+    s for f in FAMILIES.values() for s in f.compressed
+)
+#: Every family's digests beyond hashlib's.
+HASHERS: dict[str, Callable[[], Hasher]] = {
+    name: h for f in FAMILIES.values() for name, h in f.hashers.items()
+}
+
+
+def new_hasher(name: str) -> Hasher:
+    """A fresh incremental digest for ``name``, a family's or :mod:`hashlib`'s."""
+    return digests.new_hasher(name, HASHERS)
+
+
+#: Every family's built-in routes, in registry order.
+BUILTIN_ROUTES: tuple[Route, ...] = tuple(r for f in FAMILIES.values() for r in f.routes)

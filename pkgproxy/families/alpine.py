@@ -8,15 +8,15 @@ for them. PROTOCOLS.md section 3.
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import re
 import tarfile
-from typing import TYPE_CHECKING
+import zlib
 
+from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 _BRANCH = r"(?:v\d+\.\d+|edge|latest-stable)"
 _INDEX = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/(?:APKINDEX\.tar\.gz|Packages\.adb)$")
@@ -89,4 +89,69 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
     return []
 
 
-FAMILY = Family(classify, learns, learn)
+class ApkControlHasher:
+    """Alpine's ``C:`` checksum: ``Q1`` + base64 of the SHA-1 of the second gzip member.
+
+    An ``.apk`` is three concatenated gzip streams (signature, control, data); the index
+    checksums the raw bytes of the control stream. The streams are found by inflating
+    only the first two; the large data stream is not decompressed.
+    """
+
+    def __init__(self) -> None:
+        self._member = 0
+        self._inflater = zlib.decompressobj(wbits=31)
+        self._sha1 = hashlib.sha1()
+        self._done = False
+        self._error = False
+
+    def update(self, data: bytes, /) -> None:
+        while data and not self._done and not self._error:
+            try:
+                self._inflater.decompress(data, 1 << 16)
+            except zlib.error:
+                self._error = True
+                return
+            tail = self._inflater.unconsumed_tail
+            used = len(data) - len(tail) - len(self._inflater.unused_data)
+            if self._member == 1:
+                self._sha1.update(data[:used])
+            if self._inflater.eof:
+                rest = self._inflater.unused_data
+                self._member += 1
+                if self._member == 2:
+                    self._done = True
+                    return
+                self._inflater = zlib.decompressobj(wbits=31)
+                data = rest + tail if tail else rest
+            else:
+                data = tail
+
+    def hexdigest(self) -> str:
+        if not self._done or self._error:
+            return "(no control stream)"
+        return "Q1" + base64.b64encode(self._sha1.digest()).decode()
+
+
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    Route(
+        name="alpine",
+        family="alpine",
+        prefix="/alpine/",
+        upstream="https://dl-cdn.alpinelinux.org/alpine/",
+        forward=(
+            "http://dl-cdn.alpinelinux.org/alpine/",
+            "https://dl-cdn.alpinelinux.org/alpine/",
+        ),
+        index_ttl=300.0,
+    ),
+)
+
+FAMILY = Family(
+    classify,
+    learns,
+    learn,
+    routes=ROUTES,
+    compressed=(".apk",),
+    hashers={"apk-control": ApkControlHasher},
+)

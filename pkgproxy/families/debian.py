@@ -16,14 +16,12 @@ import binascii
 import re
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
+from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
 from pkgproxy.families.compressed import open_index
 from pkgproxy.httputil import parse_http_date
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 _BY_HASH = re.compile(
     r"(?:^|/)dists/.+/by-hash/(?P<algo>MD5Sum|SHA1|SHA256|SHA512)/(?P<hex>[0-9a-f]{32,128})$"
@@ -280,4 +278,68 @@ def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
     return out
 
 
-FAMILY = Family(classify, learns, learn)
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    Route(
+        name="debian",
+        family="debian",
+        prefix="/debian/",
+        upstream="https://deb.debian.org/debian/",
+        forward=(
+            "http://deb.debian.org/debian/",
+            "http://ftp.debian.org/debian/",
+            "https://deb.debian.org/debian/",
+            "https://ftp.debian.org/debian/",
+        ),
+    ),
+    Route(
+        name="debian-security",
+        family="debian",
+        prefix="/debian-security/",
+        upstream="https://deb.debian.org/debian-security/",
+        forward=(
+            "http://deb.debian.org/debian-security/",
+            "http://security.debian.org/debian-security/",
+            "http://security.debian.org/",
+            "https://deb.debian.org/debian-security/",
+            "https://security.debian.org/debian-security/",
+            "https://security.debian.org/",
+        ),
+    ),
+    # Ubuntu's archive is plain HTTP upstream too; apt checks the signed indexes.
+    Route(
+        name="ubuntu",
+        family="debian",
+        prefix="/ubuntu/",
+        upstream="http://archive.ubuntu.com/ubuntu/",
+        forward=(
+            "http://archive.ubuntu.com/ubuntu/",
+            "http://*.archive.ubuntu.com/ubuntu/",
+            "https://archive.ubuntu.com/ubuntu/",
+        ),
+    ),
+    Route(
+        name="ubuntu-security",
+        family="debian",
+        prefix="/ubuntu-security/",
+        upstream="http://security.ubuntu.com/ubuntu/",
+        share_pool="ubuntu",
+        forward=(
+            "http://security.ubuntu.com/ubuntu/",
+            "https://security.ubuntu.com/ubuntu/",
+        ),
+    ),
+    Route(
+        name="ubuntu-ports",
+        family="debian",
+        prefix="/ubuntu-ports/",
+        upstream="http://ports.ubuntu.com/ubuntu-ports/",
+        forward=(
+            "http://ports.ubuntu.com/ubuntu-ports/",
+            "http://*.ports.ubuntu.com/ubuntu-ports/",
+            "https://ports.ubuntu.com/ubuntu-ports/",
+        ),
+    ),
+)
+
+FAMILY = Family(classify, learns, learn, routes=ROUTES, compressed=(".deb", ".udeb"))

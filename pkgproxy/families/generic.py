@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from pkgproxy.families import CacheClass, Decision, Facts, Family, Request
 
 if TYPE_CHECKING:
-    from pkgproxy.config import Route
+    from pkgproxy.config.model import Route
 
 
 def classify(

@@ -33,10 +33,10 @@ import binascii
 import hashlib
 import re
 from functools import partial
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from pkgproxy import gcpolicy, httputil
+from pkgproxy.config.model import Route
 from pkgproxy.families import (
     REWRITTEN_CODING,
     VARY_CODING,
@@ -57,9 +57,6 @@ from pkgproxy.rewrite.npm_packument import (
     read_document,
     rewrite_packument,
 )
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 #: The abbreviated ("corgi") packument's media type.
 CORGI = "application/vnd.npm.install-v1+json"
@@ -311,6 +308,22 @@ def _learn_document(doc: JSONObject, base: str | None, owner: str | None) -> Lea
     return out
 
 
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    # Packuments revalidate after 5 minutes, the registry's own max-age.
+    Route(
+        name="npm",
+        family="npm",
+        prefix="/npm/",
+        upstream="https://registry.npmjs.org/",
+        forward=(
+            "http://registry.npmjs.org/",
+            "https://registry.npmjs.org/",
+        ),
+        index_ttl=300.0,
+    ),
+)
+
 FAMILY = Family(
     classify,
     learns,
@@ -319,4 +332,5 @@ FAMILY = Family(
     root_alias=re.compile(r"^/(?:@[^/]+/)?[^/@][^/]*/-/[^/]+\.tgz$"),
     # npm install's audit: answered by the registry, never cached.
     post_through=re.compile(r"^-/npm/v1/security/(?:advisories/bulk|audits(?:/quick)?)$"),
+    routes=ROUTES,
 )

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import TYPE_CHECKING
 
 from pkgproxy import httputil
+from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Facts, Family, LocalAnswer, Request
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 _NAME = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
 _DIGEST = r"sha256:[a-f0-9]{64}"
@@ -134,4 +131,51 @@ def classify(
     return Decision(CacheClass.PASS, response_headers=headers, upstream_url=upstream_url)
 
 
-FAMILY = Family(classify, error_body=error_body)
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub
+    # at /v2/ itself, others at /v2/<registry>/ or by containerd's ?ns=<registry>. The
+    # route name is the registry's name. index_ttl is how long a tag is trusted.
+    Route(
+        name="docker.io",
+        family="oci",
+        prefix="/v2/",
+        upstream="https://registry-1.docker.io/v2/",
+        index_ttl=300.0,
+        # Blobs are 307-redirected to Docker's CDNs (docs.docker.com, allow-list).
+        redirect_hosts=(
+            "production.cloudflare.docker.com",
+            "production.cloudfront.docker.com",
+            "docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56.r2.cloudflarestorage.com",
+            "docker-images-prod.r2.cloudflarestorage.com",
+        ),
+    ),
+    Route(
+        name="ghcr.io",
+        family="oci",
+        prefix="/v2/ghcr.io/",
+        upstream="https://ghcr.io/v2/",
+        index_ttl=300.0,
+        redirect_hosts=(
+            "pkg-containers.githubusercontent.com",
+            "github-production-container-registry.s3.amazonaws.com",
+        ),
+    ),
+    Route(
+        name="quay.io",
+        family="oci",
+        prefix="/v2/quay.io/",
+        upstream="https://quay.io/v2/",
+        index_ttl=300.0,
+        redirect_hosts=("cdn.quay.io", "*.quay.io"),  # cdn01..cdn03.quay.io
+    ),
+)
+
+FAMILY = Family(
+    classify,
+    error_body=error_body,
+    routes=ROUTES,
+    prefix_root="/v2/",
+    prefix_root_error="/v2/ is where OCI registries live: an oci route's prefix starts with "
+    "/v2/ (e.g. /v2/ghcr.io/), and no other route's does",
+)

@@ -25,13 +25,15 @@ PROTOCOLS.md section 4 gives the details.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from pkgproxy import httputil
+from pkgproxy.config.model import Route
+from pkgproxy.digests import Hasher
 from pkgproxy.families import (
     REWRITTEN_CODING,
     VARY_CODING,
@@ -48,9 +50,6 @@ from pkgproxy.families import (
 from pkgproxy.httputil import BadPath, canonical_path
 from pkgproxy.rewrite import pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 #: The root project list is tens of megabytes and changes only by new projects, which
 #: pip never looks for there: it is revalidated this many times less often than pages.
@@ -338,4 +337,45 @@ def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> Learne
     return teach(context.page_url, pypi_simple.rewrite_api(raw_path, out_path, context))
 
 
-FAMILY = Family(classify, learns, learn)
+def _blake2b_256() -> Hasher:
+    """BLAKE2b with a 32-byte digest: the one files.pythonhosted.org paths are made of
+    (``hashlib.new("blake2b")`` gives the 64-byte one)."""
+    return hashlib.blake2b(digest_size=32)
+
+
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    # PyPI: the index and the files host are two routes; /pypi/files/ is the longer
+    # prefix. Project pages revalidate after 10 minutes, PyPI's own max-age.
+    Route(
+        name="pypi",
+        family="pypi",
+        prefix="/pypi/",
+        upstream="https://pypi.org/",
+        forward=(
+            "http://pypi.org/",
+            "https://pypi.org/",
+        ),
+        index_ttl=600.0,
+    ),
+    Route(
+        name="pypi-files",
+        family="pypi",
+        prefix="/pypi/files/",
+        upstream="https://files.pythonhosted.org/",
+        forward=(
+            "http://files.pythonhosted.org/",
+            "https://files.pythonhosted.org/",
+        ),
+        index_ttl=600.0,
+    ),
+)
+
+FAMILY = Family(
+    classify,
+    learns,
+    learn,
+    routes=ROUTES,
+    compressed=(".whl",),
+    hashers={"blake2b-256": _blake2b_256},
+)

@@ -17,15 +17,12 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
+from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
 from pkgproxy.families.compressed import open_index
 from pkgproxy.families.debian import signature_time
 from pkgproxy.rewrite.metalink import rewrite_metalink
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 _REPOMD = re.compile(r"(?:^|/)repodata/repomd\.xml$")
 _REPOMD_ASC = re.compile(r"(?:^|/)repodata/repomd\.xml\.(?:asc|key)$")
@@ -185,4 +182,88 @@ def learn_primary(local_file: str, url: str) -> list[tuple[str, Expect]]:
     return out
 
 
-FAMILY = Family(classify, learns, learn)
+ROUTES: tuple[Route, ...] = (
+    # RPM (dnf, yum, zypper). Fedora and EPEL from Fedora's master host, which serves every
+    # release and update; MirrorManager's metalink answers name this proxy as the one mirror
+    # (revalidated as often as repomd.xml, so the checksums they carry keep up with it).
+    Route(
+        name="fedora",
+        family="rpm",
+        prefix="/fedora/",
+        upstream="https://dl.fedoraproject.org/pub/fedora/linux/",
+        forward=(
+            "http://dl.fedoraproject.org/pub/fedora/linux/",
+            "https://dl.fedoraproject.org/pub/fedora/linux/",
+            "http://download.fedoraproject.org/pub/fedora/linux/",
+            "https://download.fedoraproject.org/pub/fedora/linux/",
+        ),
+    ),
+    Route(
+        name="epel",
+        family="rpm",
+        prefix="/epel/",
+        upstream="https://dl.fedoraproject.org/pub/epel/",
+        forward=(
+            "http://dl.fedoraproject.org/pub/epel/",
+            "https://dl.fedoraproject.org/pub/epel/",
+            "http://download.fedoraproject.org/pub/epel/",
+            "https://download.fedoraproject.org/pub/epel/",
+        ),
+    ),
+    Route(
+        name="fedora-metalink",
+        family="rpm",
+        prefix="/fedora-metalink/",
+        upstream="https://mirrors.fedoraproject.org/",
+        forward=(
+            "http://mirrors.fedoraproject.org/",
+            "https://mirrors.fedoraproject.org/",
+        ),
+    ),
+    Route(
+        name="rocky",
+        family="rpm",
+        prefix="/rocky/",
+        upstream="https://dl.rockylinux.org/pub/rocky/",
+        forward=(
+            "http://dl.rockylinux.org/pub/rocky/",
+            "https://dl.rockylinux.org/pub/rocky/",
+            "http://download.rockylinux.org/pub/rocky/",
+            "https://download.rockylinux.org/pub/rocky/",
+        ),
+    ),
+    Route(
+        name="almalinux",
+        family="rpm",
+        prefix="/almalinux/",
+        upstream="https://repo.almalinux.org/almalinux/",
+        forward=(
+            "http://repo.almalinux.org/almalinux/",
+            "https://repo.almalinux.org/almalinux/",
+        ),
+    ),
+    Route(
+        name="centos-stream",
+        family="rpm",
+        prefix="/centos-stream/",
+        upstream="https://mirror.stream.centos.org/",
+        forward=(
+            "http://mirror.stream.centos.org/",
+            "https://mirror.stream.centos.org/",
+        ),
+    ),
+    Route(
+        name="opensuse",
+        family="rpm",
+        prefix="/opensuse/",
+        upstream="https://download.opensuse.org/",
+        forward=(
+            "http://download.opensuse.org/",
+            "https://download.opensuse.org/",
+            "http://cdn.opensuse.org/",
+            "https://cdn.opensuse.org/",
+        ),
+    ),
+)
+
+FAMILY = Family(classify, learns, learn, routes=ROUTES, compressed=(".rpm", ".drpm"))

@@ -26,8 +26,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
+from pkgproxy.config.model import Route
 from pkgproxy.families import (
     CacheClass,
     Decision,
@@ -39,9 +39,6 @@ from pkgproxy.families import (
     listed,
     upstream_base,
 )
-
-if TYPE_CHECKING:
-    from pkgproxy.config import Route
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _INFO = re.compile(rf"^info/(?P<name>{_NAME})$")
@@ -114,4 +111,21 @@ def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
         ]
 
 
-FAMILY = Family(classify, learns, learn)
+#: The built-in routes of this family (a configuration file overrides one by name).
+ROUTES: tuple[Route, ...] = (
+    Route(
+        name="rubygems",
+        family="rubygems",
+        prefix="/rubygems/",
+        upstream="https://rubygems.org/",
+        forward=(
+            "http://rubygems.org/",
+            "https://rubygems.org/",
+            "http://index.rubygems.org/",
+            "https://index.rubygems.org/",
+        ),
+        index_ttl=300.0,
+    ),
+)
+
+FAMILY = Family(classify, learns, learn, routes=ROUTES)

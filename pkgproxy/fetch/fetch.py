@@ -29,8 +29,16 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from pkgproxy import httputil
-from pkgproxy.digests import new_hasher
-from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, RewriteContext
+from pkgproxy.cache.keys import PACKED as PACKED
+from pkgproxy.families import (
+    COMPRESSED_SUFFIXES,
+    VERSION_HEAD,
+    CacheClass,
+    Decision,
+    Learned,
+    RewriteContext,
+    new_hasher,
+)
 from pkgproxy.upstream.client import (
     UpstreamClient,
     UpstreamError,
@@ -60,10 +68,6 @@ LOW_WATER = 2 * 1024 * 1024
 #: When the cache disk refuses a download's write, up to this much of the rest of its
 #: body is held in memory so that its clients still get it whole (it is not stored).
 SPILL_MAX = 64 * 1024 * 1024
-#: The cache key suffix of a rewritten document's gzip form, stored beside it (its
-#: entry's ``etag`` is the identity document's sha256) and served to clients that take
-#: gzip, with ``Vary: Accept-Encoding``.
-PACKED = "#gzip"
 #: Rewritten documents smaller than this are not worth a gzip form.
 PACK_MIN = 1024
 #: A gzip-compressed document to rewrite may expand to this much, no more.
@@ -241,7 +245,7 @@ class Fetch:
         self.learned: Learned | None = None
         #: The gzip form of a rewritten document, committed beside it.
         self._packed: _Packed | None = None
-        self.subscribers = 0
+        self._subscribers = 0
         self.started_at = clock.seconds()
         #: When the upstream's answer was known (headers, or the error).
         self.answered_at = self.started_at
@@ -311,6 +315,24 @@ class Fetch:
         else:
             self._progress_waiters.append(d)
         return d
+
+    @property
+    def subscribers(self) -> int:
+        """Clients being sent this fetch's body now."""
+        return self._subscribers
+
+    def subscribe(self) -> Callable[[], None]:
+        """Count one client sent the body; call the result once, when its response ends."""
+        self._subscribers += 1
+        done = False
+
+        def unsubscribe() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self._subscribers -= 1
+
+        return unsubscribe
 
     def when_settled(self, f: Callable[[Fetch], None]) -> None:
         """Call ``f(self)`` once the fetch has nothing more to do with the cache."""
@@ -976,7 +998,7 @@ def _stored_headers(resp: UpstreamResponse, url: str) -> dict[bytes, bytes]:
         if v is not None:
             out[name] = v
     enc = out.get(b"content-encoding", b"").strip().lower()
-    if enc in (b"", b"identity") or url.split("?")[0].endswith(httputil.COMPRESSED_SUFFIXES):
+    if enc in (b"", b"identity") or url.split("?")[0].endswith(COMPRESSED_SUFFIXES):
         # The wire bytes of a .gz/.xz/.deb are the file itself: never announce them as
         # content-coded, or a client would unpack them on the fly.
         out.pop(b"content-encoding", None)

@@ -2,7 +2,7 @@
 
 Shared by the HTML and JSON rewriters of PyPI's documents: relative links are resolved
 against the page's upstream URL (or an HTML ``<base>``) first, then mapped by the
-request's :class:`~pkgproxy.families.RewriteContext` to the URL of the route that
+request's :class:`~pkgproxy.rewrite.context.RewriteContext` to the URL of the route that
 serves them, as this client reached the proxy. A link no route serves is left alone.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 if TYPE_CHECKING:  # pkgproxy.families imports the families, which import this module
-    from pkgproxy.families import RewriteContext
+    from pkgproxy.rewrite.context import RewriteContext
 
 
 def _nowhere(url: str) -> str | None:
@@ -25,7 +25,7 @@ class Linker:
 
     :param page_url: the document's upstream URL.
     :param public_url: the mapping of a request's
-        :class:`~pkgproxy.families.RewriteContext`; without one, links are only resolved.
+        :class:`~pkgproxy.rewrite.context.RewriteContext`; without one, links are only resolved.
     """
 
     def __init__(self, page_url: str, public_url: Callable[[str], str | None] = _nowhere) -> None:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape, quoteattr
 
 if TYPE_CHECKING:
-    from pkgproxy.families import RewriteContext
+    from pkgproxy.rewrite.context import RewriteContext
 
 NS = "http://www.metalinker.org/"
 MM0 = "http://fedorahosted.org/mirrormanager"

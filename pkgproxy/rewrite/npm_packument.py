@@ -38,7 +38,7 @@ from pkgproxy import gcpolicy
 from pkgproxy.rewrite import prefix
 
 if TYPE_CHECKING:  # pkgproxy.families imports the npm family, which imports this module
-    from pkgproxy.families import RewriteContext
+    from pkgproxy.rewrite.context import RewriteContext
 
 #: A JSON object as parsed here.
 JSONObject = dict[str, Any]

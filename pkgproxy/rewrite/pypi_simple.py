@@ -32,7 +32,7 @@ from pkgproxy.rewrite import htmldoc, jsondoc, prefix
 from pkgproxy.rewrite.links import Linker
 
 if TYPE_CHECKING:  # pkgproxy.families imports the pypi family, which imports this module
-    from pkgproxy.families import RewriteContext
+    from pkgproxy.rewrite.context import RewriteContext
 
 HTML = "text/html"
 V1_HTML = "application/vnd.pypi.simple.v1+html"

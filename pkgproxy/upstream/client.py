@@ -70,7 +70,7 @@ from twisted.web.iweb import (
 )
 from zope.interface import implementer
 
-from pkgproxy.config import Route, UpstreamConfig
+from pkgproxy.config.model import Route, UpstreamConfig
 from pkgproxy.tcpwrite import flush
 from pkgproxy.upstream.errors import UpstreamError as UpstreamError
 from pkgproxy.upstream.limits import HeldResponse, LimitedAgent, _origin

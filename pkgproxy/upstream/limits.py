@@ -28,7 +28,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from pkgproxy import httputil
-from pkgproxy.config import UpstreamConfig
+from pkgproxy.config.model import UpstreamConfig
 from pkgproxy.upstream.errors import UpstreamError
 
 log = Logger()

@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from pkgproxy.config import Route
+from pkgproxy.config.model import Route
 
 
 def _host_port(url: str) -> tuple[str, int]:

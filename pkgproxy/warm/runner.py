@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from pkgproxy.config import Route
+from pkgproxy.config.model import Route
 from pkgproxy.warm import aptroot
 from pkgproxy.warm.sources import Want, integrity_digests
 

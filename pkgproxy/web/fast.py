@@ -30,7 +30,7 @@ from twisted.web import http
 from twisted.web.server import Request
 
 from pkgproxy.cache.store import CacheStore, Entry
-from pkgproxy.config import Route
+from pkgproxy.config.model import Route
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tcpwrite import plain_tcp, send_now

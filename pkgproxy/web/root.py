@@ -19,9 +19,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from pkgproxy import httputil
+from pkgproxy.cache import freshness, keys
+from pkgproxy.cache.freshness import Action
+from pkgproxy.cache.keys import PACKED, cache_key
 from pkgproxy.cache.negative import NegativeCache
 from pkgproxy.cache.store import CacheStore, Entry
-from pkgproxy.config import Config, Route
+from pkgproxy.config.model import Config, Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import (
     FAMILIES,
@@ -32,13 +35,14 @@ from pkgproxy.families import (
     RewriteContext,
 )
 from pkgproxy.families import Request as FamilyRequest
-from pkgproxy.fetch.fetch import PACKED, Fetch, FetchRequest, Outcome
+from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
 from pkgproxy.fetch.registry import InFlight
-from pkgproxy.learning import Learner, cache_key
+from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
 from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 from pkgproxy.upstream.proxy import via_names
+from pkgproxy.web import conditional, connect
 from pkgproxy.web.fast import HitPath
 from pkgproxy.web.producer import (
     BodyProducer,
@@ -48,6 +52,7 @@ from pkgproxy.web.producer import (
     SendfileProducer,
 )
 from pkgproxy.web.relay import Relay
+from pkgproxy.web.respond import reason as _reason
 from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 from pkgproxy.web.tunnel import BlindTunnels, Connector
 
@@ -93,24 +98,6 @@ class _Ctx:
     scheme: str = "http"
     gone: bool = False
     retried: bool = False
-
-
-def _reason(request: Request, code: int, message: str, family: str | None = None) -> bytes:
-    """A one-line error: what went wrong and, where it helps, what to do.
-
-    Plain text, unless the family's clients read errors in a format of their own.
-    """
-    request.setResponseCode(code)
-    formatter = FAMILIES[family].error_body if family in FAMILIES else None
-    if formatter is not None:
-        content_type, body = formatter(code, message)
-        request.setHeader(b"content-type", content_type.encode("latin-1"))
-    else:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        body = f"pkgproxy: {message}\n".encode()
-    request.setHeader(b"via", b"1.1 pkgproxy")
-    request.setHeader(b"content-length", str(len(body)).encode())
-    return b"" if request.method == b"HEAD" else body
 
 
 class ProxyResource(Resource):
@@ -276,9 +263,9 @@ class ProxyResource(Resource):
             ctx.key = cache_key(route.name, ctx.path)
             ctx.url = ctx.url.partition("?")[0]
         if decision.key_scope is not None:
-            ctx.key = decision.key_scope + ctx.key[len(route.name) :]
+            ctx.key = keys.scoped(ctx.key, route.name, decision.key_scope)
         if decision.variant:
-            ctx.key = f"{ctx.key}#{decision.variant}"
+            ctx.key = keys.variant(ctx.key, decision.variant)
         if decision.upstream_url is not None:
             query = ctx.url.partition("?")[2]
             ctx.url = decision.upstream_url + (f"?{query}" if query else "")
@@ -289,8 +276,7 @@ class ProxyResource(Resource):
                 ctx.base = _client_base(ctx.request)
             absolute_https = ctx.request.uri[:8].lower() == b"https://"
             ctx.scheme = "https" if tunneled or absolute_https else "http"
-            # '#' never stands in a canonical path, so the key's path part stays whole.
-            ctx.key = f"{ctx.key}#@{ctx.base or 'forward-' + ctx.scheme}"
+            ctx.key = keys.rewritten(ctx.key, ctx.base or "forward-" + ctx.scheme)
         ctx.learn = self._learner.wants(route, ctx.path)
         self._handle(ctx)
 
@@ -313,46 +299,7 @@ class ProxyResource(Resource):
         req.finish()
 
     def _connect(self, request: Request) -> bytes | int:
-        """``CONNECT host:port`` with interception on: end TLS here for a routed host.
-
-        The answer goes out on the raw connection, TLS starts with a certificate for
-        exactly that host, and the same HTTP channel then reads the requests inside,
-        which are routed like forward-proxy requests for ``https://host``. A host no
-        route names is refused before any TLS, and no certificate is made for it, unless
-        ``[tls_intercept] tunnel`` lists it: then it gets a blind, uncached tunnel.
-        """
-        authority = request.uri.decode("latin-1")
-        host, _, port_text = authority.rpartition(":")
-        host = host.strip("[]").lower()
-        if not host or not port_text.isdigit():
-            return _reason(request, http.BAD_REQUEST, f"malformed CONNECT target {authority!r}")
-        port = int(port_text)
-        intercept = self._ca is not None and self._table.interceptable(host, port)
-        # An intercepted host is cached; only a host no route names can be tunnelled.
-        blind = not intercept and self._tunnels is not None and self._tunnels.allowed(host, port)
-        if not intercept and not blind:
-            return _reason(
-                request,
-                http.FORBIDDEN,
-                f"{authority} is not an https upstream of this proxy; nothing is tunnelled",
-            )
-        channel: Any = request.channel
-        transport: Any = channel.transport
-        if getattr(transport, "TLS", False):
-            return _reason(request, http.BAD_REQUEST, "CONNECT inside a tunnel")
-        if blind and self._tunnels is not None:
-            return self._tunnels.open(request, host, port)
-        assert self._ca is not None
-        options = self._ca.options_for(host)
-        transport.write(b"HTTP/1.1 200 Connection established\r\nVia: 1.1 pkgproxy\r\n\r\n")
-        request.startedWriting = 1  # answered above, outside the Request's own framing
-        # The connection now carries the tunnel, whatever an HTTP/1.0 CONNECT (Python's
-        # http.client, so pip) would otherwise mean for its persistence.
-        channel.persistent = True
-        channel.pkgproxy_tunnel = f"https://{host}" + ("" if port == 443 else f":{port}")
-        transport.startTLS(options)
-        request.finish()
-        return NOT_DONE_YET
+        return connect.answer(request, self._table, self._ca, self._tunnels)
 
     def _post_through(self, request: Request, uri: str) -> int | None:
         """Relay a POST a family passes through (uncached), or ``None`` to refuse it."""
@@ -451,24 +398,27 @@ class ProxyResource(Resource):
         wants_check = httputil.client_wants_revalidation(
             req.getHeader(b"cache-control"), req.getHeader(b"pragma")
         )
+        action = Action.ASK
         if entry is not None and decision.cache_class is not CacheClass.PASS:
             # Immutable content, or an index whose content a cached index names (and the
             # entry matched it above): nothing to ask upstream.
             pinned = bool(decision.digests) or decision.size is not None
-            if decision.cache_class is CacheClass.IMMUTABLE or pinned:
-                self._serve_entry(ctx, entry, b"HIT")
-                return
-            if (
-                entry.expires is not None
-                and entry.is_fresh(now)
-                and not (wants_check and now - entry.fetched >= self._revalidate_window)
-            ):
+            action = freshness.decide(
+                immutable=decision.cache_class is CacheClass.IMMUTABLE or pinned,
+                expires=entry.expires,
+                fetched=entry.fetched,
+                now=now,
+                wants_check=wants_check,
+                revalidate_window=self._revalidate_window,
+                stale_grace=ctx.route.stale_while_revalidate,
+            )
+            if action is Action.SERVE:
                 self._serve_entry(ctx, entry, b"HIT")
                 return
         if entry is None and decision.remembers_absence:
             absent = self._negative.get(ctx.key, now)
-            if absent is not None and not (
-                wants_check and now - absent.fetched >= self._revalidate_window
+            if absent is not None and not freshness.check_due(
+                absent.fetched, now, wants_check, self._revalidate_window
             ):
                 self._send_small(ctx, absent.status, absent.headers, absent.body, b"HIT")
                 return
@@ -476,7 +426,7 @@ class ProxyResource(Resource):
         if self.offline and fetch is None:
             self._offline(ctx, entry, now)
             return
-        if entry is not None and self._may_serve_stale(ctx, entry, now, wants_check):
+        if entry is not None and self._may_serve_stale(action, entry, now):
             # Stale-while-revalidate: this client gets the stored copy at once; the
             # upstream check runs without it, shared like any fetch, and the next
             # request sees its result.
@@ -527,25 +477,18 @@ class ProxyResource(Resource):
                 companion.expires = 0.0
                 self._store.update(companion)
 
-    def _may_serve_stale(self, ctx: _Ctx, entry: Entry, now: float, wants_check: bool) -> bool:
+    def _may_serve_stale(self, action: Action, entry: Entry, now: float) -> bool:
         """Whether an expired index may be answered at once while it is revalidated.
 
         Only within the route's ``stale_while_revalidate`` after expiry, and never for a
         client that demands a check (``max-age=0``) the last one is too old for: apt
-        asks that for every index and must see a new ``InRelease`` at once. Nor when
-        the cache disk is in trouble (a new copy could not be stored), nor for an
-        ``InRelease`` past its ``Valid-Until``.
+        asks that for every index and must see a new ``InRelease`` at once (both
+        :func:`~pkgproxy.cache.freshness.decide`). Nor when the cache disk is in trouble
+        (a new copy could not be stored), nor for an ``InRelease`` past its
+        ``Valid-Until``.
         """
-        grace = ctx.route.stale_while_revalidate
-        decision = ctx.decision
         return (
-            grace > 0
-            and decision.cache_class is CacheClass.MUTABLE
-            and not decision.digests
-            and decision.size is None
-            and entry.expires is not None
-            and now < entry.expires + grace
-            and not (wants_check and now - entry.fetched >= self._revalidate_window)
+            action is Action.SERVE_STALE
             and not self._store.disk_trouble()
             and not self._past_valid_until(entry, now)
         )
@@ -726,7 +669,9 @@ class ProxyResource(Resource):
 
     def _serve_entry(self, ctx: _Ctx, entry: Entry, x_cache: bytes) -> None:
         req = ctx.request
-        if ctx.decision.rewrite is not None and _takes_gzip(req.getHeader(b"accept-encoding")):
+        if ctx.decision.rewrite is not None and conditional.takes_gzip(
+            req.getHeader(b"accept-encoding")
+        ):
             # The gzip form stored beside a rewritten document, if it is of this one.
             sibling = self._store.get(entry.key + PACKED)
             if sibling is not None and sibling.etag == entry.sha256:
@@ -740,11 +685,11 @@ class ProxyResource(Resource):
         self._set_headers(
             req, entry.headers, ctx.decision.response_headers, x_cache, etag, entry.last_modified
         )
-        if self._not_modified(req, etag, entry.last_modified):
+        if conditional.not_modified(req, etag, entry.last_modified):
             req.setResponseCode(http.NOT_MODIFIED)
             req.finish()
             return
-        span = self._range(req, entry.size, etag, entry.last_modified)
+        span = conditional.choose_range(req, entry.size, etag, entry.last_modified)
         if span is None:
             return
         start, end = span
@@ -850,7 +795,7 @@ class ProxyResource(Resource):
             lm,
             ranges=ranges,
         )
-        if etag is not None and self._not_modified(req, etag, lm):
+        if etag is not None and conditional.not_modified(req, etag, lm):
             # The client's copy is current even though the cache had to fetch (an
             # upstream that answers If-None-Match with a full 200, as npm's does).
             file.release()
@@ -860,7 +805,7 @@ class ProxyResource(Resource):
         start, end = 0, fetch.length
         if ranges:
             assert fetch.length is not None
-            span = self._range(req, fetch.length, etag, lm)
+            span = conditional.choose_range(req, fetch.length, etag, lm)
             if span is None:
                 file.release()
                 return
@@ -869,11 +814,7 @@ class ProxyResource(Resource):
             file.release()
             req.finish()
             return
-        fetch.subscribers += 1
-
-        def closed() -> None:
-            fetch.subscribers -= 1
-
+        closed = fetch.subscribe()
         BodyProducer(
             req, file, fetch, start, end, self._pool, self._clock, closed, self._sync_read_max
         ).start()
@@ -1013,70 +954,6 @@ class ProxyResource(Resource):
             req.setHeader(b"accept-ranges", b"bytes")
         req.setHeader(b"via", b"1.1 pkgproxy")
         req.setHeader(b"x-cache", x_cache)
-
-    @staticmethod
-    def _not_modified(req: Request, etag: str, last_modified: str | None) -> bool:
-        inm = req.getHeader(b"if-none-match")
-        if inm is not None:
-            tags = {t.strip().removeprefix("W/") for t in inm.decode("latin-1").split(",")}
-            return "*" in tags or etag in tags
-        ims = httputil.parse_http_date(req.getHeader(b"if-modified-since"))
-        lm = httputil.parse_http_date(last_modified)
-        return ims is not None and lm is not None and lm <= ims
-
-    @staticmethod
-    def _range(
-        req: Request, size: int, etag: str | None, last_modified: str | None
-    ) -> tuple[int, int] | None:
-        """Decide between 200 and 206 and set the length headers.
-
-        :return: the span to send, or ``None`` when a 416 has been answered.
-        """
-        header = req.getHeader(b"range")
-        if_range = req.getHeader(b"if-range")
-        if header is not None and if_range is not None:
-            value = if_range.decode("latin-1").strip()
-            if value != etag and value != last_modified:
-                header = None  # the client's partial copy is of another version
-        try:
-            span = httputil.parse_range(header, size)
-        except httputil.Unsatisfiable:
-            req.setResponseCode(http.REQUESTED_RANGE_NOT_SATISFIABLE)
-            req.setHeader(b"content-range", f"bytes */{size}".encode())
-            req.setHeader(b"content-length", b"0")
-            req.finish()
-            return None
-        if span is None:
-            req.setHeader(b"content-length", str(size).encode())
-            return (0, size)
-        start, end = span
-        req.setResponseCode(http.PARTIAL_CONTENT)
-        req.setHeader(b"content-range", f"bytes {start}-{end - 1}/{size}".encode())
-        req.setHeader(b"content-length", str(end - start).encode())
-        return span
-
-
-def _takes_gzip(value: bytes | None) -> bool:
-    """Whether an ``Accept-Encoding`` header admits gzip (``q`` > 0)."""
-    if not value:
-        return False
-    star = False
-    for element in value.decode("latin-1").split(","):
-        coding, *params = element.split(";")
-        coding = coding.strip().lower()
-        q = 1.0
-        for param in params:
-            name, _, number = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    q = float(number)
-                except ValueError:
-                    q = 0.0
-        if coding in ("gzip", "x-gzip"):
-            return q > 0
-        if coding == "*":
-            star = q > 0
-    return star
 
 
 #: A Host header usable as the base of rewritten links: an ASCII name or address, port.

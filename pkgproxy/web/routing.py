@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from pkgproxy.config import Route
+from pkgproxy.config.model import Route
 from pkgproxy.families import FAMILIES
 
 

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
-from pkgproxy.config import LimitsConfig
+from pkgproxy.config.model import LimitsConfig
 from pkgproxy.tcpwrite import flush
 from pkgproxy.web.fast import HitPath
 from pkgproxy.web.routing import valid_host

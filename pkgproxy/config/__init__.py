@@ -9,14 +9,38 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import socket
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from pkgproxy.families import FAMILIES
+from pkgproxy.config.model import (
+    AccessLogConfig,
+    CacheConfig,
+    Config,
+    LimitsConfig,
+    Route,
+    TlsInterceptConfig,
+    UpstreamConfig,
+)
+
+__all__ = [
+    "AccessLogConfig",
+    "BUILTIN_ROUTES",
+    "CacheConfig",
+    "Config",
+    "ConfigError",
+    "LimitsConfig",
+    "Route",
+    "TlsInterceptConfig",
+    "UpstreamConfig",
+    "check_url",
+    "config_from_dict",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
 
 
 class ConfigError(ValueError):
@@ -88,422 +112,19 @@ def parse_duration(value: object, key: str = "") -> float:
     return number * _DURATION_UNITS[unit]
 
 
-@dataclass(frozen=True)
-class Route:
-    """One upstream repository and the client-facing names it is reached by."""
-
-    name: str
-    family: str
-    prefix: str
-    upstream: str
-    forward: tuple[str, ...] = ()
-    index_ttl: float = 60.0
-    immutable: bool = False
-    enabled: bool = True
-    #: Seconds after an index expires during which a request is answered at once from
-    #: the stored copy (``STALE``) while one revalidation runs in the background; 0 is
-    #: off, so a client always gets the upstream's current answer after the TTL.
-    stale_while_revalidate: float = 0.0
-    #: Credentials pkgproxy itself uses upstream when challenged (a registry's token
-    #: service, or HTTP Basic); a client's own credentials are never forwarded.
-    #: Another route whose pool/ files are the very same (Ubuntu's security host and
-    #: archive): such files are one cache entry, whichever host they came from.
-    share_pool: str | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    #: A PEM file of CAs the upstream's TLS must chain to, instead of the global trust
-    #: root (an internal mirror with a private CA); applies to its whole host:port.
-    ca_file: str | None = None
-    #: Hosts an upstream redirect may lead to besides this route's own origin and the
-    #: other routes' upstreams (a registry's blob CDN); ``*.example.com`` matches below.
-    redirect_hosts: tuple[str, ...] = ()
+if TYPE_CHECKING:
+    #: Every family's built-in routes (:data:`pkgproxy.families.BUILTIN_ROUTES`).
+    BUILTIN_ROUTES: tuple[Route, ...]
 
 
-@dataclass(frozen=True)
-class CacheConfig:
-    """Where the cache lives and how large it may grow."""
+def __getattr__(name: str) -> object:
+    # The families are read when first needed: they import pkgproxy.config.model, and
+    # this package's __init__ runs first.
+    if name == "BUILTIN_ROUTES":
+        from pkgproxy.families import BUILTIN_ROUTES
 
-    dir: str = "pkgproxy-cache"
-    max_size: int = 10 * 1024**3
-    #: Hits up to this size are read in the reactor thread (cheaper than a thread hop on
-    #: a local disk); 0 sends every read to the disk pool (a slow or network disk).
-    sync_read_max: int = 64 * 1024
-    #: Bodies of recently repeated small hits kept in memory (0: always read the disk).
-    memory: int = 16 * 1024**2
-    #: After the cache disk refuses a write, misses bypass it for this long.
-    disk_retry_after: float = 30.0
-    #: A client's ``max-age=0``/``no-cache`` on an index checked upstream less than this
-    #: long ago is answered from the cache, so a fleet's ``apt update`` makes one check.
-    revalidate_window: float = 30.0
-
-
-@dataclass(frozen=True)
-class LimitsConfig:
-    """Caps on what one client connection may cost the server.
-
-    Twisted's own defaults allow 500 headers and keep an idle connection for 12 hours;
-    a package client sends a dozen headers and reconnects cheaply.
-    """
-
-    #: Request line and header block together; beyond it: 400/431, connection closed.
-    max_header_bytes: int = 16 * 1024
-    max_headers: int = 100
-    #: A connection idle this long between requests is closed (nginx's keep-alive).
-    client_idle_timeout: float = 75.0
-    #: A request's head (and body) must arrive within this long of its first byte,
-    #: however slowly it trickles in; past it: 408, connection closed.
-    request_head_timeout: float = 30.0
-    #: Memory all downloads together may hold to finish for their clients after the
-    #: cache disk refused their writes (each at most 64 MiB); past it, such a download
-    #: fails (its clients retry, and are relayed while the disk is in trouble).
-    disk_error_memory: int = 256 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    """How pkgproxy talks to upstreams: timeouts and connection limits."""
-
-    connect_timeout: float = 10.0
-    header_timeout: float = 30.0
-    idle_timeout: float = 60.0
-    max_connections_per_host: int = 16
-    #: How long an idle kept-alive upstream connection stays open for the next request.
-    keepalive_timeout: float = 60.0
-    max_redirects: int = 5
-    ca_bundle: str | None = None
-    #: Outbound HTTP proxy for every upstream (``http://[user:pass@]host:port``); ``""``:
-    #: none. With neither this nor ``no_proxy`` set, ``https_proxy``/``http_proxy``/
-    #: ``no_proxy`` from the environment apply, as curl reads them.
-    proxy: str | None = None
-    #: Hosts, domains (``.example.com``), addresses and CIDR ranges reached directly.
-    no_proxy: tuple[str, ...] | None = None
-    #: A parent cache (another pkgproxy) asked for every upstream URL, https included,
-    #: as an absolute URI; unreachable: direct, unless ``parent_only``.
-    parent: str | None = None
-    parent_only: bool = False
-    #: Connection failures in a row after which an upstream is not asked for a while.
-    failure_threshold: int = 5
-    retry_after: float = 15.0
-
-
-@dataclass(frozen=True)
-class AccessLogConfig:
-    """The access log: one line per request, in the ``pkgproxy.access`` log namespace.
-
-    It can be switched off because formatting a line per request costs CPU on a busy
-    cache; JSON is for log shippers that should not parse text.
-    """
-
-    enabled: bool = True
-    format: str = "text"
-    #: Write the lines to this file, buffered, instead of the normal log: far cheaper
-    #: per request on a busy cache. Reopened at every write, so logrotate needs no signal.
-    file: str | None = None
-
-
-@dataclass(frozen=True)
-class TlsInterceptConfig:
-    """Answering CONNECT for the https:// hosts routes name, with pkgproxy's own CA.
-
-    :ivar ca_cert: the CA certificate; ``None``: ``<cache.dir>/tls/ca.crt``, created
-        with its key on first start.
-    """
-
-    enabled: bool = False
-    ca_cert: str | None = None
-    ca_key: str | None = None
-    #: ``(host, port)`` pairs a CONNECT may open a blind, uncached tunnel to (with
-    #: interception off too); every other CONNECT not intercepted is refused.
-    tunnel: tuple[tuple[str, int], ...] = ()
-
-
-@dataclass(frozen=True)
-class Config:
-    """The whole effective configuration."""
-
-    listen: tuple[str, ...] = ("tcp:3142",)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
-    admin_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    routes: tuple[Route, ...] = ()
-    #: Bearer token admin actions must also present; ``None``: the network check only.
-    admin_token: str | None = field(default=None, repr=False)
-    #: Serve only from the cache: never contact an upstream (switchable at run time).
-    offline: bool = False
-    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    tls_intercept: TlsInterceptConfig = field(default_factory=lambda: TlsInterceptConfig())
-    #: Load balancers whose PROXY protocol header or ``X-Forwarded-For`` names the real
-    #: client (for the access log and ``admin_networks``); nobody else is believed.
-    trusted_proxies: tuple[str, ...] = ()
-    #: This node's name in a cluster: on the status page and in ``pkgproxy_info``.
-    node_name: str = field(default_factory=socket.gethostname)
-
-    def enabled_routes(self) -> tuple[Route, ...]:
-        """The routes that serve requests."""
-        return tuple(r for r in self.routes if r.enabled)
-
-    def upstream_credentials(self) -> dict[str, tuple[str, str]]:
-        """``(username, password)`` by route upstream URL, for routes that have them."""
-        return {
-            r.upstream: (r.username, r.password)
-            for r in self.enabled_routes()
-            if r.username is not None and r.password is not None
-        }
-
-
-BUILTIN_ROUTES: tuple[Route, ...] = (
-    Route(
-        name="debian",
-        family="debian",
-        prefix="/debian/",
-        upstream="https://deb.debian.org/debian/",
-        forward=(
-            "http://deb.debian.org/debian/",
-            "http://ftp.debian.org/debian/",
-            "https://deb.debian.org/debian/",
-            "https://ftp.debian.org/debian/",
-        ),
-    ),
-    Route(
-        name="debian-security",
-        family="debian",
-        prefix="/debian-security/",
-        upstream="https://deb.debian.org/debian-security/",
-        forward=(
-            "http://deb.debian.org/debian-security/",
-            "http://security.debian.org/debian-security/",
-            "http://security.debian.org/",
-            "https://deb.debian.org/debian-security/",
-            "https://security.debian.org/debian-security/",
-            "https://security.debian.org/",
-        ),
-    ),
-    # Ubuntu's archive is plain HTTP upstream too; apt checks the signed indexes.
-    Route(
-        name="ubuntu",
-        family="debian",
-        prefix="/ubuntu/",
-        upstream="http://archive.ubuntu.com/ubuntu/",
-        forward=(
-            "http://archive.ubuntu.com/ubuntu/",
-            "http://*.archive.ubuntu.com/ubuntu/",
-            "https://archive.ubuntu.com/ubuntu/",
-        ),
-    ),
-    Route(
-        name="ubuntu-security",
-        family="debian",
-        prefix="/ubuntu-security/",
-        upstream="http://security.ubuntu.com/ubuntu/",
-        share_pool="ubuntu",
-        forward=(
-            "http://security.ubuntu.com/ubuntu/",
-            "https://security.ubuntu.com/ubuntu/",
-        ),
-    ),
-    Route(
-        name="ubuntu-ports",
-        family="debian",
-        prefix="/ubuntu-ports/",
-        upstream="http://ports.ubuntu.com/ubuntu-ports/",
-        forward=(
-            "http://ports.ubuntu.com/ubuntu-ports/",
-            "http://*.ports.ubuntu.com/ubuntu-ports/",
-            "https://ports.ubuntu.com/ubuntu-ports/",
-        ),
-    ),
-    Route(
-        name="alpine",
-        family="alpine",
-        prefix="/alpine/",
-        upstream="https://dl-cdn.alpinelinux.org/alpine/",
-        forward=(
-            "http://dl-cdn.alpinelinux.org/alpine/",
-            "https://dl-cdn.alpinelinux.org/alpine/",
-        ),
-        index_ttl=300.0,
-    ),
-    # RPM (dnf, yum, zypper). Fedora and EPEL from Fedora's master host, which serves every
-    # release and update; MirrorManager's metalink answers name this proxy as the one mirror
-    # (revalidated as often as repomd.xml, so the checksums they carry keep up with it).
-    Route(
-        name="fedora",
-        family="rpm",
-        prefix="/fedora/",
-        upstream="https://dl.fedoraproject.org/pub/fedora/linux/",
-        forward=(
-            "http://dl.fedoraproject.org/pub/fedora/linux/",
-            "https://dl.fedoraproject.org/pub/fedora/linux/",
-            "http://download.fedoraproject.org/pub/fedora/linux/",
-            "https://download.fedoraproject.org/pub/fedora/linux/",
-        ),
-    ),
-    Route(
-        name="epel",
-        family="rpm",
-        prefix="/epel/",
-        upstream="https://dl.fedoraproject.org/pub/epel/",
-        forward=(
-            "http://dl.fedoraproject.org/pub/epel/",
-            "https://dl.fedoraproject.org/pub/epel/",
-            "http://download.fedoraproject.org/pub/epel/",
-            "https://download.fedoraproject.org/pub/epel/",
-        ),
-    ),
-    Route(
-        name="fedora-metalink",
-        family="rpm",
-        prefix="/fedora-metalink/",
-        upstream="https://mirrors.fedoraproject.org/",
-        forward=(
-            "http://mirrors.fedoraproject.org/",
-            "https://mirrors.fedoraproject.org/",
-        ),
-    ),
-    Route(
-        name="rocky",
-        family="rpm",
-        prefix="/rocky/",
-        upstream="https://dl.rockylinux.org/pub/rocky/",
-        forward=(
-            "http://dl.rockylinux.org/pub/rocky/",
-            "https://dl.rockylinux.org/pub/rocky/",
-            "http://download.rockylinux.org/pub/rocky/",
-            "https://download.rockylinux.org/pub/rocky/",
-        ),
-    ),
-    Route(
-        name="almalinux",
-        family="rpm",
-        prefix="/almalinux/",
-        upstream="https://repo.almalinux.org/almalinux/",
-        forward=(
-            "http://repo.almalinux.org/almalinux/",
-            "https://repo.almalinux.org/almalinux/",
-        ),
-    ),
-    Route(
-        name="centos-stream",
-        family="rpm",
-        prefix="/centos-stream/",
-        upstream="https://mirror.stream.centos.org/",
-        forward=(
-            "http://mirror.stream.centos.org/",
-            "https://mirror.stream.centos.org/",
-        ),
-    ),
-    Route(
-        name="opensuse",
-        family="rpm",
-        prefix="/opensuse/",
-        upstream="https://download.opensuse.org/",
-        forward=(
-            "http://download.opensuse.org/",
-            "https://download.opensuse.org/",
-            "http://cdn.opensuse.org/",
-            "https://cdn.opensuse.org/",
-        ),
-    ),
-    # Packuments revalidate after 5 minutes, the registry's own max-age.
-    Route(
-        name="npm",
-        family="npm",
-        prefix="/npm/",
-        upstream="https://registry.npmjs.org/",
-        forward=(
-            "http://registry.npmjs.org/",
-            "https://registry.npmjs.org/",
-        ),
-        index_ttl=300.0,
-    ),
-    # PyPI: the index and the files host are two routes; /pypi/files/ is the longer
-    # prefix. Project pages revalidate after 10 minutes, PyPI's own max-age.
-    Route(
-        name="pypi",
-        family="pypi",
-        prefix="/pypi/",
-        upstream="https://pypi.org/",
-        forward=(
-            "http://pypi.org/",
-            "https://pypi.org/",
-        ),
-        index_ttl=600.0,
-    ),
-    Route(
-        name="pypi-files",
-        family="pypi",
-        prefix="/pypi/files/",
-        upstream="https://files.pythonhosted.org/",
-        forward=(
-            "http://files.pythonhosted.org/",
-            "https://files.pythonhosted.org/",
-        ),
-        index_ttl=600.0,
-    ),
-    # Go modules and RubyGems: released versions never change; module lists, @latest
-    # and the gem indexes revalidate after 5 minutes.
-    Route(
-        name="go",
-        family="go",
-        prefix="/go/",
-        upstream="https://proxy.golang.org/",
-        forward=(
-            "http://proxy.golang.org/",
-            "https://proxy.golang.org/",
-        ),
-        index_ttl=300.0,
-    ),
-    Route(
-        name="rubygems",
-        family="rubygems",
-        prefix="/rubygems/",
-        upstream="https://rubygems.org/",
-        forward=(
-            "http://rubygems.org/",
-            "https://rubygems.org/",
-            "http://index.rubygems.org/",
-            "https://index.rubygems.org/",
-        ),
-        index_ttl=300.0,
-    ),
-    # OCI registries live under /v2/ (a Docker mirror must be a host root): Docker Hub
-    # at /v2/ itself, others at /v2/<registry>/ or by containerd's ?ns=<registry>. The
-    # route name is the registry's name. index_ttl is how long a tag is trusted.
-    Route(
-        name="docker.io",
-        family="oci",
-        prefix="/v2/",
-        upstream="https://registry-1.docker.io/v2/",
-        index_ttl=300.0,
-        # Blobs are 307-redirected to Docker's CDNs (docs.docker.com, allow-list).
-        redirect_hosts=(
-            "production.cloudflare.docker.com",
-            "production.cloudfront.docker.com",
-            "docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56.r2.cloudflarestorage.com",
-            "docker-images-prod.r2.cloudflarestorage.com",
-        ),
-    ),
-    Route(
-        name="ghcr.io",
-        family="oci",
-        prefix="/v2/ghcr.io/",
-        upstream="https://ghcr.io/v2/",
-        index_ttl=300.0,
-        redirect_hosts=(
-            "pkg-containers.githubusercontent.com",
-            "github-production-container-registry.s3.amazonaws.com",
-        ),
-    ),
-    Route(
-        name="quay.io",
-        family="oci",
-        prefix="/v2/quay.io/",
-        upstream="https://quay.io/v2/",
-        index_ttl=300.0,
-        redirect_hosts=("cdn.quay.io", "*.quay.io"),  # cdn01..cdn03.quay.io
-    ),
-)
+        return BUILTIN_ROUTES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -639,6 +260,8 @@ _REDIRECT_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
+    from pkgproxy.families import FAMILIES
+
     where = f"routes.{name}."
     if not _ROUTE_NAME.match(name):
         raise ConfigError(f"routes.{name}", "route names are lower-case letters, digits, . _ -")
@@ -714,14 +337,13 @@ def _route(name: str, data: Mapping[str, Any], base: Route | None) -> Route:
     route = replace(base, **changes)
     if (route.username is None) != (route.password is None):
         raise ConfigError(where + "username", "give both username and password, or neither")
-    if route.family == "oci" and "prefix" not in data and not route.prefix.startswith("/v2/"):
-        route = replace(route, prefix=f"/v2/{name}/")
-    if (route.family == "oci") != route.prefix.startswith("/v2/"):
-        raise ConfigError(
-            where + "prefix",
-            "/v2/ is where OCI registries live: an oci route's prefix starts with /v2/ "
-            "(e.g. /v2/ghcr.io/), and no other route's does",
-        )
+    root = FAMILIES[route.family].prefix_root
+    if root is not None and "prefix" not in data and not route.prefix.startswith(root):
+        route = replace(route, prefix=f"{root}{name}/")
+    for family_name, owner in FAMILIES.items():
+        root = owner.prefix_root
+        if root is not None and (route.family == family_name) != route.prefix.startswith(root):
+            raise ConfigError(where + "prefix", owner.prefix_root_error)
     return route
 
 
@@ -857,6 +479,8 @@ def _proxy_url(value: object, key: str) -> str:
 def config_from_dict(data: Mapping[str, Any]) -> Config:
     """Build a :class:`Config` from parsed TOML, over the built-in defaults."""
     _check_keys(data, _TOP_KEYS, "")
+    from pkgproxy.families import BUILTIN_ROUTES
+
     cfg = Config(routes=BUILTIN_ROUTES)
     if "listen" in data:
         listen = _str_list(data["listen"], "listen")
