@@ -821,6 +821,38 @@ class AccessLogBatchTests(SynchronousTestCase):
         alog.stopService()
         self.assertIn('"GET /last"', out.getvalue().splitlines()[-1])
 
+    def test_batched_behind_the_log_level_filter(self) -> None:
+        """twistd's text log behind pkgproxy's --log-level filter (the default setup) is
+        still written in batches; a filter that drops info lines drops them here too."""
+        from io import StringIO
+
+        from twisted.logger import (
+            FilteringLogObserver,
+            LogLevelFilterPredicate,
+            LogPublisher,
+            textFileLogObserver,
+        )
+
+        for level, written in ((LogLevel.info, True), (LogLevel.warn, False)):
+            out = StringIO()
+            filtered = FilteringLogObserver(
+                textFileLogObserver(out), [LogLevelFilterPredicate(defaultLogLevel=level)]
+            )
+            publisher = LogPublisher(filtered)
+            alog = AccessLog(clock=self.clock, pool=self.pool, publisher=publisher)
+            alog.startService()
+            records = [_record(f"/files/{i}") for i in range(3)]
+            for r in records:
+                alog.request_done(r)
+            if written:
+                self.assertEqual(out.getvalue(), "", "nothing written per request")
+                self.clock.advance(alog.DELAY)
+                self.assertEqual(out.getvalue(), self.one_event_per_request(records))
+            else:
+                self.clock.advance(alog.DELAY)
+                self.assertEqual(out.getvalue(), "")
+            alog.stopService()
+
     def test_os_file_written_from_the_pool(self) -> None:
         from twisted.logger import LogPublisher, textFileLogObserver
 

@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import (
     FileLogObserver,
+    FilteringLogObserver,
     Logger,
     LogLevel,
     LogPublisher,
@@ -137,11 +138,8 @@ class _Direct:
     @classmethod
     def find(cls, observers: list[Any], prefix: Callable[[float], str]) -> _Direct | None:
         files = []
+        probe_time = 1_700_000_000.5
         for observer in observers:
-            out = getattr(observer, "_outFile", None)
-            if not isinstance(observer, FileLogObserver) or out is None:
-                return None
-            probe_time = 1_700_000_000.5
             probe = {
                 "log_format": "{access_line}",
                 "access_line": 'probe "x"',
@@ -149,6 +147,17 @@ class _Direct:
                 "log_level": LogLevel.info,
                 "log_time": probe_time,
             }
+            # pkgproxy's own --log-level filter in front of the text log: an access
+            # line goes through it whenever every predicate lets the probe pass.
+            while isinstance(observer, FilteringLogObserver):
+                passes = getattr(observer, "_shouldLogEvent", None)
+                inner = getattr(observer, "_observer", None)
+                if passes is None or inner is None or not passes(dict(probe)):
+                    return None
+                observer = inner
+            out = getattr(observer, "_outFile", None)
+            if not isinstance(observer, FileLogObserver) or out is None:
+                return None
             try:
                 text = observer.formatEvent(probe)
             except Exception:
