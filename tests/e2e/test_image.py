@@ -47,6 +47,8 @@ from tests.support.procs import (
 EXAMPLES = os.path.join(REPO_ROOT, "examples")
 #: The image's user (Dockerfile: useradd --uid 10001).
 IMAGE_UID = 10001
+#: Where the tests mount the cache volume (see ContainerTestCase.start_server).
+CACHE_MOUNT = "/srv/pkgproxy-cache"
 #: apt's sources in the Debian client image: a host nobody resolves, so only the proxy can
 #: answer for it (pkgproxy's debian route takes it as a forward prefix).
 FORWARD_BASE = "http://deb.example.test/debian/"
@@ -116,7 +118,10 @@ class PkgproxyImageTest(ContainerTestCase):
             ctr,
             cmd,
             port,
-            volumes=[f"{volume}:/var/cache/pkgproxy", f"{config}:/etc/pkgproxy/pkgproxy.toml:ro"],
+            # Not at the image's VOLUME path itself: buildah's chroot runs mount the image's
+            # anonymous volume there too, and in an order of their own (now and then over
+            # the bind mount). Docker and podman let a -v at that path replace it.
+            volumes=[f"{volume}:{CACHE_MOUNT}", f"{config}:/etc/pkgproxy/pkgproxy.toml:ro"],
             name=name,
         )
         error = _wait_health(server, "/_pkgproxy/ready", 60.0)
@@ -181,7 +186,7 @@ class PkgproxyImageTest(ContainerTestCase):
         with open(conf, "w", encoding="utf-8") as f:
             f.write(
                 f'listen = ["tcp:{port}:interface={HOST}"]\n'
-                '[cache]\ndir = "/var/cache/pkgproxy"\n'
+                f'[cache]\ndir = "{CACHE_MOUNT}"\n'
                 f'[routes.releases]\nfamily = "generic"\nimmutable = true\n'
                 f'upstream = "{upstream.url("/")}"\n'
             )
