@@ -160,6 +160,9 @@ class DockerHubRouteTests(OCITestCase):
             status, online, body = _http(url, "HEAD", accept=accept)
             self.assertEqual(status, 200, f"HEAD online: {body[:300]!r}\n{self._context()}")
             self.assertEqual(online["Docker-Content-Digest"], top.digest)
+        # Each HEAD stored its variant of the tag just after answering: wait for both
+        # commits, or a HEAD at once may still join its download (COALESCED).
+        self.proxy.wait_for_entries(len(accepts))
         self.registry.stop()
         for accept in accepts:
             status, headers, body = _http(url, "HEAD", accept=accept)
