@@ -16,9 +16,9 @@ import os
 import subprocess
 import time
 
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
-from tests.support import npmenv, npmrepo
+from tests.support import npmenv
 from tests.support.npmenv import IsolatedNpm, NpmResult
 from tests.support.npmrepo import APP, DEP, DEP_NEXT, SCOPED
 from tests.support.procs import HOST, start_pkgproxy
@@ -59,12 +59,7 @@ class NpmThroughPkgproxyTests(TestCase):
     """npm install through pkgproxy's npm route, then again with the registry stopped."""
 
     def setUp(self) -> None:
-        missing = npmenv.missing_tools()
-        if missing:
-            raise SkipTest(f"needs {', '.join(missing)}")
-        storage = os.path.abspath(self.mktemp())
-        npmrepo.write_verdaccio_storage(storage, npmrepo.FIXTURES)
-        self.registry = npmenv.start_verdaccio(self, storage)
+        self.registry = npmenv.start_fixture_registry(self)
         # A short TTL, so that the second install finds every packument expired and
         # pkgproxy must serve it stale while the registry is down.
         self.proxy = start_pkgproxy(

@@ -143,12 +143,7 @@ class NpmWarmTests(TestCase):
     """A package-lock.json warms packuments and tarballs; npm ci then needs no registry."""
 
     def setUp(self) -> None:
-        missing = npmenv.missing_tools()
-        if missing:
-            raise SkipTest(f"needs {', '.join(missing)}")
-        storage = os.path.abspath(self.mktemp())
-        npmrepo.write_verdaccio_storage(storage, npmrepo.FIXTURES)
-        self.registry = npmenv.start_verdaccio(self, storage)
+        self.registry = npmenv.start_fixture_registry(self)
         self.proxy = start_pkgproxy(self, f'[routes.npm]\nupstream = "{self.registry.url("/")}"\n')
 
     def lock(self, app_integrity: str | None = None) -> dict[str, object]:

@@ -67,6 +67,21 @@ def _npm_free_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def start_fixture_registry(testcase: SynchronousTestCase) -> ServerProcess:
+    """verdaccio serving :data:`npmrepo.FIXTURES` until the test ends (the test is
+    skipped where npm or verdaccio is missing)."""
+    from twisted.trial.unittest import SkipTest
+
+    from tests.support import npmrepo
+
+    missing = missing_tools()
+    if missing:
+        raise SkipTest(f"needs {', '.join(missing)}")
+    storage = os.path.abspath(testcase.mktemp())
+    npmrepo.write_verdaccio_storage(storage, npmrepo.FIXTURES)
+    return start_verdaccio(testcase, storage)
+
+
 def start_verdaccio(
     testcase: SynchronousTestCase, storage: str, timeout: float = 30.0
 ) -> ServerProcess:
