@@ -3,7 +3,9 @@
 Kept apart from the reactor's own pool, which also resolves host names: a burst of
 fsyncs must not delay DNS. Durable writes (fsync, rename, index rows) have a pool of
 their own, so that a client's read or a download's next write never queues behind
-another download's fsync. A synchronous mode runs the work inline so unit tests stay
+another download's fsync; and work that is mostly CPU (rewriting and reading an index)
+has a third, so that a large document being rewritten never holds up the small writes
+and reads of every other transfer. A synchronous mode runs the work inline so unit tests stay
 deterministic and thread-free.
 """
 
@@ -28,21 +30,28 @@ class DiskPool(Service):
     :param reactor: the reactor results are delivered to; ``None`` for synchronous mode.
     :param threads: threads for reads and writes.
     :param durable_threads: threads for fsync, rename and index writes.
+    :param cpu_threads: threads for rewriting and reading indexes.
     """
 
     def __init__(
-        self, reactor: IReactorFromThreads | None, threads: int = 4, durable_threads: int = 2
+        self,
+        reactor: IReactorFromThreads | None,
+        threads: int = 4,
+        durable_threads: int = 2,
+        cpu_threads: int = 3,
     ) -> None:
         self._reactor = reactor
         self._pools: list[ThreadPool] = []
         self._io: ThreadPool | None = None
         self._durable: ThreadPool | None = None
+        self._cpu: ThreadPool | None = None
         if reactor is not None:
             self._io = ThreadPool(minthreads=1, maxthreads=threads, name="pkgproxy-disk")
             self._durable = ThreadPool(
                 minthreads=1, maxthreads=durable_threads, name="pkgproxy-commit"
             )
-            self._pools = [self._io, self._durable]
+            self._cpu = ThreadPool(minthreads=1, maxthreads=cpu_threads, name="pkgproxy-index")
+            self._pools = [self._io, self._durable, self._cpu]
 
     @property
     def synchronous(self) -> bool:
@@ -67,6 +76,10 @@ class DiskPool(Service):
     def run_durable(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Like :meth:`run`, in the pool for fsync-heavy work (commits, index writes)."""
         return self._run(self._durable, f, *args, **kwargs)
+
+    def run_cpu(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Like :meth:`run`, in the pool for CPU-heavy work (rewriting, reading indexes)."""
+        return self._run(self._cpu, f, *args, **kwargs)
 
     def _run(
         self, pool: ThreadPool | None, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs

@@ -80,8 +80,10 @@ class Learner:
         #: base for a rewritten one): its facts go with the last of them.
         self._copies: dict[str, set[str]] = {}
         store.on_drop.append(self._dropped)
-        self._pending: dict[str, int] = {}
-        self._idle_waiters: dict[str, list[Deferred[None]]] = {}
+        #: Indexes being read, by family and by the package each describes (``None``:
+        #: one that may list any file of its family).
+        self._pending: dict[str, dict[str | None, int]] = {}
+        self._idle_waiters: dict[str, list[tuple[str | None, Route, Deferred[None]]]] = {}
         #: False until the indexes already in the cache have been read again.
         self.ready = False
 
@@ -89,37 +91,58 @@ class Learner:
         """Whether a body at ``path`` of ``route`` is an index to learn from."""
         return FAMILIES[route.family].learns(path)
 
-    def busy(self, route: Route) -> bool:
-        """Whether an index of ``route``'s family is being read now."""
-        return self._pending.get(route.family, 0) > 0
+    def busy(self, route: Route, path: str | None = None) -> bool:
+        """Whether an index that may list ``path`` (below ``route``) is being read now.
 
-    def idle(self, route: Route) -> Deferred[None]:
-        """Fires once no index of ``route``'s family is being read."""
+        An index whose family names the package it describes (:attr:`Family.owns`) only
+        holds back requests for that package's files; any other index of the family, or
+        a request whose path is not given, is held back by every index of the family.
+        """
+        pending = self._pending.get(route.family)
+        if not pending:
+            return False
+        if path is None or None in pending:
+            return True
+        owns = FAMILIES[route.family].owns
+        return owns is None or any(owns(owner, path) for owner in pending if owner is not None)
+
+    def idle(self, route: Route, path: str | None = None) -> Deferred[None]:
+        """Fires once no index that may list ``path`` (below ``route``) is being read."""
         d: Deferred[None] = Deferred()
-        if self.busy(route):
-            self._idle_waiters.setdefault(route.family, []).append(d)
+        if self.busy(route, path):
+            self._idle_waiters.setdefault(route.family, []).append((path, route, d))
         else:
             d.callback(None)
         return d
 
-    def _begin(self, family: str) -> None:
-        self._pending[family] = self._pending.get(family, 0) + 1
+    def _begin(self, family: str, owner: str | None) -> None:
+        pending = self._pending.setdefault(family, {})
+        pending[owner] = pending.get(owner, 0) + 1
 
-    def _end(self, family: str) -> None:
-        self._pending[family] -= 1
-        if self._pending[family] <= 0:
+    def _end(self, family: str, owner: str | None) -> None:
+        pending = self._pending[family]
+        pending[owner] -= 1
+        if pending[owner] <= 0:
+            del pending[owner]
+        if not pending:
             del self._pending[family]
-            for d in self._idle_waiters.pop(family, []):
+        waiters = self._idle_waiters.pop(family, [])
+        for path, route, d in waiters:
+            if self.busy(route, path):
+                self._idle_waiters.setdefault(family, []).append((path, route, d))
+            else:
                 d.callback(None)
 
-    def hooks(self, route: Route) -> tuple[Callable[[], None], Callable[[Fetch], None]]:
-        """``(on_verified, on_settled)`` for the fetch of an index of ``route``."""
+    def hooks(self, route: Route, path: str) -> tuple[Callable[[], None], Callable[[Fetch], None]]:
+        """``(on_verified, on_settled)`` for the fetch of the index at ``path`` of ``route``."""
         began = False
+        index_owner = FAMILIES[route.family].index_owner
+        owner = index_owner(path) if index_owner is not None else None
 
         def on_verified() -> None:
             nonlocal began
             began = True
-            self._begin(route.family)
+            self._begin(route.family, owner)
 
         def on_settled(fetch: Fetch) -> None:
             if not began:
@@ -127,11 +150,11 @@ class Learner:
             if fetch.entry is not None and fetch.learned is not None:
                 # Learned from the upstream's own document while it was rewritten.
                 self._learned(fetch.entry, fetch.learned)
-                self._end(route.family)
+                self._end(route.family, owner)
             elif fetch.entry is None:
-                self._end(route.family)
+                self._end(route.family, owner)
             else:
-                self.committed(fetch.entry).addBoth(lambda _: self._end(route.family))
+                self.committed(fetch.entry).addBoth(lambda _: self._end(route.family, owner))
 
         return on_verified, on_settled
 
@@ -145,7 +168,7 @@ class Learner:
             d.callback(0)
             return d
         self._store.pin(entry)
-        parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run(
+        parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run_cpu(
             family.learn, path, self._store.path_of(entry), entry.url
         )
 
@@ -210,9 +233,9 @@ class Learner:
                 finished()
 
         def relearn_one(route: Route, e: Entry) -> None:
-            self._begin(route.family)
+            self._begin(route.family, None)
             learned = self.committed(e)
-            learned.addBoth(lambda _: self._end(route.family))
+            learned.addBoth(lambda _: self._end(route.family, None))
             learned.addBoth(one_done)
 
         for route, e in entries:

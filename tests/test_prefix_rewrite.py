@@ -278,6 +278,26 @@ class PrefixCheckTests(SynchronousTestCase):
         self.assertTrue(prefix.exact(data, "url", [link], [link], FILES, "http://h/"))
         self.assertFalse(prefix.exact(data, "url", [link], [link], FILES, 'http://h"/'))
 
+    def test_plain_parse_only_without_backslashes(self) -> None:
+        """A small document with no backslash is parsed without the per-object hook,
+        and its bytes alone prove the replacement; any backslash (or a large document)
+        takes the hook, and a missing record is never taken for an empty one."""
+        link = FILES + "a.whl"
+        plain = b'{"files":[{"url":"' + link.encode() + b'"}]}'
+        seen = prefix.KeyedStrings("url")
+        self.assertEqual(prefix.loads(plain, seen), json.loads(plain))
+        self.assertIsNone(seen.seen())
+        self.assertTrue(prefix.exact(plain, "url", None, [link], FILES, "http://h/"))
+        escaped = plain.replace(b"a.whl", b"\\u0061.whl")
+        seen = prefix.KeyedStrings("url")
+        prefix.loads(escaped, seen)
+        self.assertEqual(seen.seen(), [link])
+        self.assertFalse(prefix.exact(escaped, "url", None, [link], FILES, "http://h/"))
+        self.patch(prefix, "PLAIN_MAX", len(plain) - 1)
+        seen = prefix.KeyedStrings("url")
+        prefix.loads(plain, seen)
+        self.assertEqual(seen.seen(), [link])
+
     def test_written_in_pieces(self) -> None:
         data = b'["P/a","P/b", "x"]'.replace(b"P/", b"http://u/")
         want = b'["https://pub/x/a","https://pub/x/b", "x"]'

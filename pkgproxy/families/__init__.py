@@ -308,6 +308,14 @@ class Family:
     #: Digests of this family's formats beyond :mod:`hashlib`'s, by the name a
     #: :class:`Decision` gives them (Alpine's ``apk-control``, Go's ``h1:``).
     hashers: Mapping[str, Callable[[], Hasher]] = field(default_factory=dict)
+    #: The package an index at a path (below its route) describes, when an index
+    #: teaches only of its own package's files: then a request waits only for the
+    #: indexes of its own package (:attr:`owns`), not for every index of the family
+    #: being read. ``None`` (or a ``None`` answer): any file may be listed by it.
+    index_owner: Callable[[str], str | None] | None = None
+    #: ``(package, path) -> bool``: whether the file at ``path`` belongs to ``package``
+    #: by the same rule ``learn`` keeps to.
+    owns: Callable[[str, str], bool] | None = None
 
 
 def _families() -> dict[str, Family]:

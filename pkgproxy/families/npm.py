@@ -257,6 +257,12 @@ def _owner(path: str) -> str | None:
     return m["name"] if m is not None else None
 
 
+def owns(name: str, path: str) -> bool:
+    """Whether the file at ``path`` is one of package ``name``'s tarballs (the only
+    files its documents teach of)."""
+    return path.startswith(name) and path.startswith("/-/", len(name))
+
+
 def learn(path: str, local_file: str, url: str) -> Learned:
     """``tarball URL -> digests`` from a stored packument (runs in the disk pool).
 
@@ -333,4 +339,6 @@ FAMILY = Family(
     # npm install's audit: answered by the registry, never cached.
     post_through=re.compile(r"^-/npm/v1/security/(?:advisories/bulk|audits(?:/quick)?)$"),
     routes=ROUTES,
+    index_owner=_owner,
+    owns=owns,
 )

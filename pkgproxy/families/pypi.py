@@ -288,6 +288,11 @@ def owns(project: str, url: str) -> bool:
     return flat.startswith(project + "-") and bool(_VERSION_START.match(flat[len(project) + 1 :]))
 
 
+def index_owner(path: str) -> str | None:
+    """The project a project page or JSON API document at ``path`` describes."""
+    return project_of("/" + path)
+
+
 def teach(page_url: str, items: Iterable[pypi_simple.Listed]) -> Learned:
     """What a project's document says of each of its own files.
 
@@ -378,4 +383,6 @@ FAMILY = Family(
     routes=ROUTES,
     compressed=(".whl",),
     hashers={"blake2b-256": _blake2b_256},
+    index_owner=index_owner,
+    owns=owns,
 )

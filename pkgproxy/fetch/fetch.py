@@ -761,7 +761,7 @@ class Fetch:
             self._store.discard(packed)
             self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")
 
-        self._pool.run(work).addCallbacks(swapped, failed)
+        self._pool.run_cpu(work).addCallbacks(swapped, failed)
 
     def _done(self, reason: Failure) -> None:
         self.sha256 = self._hashers["sha256"].hexdigest()

@@ -95,12 +95,16 @@ def read_document(path: str) -> tuple[JSONObject, bool]:
 
 
 def _parse(data: bytes, hook: Callable[[list[tuple[str, Any]]], JSONObject]) -> JSONObject:
-    """The JSON object ``data`` holds, parsed with ``hook`` building each object.
+    """The JSON object ``data`` holds, parsed with ``hook`` building each object (a
+    :class:`~pkgproxy.rewrite.prefix.KeyedStrings` only where it is needed).
 
     :raises ValueError: not a JSON object (an HTML error page, garbage).
     """
     try:
-        doc = json.loads(data, object_pairs_hook=hook)
+        if isinstance(hook, prefix.KeyedStrings):
+            doc = prefix.loads(data, hook)
+        else:
+            doc = json.loads(data, object_pairs_hook=hook)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 included
         raise ValueError(f"not a JSON document: {e}") from None
     if not isinstance(doc, dict):
@@ -227,7 +231,7 @@ def rewrite_document(doc: JSONObject, context: RewriteContext) -> int:
 
 
 def _prefix_rewrite(
-    data: bytes, doc: JSONObject, seen: list[str], context: RewriteContext
+    data: bytes, doc: JSONObject, seen: list[str] | None, context: RewriteContext
 ) -> tuple[str, str] | None:
     """``(registry prefix, public prefix)`` if replacing the one by the other in
     ``data`` serves exactly the rewritten document.
@@ -283,7 +287,7 @@ def rewrite_packument(
         doc = _parse(data, seen)
         try:
             learned = learn(doc) if learn is not None else None
-            fast = _prefix_rewrite(data, doc, seen.values, context)
+            fast = _prefix_rewrite(data, doc, seen.seen(), context)
             with open(out_path, "wb") as f:
                 if compressed:
                     # No name and no time in the gzip header: the same document always

@@ -23,12 +23,15 @@ URL in some other field) fails the check, and the caller takes the parsing path.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
 
 #: Documents up to this size are replaced in one copy; larger ones link by link.
 COPY_MAX = 8 * 1024 * 1024
+#: Documents up to this size may be parsed in one call into C (a few ms holding the GIL).
+PLAIN_MAX = 1024 * 1024
 #: What a public prefix may contain to be spliced into JSON as it is.
 _SAFE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[A-Za-z0-9._~:@!$&'()*+,;=%\[\]/-]*$")
 
@@ -43,6 +46,12 @@ class KeyedStrings:
     def __init__(self, key: str) -> None:
         self.key = key
         self.values: list[str] = []
+        #: False when the document was parsed without this hook (see :func:`loads`).
+        self.recorded = True
+
+    def seen(self) -> list[str] | None:
+        """What :func:`exact` takes as ``seen``."""
+        return self.values if self.recorded else None
 
     def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         obj = dict(pairs)
@@ -55,13 +64,29 @@ class KeyedStrings:
         return obj
 
 
+def loads(data: bytes, seen: KeyedStrings, **kwargs: Any) -> Any:
+    """``data`` parsed as JSON, ``seen`` recording only where :func:`exact` needs it.
+
+    A document without a backslash writes every string exactly as it decodes (a quote
+    inside a string needs one), so the counts of :func:`exact` on its bytes are the
+    counts of its values; one of up to :data:`PLAIN_MAX` bytes is then parsed without a
+    Python hook per object (a larger one keeps the hook, which lets the reactor thread
+    take the GIL between objects).
+    """
+    if len(data) > PLAIN_MAX or b"\\" in data:
+        return json.loads(data, object_pairs_hook=seen, **kwargs)
+    seen.recorded = False
+    return json.loads(data, **kwargs)
+
+
 def exact(
-    data: bytes, key: str, seen: list[str], links: list[str], prefix: str, public: str
+    data: bytes, key: str, seen: list[str] | None, links: list[str], prefix: str, public: str
 ) -> bool:
     """Whether replacing ``"prefix`` by ``"public`` in ``data`` rewrites exactly ``links``.
 
     :param seen: the decoded string values of every member named ``key`` (from
-        :class:`KeyedStrings`).
+        :class:`KeyedStrings`); ``None`` for a document with no backslash at all
+        (:func:`loads`).
     :param links: the values the format rewrites (each must start with ``prefix``).
     """
     if not links or not _SAFE.match(prefix) or not _SAFE.match(public):
@@ -69,7 +94,10 @@ def exact(
     if any(not link.startswith(prefix) for link in links):
         return False
     n = len(links)
-    if sum(1 for v in seen if v.startswith(prefix)) != n:
+    if seen is None:
+        if b"\\" in data:
+            return False
+    elif sum(1 for v in seen if v.startswith(prefix)) != n:
         return False
     quoted = b'"' + prefix.encode()
     if data.count(quoted) != n:

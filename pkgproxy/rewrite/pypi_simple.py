@@ -281,7 +281,7 @@ def _values_at(value: object, path: jsondoc.Path) -> Iterator[object]:
 def _prefix_plan(
     data: bytes,
     doc: object,
-    seen: list[str],
+    seen: list[str] | None,
     context: RewriteContext,
     paths: tuple[jsondoc.Path, ...],
 ) -> tuple[str, str] | None:
@@ -325,11 +325,11 @@ def rewrite_json(
         data = f.read()
     seen = prefix.KeyedStrings("url")
     try:
-        doc = json.loads(data, object_pairs_hook=seen)
+        doc = prefix.loads(data, seen)
     except (ValueError, RecursionError):
         doc = None  # the walk below says what is wrong with it
     items = list(listed_in_json(doc, Linker(context.page_url)))
-    plan = _prefix_plan(data, doc, seen.values, context, paths) if doc is not None else None
+    plan = _prefix_plan(data, doc, seen.seen(), context, paths) if doc is not None else None
     del doc
     with open(out_path, "wb", buffering=1 << 20) as out:
         if plan is not None:

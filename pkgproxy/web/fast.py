@@ -29,6 +29,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web import http
 from twisted.web.server import Request
 
+from pkgproxy.cache.keys import split_key
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config.model import Route
 from pkgproxy.learning import Learner
@@ -66,6 +67,8 @@ class _Record:
     fresh_only: bool
     #: The body, when it is kept in memory.
     body: bytes | None
+    #: The path below the route (what an index being read may list).
+    route_path: str
 
 
 class HitPath:
@@ -134,6 +137,7 @@ class HitPath:
             self._learner.facts.generation,
             fresh_only,
             body if keep else None,
+            split_key(entry.key)[1],
         )
 
     def _drop(self, key: _Key) -> None:
@@ -162,7 +166,7 @@ class HitPath:
             record.generation != self._learner.facts.generation
             or (record.fresh_only and (entry.expires is None or now >= entry.expires))
             or self._store.get(entry.key) is not entry
-            or self._learner.busy(record.route)
+            or self._learner.busy(record.route, record.route_path)
         ):
             self._drop(key)
             return False

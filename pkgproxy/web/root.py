@@ -235,10 +235,10 @@ class ProxyResource(Resource):
         suffix = f"{path}?{query}" if sep else path
         ctx = _Ctx(request, route, path, cache_key(route.name, suffix), route.upstream + suffix)
         request.notifyFinish().addErrback(lambda _: setattr(ctx, "gone", True))
-        if self._learner.busy(route):
+        if self._learner.busy(route, path):
             # An index of this route was just verified and is being read: what this
             # request fetches may be listed there, so wait for its checks.
-            self._learner.idle(route).addCallback(lambda _: self._classify(ctx))
+            self._learner.idle(route, path).addCallback(lambda _: self._classify(ctx))
         else:
             self._classify(ctx)
         return NOT_DONE_YET
@@ -538,7 +538,7 @@ class ProxyResource(Resource):
             nonlocal on_settled
             on_verified = None
             if ctx.learn:
-                on_verified, on_settled = self._learner.hooks(ctx.route)
+                on_verified, on_settled = self._learner.hooks(ctx.route, ctx.path)
             return Fetch(
                 FetchRequest(
                     ctx.key,
