@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -201,6 +201,7 @@ class ProxyMetrics(Observer):
         self._store = store
         self._inflight = inflight
         self.switch: Switch | None = None
+        self._by_kind: dict[tuple[str, str, str, int], list[Any]] = {}
         reg = self.registry
         route_labels = ("family", "route")
         self.requests = Counter(
@@ -271,12 +272,34 @@ class ProxyMetrics(Observer):
     # -- the observer ----------------------------------------------------------------
 
     def request_done(self, record: RequestRecord) -> None:
+        # The two counters of one kind of request, looked up once: ``labels()`` costs
+        # microseconds (a lock, a tuple, a dict) on every request of a busy cache.
+        kind = (record.family, record.route, record.cache, record.status // 100)
+        counters = self._by_kind.get(kind)
+        if counters is None:
+            if len(self._by_kind) >= 10_000:
+                self._by_kind.clear()
+            cache = record.cache.lower() or NO_CACHE
+            family = record.family or self.family_of(record.route)
+            code = f"{record.status // 100}xx"
+            counters = self._by_kind[kind] = [
+                self.requests.labels(family, record.route, cache, code),
+                None,
+            ]
+        counters[0].inc()
+        if record.bytes_sent:
+            served = counters[1]
+            if served is None:
+                cache = record.cache.lower() or NO_CACHE
+                family = record.family or self.family_of(record.route)
+                served = counters[1] = self.served_bytes.labels(family, record.route, cache)
+            served.inc(record.bytes_sent)
+        if not record.completed or record.user_agent.startswith(WARM_AGENT):
+            self._rare_request(record)
+
+    def _rare_request(self, record: RequestRecord) -> None:
         cache = record.cache.lower() or NO_CACHE
         family = record.family or self.family_of(record.route)
-        code = f"{record.status // 100}xx"
-        self.requests.labels(family, record.route, cache, code).inc()
-        if record.bytes_sent:
-            self.served_bytes.labels(family, record.route, cache).inc(record.bytes_sent)
         if not record.completed:
             self.incomplete.labels(family, record.route).inc()
         if record.user_agent.startswith(WARM_AGENT):
