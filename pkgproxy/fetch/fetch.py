@@ -639,7 +639,7 @@ class Fetch:
     def _disk_failure(self, why: str) -> None:
         if self._sink is not None:
             self._sink.abort()
-        self._fail(f"cache disk error: {why}")
+        self._fail(f"cache disk error: {why}", "disk")
 
     def _finish_body(self, reason: Failure) -> None:
         problem = self._check(reason)
@@ -882,7 +882,7 @@ class Fetch:
 
     def _fail(self, why: str, kind: str = "transfer") -> None:
         self.state = State.FAILED
-        error = UpstreamError(kind, why)
+        error = UpstreamError(kind, why, 503 if kind == "disk" else 502)
         self._discard_temp()
         if self.outcome is None:  # nobody was answered yet (a rewritten document)
             self._answer(Outcome.UNREACHABLE, error=error)

@@ -166,6 +166,8 @@ class BodyProducer(_ResponseBody):
     :param end: exclusive end, or ``None`` when the length is unknown (then the body
         ends when the source completes).
     :param on_close: called once, however the response ends.
+    :param unstarted: answers the request instead when the source fails before any
+        byte of the response was written.
     """
 
     def __init__(
@@ -179,9 +181,11 @@ class BodyProducer(_ResponseBody):
         clock: IReactorTime,
         on_close: Callable[[], None] | None = None,
         sync_read: int = 0,
+        unstarted: Callable[[Request], None] | None = None,
     ) -> None:
         super().__init__(request, file, clock, on_close)
         self._sync_read = sync_read
+        self._unstarted = unstarted
         self._source = source
         self._offset = start
         self._end = end
@@ -253,6 +257,15 @@ class BodyProducer(_ResponseBody):
             self._finish()
             return
         if src.failed:
+            request = self._request
+            if self._unstarted is not None and not request.startedWriting:
+                # Nothing of the response has left yet: the client can still be told
+                # why, in a response of its own, rather than see its connection closed.
+                answer = self._unstarted
+                self._close()
+                request.unregisterProducer()
+                answer(request)
+                return
             self._abort()
             return
         self._busy = True

@@ -815,8 +815,28 @@ class ProxyResource(Resource):
             req.finish()
             return
         closed = fetch.subscribe()
+
+        def unstarted(_: Request) -> None:
+            # The fetch failed before the first byte was sent (a download the disk
+            # refused and memory could not take on): a response of its own.
+            err = fetch.error
+            why = str(err) if err is not None else "the download failed"
+            code = err.gateway_status if err is not None else 502
+            for name in list(req.responseHeaders.getAllRawHeaders()):
+                req.responseHeaders.removeHeader(name[0])
+            self._write_error(ctx, code, why)
+
         BodyProducer(
-            req, file, fetch, start, end, self._pool, self._clock, closed, self._sync_read_max
+            req,
+            file,
+            fetch,
+            start,
+            end,
+            self._pool,
+            self._clock,
+            closed,
+            self._sync_read_max,
+            unstarted,
         ).start()
 
     def _send_small(

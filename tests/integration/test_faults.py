@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from twisted.web.client import ResponseNeverReceived
 
 from tests.integration.harness import (
     FakeUpstream,
@@ -503,7 +502,8 @@ class DiskRefusesWriteTests(FaultTestCase):
     async def test_memory_for_refused_downloads_is_bounded_in_total(self) -> None:
         """issue 15: three downloads the disk refuses at once, with room in memory for
         one. The first is finished from memory; the newcomers fail cleanly (a failed
-        transfer, nothing stored, no temp file) instead of each holding up to 64 MiB;
+        transfer, or, before their first byte, a 503 saying why; nothing stored, no
+        temp file) instead of each holding up to 64 MiB;
         the reservations never pass the budget and all come back; a retry is relayed.
         """
         from pkgproxy.fetch import fetch as fetch_module
@@ -540,17 +540,16 @@ class DiskRefusesWriteTests(FaultTestCase):
         ]
         await wait_until(lambda: all(upstream.count(n) == 1 for n in names))
         refuse[0] = True  # every download is under way: the disk now refuses them all
-        results = []
-        for g in gets:
-            try:
-                results.append(await g)
-            except ResponseNeverReceived:  # failed before its first byte: no response
-                results.append(None)
-        whole = [r for r in results if r is not None and r.error is None]
+        results = [await g for g in gets]
+        whole = [r for r in results if r.status == 200 and r.error is None]
         self.assertEqual(len(whole), 1, results)
-        self.assertEqual((whole[0].status, whole[0].body == body), (200, True))
+        self.assertEqual(whole[0].body, body)
         for r in results:
-            if r is not None and r.error is not None:
+            if r.status == 503:
+                self.assertIsNone(r.error)
+                self.assertIn(b"cache disk error", r.body)
+                self.assertEqual(r.body.count(b"\n"), 1, r.body)
+            elif r.error is not None:
                 self.assertFailedTransfer(r)
         self.assertEqual(len(peaks), 3)
         self.assertLessEqual(max(peaks), budget.limit)
@@ -564,10 +563,34 @@ class DiskRefusesWriteTests(FaultTestCase):
         # A retry while the disk is in trouble is relayed, whole, and not stored.
         retry = HTTPTestClient()
         self.addCleanup(retry.close)
-        failed = names[[r is not None and r.error is None for r in results].index(False)]
+        failed = names[[r.status == 200 and r.error is None for r in results].index(False)]
         again = await retry.get(proxy.url("/files" + failed.decode()))
         self.assertEqual((again.status, again.error, again.body == body), (200, None, True))
         self.assertFalse(proxy.stored("files:" + failed.decode()[1:]))
+
+    async def test_failure_before_the_first_byte_is_a_response(self) -> None:
+        """issue 15: a download the disk refuses at its first write, with no memory left
+        to finish it: its client gets a 503 saying why, not a closed connection."""
+        from pkgproxy.fetch import fetch as fetch_module
+
+        self.patch(fetch_module, "SPILL_BUDGET", fetch_module.SpillBudget(0))
+        upstream, proxy = await self.files_setup()
+        body = pattern(1024 * 1024, b"first")
+        upstream.handlers[b"/first.bin"] = SlowBody(body, 256 * 1024, 0.05)
+
+        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(fetch_module, "_write_and_hash", write)
+        client = HTTPTestClient()
+        self.addCleanup(client.close)
+        r = await client.get(proxy.url("/files/first.bin"))
+        self.assertEqual((r.status, r.error), (503, None))
+        self.assertTrue(r.body.startswith(b"pkgproxy: cache disk error"), r.body)
+        self.assertEqual(r.body.count(b"\n"), 1, r.body)
+        await proxy.settled()
+        await proxy.no_temp_files()
+        self.assertFalse(proxy.stored("files:first.bin"))
 
     async def test_too_much_left_for_memory_fails_the_transfer(self) -> None:
         """Beyond SPILL_MAX left to hold, the clients see a failed transfer, as before."""
