@@ -48,8 +48,9 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
+from twisted.web._newclient import (  # type: ignore[attr-defined]
     HTTP11ClientProtocol,
+    _IdentityTransferDecoder,
 )
 from twisted.web.client import (
     URI,
@@ -102,6 +103,13 @@ class UpstreamResponse:
     headers: Headers
     response: IResponse
     release: Callable[[], None]
+
+    @property
+    def close_delimited(self) -> bool:
+        """The body has neither a length nor chunked framing: it ends with the
+        connection, so a clean close cannot be told from one that cut it short."""
+        inner = getattr(self.response, "original", self.response)
+        return bool(getattr(inner, "pkgproxy_close_delimited", False))
 
     def header(self, name: bytes) -> bytes | None:
         """The last value of one response header."""
@@ -574,7 +582,8 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
     - Bytes after a response whose length was announced (a ``Content-Length`` smaller
       than the body) mean the connection cannot be trusted: it is closed, not reused.
     - A close-delimited body cut by a reset (not a clean close) fails as a broken
-      transfer instead of ending as a possibly complete one.
+      transfer instead of ending as a possibly complete one; a response with such a
+      body says so (``pkgproxy_close_delimited``), as a clean close proves nothing.
     """
 
     def request(self, request: Any) -> Deferred[Any]:
@@ -582,6 +591,15 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
         parser = self._parser
         if parser is not None:
             parser.lineReceived = _bounded_lines(parser.lineReceived)  # type: ignore[method-assign]
+
+            def framing(response: Any) -> Any:
+                decoder = getattr(parser, "bodyDecoder", None)
+                response.pkgproxy_close_delimited = (
+                    isinstance(decoder, _IdentityTransferDecoder) and decoder.contentLength is None
+                )
+                return response
+
+            d.addCallback(framing)
         transport: Any = self.transport
         # A TLS transport writes its records to the TCP transport beneath at once.
         if hasattr(transport, "_tlsConnection"):

@@ -8,7 +8,10 @@ and never slows the upstream or the other clients.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -87,6 +90,15 @@ class OwnedFile:
         os.close(self.fd)
 
 
+def reset_on_close(transport: Any) -> None:
+    """Make closing ``transport``'s TCP socket send a reset rather than a FIN."""
+    handle = getattr(transport, "getHandle", None)
+    sock = handle() if handle is not None else None
+    if isinstance(sock, socket.socket):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 class _ResponseBody:
     """What both body producers share: the request, the file, and how a response ends.
 
@@ -139,13 +151,18 @@ class _ResponseBody:
             request.finish()
 
     def _abort(self) -> None:
-        """End the response as a failed transfer: the client must not see a clean end."""
+        """End the response as a failed transfer: the client must not see a clean end.
+
+        The connection is reset, not closed: a body framed by the connection's end (see
+        ``CappedRequest.close_delimited``) is then a failed transfer for the client too.
+        """
         request = self._request
         self._close()
         if request is not None:
             request.unregisterProducer()
             transport: Any = request.channel.transport if request.channel else None
             if transport is not None:
+                reset_on_close(transport)
                 transport.abortConnection()
 
     def _close(self) -> None:

@@ -814,6 +814,14 @@ class ProxyResource(Resource):
             file.release()
             req.finish()
             return
+        want = fetch.request.decision
+        if up is not None and up.close_delimited and want.size is None and not want.digests:
+            # The upstream's body ends with its connection and nothing here can tell a
+            # cut from the end: the client gets it framed the same way, not promised
+            # whole by a last chunk (nor is it stored: Fetch._storable).
+            close_delimited = getattr(req, "close_delimited", None)
+            if close_delimited is not None:
+                close_delimited()
         closed = fetch.subscribe()
 
         def unstarted(_: Request) -> None:

@@ -50,10 +50,36 @@ _TOO_LARGE = (
 
 
 class CappedRequest(Request):
-    """A ``Request`` that refuses a body larger than :data:`MAX_REQUEST_BODY`."""
+    """A ``Request`` that refuses a body larger than :data:`MAX_REQUEST_BODY`, and can
+    answer with a body that ends with the connection (:meth:`close_delimited`)."""
 
     _refused = False
     _body_left = MAX_REQUEST_BODY
+    _close_delimited = False
+
+    def close_delimited(self) -> None:
+        """Send this response's body with neither a length nor chunks, ending it by
+        closing the connection.
+
+        For an upstream body that ended so: nothing proves it complete, so the client
+        is promised no more than the upstream promised (a chunked response's last chunk
+        would say it is whole). Call before the first write.
+        """
+        self._close_delimited = True
+
+    def write(self, data: bytes) -> None:
+        if self._close_delimited and not self.startedWriting and not self.finished:
+            channel: Any = self.channel
+            if channel is not None and not self._disconnected:
+                self.startedWriting = 1
+                self.responseHeaders.setRawHeaders(b"connection", [b"close"])
+                channel.persistent = False
+                channel.writeHeaders(
+                    self.clientproto, b"%d" % self.code, self.code_message, self.responseHeaders
+                )
+                if self.method == b"HEAD":
+                    return
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > MAX_REQUEST_BODY:

@@ -28,6 +28,7 @@ import treq
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -519,6 +520,8 @@ class RawClient(Protocol):
         self.received = bytearray()
         self.closed = False
         self.closed_at: float | None = None
+        #: The connection ended in a reset (a failed transfer), not a clean close.
+        self.reset = False
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
@@ -526,6 +529,7 @@ class RawClient(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
         self.closed_at = time.monotonic()
+        self.reset = reason is not None and not reason.check(ConnectionDone)
 
     def send(self, data: bytes) -> None:
         assert self.transport is not None
@@ -546,6 +550,17 @@ async def raw_connect(port: int) -> RawClient:
     endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=5)
     client: RawClient = await bounded(connectProtocol(endpoint, RawClient()), 5.0)
     return client
+
+
+async def raw_get(port: int, path: bytes, timeout: float = 10.0) -> tuple[bytes, bytes, bool]:
+    """``GET path`` on a connection of its own, read until the server ends it:
+    ``(head, body as received, ended in a reset)``. For bodies framed by the end of the
+    connection, which an HTTP client library cannot report as failed."""
+    raw = await raw_connect(port)
+    raw.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+    await raw.wait_closed(timeout)
+    head, _, body = bytes(raw.received).partition(b"\r\n\r\n")
+    return head, body, raw.reset
 
 
 @dataclass

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
 from tests.integration.harness import (
     FakeUpstream,
     HTTPTestClient,
@@ -23,6 +22,7 @@ from tests.integration.harness import (
     UpstreamConnection,
     UpstreamRequest,
     pattern,
+    raw_get,
     response_head,
     static,
     wait_until,
@@ -151,6 +151,56 @@ class TruncationTests(FaultTestCase):
             upstream, proxy, client, url, b"/eof.bin", "files:eof.bin", body
         )
 
+    async def test_close_delimited_body_is_relayed_close_delimited(self) -> None:
+        """issue 15: a body that ended with its connection, cut short by a clean close
+        or not, reaches the client framed the same way: no length, no chunks (whose
+        last one would promise it whole), ``Connection: close``, the connection closed
+        at its end. The client is promised no more than the upstream promised."""
+        body = pattern(200 * 1024, b"fin")
+        upstream, proxy = await self.files_setup()
+
+        def until_close(cut: int) -> Any:
+            def handler(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+                conn.write(response_head(200, [(b"connection", b"close")]) + body[:cut])
+                conn.close()
+
+            return handler
+
+        upstream.handlers[b"/whole.bin"] = until_close(len(body))
+        upstream.handlers[b"/cut.bin"] = until_close(len(body) // 3)
+        for name, want in ((b"whole.bin", body), (b"cut.bin", body[: len(body) // 3])):
+            raw = await self.raw_client(proxy)
+            raw.send(b"GET /files/%s HTTP/1.1\r\nHost: x\r\n\r\n" % name)
+            await raw.wait_closed()
+            head, _, got = bytes(raw.received).partition(b"\r\n\r\n")
+            lines = head.lower().split(b"\r\n")
+            self.assertEqual(lines[0], b"http/1.1 200 ok")
+            self.assertIn(b"connection: close", lines)
+            self.assertFalse([h for h in lines if h.startswith(b"transfer-encoding")], head)
+            self.assertFalse([h for h in lines if h.startswith(b"content-length")], head)
+            self.assertEqual(got, want)
+            self.assertFalse(raw.reset, "the upstream's clean end is passed on as one")
+            await proxy.settled()
+            self.assertFalse(proxy.stored("files:" + name.decode()))
+
+    async def test_chunked_and_verified_bodies_stay_chunked(self) -> None:
+        """Only an unverifiable close-delimited body is relayed so: a chunked upstream
+        body is still relayed chunked, on a connection that stays open."""
+        body = pattern(100 * 1024, b"chunk")
+        upstream, proxy = await self.files_setup()
+
+        def chunked(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, [(b"transfer-encoding", b"chunked")]))
+            conn.write(b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n")
+
+        upstream.handlers[b"/chunked.bin"] = chunked
+        raw = await self.raw_client(proxy)
+        raw.send(b"GET /files/chunked.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: raw.received.endswith(b"0\r\n\r\n"), 10, "the last chunk")
+        self.assertIn(b"transfer-encoding: chunked", bytes(raw.received).lower())
+        self.assertFalse(raw.closed)
+        raw.abort()
+
 
 class OverrunTests(FaultTestCase):
     """An upstream that sends more than its Content-Length."""
@@ -265,19 +315,24 @@ class StallTests(FaultTestCase):
         """A stall past idle_timeout on a body without length is a failed transfer too.
 
         pkgproxy itself cut the upstream off, so it knows the body is incomplete: the
-        client must not get a clean end of a truncated body.
+        client must not get a clean end of a truncated body. Such a body reaches the
+        client framed by the end of its connection, so that end is a reset.
         """
         body, upstream, proxy, stalled = await self._stall_setup(
             lambda b: [(b"connection", b"close")]
         )
-        client = self.client()
-        url = proxy.url("/files/stall.bin")
-        result = await client.get(url, timeout=10)
-        self.assertEqual(result.status, 200)
-        self.assertLess(result.received, len(body))
-        self.assertFailedTransfer(result)
+        head, got, reset = await raw_get(proxy.port_number, b"/files/stall.bin")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+        self.assertLess(len(got), len(body))
+        self.assertTrue(reset, "a clean close would say the body is whole")
         await self.assertNotStoredAndRefetched(
-            upstream, proxy, client, url, b"/stall.bin", "files:stall.bin", body
+            upstream,
+            proxy,
+            self.client(),
+            proxy.url("/files/stall.bin"),
+            b"/stall.bin",
+            "files:stall.bin",
+            body,
         )
 
 

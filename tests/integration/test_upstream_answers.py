@@ -18,6 +18,7 @@ from tests.integration.harness import (
     UpstreamConnection,
     UpstreamRequest,
     parse_responses,
+    raw_get,
     response_head,
     static,
 )
@@ -126,7 +127,8 @@ class AnswerTests(IntegrationTestCase):
 
     async def test_close_delimited_body_cut_by_reset_fails(self) -> None:
         """A body with no length that ends in a reset is a failed transfer for the
-        client, and is not stored."""
+        client (framed by the end of its connection, which ends in a reset too), and
+        is not stored."""
         up, proxy = await self.files_setup()
 
         def reset(request: UpstreamRequest, conn: UpstreamConnection) -> None:
@@ -134,8 +136,11 @@ class AnswerTests(IntegrationTestCase):
             conn.later(0.05, conn.abort)
 
         up.handlers[b"/cut"] = reset
-        result = await self.client().get(proxy.url("/files/cut"))
-        self.assertFailedTransfer(result)
+        head, _, was_reset = await raw_get(proxy.port_number, b"/files/cut")
+        self.assertIn(b"connection: close", head.lower())
+        self.assertTrue(was_reset, "a clean close would say the body is whole")
+        await proxy.settled()
+        self.assertFalse(proxy.stored("files:cut"))
 
 
 class _CloseDelimited(Protocol):
