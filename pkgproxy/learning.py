@@ -18,6 +18,7 @@ the family serves.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -168,8 +169,8 @@ class Learner:
             d.callback(0)
             return d
         self._store.pin(entry)
-        parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run_cpu(
-            family.learn, path, self._store.path_of(entry), entry.url
+        parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run_document(
+            entry.size, partial(family.learn, path, self._store.path_of(entry), entry.url)
         )
 
         def learned(items: list[tuple[str, Expect]]) -> int:

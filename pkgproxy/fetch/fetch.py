@@ -761,7 +761,9 @@ class Fetch:
             self._store.discard(packed)
             self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")
 
-        self._pool.run_cpu(work).addCallbacks(swapped, failed)
+        # A gzip body is counted at what JSON and HTML indexes usually expand to.
+        size = self.written * (8 if plain is not None else 1)
+        self._pool.run_document(size, work).addCallbacks(swapped, failed)
 
     def _done(self, reason: Failure) -> None:
         self.sha256 = self._hashers["sha256"].hexdigest()
