@@ -8,7 +8,6 @@ body they read) and what ends up stored.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 from typing import Any
@@ -26,8 +25,10 @@ from pkgproxy.cache.store import CacheStore
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import CacheClass, Decision
 from pkgproxy.fetch import body as fetch_body
+from pkgproxy.fetch import finish
 from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome, State
 from pkgproxy.upstream.client import UpstreamError, UpstreamResponse
+from tests.support.diskfaults import refusing_writes
 
 URL = "http://upstream.test/files/a.bin"
 KEY = "files:a.bin"
@@ -366,16 +367,7 @@ class FetchTests(SynchronousTestCase):
         self.assertEqual(fetch.written, 30)
 
     def refuse_writes_after(self, n: int) -> None:
-        calls = [0]
-        real = fetch_body.write_and_hash
-
-        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
-            calls[0] += 1
-            if calls[0] > n:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(fd, data, offset, hashers)
-
-        self.patch(fetch_body, "write_and_hash", write)
+        self.patch(fetch_body, "write_and_hash", refusing_writes(n))
 
     def test_disk_refuses_a_write_memory_fallback(self) -> None:
         """The disk refuses a write midway: the rest is held in memory within the
@@ -450,3 +442,27 @@ class FetchTests(SynchronousTestCase):
         self.assertEqual(stored.expires, self.clock.seconds() + 60.0)
         self.assertEqual(self.temp_files(), [])
         self.flushLoggedErrors()
+
+
+class StorableTests(SynchronousTestCase):
+    def test_table(self) -> None:
+        """Which verified bodies are kept (pkgproxy/fetch/finish.py)."""
+        immutable = Decision(CacheClass.IMMUTABLE)
+        mutable = Decision(CacheClass.MUTABLE)
+        checked = Decision(CacheClass.IMMUTABLE, size=3)
+        table = (
+            ("immutable", immutable, False, None, False, True),
+            ("pass-through", Decision(CacheClass.PASS), False, None, False, False),
+            ("part held in memory", immutable, True, None, False, False),
+            ("mutable, no-store", mutable, False, b"no-store", False, False),
+            ("mutable, private", mutable, False, b"private", False, False),
+            ("mutable, max-age", mutable, False, b"max-age=60", False, True),
+            ("immutable ignores no-store", immutable, False, b"no-store", False, True),
+            ("cut by the connection, nothing to check", immutable, False, None, True, False),
+            ("cut by the connection, size checked", checked, False, None, True, True),
+        )
+        for name, decision, spilled, cache_control, open_ended, want in table:
+            got = finish.storable(
+                decision, spilled=spilled, cache_control=cache_control, open_ended=open_ended
+            )
+            self.assertEqual(got, want, name)

@@ -463,17 +463,9 @@ class DiskRefusesWriteTests(FaultTestCase):
 
     def refuse_writes_after(self, n: int) -> None:
         from pkgproxy.fetch import body as fetch_body
+        from tests.support.diskfaults import refusing_writes
 
-        calls = [0]
-        real = fetch_body.write_and_hash
-
-        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
-            calls[0] += 1
-            if calls[0] > n:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(fd, data, offset, hashers)
-
-        self.patch(fetch_body, "write_and_hash", write)
+        self.patch(fetch_body, "write_and_hash", refusing_writes(n))
 
     async def test_clients_get_the_rest_from_memory(self) -> None:
         """Two clients of one download (the second joins it) get every byte; the body is
