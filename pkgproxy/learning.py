@@ -1,7 +1,8 @@
 """Reading committed indexes so later downloads can be checked against them.
 
 When a family says a committed body is an index (a Debian Packages file, an Alpine
-APKINDEX), it is parsed in the disk pool and what it lists goes into :class:`Facts`.
+APKINDEX), the stored file is read here, in the disk pool, and its bytes handed to the
+family's ``learn`` (which opens no file); what it lists goes into :class:`Facts`.
 A document the proxy rewrites (a PyPI page, a packument) is learned from while it is
 rewritten, from the upstream's own bytes. Either way the facts are filed under the
 document's upstream URL, whichever client base a rewritten copy was made for, and go
@@ -29,10 +30,23 @@ from pkgproxy.cache.keys import cache_key as cache_key
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config.model import Route
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.families import FAMILIES, Expect, Facts
+from pkgproxy.families import FAMILIES, Expect, Facts, Family
 from pkgproxy.fetch.fetch import Fetch
 
 log = Logger()
+
+#: A stored index is handed to its family in pieces of this size.
+CHUNK = 1 << 20
+
+
+def read_and_learn(
+    family: Family, path: str, local_file: str, url: str
+) -> list[tuple[str, Expect]]:
+    """In the disk pool: what the index stored in ``local_file`` lists, by its family
+    (given the file's bytes, read here a :data:`CHUNK` at a time as it parses them)."""
+    assert family.learn is not None
+    with open(local_file, "rb") as f:
+        return family.learn(path, iter(partial(f.read, CHUNK), b""), url)
 
 
 class UpstreamLinks:
@@ -170,7 +184,7 @@ class Learner:
             return d
         self._store.pin(entry)
         parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run_document(
-            entry.size, partial(family.learn, path, self._store.path_of(entry), entry.url)
+            entry.size, partial(read_and_learn, family, path, self._store.path_of(entry), entry.url)
         )
 
         def learned(items: list[tuple[str, Expect]]) -> int:

@@ -116,10 +116,7 @@ class GoPolicyTests(SynchronousTestCase):
                 ("pkgproxy.test/Upper", "v0.1.0", True, UPPER.mod_h1),
             ],
         )
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(UPPER.lookup())
-        items = go.learn(lookup, path, ROUTE.upstream + lookup)
+        items = go.learn(lookup, [UPPER.lookup()], ROUTE.upstream + lookup)
         self.assertEqual(
             items,
             [

@@ -379,10 +379,7 @@ class LearnTests(SynchronousTestCase):
 
     def learn(self, doc: Any, path: str, url: str) -> dict[str, Expect]:
         """What learn() reads from ``doc`` stored for ``path``, fetched from ``url``."""
-        name = self.mktemp()
-        with open(name, "w") as f:
-            json.dump(doc, f)
-        return dict(npm.learn(path, name, url))
+        return dict(npm.learn(path, [json.dumps(doc).encode()], url))
 
     def test_rewritten_document_gives_upstream_urls(self) -> None:
         """Tarball URLs naming the proxy are mapped back to the registry's URLs."""
@@ -422,10 +419,7 @@ class LearnTests(SynchronousTestCase):
         )
         # Only the package's own tarballs: not one elsewhere, not another package's.
         self.assertEqual(set(learned), {REGISTRY + DEP.tarball_path})
-        bad = self.mktemp()
-        with open(bad, "wb") as f:
-            f.write(b"<html>")
-        self.assertEqual(npm.learn(DEP.name, bad, REGISTRY + DEP.name), [])
+        self.assertEqual(npm.learn(DEP.name, [b"<html>"], REGISTRY + DEP.name), [])
 
 
 # -- the whole cycle in memory ---------------------------------------------------------------

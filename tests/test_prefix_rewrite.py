@@ -414,11 +414,9 @@ class ServerTests(ProxyCase):
 class IndexOwnershipTests(SynchronousTestCase):
     """Debian indexes teach only what lies below the directory they describe."""
 
-    def write(self, text: str) -> str:
-        path = self.mktemp()
-        with open(path, "w") as f:
-            f.write(text)
-        return path
+    def write(self, text: str) -> list[bytes]:
+        """The index's bytes, as the learner hands them over."""
+        return [text.encode()]
 
     def test_packages(self) -> None:
         stanza = "Package: {n}\nFilename: {f}\nSize: 3\nSHA256: " + "a" * 64 + "\n\n"

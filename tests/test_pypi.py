@@ -470,13 +470,10 @@ class LearnTests(SynchronousTestCase):
     META_SHA = "562042078c2752549f6d8a7c86dbc5dd708088a7be6d80672ec7b07100b72468"
 
     def facts_from(self, body: bytes, url: str, path: str = "simple/six/") -> Facts:
-        local = self.mktemp()
-        with open(local, "wb") as f:
-            f.write(body)
         self.assertTrue(learns(path))
         facts = Facts()
         links = UpstreamLinks(tuple(ROUTES.values()))
-        facts.add([(links(u), e) for u, e in learn(path, local, url)])
+        facts.add([(links(u), e) for u, e in learn(path, [body], url)])
         return facts
 
     def check(self, facts: Facts, size: int | None) -> None:

@@ -6,7 +6,6 @@ import bz2
 import gzip
 import hashlib
 import lzma
-import os
 import xml.etree.ElementTree as ET
 
 import zstandard
@@ -118,18 +117,16 @@ class RpmPolicyTests(SynchronousTestCase):
         for path in (REPO + "Packages/a.rpm", REPO + "repodata/repomd.xml.asc"):
             self.assertEqual(rpm.classify(ROUTE, path).revalidate_also, (), path)
 
-    def _file(self, data: bytes, suffix: str = "") -> str:
-        path = self.mktemp() + suffix
-        with open(path, "wb") as f:
-            f.write(data)
-        return path
+    def _chunks(self, data: bytes, size: int = 7) -> list[bytes]:
+        """``data`` in small pieces, as a reader may hand them over."""
+        return [data[i : i + size] for i in range(0, len(data), size)]
 
     def test_learn_repomd(self) -> None:
         """repomd lists each metadata file's size and checksum; hrefs leaving the repo
         are ignored; the listed files are then checked."""
         url = ROUTE.upstream + REPO + "repodata/repomd.xml"
         self.assertTrue(rpm.learns(REPO + "repodata/repomd.xml"))
-        items = rpm.learn(REPO + "repodata/repomd.xml", self._file(REPOMD), url)
+        items = rpm.learn(REPO + "repodata/repomd.xml", self._chunks(REPOMD), url)
         root = ROUTE.upstream + REPO
         self.assertEqual(
             items,
@@ -161,8 +158,9 @@ class RpmPolicyTests(SynchronousTestCase):
         for suffix, compress in COMPRESSORS.items():
             path = REPO + f"repodata/{SHA}-primary.xml{suffix}"
             self.assertTrue(rpm.learns(path), path)
-            local = self._file(compress(PRIMARY))
-            self.assertEqual(rpm.learn(path, local, ROUTE.upstream + path), want, suffix)
+            body = self._chunks(compress(PRIMARY))
+            self.assertEqual(rpm.learn(path, body, ROUTE.upstream + path), want, suffix)
+            self.assertEqual(rpm.learn(path, [compress(PRIMARY)], ROUTE.upstream + path), want)
         facts = Facts()
         facts.add(want)
         d = rpm.classify(ROUTE, REPO + "Packages/h/hello-1.0-1.noarch.rpm", facts)
@@ -179,10 +177,9 @@ class RpmPolicyTests(SynchronousTestCase):
 
     def test_truncated_primary(self) -> None:
         """A primary cut short is an error for the learner to log, not a partial success."""
-        local = self._file(gzip.compress(PRIMARY)[:-40])
+        body = self._chunks(gzip.compress(PRIMARY)[:-40])
         path = REPO + "repodata/primary.xml.gz"
-        self.assertRaises((EOFError, ET.ParseError), rpm.learn, path, local, ROUTE.upstream + path)
-        self.assertTrue(os.path.exists(local))
+        self.assertRaises((EOFError, ET.ParseError), rpm.learn, path, body, ROUTE.upstream + path)
 
 
 UPSTREAM_METALINK = f"""<?xml version="1.0" encoding="utf-8"?>

@@ -73,10 +73,8 @@ class RubyGemsPolicyTests(SynchronousTestCase):
                 ("fix-1.1.0-java.gem", "1" * 64),
             ],
         )
-        path = self.mktemp()
-        with open(path, "wb") as f:
-            f.write(INFO)
-        items = rubygems.learn("info/fix", path, ROUTE.upstream + "info/fix")
+        pieces = [INFO[i : i + 5] for i in range(0, len(INFO), 5)]
+        items = rubygems.learn("info/fix", pieces, ROUTE.upstream + "info/fix")
         self.assertIn(
             (ROUTE.upstream + "gems/fix-1.1.0.gem", Expect(None, {"sha256": GEM_SHA})), items
         )

@@ -8,7 +8,7 @@ family is tested as plain functions. A new family is one module and one entry in
 Indexes teach the cache what the files they list must be: a family may ``learn`` from a
 committed index (a Debian ``Packages`` file, an Alpine ``APKINDEX``) the size and digests
 of artifacts, which :class:`Facts` keeps and ``classify`` turns into checks made before
-an artifact is stored.
+an artifact is stored. ``learn`` is given the index's bytes; a family opens no file.
 """
 
 from __future__ import annotations
@@ -273,7 +273,9 @@ class Family:
         canonical, below the route's upstream base, without the query (which is in
         the request).
     :ivar learns: whether the body at ``path`` is an index worth reading; pure.
-    :ivar learn: ``(path, local_file, url) -> [(artifact URL, Expect)]``; reads a file,
+    :ivar learn: ``(path, body, url) -> [(artifact URL, Expect)]``: what the index at
+        ``path`` lists, given its bytes (``body``: its chunks in order, read once; see
+        :mod:`pkgproxy.families.compressed`). It opens no file, but parsing is CPU work,
         so it runs in the disk pool. ``url`` is the index's own upstream URL.
     :ivar encoded_slash_ok: an encoded slash (``%2F``) in a request path is part of a
         name and is taken as a real ``/`` (npm's ``@scope%2fname``), so every spelling is
@@ -286,7 +288,7 @@ class Family:
 
     classify: Callable[[Route, str, Facts, Request], Decision]
     learns: Callable[[str], bool] = _never
-    learn: Callable[[str, str, str], list[tuple[str, Expect]]] | None = None
+    learn: Callable[[str, Iterable[bytes], str], list[tuple[str, Expect]]] | None = None
     encoded_slash_ok: bool = False
     error_body: Callable[[int, str], tuple[str, bytes]] | None = None
     #: Paths at the server's root that also belong to this family's first route (npm 9+

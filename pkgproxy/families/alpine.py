@@ -17,6 +17,7 @@ import zlib
 
 from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
+from pkgproxy.families.compressed import Chunks, stream
 
 _BRANCH = r"(?:v\d+\.\d+|edge|latest-stable)"
 _INDEX = re.compile(rf"^{_BRANCH}/[^/]+/[^/]+/(?:APKINDEX\.tar\.gz|Packages\.adb)$")
@@ -63,13 +64,13 @@ def parse_apkindex(text: str) -> list[tuple[str, int | None, str | None]]:
     return out
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
-    """Read ``APKINDEX`` out of the index archive (runs in the disk pool)."""
+def learn(path: str, body: Chunks, url: str) -> list[tuple[str, Expect]]:
+    """Read ``APKINDEX`` out of the index archive's bytes (runs in the disk pool)."""
     directory = url.rsplit("/", 1)[0]
     # Two gzip streams, each a tar segment (signature, then index); gzip reads both as
     # one stream, and ignore_zeros steps over the first segment's end marker.
     with (
-        gzip.open(local_file, "rb") as gz,
+        gzip.GzipFile(fileobj=stream(body), mode="rb") as gz,
         tarfile.open(fileobj=gz, mode="r|", ignore_zeros=True) as tar,
     ):
         for member in tar:

@@ -20,7 +20,7 @@ from typing import IO
 
 from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
-from pkgproxy.families.compressed import open_index
+from pkgproxy.families.compressed import Chunks, open_index
 from pkgproxy.httputil import parse_http_date
 
 _BY_HASH = re.compile(
@@ -199,14 +199,14 @@ def stanzas(stream: IO[bytes]) -> Iterator[dict[str, str]]:
         yield fields
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
-    """What an index lists (runs in the disk pool)."""
+def learn(path: str, body: Chunks, url: str) -> list[tuple[str, Expect]]:
+    """What the index at ``path`` lists, given its bytes (runs in the disk pool)."""
     if _RELEASE.search(path):
-        return learn_release(local_file, url)
-    return learn_packages(local_file, url)
+        return learn_release(body, url)
+    return learn_packages(body, url)
 
 
-def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn_release(body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """Every index a Release file lists, with its size, SHA256 and by-hash URL.
 
     Paths in the ``SHA256:`` field are relative to the suite directory (where the
@@ -214,8 +214,7 @@ def learn_release(local_file: str, url: str) -> list[tuple[str, Expect]]:
     same bytes, at ``<its directory>/by-hash/SHA256/<hex>``.
     """
     suite = url.rsplit("/", 1)[0] + "/"
-    with open(local_file, "rb") as f:
-        text = f.read().decode("utf-8", "replace")
+    text = b"".join(body).decode("utf-8", "replace")  # a Release file is small
     if text.startswith("-----BEGIN PGP SIGNED MESSAGE-----"):
         # The signed text starts after the armour headers' blank line and ends at the
         # signature; the signature itself is apt's to check.
@@ -259,7 +258,7 @@ def _owned(rel: str) -> bool:
     return "://" not in rel and not rel.startswith("/") and ".." not in rel.split("/")
 
 
-def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn_packages(body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """``Filename -> (Size, SHA256)`` from a Packages index.
 
     Anything that is not a Packages file (a by-hash name may hide a Translation) gives
@@ -268,7 +267,7 @@ def learn_packages(local_file: str, url: str) -> list[tuple[str, Expect]]:
     # Filename is relative to the archive root, which is above dists/.
     root = url[: url.index("dists/")] if "dists/" in url else url.rsplit("/", 1)[0] + "/"
     out = []
-    with open_index(local_file) as stream:
+    with open_index(body) as stream:
         for st in stanzas(stream):
             filename, size, sha = st.get("Filename"), st.get("Size"), st.get("SHA256")
             if not filename or not size or not size.isdigit() or not _owned(filename):

@@ -41,6 +41,7 @@ from pkgproxy.families import (
     listed,
     upstream_base,
 )
+from pkgproxy.families.compressed import Chunks, head
 
 _MODULE = r"(?P<module>[^@]+?)"
 _VERSION_FILE = re.compile(rf"^{_MODULE}/@v/(?P<version>[^/]+)\.(?P<ext>info|mod|zip)$")
@@ -120,13 +121,12 @@ def parse_lookup(text: str) -> list[tuple[str, str, bool, str]]:
     return out
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn(path: str, body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """The expected ``h1:`` of the ``.zip`` and ``.mod`` a lookup names (disk pool)."""
     base = upstream_base(url, path)
     if base is None:
         return []
-    with open(local_file, "rb") as f:
-        text = f.read(64 * 1024).decode("utf-8", "replace")
+    text = head(body, 64 * 1024).decode("utf-8", "replace")
     out = []
     for module, version, is_mod, h1 in parse_lookup(text):
         ext, algo = ("mod", "go-h1-mod") if is_mod else ("zip", "go-h1-zip")

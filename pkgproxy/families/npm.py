@@ -32,10 +32,11 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Iterable
 from functools import partial
 from urllib.parse import unquote, urlsplit
 
-from pkgproxy import gcpolicy, httputil
+from pkgproxy import httputil
 from pkgproxy.config.model import Route
 from pkgproxy.families import (
     REWRITTEN_CODING,
@@ -52,9 +53,8 @@ from pkgproxy.families import (
 )
 from pkgproxy.rewrite.npm_packument import (
     JSONObject,
-    dispose,
     dists,
-    read_document,
+    document,
     rewrite_packument,
 )
 
@@ -263,20 +263,16 @@ def owns(name: str, path: str) -> bool:
     return path.startswith(name) and path.startswith("/-/", len(name))
 
 
-def learn(path: str, local_file: str, url: str) -> Learned:
-    """``tarball URL -> digests`` from a stored packument (runs in the disk pool).
+def learn(path: str, body: Iterable[bytes], url: str) -> Learned:
+    """``tarball URL -> digests`` from a stored packument's bytes (runs in the disk pool).
 
     A document that cannot be read teaches nothing (its fetch already failed it).
     """
-    with gcpolicy.quiet():
-        try:
-            doc, _ = read_document(local_file)
-        except ValueError:
-            return []
-        try:
+    try:
+        with document(b"".join(body)) as doc:
             return _learn_document(doc, _registry_base(path, url), _owner(path))
-        finally:
-            dispose(doc)
+    except ValueError:
+        return []
 
 
 def _rewrite(

@@ -321,13 +321,14 @@ def teach(page_url: str, items: Iterable[pypi_simple.Listed]) -> Learned:
     return out
 
 
-def learn(path: str, local_file: str, url: str) -> Learned:
-    """What a stored project page or JSON API document teaches (in the disk pool).
+def learn(path: str, body: Iterable[bytes], url: str) -> Learned:
+    """What a stored project page or JSON API document teaches, given its bytes (in the
+    disk pool).
 
     Keys are the URLs as the stored document links them; the learner maps links that
     lead through this proxy back to their upstream URLs.
     """
-    return teach(url, pypi_simple.listed(local_file, url))
+    return teach(url, pypi_simple.listed(b"".join(body), url))
 
 
 def _rewrite_simple(

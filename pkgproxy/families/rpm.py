@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
-from pkgproxy.families.compressed import open_index
+from pkgproxy.families.compressed import Chunks, open_index, stream
 from pkgproxy.families.debian import signature_time
 from pkgproxy.rewrite.metalink import rewrite_metalink
 
@@ -92,11 +92,11 @@ def learns(path: str) -> bool:
     return bool(_REPOMD.search(path) or _PRIMARY.search(path))
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn(path: str, body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """What an index lists (runs in the disk pool: decompressing a primary is CPU work)."""
     if _REPOMD.search(path):
-        return learn_repomd(local_file, url)
-    return learn_primary(local_file, url)
+        return learn_repomd(body, url)
+    return learn_primary(body, url)
 
 
 def _root_of(url: str) -> str:
@@ -135,11 +135,11 @@ def _href(location: ET.Element | None, root: str) -> str | None:
     return root + href
 
 
-def learn_repomd(local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn_repomd(body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """Every metadata file repomd.xml lists, with its size and checksum."""
     root = _root_of(url)
     out = []
-    for data in ET.parse(local_file).getroot():
+    for data in ET.parse(stream(body)).getroot():
         if _local(data.tag) != "data":
             continue
         fields = {_local(child.tag): child for child in data}
@@ -151,14 +151,14 @@ def learn_repomd(local_file: str, url: str) -> list[tuple[str, Expect]]:
     return out
 
 
-def learn_primary(local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn_primary(body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """``location -> (size, checksum)`` of every package of a primary.xml, read as a
     stream (Fedora's is hundreds of megabytes once decompressed)."""
     root = _root_of(url)
     out = []
-    with open_index(local_file) as stream:
+    with open_index(body) as index:
         top: ET.Element | None = None
-        for event, elem in ET.iterparse(stream, events=("start", "end")):
+        for event, elem in ET.iterparse(index, events=("start", "end")):
             if top is None:
                 top = elem
                 continue

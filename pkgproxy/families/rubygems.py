@@ -23,6 +23,7 @@ Clients use the route as ``gem sources --add http://cache:3142/rubygems/`` or
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterable
 from dataclasses import replace
@@ -39,6 +40,7 @@ from pkgproxy.families import (
     listed,
     upstream_base,
 )
+from pkgproxy.families.compressed import Chunks, stream
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _INFO = re.compile(rf"^info/(?P<name>{_NAME})$")
@@ -98,13 +100,13 @@ def parse_info(name: str, lines: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-def learn(path: str, local_file: str, url: str) -> list[tuple[str, Expect]]:
+def learn(path: str, body: Chunks, url: str) -> list[tuple[str, Expect]]:
     """The sha256 each ``.gem`` an info file lists must have (in the disk pool)."""
     m = _INFO.match(path)
     base = upstream_base(url, path)
     if m is None or base is None:
         return []
-    with open(local_file, encoding="utf-8", errors="replace") as f:
+    with io.TextIOWrapper(stream(body), encoding="utf-8", errors="replace") as f:
         return [
             (f"{base}gems/{file}", Expect(None, {"sha256": sha}))
             for file, sha in parse_info(m["name"], f)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urljoin
 
@@ -78,16 +79,32 @@ def load_json(data: bytes) -> Any:
     return json.loads(data, object_pairs_hook=_object)
 
 
-def read_document(path: str) -> tuple[JSONObject, bool]:
-    """The JSON object in the file at ``path``, and whether the file was gzip-compressed.
+@contextmanager
+def document(data: bytes) -> Iterator[JSONObject]:
+    """The JSON object a stored document's bytes hold, alive for the ``with`` block.
+
+    Automatic garbage collection is held off while it is alive
+    (:func:`pkgproxy.gcpolicy.quiet`), and it is taken apart a version at a time when
+    the block ends (:func:`dispose`): its user, a family learning from it, need not know.
+
+    :raises ValueError: not a JSON object (an HTML error page, garbage).
+    """
+    with gcpolicy.quiet():
+        doc, _ = read_document(data)
+        try:
+            yield doc
+        finally:
+            dispose(doc)
+
+
+def read_document(data: bytes) -> tuple[JSONObject, bool]:
+    """The JSON object in a stored document's bytes, and whether they were gzip-compressed.
 
     An upstream that gzips the document although pkgproxy asked for ``identity`` stores
     its ``Content-Encoding`` with the body; the document is read through it.
 
-    :raises ValueError: the file is not a JSON object (an HTML error page, garbage).
+    :raises ValueError: not a JSON object (an HTML error page, garbage).
     """
-    with open(path, "rb") as f:
-        data = f.read()
     compressed = data.startswith(_GZIP_MAGIC)
     if compressed:
         data = gzip.decompress(data)

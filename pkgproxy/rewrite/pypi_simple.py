@@ -207,16 +207,15 @@ def listed_in_json(doc: object, linker: Linker) -> Iterator[Listed]:
         )
 
 
-def listed(path: str, page_url: str) -> list[Listed]:
-    """The files the document at ``path`` lists (HTML or JSON, as it turns out to be).
+def listed(buf: htmldoc.Buffer, page_url: str) -> list[Listed]:
+    """The files the document ``buf`` lists (HTML or JSON, as it turns out to be).
 
     ``page_url`` is the document's upstream URL: relative links are resolved against it.
     """
     linker = Linker(page_url)
-    with htmldoc.mapped(path) as buf:
-        if _is_json(buf):
-            return list(listed_in_json(json.loads(bytes(buf)), linker))
-        return list(listed_in_html(buf, linker))
+    if _is_json(buf):
+        return list(listed_in_json(json.loads(bytes(buf)), linker))
+    return list(listed_in_html(buf, linker))
 
 
 # -- rewriting ------------------------------------------------------------------------

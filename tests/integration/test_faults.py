@@ -516,18 +516,10 @@ class DiskRefusesWriteTests(FaultTestCase):
     get the whole body, from memory, and nothing is stored."""
 
     def refuse_writes_after(self, n: int) -> None:
-        from pkgproxy.fetch import fetch as fetch_module
+        from pkgproxy.fetch import body as fetch_body
+        from tests.support.diskfaults import refusing_writes
 
-        calls = [0]
-        real = fetch_module._write_and_hash
-
-        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
-            calls[0] += 1
-            if calls[0] > n:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return real(fd, data, offset, hashers)
-
-        self.patch(fetch_module, "_write_and_hash", write)
+        self.patch(fetch_body, "write_and_hash", refusing_writes(n))
 
     async def test_clients_get_the_rest_from_memory(self) -> None:
         """Two clients of one download (the second joins it) get every byte; the body is
@@ -561,32 +553,32 @@ class DiskRefusesWriteTests(FaultTestCase):
         temp file) instead of each holding up to 64 MiB;
         the reservations never pass the budget and all come back; a retry is relayed.
         """
-        from pkgproxy.fetch import fetch as fetch_module
+        from pkgproxy.fetch import body as fetch_body
 
         peaks: list[int] = []
 
-        class Recorded(fetch_module.SpillBudget):
+        class Recorded(fetch_body.SpillBudget):
             def take(self, size: int) -> bool:
                 taken = super().take(size)
                 peaks.append(self.held)
                 return taken
 
         budget = Recorded(4 * 1024 * 1024)
-        self.patch(fetch_module, "SPILL_BUDGET", budget)
+        self.patch(fetch_body, "SPILL_BUDGET", budget)
         upstream, proxy = await self.files_setup({"max_connections_per_host": 4})
         body = pattern(3 * 1024 * 1024, b"spill")
         names = [b"/a.bin", b"/b.bin", b"/c.bin"]
         for name in names:
             upstream.handlers[name] = SlowBody(body, 256 * 1024, 0.05)
         refuse = [False]
-        real = fetch_module._write_and_hash
+        real = fetch_body.write_and_hash
 
         def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
             if refuse[0]:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(fd, data, offset, hashers)
 
-        self.patch(fetch_module, "_write_and_hash", write)
+        self.patch(fetch_body, "write_and_hash", write)
         clients = [HTTPTestClient() for _ in names]
         for c in clients:
             self.addCleanup(c.close)
@@ -626,17 +618,13 @@ class DiskRefusesWriteTests(FaultTestCase):
     async def test_failure_before_the_first_byte_is_a_response(self) -> None:
         """issue 15: a download the disk refuses at its first write, with no memory left
         to finish it: its client gets a 503 saying why, not a closed connection."""
-        from pkgproxy.fetch import fetch as fetch_module
+        from pkgproxy.fetch import body as fetch_body
 
-        self.patch(fetch_module, "SPILL_BUDGET", fetch_module.SpillBudget(0))
+        self.patch(fetch_body, "SPILL_BUDGET", fetch_body.SpillBudget(0))
         upstream, proxy = await self.files_setup()
         body = pattern(1024 * 1024, b"first")
         upstream.handlers[b"/first.bin"] = SlowBody(body, 256 * 1024, 0.05)
-
-        def write(fd: int, data: bytes, offset: int, hashers: dict[str, Any]) -> int:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        self.patch(fetch_module, "_write_and_hash", write)
+        self.refuse_writes_after(0)
         client = HTTPTestClient()
         self.addCleanup(client.close)
         r = await client.get(proxy.url("/files/first.bin"))
@@ -649,9 +637,9 @@ class DiskRefusesWriteTests(FaultTestCase):
 
     async def test_too_much_left_for_memory_fails_the_transfer(self) -> None:
         """Beyond SPILL_MAX left to hold, the clients see a failed transfer, as before."""
-        from pkgproxy.fetch import fetch as fetch_module
+        from pkgproxy.fetch import body as fetch_body
 
-        self.patch(fetch_module, "SPILL_MAX", 512 * 1024)
+        self.patch(fetch_body, "SPILL_MAX", 512 * 1024)
         upstream, proxy = await self.files_setup()
         body = pattern(3 * 1024 * 1024, b"spill")
         upstream.handlers[b"/big.bin"] = SlowBody(body, 256 * 1024, 0.01)
