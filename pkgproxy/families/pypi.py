@@ -231,12 +231,15 @@ def learns(path: str) -> bool:
 #: no dot segments), for which :func:`canonical_path`'s work per segment can be skipped.
 _ORIGIN_PATH = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#]*)(/[^?#]*)")
 _PLAIN_PATH = re.compile(r"^[A-Za-z0-9/!$&'()*+,;=:@._~-]*$")
+_PLAIN_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*/[A-Za-z0-9/!$&'()*+,;=:@._~-]*$")
 
 
 def _key(url: str) -> str | None:
     """The :class:`Facts` key of a listed file's URL: the URL with its path in the form
     request paths take, so that a link written with ``%2B`` and a client asking with
     ``+`` meet at one key."""
+    if "/." not in url and _PLAIN_URL.match(url):
+        return url  # the usual link: canonical already, nothing after its path
     m = _ORIGIN_PATH.match(url)
     if m is None:
         return None

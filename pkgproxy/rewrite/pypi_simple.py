@@ -84,6 +84,11 @@ class Listed(NamedTuple):
 
 def _hashes(value: object) -> dict[str, str]:
     """The well-formed entries of a hash mapping (JSON ``hashes``/``digests``)."""
+    if type(value) is dict and len(value) == 1:
+        # The usual ``{"sha256": hex}``, without the loop.
+        hexdigest = value.get("sha256")
+        if type(hexdigest) is str and len(hexdigest) == 64 and _HEX.match(hexdigest):
+            return {"sha256": hexdigest.lower()}
     out: dict[str, str] = {}
     if isinstance(value, dict):
         for name, hexdigest in value.items():
@@ -187,23 +192,24 @@ def listed_in_json(doc: object, linker: Linker) -> Iterator[Listed]:
     for entry in entries:
         if not isinstance(entry, dict) or not isinstance(entry.get("url"), str):
             continue
-        href = entry["url"].partition("#")[0]
+        href = entry["url"]
+        if "#" in href:
+            href = href.partition("#")[0]
         size = entry.get("size")
-        metadata = next(
-            (
-                entry[k]
-                for k in ("core-metadata", "dist-info-metadata", "data-dist-info-metadata")
-                if k in entry
-            ),
-            None,
-        )
+        metadata = entry.get("core-metadata")
+        if metadata is None and "core-metadata" not in entry:
+            for k in ("dist-info-metadata", "data-dist-info-metadata"):
+                if k in entry:
+                    metadata = entry[k]
+                    break
+        filename = entry.get("filename", "")
         yield Listed(
             href,
             linker.resolve(href),
-            str(entry.get("filename", "")),
+            filename if type(filename) is str else str(filename),
             _hashes(entry.get("hashes")) or _hashes(entry.get("digests")),
-            size if isinstance(size, int) and not isinstance(size, bool) else None,
-            _hashes(metadata),
+            size if type(size) is int else None,
+            _hashes(metadata) if metadata is not None else _NOTHING,
         )
 
 
