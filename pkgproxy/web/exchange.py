@@ -13,6 +13,7 @@ from twisted.web.server import Request
 
 from pkgproxy.config.model import Route
 from pkgproxy.families import CacheClass, Decision
+from pkgproxy.observe import RequestRecord
 
 #: Before the family has classified the path.
 UNDECIDED = Decision(CacheClass.PASS)
@@ -31,6 +32,24 @@ class Trace:
     route: str = ""
     family: str = ""
     upstream_seconds: float | None = None
+
+    def record(self, request: Request, now: float, completed: bool) -> RequestRecord:
+        """What the observer is told of ``request`` when it ends at ``now``."""
+        peer = request.getClientAddress()
+        return RequestRecord(
+            client=getattr(peer, "host", "-"),
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1"),
+            status=request.code,
+            bytes_sent=request.sentLength,
+            cache=(request.responseHeaders.getRawHeaders(b"x-cache") or [b""])[-1].decode(),
+            route=self.route,
+            family=self.family,
+            duration=now - self.started,
+            upstream_seconds=self.upstream_seconds,
+            user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1"),
+            completed=completed,
+        )
 
 
 @dataclass

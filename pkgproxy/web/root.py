@@ -1,4 +1,11 @@
-"""The proxy's resource: route a request, answer from the cache or join a fetch.
+"""The proxy's resource: dispatch a request, decide its answer, pick its responder.
+
+Here: admin pages and probes, CONNECT, a POST passed through, routing, the family's
+classification, the cache decision, and what a fetch's answer becomes. The work is done
+by the rooms named for it: :mod:`~pkgproxy.web.respond` writes every answer (one
+``Responder`` each), :mod:`~pkgproxy.web.passthrough` relays what is not cached,
+:mod:`~pkgproxy.web.joining` joins a request to its fetch, and
+:func:`pkgproxy.cache.freshness.decide` says whether a stored copy is fresh.
 
 Routing is done here rather than by ``Site`` traversal because a forward-proxy request
 carries an absolute URI, which Twisted keeps whole in ``request.path``.
@@ -22,16 +29,17 @@ from pkgproxy.config.model import Config
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import FAMILIES, CacheClass, Decision, Facts
 from pkgproxy.families import Request as FamilyRequest
-from pkgproxy.fetch.fetch import Fetch, FetchRequest, Outcome
+from pkgproxy.fetch.fetch import Fetch, Outcome
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
-from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.observe import Observer
 from pkgproxy.tlsca import CertificateAuthority
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError
 from pkgproxy.upstream.proxy import via_names
-from pkgproxy.web import connect
+from pkgproxy.web import connect, probes
 from pkgproxy.web.exchange import Exchange, Trace
 from pkgproxy.web.fast import HitPath
+from pkgproxy.web.joining import Fetches
 from pkgproxy.web.passthrough import Passthrough
 from pkgproxy.web.respond import (
     Error,
@@ -42,8 +50,8 @@ from pkgproxy.web.respond import (
     Stored,
     Streamed,
     internal_error,
+    reason,
 )
-from pkgproxy.web.respond import reason as _reason
 from pkgproxy.web.routing import RouteError, RouteTable, valid_host
 from pkgproxy.web.tunnel import BlindTunnels, Connector
 
@@ -101,16 +109,12 @@ class ProxyResource(Resource):
         self._negative = NegativeCache()
         self._observer = observer or Observer()
         self._admin_resource = admin
-        self._sync_read_max = sync_read_max
         self._learner = learner or Learner(Facts(), store, diskpool, config.routes)
         self._table = RouteTable(config.enabled_routes())
         self._node_name = config.node_name
         self._store = store
         self._inflight = inflight
-        self._client = client
-        self._pool = diskpool
         self._clock = clock
-        self._idle_timeout = idle_timeout
         #: Serve only from the cache, stale entries too; a miss is a 503, never a fetch.
         self.offline = config.offline
         #: Repeated hits answered below twisted.web (the site's channels use it).
@@ -118,6 +122,18 @@ class ProxyResource(Resource):
         self._means = Means(store, diskpool, clock, sync_read_max, self.hit_path, self._unreadable)
         self._passthrough = Passthrough(
             self._table, store, client, clock, idle_timeout, self._serve_stale
+        )
+        self._fetches = Fetches(
+            inflight,
+            client,
+            store,
+            diskpool,
+            clock,
+            idle_timeout,
+            sync_read_max,
+            self._learner,
+            self._observer,
+            self._table.public,
         )
         store.on_drop.append(self._drop_packed)
 
@@ -152,26 +168,26 @@ class ProxyResource(Resource):
             if request.method == b"CONNECT" and (self._ca is not None or self._tunnels is not None):
                 return self._connect(request)
             if request.method == b"CONNECT":
-                return _reason(
+                return reason(
                     request,
                     http.NOT_ALLOWED,
                     "CONNECT tunnels are not offered: a tunnel cannot be cached. Use "
                     "http:// sources through this proxy, or its reverse paths such as "
                     "/debian/.",
                 )
-            return _reason(
+            return reason(
                 request,
                 http.NOT_ALLOWED,
                 f"{request.method.decode()} is not allowed: this is a read-only cache",
                 self._family_of(uri),
             )
         if request.path.startswith(ADMIN_PREFIX):
-            return self._admin(request)
+            return probes.answer(request, self._store, self._learner, self._ca)
         if not self._store.ready:
             request.setHeader(b"retry-after", b"5")
-            return _reason(request, http.SERVICE_UNAVAILABLE, "the cache is still starting")
+            return reason(request, http.SERVICE_UNAVAILABLE, "the cache is still starting")
         if via_names(request.requestHeaders.getRawHeaders(b"via", []), self._node_name):
-            return _reason(
+            return reason(
                 request,
                 508,
                 f"loop: this request already passed through {self._node_name} (its Via); "
@@ -184,7 +200,7 @@ class ProxyResource(Resource):
         try:
             found = self._table.resolve(uri, tunneled=tunnel is not None)
         except RouteError as e:
-            return _reason(request, e.code, str(e), e.family)
+            return reason(request, e.code, str(e), e.family)
         route, rest = found
         trace.route, trace.family = route.name, route.family
         path, sep, query = rest.partition("?")
@@ -195,7 +211,7 @@ class ProxyResource(Resource):
         try:
             path = httputil.canonical_path(path)
         except httputil.BadPath as e:
-            return _reason(request, http.BAD_REQUEST, str(e), route.family)
+            return reason(request, http.BAD_REQUEST, str(e), route.family)
         suffix = f"{path}?{query}" if sep else path
         ex = Exchange(
             request, trace, route, path, cache_key(route.name, suffix), route.upstream + suffix
@@ -258,43 +274,7 @@ class ProxyResource(Resource):
 
     def _report(self, request: Request, trace: Trace, completed: bool) -> None:
         """Tell the observer how a request ended (the access log and metrics)."""
-        peer = request.getClientAddress()
-        self._observer.request_done(
-            RequestRecord(
-                client=getattr(peer, "host", "-"),
-                method=request.method.decode("latin-1"),
-                uri=request.uri.decode("latin-1"),
-                status=request.code,
-                bytes_sent=request.sentLength,
-                cache=(request.responseHeaders.getRawHeaders(b"x-cache") or [b""])[-1].decode(),
-                route=trace.route,
-                family=trace.family,
-                duration=self._clock.seconds() - trace.started,
-                upstream_seconds=trace.upstream_seconds,
-                user_agent=(request.getHeader(b"user-agent") or b"").decode("latin-1"),
-                completed=completed,
-            )
-        )
-
-    def _admin(self, request: Request) -> bytes:
-        if request.path in (b"/_pkgproxy/health", b"/_pkgproxy/ready"):
-            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-            failure = self._store.failure
-            if failure is not None:
-                # Alive but useless: a cache it cannot use (a disk gone, read-only) is
-                # a failed health check, so a supervisor restarts or replaces it.
-                request.setResponseCode(http.SERVICE_UNAVAILABLE)
-                return f"pkgproxy: {failure}\n".encode()
-            ready = (self._store.ready and self._learner.ready) or (
-                request.path == b"/_pkgproxy/health"
-            )
-            request.setResponseCode(200 if ready else 503)
-            return b"ok\n" if ready else b"starting\n"
-        if request.path == b"/_pkgproxy/ca.crt" and self._ca is not None:
-            # Public by nature: clients install it to trust intercepted https sources.
-            request.setHeader(b"content-type", b"application/x-pem-file")
-            return self._ca.cert_pem
-        return _reason(request, http.NOT_FOUND, "no such admin page")
+        self._observer.request_done(trace.record(request, self._clock.seconds(), completed))
 
     # -- the decision ---------------------------------------------------------------
 
@@ -346,7 +326,7 @@ class ProxyResource(Resource):
             req.setHeader(b"warning", _STALE_WARNING)
             Stored(self._means, entry, b"STALE").respond(ex)
             if fetch is None:
-                self._revalidate_in_background(ex, entry)
+                self._fetches.revalidate_in_background(ex, entry)
             return
         if fetch is None and self._store.disk_trouble() and decision.rewrite is None:
             self._passthrough.relay(
@@ -367,30 +347,15 @@ class ProxyResource(Resource):
             self._passthrough.head(ex)
             return
         stale = entry if ex.decision.cache_class is not CacheClass.PASS else None
-        fetch, started = self._join(ex, stale)
+        fetch, started = self._fetches.join(ex, stale)
         d = fetch.answered()
         d.addCallback(self._answered, ex, started)
         d.addErrback(internal_error, ex)
         if started and decision.revalidate_also:
-            expire = fetch.answered().addCallback(self._expire_companions, ex)
+            expire = fetch.answered().addCallback(self._fetches.expire_companions, ex)
             expire.addErrback(lambda f: log.failure("expiring companions of {key}", f, key=ex.key))
         if started:
             fetch.start()
-
-    def _expire_companions(self, fetch: Fetch, ex: Exchange) -> None:
-        """A new body came from upstream: what goes with it is checked before its next use.
-
-        Done when the answer arrives, before this client has the whole body, so the
-        companion it asks for next is already due for revalidation. An expiry time of 0
-        is past any stale-while-revalidate grace too; stale-if-error still holds.
-        """
-        if fetch.outcome is not Outcome.STREAM:
-            return
-        for path in ex.decision.revalidate_also:
-            companion = self._store.peek(cache_key(ex.route.name, path))
-            if companion is not None and companion.expires is not None:
-                companion.expires = 0.0
-                self._store.update(companion)
 
     def _may_serve_stale(self, action: Action, entry: Entry, now: float) -> bool:
         """Whether an expired index may be answered at once while it is revalidated.
@@ -407,84 +372,6 @@ class ProxyResource(Resource):
             and not self._store.disk_trouble()
             and not self._past_valid_until(entry, now)
         )
-
-    def _revalidate_in_background(self, ex: Exchange, entry: Entry) -> None:
-        """Start the upstream check of a stale entry that no client waits for.
-
-        It is an ordinary fetch in the single-flight registry, so requests arriving
-        meanwhile join it instead of asking again, and it stores or refreshes the entry
-        as any fetch does. A failure changes nothing: the stored copy stays, and the
-        next request past the stale window revalidates (or serves stale-if-error).
-        """
-        fetch, started = self._join(ex, entry)
-        if not started:
-            return
-        key = ex.key
-
-        def answered(f: Fetch) -> None:
-            if f.outcome is Outcome.UNREACHABLE:
-                log.warn(
-                    "background revalidation of {key} failed ({error}); keeping the stored copy",
-                    key=key,
-                    error=str(f.error),
-                )
-            elif f.outcome is Outcome.RESPONSE:
-                log.warn(
-                    "background revalidation of {key}: upstream answered {status}; "
-                    "keeping the stored copy",
-                    key=key,
-                    status=f.status,
-                )
-
-        d = fetch.answered()
-        d.addCallback(answered)
-        d.addErrback(lambda f: log.failure("background revalidation of {key}", f, key=key))
-        fetch.start()
-
-    def _join(self, ex: Exchange, stale: Entry | None) -> tuple[Fetch, bool]:
-        """The fetch in flight for the request's key, or a new one, not started yet.
-
-        :return: the fetch, and True if it was made here: the caller then subscribes
-            and calls ``start()`` (see :meth:`InFlight.join`).
-        """
-        on_settled = None
-
-        def factory() -> Fetch:
-            nonlocal on_settled
-            on_verified = None
-            if ex.learn:
-                on_verified, on_settled = self._learner.hooks(ex.route)
-            return Fetch(
-                FetchRequest(
-                    ex.key,
-                    ex.url,
-                    ex.decision,
-                    stale,
-                    extra_headers={
-                        k.encode(): v.encode("latin-1")
-                        for k, v in ex.decision.upstream_headers.items()
-                    },
-                    on_verified=on_verified,
-                    # Plain data: the rewriter runs in the disk pool.
-                    rewrite_context=self._table.public.names(ex.base, ex.scheme).context(ex.url)
-                    if ex.decision.rewrite is not None
-                    else None,
-                ),
-                self._client,
-                self._store,
-                self._pool,
-                self._clock,
-                self._idle_timeout,
-                self._sync_read_max,
-            )
-
-        fetch, started = self._inflight.join(ex.key, factory)
-        if on_settled is not None:
-            fetch.when_settled(on_settled)
-        if started:
-            route = ex.route
-            fetch.when_settled(lambda f: self._observer.fetch_settled(route, f))
-        return fetch, started
 
     def _answered(self, fetch: Fetch, ex: Exchange, started: bool) -> None:
         ex.trace.upstream_seconds = fetch.answered_at - fetch.started_at
