@@ -41,7 +41,7 @@ class PublicMap:
 
     def __init__(self, routes: Iterable[PublicRoute]) -> None:
         self._routes = tuple(routes)
-        self._by_upstream = sorted(self._routes, key=lambda r: -len(r.upstream))
+        self._by_upstream = tuple(sorted(self._routes, key=lambda r: -len(r.upstream)))
         forwards = []
         for r in self._routes:
             for prefix in dict.fromkeys((*r.forward, r.upstream)):
