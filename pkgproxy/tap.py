@@ -33,7 +33,7 @@ from pkgproxy import __version__
 from pkgproxy.admin import Operations
 from pkgproxy.config import Config, ConfigError, load_config, parse_size
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.families import Facts
+from pkgproxy.families import AUTH_SCOPES, Facts
 from pkgproxy.fetch import fetch as fetch_module
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.gcpolicy import HeapFreeze
@@ -271,6 +271,7 @@ def build_service(
         routes=cfg.enabled_routes(),
         environ=os.environ,
         node_name=cfg.node_name,
+        auth_scopes=AUTH_SCOPES,
     )
     upstream.setServiceParent(top)
     learner = Learner(Facts(), store, pool, cfg.routes)

@@ -270,3 +270,86 @@ class CredentialTests(OCITestCase):
         )
         self.assertEqual((resp.code, got), (200, b"x"))
         self.assertEqual(self.up.tokens_issued, 1)
+
+
+class FamilyHookTests(SynchronousTestCase):
+    """What the OCI family declares for the rooms that route and authenticate."""
+
+    def test_route_request_by_ns(self) -> None:
+        """containerd's ?ns= names the registry (Docker Hub by any of its names); the
+        parameter is dropped, the rest of the query kept; an unconfigured one refused."""
+        from pkgproxy.config.model import Route
+        from pkgproxy.families import Refused, oci
+
+        hub = Route("docker.io", "oci", "/v2/", "http://hub.test/v2/")
+        other = Route("registry.local", "oci", "/v2/registry.local/", "http://r.test/v2/")
+        routes = {"docker.io": hub, "registry.local": other}
+        route = oci.route_request
+        self.assertEqual(
+            route("/v2/team/app/tags/list", "ns=registry.local&n=5", routes),
+            (other, "team/app/tags/list?n=5"),
+        )
+        for name in ("docker.io", "index.docker.io", "Registry-1.Docker.IO"):
+            self.assertEqual(route("/v2/alpine/manifests/3", f"ns={name}", routes)[0], hub)
+        self.assertIsNone(route("/v2/alpine/manifests/3", "", routes))
+        self.assertIsNone(route("/v2", "ns=docker.io", routes))
+        self.assertIsNone(route("/debian/x", "ns=docker.io", routes))
+        with self.assertRaises(Refused):
+            route("/v2/a/blobs/x", "ns=evil.example", routes)
+
+    def test_auth_scope_is_the_repository(self) -> None:
+        """One token covers one repository, whatever of it is asked."""
+        from pkgproxy.families import AUTH_SCOPES, FAMILIES, oci
+
+        for path in (
+            "library/alpine/manifests/3.20",
+            f"library/alpine/blobs/{digest(b'x')}",
+            "library/alpine/tags/list",
+            f"library/alpine/referrers/{digest(b'x')}",
+        ):
+            self.assertEqual(oci.auth_scope(path), "library/alpine")
+        self.assertIs(AUTH_SCOPES["oci"], FAMILIES["oci"].auth_scope)
+        self.assertEqual(set(AUTH_SCOPES), {"oci"})
+
+
+class UpstreamClientAsksTheFamilyTests(SynchronousTestCase):
+    """The upstream client keeps a token per area its route's family names."""
+
+    def fetch(self, auth_scopes: dict[str, object] | None) -> TokenRegistry:
+        from treq.testing import RequestTraversalAgent
+        from twisted.internet.task import Clock
+
+        from pkgproxy.config.model import Route, UpstreamConfig
+        from pkgproxy.upstream.client import UpstreamClient
+
+        registry = TokenRegistry()
+        body = b"{}"
+        registry.add("/v2/library/alpine/manifests/3.20", body)
+        registry.add(f"/v2/library/alpine/blobs/{digest(b'layer')}", b"layer")
+        route = Route("docker.io", "oci", "/v2/", "http://upstream.test/v2/")
+        client = UpstreamClient(
+            RequestTraversalAgent(registry),
+            Clock(),
+            UpstreamConfig(),
+            routes=[route],
+            auth_scopes=auth_scopes,  # type: ignore[arg-type]
+        )
+        for path in ("library/alpine/manifests/3.20", f"library/alpine/blobs/{digest(b'layer')}"):
+            got: list[object] = []
+            client.request(b"GET", route.upstream + path).addBoth(got.append)
+            self.assertEqual(getattr(got[0], "status", got[0]), 200)
+            got[0].discard()  # type: ignore[attr-defined]
+        return registry
+
+    def test_one_token_for_a_repository(self) -> None:
+        """A manifest and a blob of one repository: one challenge, one token."""
+        from pkgproxy.families import AUTH_SCOPES
+
+        registry = self.fetch(AUTH_SCOPES)  # type: ignore[arg-type]
+        self.assertEqual(registry.tokens_issued, 1)
+
+    def test_without_the_family_a_token_per_directory(self) -> None:
+        """Without the family's word the client knows no repository: each directory is
+        challenged on its own (what the family's scope saves)."""
+        registry = self.fetch(None)
+        self.assertEqual(registry.tokens_issued, 2)

@@ -185,3 +185,44 @@ class RefusalTests(SynchronousTestCase):
         sent = proxy.upstream.seen[-1].headers
         for name in (b"authorization", b"proxy-authorization", b"proxy-connection", b"cookie"):
             self.assertNotIn(name, sent)
+
+
+class FamilyRoutingHookTests(SynchronousTestCase):
+    """The table routes by a family's ``route_request`` under its ``prefix_root``,
+    knowing nothing of the family (here a made-up one)."""
+
+    def setUp(self) -> None:
+        from dataclasses import replace
+
+        from pkgproxy.config.model import Route
+        from pkgproxy.families import FAMILIES, Refused
+
+        def route_request(path: str, query: str, routes: dict[str, Route]) -> object:
+            if not query.startswith("at="):
+                return None
+            name = query[3:]
+            if name not in routes:
+                raise Refused(f"no mirror {name}")
+            return routes[name], path[len("/box/") :]
+
+        family = replace(FAMILIES["generic"], prefix_root="/box/", route_request=route_request)
+        FAMILIES["box-test"] = family
+        self.addCleanup(FAMILIES.pop, "box-test")
+        self.one = Route("one", "box-test", "/box/", "http://one.test/")
+        self.two = Route("two", "box-test", "/box/two/", "http://two.test/")
+        self.table = RouteTable((self.one, self.two))
+
+    def test_hook_names_the_route(self) -> None:
+        self.assertEqual(self.table.resolve("/box/a/b?at=two"), (self.two, "a/b"))
+        self.assertEqual(self.table.resolve("/box/a/b"), (self.one, "a/b"))
+        self.assertEqual(self.table.resolve("/box/two/a"), (self.two, "a"))
+
+    def test_refusal_is_a_403_in_the_family(self) -> None:
+        from pkgproxy.web.routing import RouteError
+
+        with self.assertRaises(RouteError) as caught:
+            self.table.resolve("/box/a?at=three")
+        self.assertEqual(
+            (caught.exception.code, caught.exception.family, str(caught.exception)),
+            (403, "box-test", "no mirror three"),
+        )

@@ -265,6 +265,10 @@ class Request:
     query: str = ""
 
 
+class Refused(Exception):
+    """A request target a family's own routing refuses (answered 403, in its format)."""
+
+
 @dataclass(frozen=True)
 class Family:
     """One repository format.
@@ -318,6 +322,17 @@ class Family:
     #: ``(package, path) -> bool``: whether the file at ``path`` belongs to ``package``
     #: by the same rule ``learn`` keeps to.
     owns: Callable[[str, str], bool] | None = None
+    #: ``(path, query, routes) -> (route, rest) | None``: where a reverse-mode target
+    #: under :attr:`prefix_root` goes when more than its path names the route
+    #: (containerd's ``?ns=<registry>``); ``routes`` are this family's configured ones,
+    #: by name; ``rest`` is below the route, with what is left of the query. ``None``
+    #: routes it by prefix as usual; :class:`Refused` refuses it (a route not
+    #: configured).
+    route_request: Callable[[str, str, Mapping[str, Route]], tuple[Route, str] | None] | None = None
+    #: ``path -> area``: the part of a path (below the route's upstream) that one
+    #: upstream bearer token covers (an OCI repository: a token's scope names one);
+    #: the upstream client keeps a token per area. Without it, a URL's directory.
+    auth_scope: Callable[[str], str] | None = None
 
 
 def _families() -> dict[str, Family]:
@@ -346,6 +361,11 @@ COMPRESSED_SUFFIXES: tuple[str, ...] = httputil.COMPRESSED_SUFFIXES + tuple(
 #: Every family's digests beyond hashlib's.
 HASHERS: dict[str, Callable[[], Hasher]] = {
     name: h for f in FAMILIES.values() for name, h in f.hashers.items()
+}
+
+#: Every family's :attr:`Family.auth_scope`, by family name (for the upstream client).
+AUTH_SCOPES: dict[str, Callable[[str], str]] = {
+    name: f.auth_scope for name, f in FAMILIES.items() if f.auth_scope is not None
 }
 
 

@@ -13,10 +13,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, urlencode
 
 from pkgproxy import httputil
 from pkgproxy.config.model import Route
-from pkgproxy.families import CacheClass, Decision, Facts, Family, LocalAnswer, Request
+from pkgproxy.families import (
+    CacheClass,
+    Decision,
+    Facts,
+    Family,
+    LocalAnswer,
+    Refused,
+    Request,
+)
 
 _NAME = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
 _DIGEST = r"sha256:[a-f0-9]{64}"
@@ -38,6 +48,36 @@ MANIFEST_TYPES = (
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 #: Docker Hub's registry names; their one-component repositories live under library/.
 DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+#: Other names containerd and the daemon use for Docker Hub.
+_REGISTRY_ALIASES = {"index.docker.io": "docker.io", "registry-1.docker.io": "docker.io"}
+#: What follows a repository name in a distribution-spec path.
+_AFTER_NAME = ("/manifests/", "/blobs/", "/tags/", "/referrers/")
+
+
+def route_request(path: str, query: str, routes: Mapping[str, Route]) -> tuple[Route, str] | None:
+    """containerd names the registry in ``?ns=`` (a host mirror for every registry at
+    ``/v2/``): that names the route, and the parameter is not forwarded."""
+    if not path.startswith("/v2/") or "ns=" not in query:
+        return None
+    params = parse_qsl(query, keep_blank_values=True)
+    ns = [v for k, v in params if k == "ns"]
+    rest_query = urlencode([(k, v) for k, v in params if k != "ns"])
+    name = ns[0].lower()
+    route = routes.get(_REGISTRY_ALIASES.get(name, name))
+    if route is None:
+        raise Refused(f"registry {ns[0]!r} is not configured on this mirror")
+    rest = path[len("/v2/") :]
+    return route, f"{rest}?{rest_query}" if rest_query else rest
+
+
+def auth_scope(path: str) -> str:
+    """A registry's token covers one repository: ``<name>`` of ``<name>/blobs/...``."""
+    for marker in _AFTER_NAME:
+        if marker in path:
+            return path.split(marker, 1)[0]
+    return path.rsplit("/", 1)[0]
 
 
 def error_body(status: int, message: str) -> tuple[str, bytes]:
@@ -176,6 +216,8 @@ FAMILY = Family(
     error_body=error_body,
     routes=ROUTES,
     prefix_root="/v2/",
+    route_request=route_request,
+    auth_scope=auth_scope,
     prefix_root_error="/v2/ is where OCI registries live: an oci route's prefix starts with "
     "/v2/ (e.g. /v2/ghcr.io/), and no other route's does",
 )

@@ -145,13 +145,9 @@ def _basic(creds: tuple[str, str]) -> bytes:
     return b"Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode())
 
 
-def _auth_area(url: str) -> str:
-    """The part of a URL a token scope covers: an OCI repository (``.../v2/<name>``)."""
-    base = url.split("?", 1)[0]
-    for marker in ("/manifests/", "/blobs/", "/tags/", "/referrers/"):
-        if marker in base:
-            return base.split(marker, 1)[0]
-    return base.rsplit("/", 1)[0]
+def _directory(url: str) -> str:
+    """A URL without its query and last segment: the token area of a URL no family scopes."""
+    return url.split("?", 1)[0].rsplit("/", 1)[0]
 
 
 def _challenge_params(value: str) -> dict[str, str]:
@@ -255,9 +251,21 @@ class UpstreamClient:
         config: UpstreamConfig,
         credentials: Mapping[str, tuple[str, str]] | None = None,
         routes: Iterable[Route] = (),
+        auth_scopes: Mapping[str, Callable[[str], str]] | None = None,
     ) -> None:
+        """:param auth_scopes: by family name, the part of a path below a route's
+        upstream that one bearer token covers (``Family.auth_scope``, given by the
+        caller: this room knows no family)."""
+        routes = tuple(routes)
         self._limited = LimitedAgent(agent, clock, config)
         self._redirects = RedirectPolicy(routes)
+        #: ``(upstream prefix, scope)`` of the routes whose family scopes its tokens,
+        #: longest prefix first.
+        scopes = auth_scopes or {}
+        self._scoped = sorted(
+            ((r.upstream, scopes[r.family]) for r in routes if r.family in scopes),
+            key=lambda s: -len(s[0]),
+        )
         #: (username, password) by upstream origin (``scheme://host:port``).
         self._credentials = {origin_key(k): v for k, v in (credentials or {}).items()}
         self._clock = clock
@@ -347,11 +355,19 @@ class UpstreamClient:
             url = target
         raise UpstreamError("redirect", f"more than {self._config.max_redirects} redirects")
 
+    def _auth_area(self, url: str) -> str:
+        """The part of a URL one token covers, as the family of its route says."""
+        base = url.split("?", 1)[0]
+        for upstream, scope in self._scoped:
+            if base.startswith(upstream):
+                return upstream + scope(base[len(upstream) :])
+        return _directory(base)
+
     def _with_token(self, url: str, headers: dict[bytes, bytes]) -> dict[bytes, bytes]:
         """``headers`` with the Bearer token last handed out for this URL's area, if any."""
         if not self._tokens:
             return headers
-        token = self._tokens.get(self._scopes.get(_auth_area(url), ("", "", "")))
+        token = self._tokens.get(self._scopes.get(self._auth_area(url), ("", "", "")))
         if token is not None and token[1] > self._clock.seconds():
             return {**headers, b"authorization": b"Bearer " + token[0]}
         return headers
@@ -372,7 +388,7 @@ class UpstreamClient:
         before it expires. Client credentials are never used: the proxy pulls
         anonymously.
         """
-        area = _auth_area(url)
+        area = self._auth_area(url)
         headers = self._with_token(url, headers)
         resp = first if first is not None else await self._one(method, url, headers, body)
         challenge = resp.header(b"www-authenticate") if resp.status == 401 else None
@@ -530,10 +546,12 @@ class UpstreamService(Service):
         routes: Iterable[Route] = (),
         environ: Mapping[str, str] | None = None,
         node_name: str | None = None,
+        auth_scopes: Mapping[str, Callable[[str], str]] | None = None,
     ) -> None:
         """:param environ: where ``https_proxy``/``http_proxy``/``no_proxy`` are read
         when the config names no proxy (the process environment, given by the caller).
-        :param node_name: named in ``Via`` on requests to a parent."""
+        :param node_name: named in ``Via`` on requests to a parent.
+        :param auth_scopes: see :class:`UpstreamClient`."""
         self._reactor = reactor
         self._config = config
         policy: IPolicyForHTTPS = BrowserLikePolicyForHTTPS(trustRoot=_trust_root(config.ca_bundle))
@@ -557,7 +575,7 @@ class UpstreamService(Service):
             self.agent = agent
         else:
             self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
-        self.client = UpstreamClient(self.agent, reactor, config, credentials, routes)
+        self.client = UpstreamClient(self.agent, reactor, config, credentials, routes, auth_scopes)
 
     @inlineCallbacks
     def stopService(self):  # type: ignore[no-untyped-def]

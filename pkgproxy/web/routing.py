@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from pkgproxy.config.model import Route
-from pkgproxy.families import FAMILIES
+from pkgproxy.families import FAMILIES, Refused
+from pkgproxy.rewrite.public import PublicMap, PublicRoute, split_prefix
 
 
 class RouteError(Exception):
@@ -28,10 +29,6 @@ class RouteError(Exception):
         self.code = code
         self.family = family
         super().__init__(message)
-
-
-#: Other names containerd and the daemon use for Docker Hub.
-_REGISTRY_ALIASES = {"index.docker.io": "docker.io", "registry-1.docker.io": "docker.io"}
 
 
 @dataclass(frozen=True)
@@ -60,97 +57,43 @@ class RouteTable:
 
     def __init__(self, routes: tuple[Route, ...]) -> None:
         self.routes = sorted(routes, key=lambda r: -len(r.prefix))
-        self._registries = {r.name: r for r in routes if r.family == "oci"}
+        #: Families that route some targets below their prefix root by more than the
+        #: path: ``(root, hook, their routes by name, family)``.
+        self._own = []
         self._aliases = []
         for family in sorted({r.family for r in routes}):
             pattern = FAMILIES[family].root_alias if family in FAMILIES else None
             if pattern is not None:
                 first = next(r for r in routes if r.family == family)
                 self._aliases.append((pattern, first))
-        self._by_upstream = sorted(routes, key=lambda r: -len(r.upstream))
+            family_of = FAMILIES.get(family)
+            if family_of is not None and family_of.route_request is not None:
+                root = (family_of.prefix_root or "/").rstrip("/")
+                named = {r.name: r for r in routes if r.family == family}
+                self._own.append((root, family_of.route_request, named, family))
+        #: Upstream URLs to the URLs clients use for them (rewritten documents).
+        self.public = PublicMap(PublicRoute(r.upstream, r.prefix, r.forward) for r in routes)
         forwards = []
         for r in routes:
             # The upstream prefix too: what a branch pkgproxy asks its parent for.
             for prefix in dict.fromkeys((*r.forward, r.upstream)):
-                p = urlsplit(prefix)
-                port = p.port or (443 if p.scheme == "https" else 80)
-                host = (p.hostname or "").lower()
-                upstream = prefix not in r.forward
-                forwards.append(_Forward(p.scheme, host, port, p.path, r, upstream))
+                scheme, host, port, path = split_prefix(prefix)
+                forwards.append(_Forward(scheme, host, port, path, r, prefix not in r.forward))
         # Longer paths first; an exact host before a wildcard of the same path length.
         self._forwards = sorted(
             forwards,
             key=lambda f: (-len(f.path), f.host.startswith("*."), -len(f.host), f.upstream),
         )
 
-    def _registry(self, target: str) -> tuple[Route, str] | None:
-        """containerd names the registry in ``?ns=``; the parameter is not forwarded."""
-        path, _, query = target.partition("?")
-        if "ns=" not in query:
-            return None
-        params = parse_qsl(query, keep_blank_values=True)
-        ns = [v for k, v in params if k == "ns"]
-        rest_query = urlencode([(k, v) for k, v in params if k != "ns"])
-        name = ns[0].lower()
-        route = self._registries.get(_REGISTRY_ALIASES.get(name, name))
-        if route is None:
-            raise RouteError(403, f"registry {ns[0]!r} is not configured on this mirror", "oci")
-        rest = path[len("/v2/") :] if path.startswith("/v2/") else ""
-        return route, f"{rest}?{rest_query}" if rest_query else rest
-
     def public_url(self, url: str, base: str | None, scheme: str = "http") -> str | None:
-        """The URL a client uses for an upstream URL, or ``None`` if no route has it.
-
-        :param base: ``http://host:port`` as a reverse-mode client reached the proxy;
-            ``None`` for a forward-mode client, which is given the route's first forward
-            prefix of ``scheme`` (https through an intercepted tunnel), if it has one.
-        """
-        for r in self._by_upstream:
-            if url.startswith(r.upstream):
-                rest = url[len(r.upstream) :]
-                return self._client_url(r, rest, base, scheme)
-        # A URL under a route's forward prefix is that route's too (a metalink names
-        # mirrors by the public hosts' layout, whatever upstream the route was given).
-        try:
-            parts = urlsplit(url)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            return None
-        host = (parts.hostname or "").lower()
-        for f in self._forwards:
-            if not f.host.startswith("*.") and f.matches(parts.scheme, host, port, parts.path):
-                rest = parts.path[len(f.path) :] + (f"?{parts.query}" if parts.query else "")
-                return self._client_url(f.route, rest, base, scheme)
-        return None
-
-    @staticmethod
-    def _client_url(r: Route, rest: str, base: str | None, scheme: str) -> str | None:
-        if base is not None:
-            return base + r.prefix + rest
-        for f in r.forward:
-            if f.startswith(scheme + "://"):
-                return f + rest
-        return None
+        """The URL a client uses for an upstream URL (see :meth:`PublicMap.public_url`)."""
+        return self.public.public_url(url, base, scheme)
 
     def public_prefix(
         self, url: str, base: str | None, scheme: str = "http"
     ) -> tuple[str, str] | None:
-        """``(upstream prefix, public prefix)`` for the route serving ``url``, such that
-        :meth:`public_url` of every URL under the one is the other plus the rest.
-
-        ``None`` when no route serves ``url``, when no public URL exists, or when another
-        route's upstream lies below this one's (then the mapping is not one prefix).
-        """
-        for r in self._by_upstream:
-            if url.startswith(r.upstream):
-                if any(
-                    o.upstream != r.upstream and o.upstream.startswith(r.upstream)
-                    for o in self.routes
-                ):
-                    return None
-                public = self.public_url(r.upstream, base, scheme)
-                return None if public is None else (r.upstream, public)
-        return None
+        """``(upstream prefix, public prefix)`` (see :meth:`PublicMap.public_prefix`)."""
+        return self.public.public_prefix(url, base, scheme)
 
     def interceptable(self, host: str, port: int) -> bool:
         """Whether a route names ``https://host:port`` (a CONNECT pkgproxy may answer)."""
@@ -164,11 +107,16 @@ class RouteTable:
             routed as an absolute ``https://`` URI sent in plain HTTP is).
         :raises RouteError: not a target this proxy serves.
         """
-        if target.startswith("/v2/") or target in ("/v2", "/v2?"):
-            found = self._registry(target)
-            if found is not None:
-                return found
         if target.startswith("/"):
+            for root, hook, named, family in self._own:
+                if target.startswith(root):
+                    path, _, query = target.partition("?")
+                    try:
+                        found = hook(path, query, named)
+                    except Refused as e:
+                        raise RouteError(403, str(e), family) from None
+                    if found is not None:
+                        return found
             path = target.split("?", 1)[0]
             for pattern, alias in self._aliases:
                 if pattern.match(path):

@@ -41,7 +41,7 @@ from twisted.web.http_headers import Headers
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config, config_from_dict
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.families import Facts
+from pkgproxy.families import AUTH_SCOPES, Facts
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.upstream.client import UpstreamService
@@ -347,7 +347,11 @@ class ProxyUnderTest:
         self.diskpool = DiskPool(reactor)
         self.store = CacheStore(config.cache.dir, config.cache.max_size, self.diskpool, reactor)
         self.upstream = UpstreamService(
-            reactor, config.upstream, routes=config.enabled_routes(), node_name=config.node_name
+            reactor,
+            config.upstream,
+            routes=config.enabled_routes(),
+            node_name=config.node_name,
+            auth_scopes=AUTH_SCOPES,
         )
         self.inflight = InFlight()
         self.learner = Learner(Facts(), self.store, self.diskpool, config.routes)
