@@ -1,9 +1,10 @@
 """Operations in memory: metrics, access log, status page, admin access control and actions.
 
 The proxy is :class:`pkgproxy.testing.MemoryProxy` (the real site, resource, store and
-fetch code on a fake clock) with the operations surface of :class:`pkgproxy.admin.Operations` wired in as
-``twistd pkgproxy`` wires it. Requests through its client come from 127.0.0.1; requests
-from other addresses are fed byte by byte to a server connection whose peer is that address.
+fetch code on a fake clock) with the operations surface of
+:class:`pkgproxy.admin.Operations` wired in as ``twistd pkgproxy`` wires it. Requests
+through its client come from 127.0.0.1; requests from other addresses are fed byte by
+byte to a server connection whose peer is that address.
 """
 
 from __future__ import annotations
