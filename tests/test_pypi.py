@@ -34,6 +34,7 @@ from pkgproxy.rewrite import htmldoc, pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.routing import RouteTable
+from tests.support import pypirepo
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pypi")
 PIP_ACCEPT = (
@@ -316,17 +317,7 @@ class HtmlRewriteTests(SynchronousTestCase):
         script) are handled unchanged: their links lead nowhere the proxy serves. (That
         their CPU time grows linearly with their size is measured by
         ``docs/bench/rewrite.py pypi-linear``.)"""
-        mb = 100_000
-        pages = [
-            b'<a href="//elsewhere.test/x">' * (mb // 30) + b'<a href="' + b"y" * mb,
-            b"<" * mb,
-            b"<a " + b"n" * mb,
-            b"<a href=" + b"'" * mb,
-            b"<!--" + b"<a href=x>" * (mb // 10),
-            b"<script>" + b"<a href=x>" * (mb // 10),
-            b"<a x=1 " * (mb // 7),
-        ]
-        for page in pages:
+        for page in pypirepo.pathological_pages(100_000):
             self.assertEqual(self.rewrite(page, "https://pypi.org/simple/demo/"), page, page[:30])
 
 

@@ -37,6 +37,7 @@ from pkgproxy.config import config_from_dict
 from pkgproxy.rewrite import pypi_simple
 from pkgproxy.rewrite.context import RewriteContext
 from pkgproxy.web.routing import RouteTable
+from tests.support.pypirepo import pathological_pages
 
 TABLE = RouteTable(config_from_dict({}).enabled_routes())
 WORK = tempfile.mkdtemp(prefix="pkgproxy-bench-rewrite-")
@@ -56,20 +57,9 @@ def _files(source: bytes) -> tuple[str, str]:
 def pypi_linear(scale: float) -> bool:
     """CPU of this thread for each pathological page at 1x and 4x its size."""
 
-    def pages(mb: int) -> list[bytes]:
-        return [
-            b'<a href="//elsewhere.test/x">' * (mb // 30) + b'<a href="' + b"y" * mb,
-            b"<" * mb,
-            b"<a " + b"n" * mb,
-            b"<a href=" + b"'" * mb,
-            b"<!--" + b"<a href=x>" * (mb // 10),
-            b"<script>" + b"<a href=x>" * (mb // 10),
-            b"<a x=1 " * (mb // 7),
-        ]
-
     ok = True
     size = int(1_000_000 * scale)
-    for small, large in zip(pages(size // 4), pages(size), strict=True):
+    for small, large in zip(pathological_pages(size // 4), pathological_pages(size), strict=True):
         costs = []
         for page in (small, large):
             raw, out = _files(page)
