@@ -757,7 +757,7 @@ class RevalidationOverSocketsTests(IntegrationTestCase):
         etag = first.header(b"etag")
         assert etag is not None
         await proxy.settled()
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         again = await client.get(proxy.url(f"/npm/{DEP.name}"), headers={b"if-none-match": etag})
         self.assertEqual(upstream.requests[-1].headers.get(b"if-none-match"), b'"registry-etag"')
         self.assertEqual(again.header(b"etag"), etag)
