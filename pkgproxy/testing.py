@@ -249,12 +249,13 @@ class MemoryNetwork:
 class MemoryProxy:
     """The proxy in memory, on a fake clock, in front of a :class:`FakeUpstream`.
 
-    Upstream URLs of routes must use the host ``upstream.test`` (served by ``upstream``,
-    a :class:`FakeUpstream` or a subclass) (port 80, or 443 for
-    ``https://``: a test CA, made on demand, signs the upstream's certificate and the
-    upstream client trusts it for that host). Requests reach the proxy through a real
-    ``Agent`` (treq's client) on a persistent pool of its own, so a second request may
-    take the same connection and the hit path.
+    Upstream URLs of routes must use the host ``upstream.test``, served by ``upstream`` (a
+    :class:`FakeUpstream` or a subclass) on port 80, and on 443 for ``https://`` (a test
+    CA, made on demand, signs its certificate, and the upstream client trusts that CA for
+    that host). Requests reach the proxy through a real ``Agent`` (treq's client) on a
+    persistent pool of its own, so a second request may take the same connection and
+    the hit path. Not covered in memory: what needs a real socket (``tcpwrite``'s direct
+    sends, ``sendfile``); the integration tests cover those.
     """
 
     def __init__(
