@@ -259,6 +259,7 @@ def build_service(
         pool,
         reactor,
         disk_retry_after=cfg.cache.disk_retry_after,
+        check_interval=cfg.cache.check_interval,
     )
     store.setServiceParent(top)
     if on_cache_failed is not None:

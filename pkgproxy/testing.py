@@ -1,35 +1,49 @@
 """Test doubles shipped with the package: a scriptable upstream and an in-memory proxy.
 
-The in-memory proxy is the real resource, store and fetch code, wired to a fake clock, a
-synchronous disk pool and an upstream reached through treq's RequestTraversalAgent, so a
+The in-memory proxy is the server as :func:`pkgproxy.tap.build_service` wires it (the
+:class:`~pkgproxy.web.site.ProxySite` with its hit path and request limits, the resource,
+store and fetch code, the :class:`~pkgproxy.upstream.client.UpstreamService` with its
+``Agent`` and connection pool) on a ``MemoryReactorClock``, a synchronous disk pool, and
+connections completed in memory by :class:`MemoryNetwork` (``twisted.test.iosim``): a
 whole request/response cycle runs deterministically with no sockets and no threads.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from treq.testing import RequestTraversalAgent, StubTreq
-from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+import treq
+from treq.client import HTTPClient
+from treq.testing import _SynchronousProducer
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.ssl import PrivateCertificate
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+from twisted.test.iosim import FakeTransport, IOPump, connect
+from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config, Route, config_from_dict
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.families import Facts
+from pkgproxy.families import AUTH_SCOPES, Facts
 from pkgproxy.fetch.fetch import Fetch
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer, RequestRecord
-from pkgproxy.upstream.client import UpstreamClient
+from pkgproxy.tlsca import CertificateAuthority
+from pkgproxy.upstream.client import UpstreamService, route_ca_files
 from pkgproxy.web.root import ProxyResource
+from pkgproxy.web.site import ProxySite
 
 
 @dataclass
@@ -147,34 +161,141 @@ class Recorder(Observer):
         self.fetches.append((route, fetch))
 
 
-class MemoryProxy:
-    """The proxy with a fake clock, synchronous disk work and a :class:`FakeUpstream`.
+@dataclass
+class _Listener:
+    factory: Any
+    address: IPv4Address
 
-    Upstream URLs of routes must use the host ``upstream.test``.
+
+class MemoryNetwork:
+    """Connections made with ``connectTCP`` on memory reactors, completed in memory.
+
+    Each reactor's ``connectTCP`` only records a connection attempt (``MemoryReactor``);
+    :meth:`flush` hands each one to the factory listening on its port, over a pair of
+    ``iosim.FakeTransport`` joined by an ``IOPump``, and pumps every open connection until
+    nothing moves. An attempt to a port nobody listens on is refused.
     """
 
-    def __init__(self, config: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self.reactors: list[tuple[MemoryReactor, dict[int, _Listener]]] = []
+        self.pumps: list[IOPump] = []
+        #: Every connection made: the connecting reactor and the port it reached.
+        self.made: list[tuple[MemoryReactor, int]] = []
+        self._client_port = 40000
+
+    def join(self, reactor: MemoryReactor, listeners: dict[int, Any]) -> None:
+        """Complete ``reactor``'s connections: to ``listeners[port]``, a server factory."""
+        address = {p: IPv4Address("TCP", "127.0.0.1", p) for p in listeners}
+        self.reactors.append((reactor, {p: _Listener(f, address[p]) for p, f in listeners.items()}))
+
+    def _connect_pending(self) -> bool:
+        made = False
+        for reactor, listeners in self.reactors:
+            while reactor.tcpClients:
+                _host, port, factory, _timeout, _bind = reactor.tcpClients.pop(0)
+                connector = reactor.connectors.pop(0)
+                listener = listeners.get(port)
+                if listener is None:
+                    factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+                    continue
+                self._client_port += 1
+                here = IPv4Address("TCP", "127.0.0.1", self._client_port)
+                server = listener.factory.buildProtocol(here)
+                client = factory.buildProtocol(listener.address)
+                self._clock_tls(client)
+                self.made.append((reactor, port))
+                self.pumps.append(
+                    connect(
+                        server,
+                        FakeTransport(server, True, listener.address, here),
+                        client,
+                        FakeTransport(client, False, here, listener.address),
+                        greet=False,
+                        clock=self.clock,
+                    )
+                )
+                made = True
+        return made
+
+    def _clock_tls(self, protocol: Any) -> None:
+        """Give a client's TLS layer this network's clock.
+
+        ``wrapClientTLS`` builds its TLS factory with no clock, so the TLS layer would
+        gather small writes for a turn of the global reactor, which never turns here.
+        """
+        while protocol is not None:
+            aggregator = getattr(protocol, "_aggregator", None)
+            if aggregator is not None and hasattr(aggregator, "_clock"):
+                aggregator._clock = self.clock
+            protocol = getattr(protocol, "_wrappedProtocol", None) or getattr(
+                protocol, "wrappedProtocol", None
+            )
+
+    def flush(self) -> None:
+        """Connect what is waiting and move bytes until nothing moves."""
+        for _ in range(1000):
+            moved = self._connect_pending()
+            for pump in self.pumps:
+                moved = pump.pump() or moved
+            self.pumps = [
+                p for p in self.pumps if not (p.clientIO.disconnected and p.serverIO.disconnected)
+            ]
+            if not moved:
+                return
+        raise AssertionError("the memory network did not settle")
+
+
+class MemoryProxy:
+    """The proxy in memory, on a fake clock, in front of a :class:`FakeUpstream`.
+
+    Upstream URLs of routes must use the host ``upstream.test``, served by ``upstream`` (a
+    :class:`FakeUpstream` or a subclass) on port 80, and on 443 for ``https://`` (a test
+    CA, made on demand, signs its certificate, and the upstream client trusts that CA for
+    that host). Requests reach the proxy through a real ``Agent`` (treq's client) on a
+    persistent pool of its own, so a second request may take the same connection and
+    the hit path. Not covered in memory: what needs a real socket (``tcpwrite``'s direct
+    sends, ``sendfile``); the integration tests cover those.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        cache_dir: str | None = None,
+        upstream: FakeUpstream | None = None,
+    ) -> None:
         data = dict(config or {})
         data.setdefault("cache", {})
         data["cache"].setdefault("dir", cache_dir or tempfile.mkdtemp(prefix="pkgproxy-test-"))
         self.config: Config = config_from_dict(data)
-        self.clock = Clock()
+        self.clock = MemoryReactorClock()
         self.clock.advance(1_800_000_000)
-        self.upstream = FakeUpstream()
+        self.network = MemoryNetwork(self.clock)
+        self.upstream = upstream if upstream is not None else FakeUpstream()
+        upstreams: dict[int, Any] = {80: Site(self.upstream, reactor=self.clock)}
+        ca_files = route_ca_files(self.config.enabled_routes())
+        if any(r.upstream.startswith("https://") for r in self.config.enabled_routes()):
+            ca_file, context = _upstream_tls(self.config.cache.dir)
+            ca_files[("upstream.test", 443)] = (*ca_files.get(("upstream.test", 443), ()), ca_file)
+            upstreams[443] = TLSMemoryBIOFactory(context, False, upstreams[80], self.clock)
+        self.network.join(self.clock, upstreams)
         self.pool = DiskPool(None)
         self.store = CacheStore(
             self.config.cache.dir, self.config.cache.max_size, self.pool, self.clock
         )
         self.store.startService()
         self.inflight = InFlight()
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        self.client = UpstreamClient(
-            self.upstream_agent,
+        self.upstream_service = UpstreamService(
             self.clock,
             self.config.upstream,
             self.config.upstream_credentials(),
-            self.config.enabled_routes(),
+            ca_files=ca_files,
+            routes=self.config.enabled_routes(),
+            node_name=self.config.node_name,
+            auth_scopes=AUTH_SCOPES,
         )
+        self.upstream_service.startService()
+        self.client = self.upstream_service.client
         self.observed = Recorder()
         self.facts = Facts()
         self.learner = Learner(self.facts, self.store, self.pool, self.config.routes)
@@ -191,7 +312,34 @@ class MemoryProxy:
             observer=self.observed,
             revalidate_window=self.config.cache.revalidate_window,
         )
-        self.stub = StubTreq(self.root)
+        self.site = ProxySite(self.root, reactor=self.clock)
+        self.site.displayTracebacks = False
+        self.site.timeOut = self.config.limits.client_idle_timeout
+        self.site.max_header_bytes = self.config.limits.max_header_bytes
+        self.site.max_headers = self.config.limits.max_headers
+        self.site.request_timeout = self.config.limits.request_head_timeout
+        self.site.hit_path = self.root.hit_path
+        # The clients' side: a reactor of their own (their pool's timers never fire).
+        self.client_reactor = MemoryReactorClock()
+        self.network.join(self.client_reactor, {80: self.site})
+        self.client_pool = HTTPConnectionPool(self.client_reactor, persistent=True)
+        self.stub = _Client(
+            Agent(self.client_reactor, pool=self.client_pool),
+            data_to_body_producer=_SynchronousProducer,
+        )
+
+    @property
+    def root(self) -> ProxyResource:
+        """The resource the site serves; assign another (with admin pages) to mount it."""
+        return self._root
+
+    @root.setter
+    def root(self, root: ProxyResource) -> None:
+        self._root = root
+        site: ProxySite | None = getattr(self, "site", None)
+        if site is not None:
+            site.resource = root
+            site.hit_path = root.hit_path
 
     def get(
         self, path: str, headers: dict[str, str] | None = None, method: str = "GET"
@@ -224,13 +372,14 @@ class MemoryProxy:
 
         return finish
 
-    def raw(self, data: bytes) -> bytes:
+    def raw(self, data: bytes, site: Site | None = None) -> bytes:
         """Feed raw request bytes to one server connection; return what it wrote.
 
         For what a client library hides: HEAD's Content-Length, pipelining order.
+        ``site``: another site than the proxy's (a plain ``Site`` over :attr:`root`
+        tests the resource's own guards for what a different front lets through).
         """
-        site = Site(self.root, reactor=self.clock)
-        channel = site.buildProtocol(None)
+        channel = (site or self.site).buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(data)
@@ -241,10 +390,30 @@ class MemoryProxy:
 
     def flush(self) -> None:
         """Deliver everything pending on both sides of the proxy."""
-        for _ in range(20):
-            self.upstream_agent.flush()
-            self.stub.flush()
+        self.network.flush()
 
     def close(self) -> None:
-        """Write pending index updates and close the index."""
+        """Close the kept connections, write pending index updates and close the index."""
+        self.client_pool.closeCachedConnections()
+        self.upstream_service.stopService()
+        self.network.flush()
         self.store.stopService()
+
+
+class _Client(HTTPClient):  # type: ignore[misc]
+    """treq's client, with ``content`` as ``StubTreq`` has it."""
+
+    def content(self, response: Any) -> Deferred[bytes]:
+        body: Deferred[bytes] = treq.content(response)
+        return body
+
+
+def _upstream_tls(directory: str) -> tuple[str, Any]:
+    """A test CA's certificate file in ``directory``, and a server TLS context whose
+    certificate it signed for ``upstream.test``."""
+    ca = CertificateAuthority(
+        os.path.join(directory, "upstream-ca.pem"), os.path.join(directory, "upstream-ca.key")
+    )
+    cert_pem, key_pem = ca.issue(["upstream.test"])
+    options = PrivateCertificate.loadPEM(key_pem + cert_pem).options()
+    return os.path.join(directory, "upstream-ca.pem"), options

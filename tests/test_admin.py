@@ -1,9 +1,10 @@
 """Operations in memory: metrics, access log, status page, admin access control and actions.
 
-The proxy is :class:`pkgproxy.testing.MemoryProxy` (real resource, store and fetch code on a
-fake clock) with the operations surface of :class:`pkgproxy.admin.Operations` wired in as
-``twistd pkgproxy`` wires it. Requests through ``StubTreq`` come from 127.0.0.1; requests
-from other addresses are fed byte by byte to a server connection whose peer is that address.
+The proxy is :class:`pkgproxy.testing.MemoryProxy` (the real site, resource, store and
+fetch code on a fake clock) with the operations surface of
+:class:`pkgproxy.admin.Operations` wired in as ``twistd pkgproxy`` wires it. Requests
+through its client come from 127.0.0.1; requests from other addresses are fed byte by
+byte to a server connection whose peer is that address.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import replace
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
@@ -77,7 +77,6 @@ class OpsTestCase(SynchronousTestCase):
             admin=self.ops.resource,
         )
         self.ops.attach(proxy.root)
-        proxy.stub = StubTreq(proxy.root)
         return proxy
 
     def raw(self, data: bytes, peer: Any = OUTSIDER) -> bytes:

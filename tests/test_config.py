@@ -51,6 +51,9 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(parse_duration(5), 5.0)
         self.assertEqual(config_from_dict({"cache": {"memory": "1MiB"}}).cache.memory, 1024**2)
         self.assertEqual(config_from_dict({"cache": {"memory": 0}}).cache.memory, 0)
+        self.assertEqual(config_from_dict({}).cache.check_interval, 10.0)
+        cache = config_from_dict({"cache": {"check_interval": "2s"}}).cache
+        self.assertEqual(cache.check_interval, 2.0)
 
     def assertConfigError(self, data: dict, key: str) -> str:
         e = self.assertRaises(ConfigError, config_from_dict, data)
@@ -72,6 +75,7 @@ class ConfigTests(SynchronousTestCase):
             self.assertConfigError(
                 {"limits": {"request_head_timeout": bad}}, "limits.request_head_timeout"
             )
+            self.assertConfigError({"cache": {"check_interval": bad}}, "cache.check_interval")
         self.assertConfigError({"routes": {"x": {"family": "generic"}}}, "routes.x.upstream")
         self.assertConfigError(
             {"routes": {"x": {"family": "nope", "upstream": "http://h/"}}}, "routes.x.family"

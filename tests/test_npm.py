@@ -7,7 +7,6 @@ measures how long the reactor is ever held while it is parsed and rewritten.
 from __future__ import annotations
 
 import base64
-import gc
 import gzip
 import hashlib
 import json
@@ -15,7 +14,6 @@ import os
 import time
 from typing import Any
 
-from twisted.internet.task import LoopingCall
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
@@ -23,7 +21,7 @@ from pkgproxy.config import BUILTIN_ROUTES
 from pkgproxy.families import FAMILIES, CacheClass, Expect, Facts, Request, RewriteContext, npm
 from pkgproxy.rewrite import npm_packument
 from pkgproxy.testing import MemoryProxy, Seen
-from tests.integration.harness import IntegrationTestCase, reactor, response_head, sleep, static
+from tests.integration.harness import IntegrationTestCase, sleep, static
 from tests.support import npmrepo
 from tests.support.npmrepo import APP, CORGI, DEP, DEP_NEXT, DEP_OLD, SCOPED
 
@@ -696,105 +694,40 @@ class NpmProxyTests(SynchronousTestCase):
         self.assertIsNotNone(self.proxy.store.peek(f"npm:{DEP.tarball_path}"))
 
 
-# -- a huge packument and the reactor ------------------------------------------------------
-
-
-class ReactorProbe:
-    """Ticks every 5 ms on the real reactor and records the longest time it was held.
-
-    A late tick means the reactor thread could not run: either work in this process
-    kept it (another thread holding the GIL, a long callback), or the machine gave the
-    process no CPU at all (a busy CI host running other tests). Only the first is this
-    code's doing, so a gap counts as held for as long as the process itself was using
-    CPU during it: the lesser of the wall-clock gap and the process's CPU time over it.
-    """
-
-    interval = 0.005
-
-    def __init__(self) -> None:
-        self.longest = 0.0
-        self.longest_wall = 0.0
-        self.ticks = 0
-        self._last = time.monotonic()
-        self._last_cpu = time.process_time()
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = reactor
-
-    def _tick(self) -> None:
-        now, cpu = time.monotonic(), time.process_time()
-        wall = now - self._last
-        self.longest_wall = max(self.longest_wall, wall)
-        self.longest = max(self.longest, min(wall, cpu - self._last_cpu))
-        self._last, self._last_cpu = now, cpu
-        self.ticks += 1
-
-    def start(self) -> None:
-        self._last, self._last_cpu = time.monotonic(), time.process_time()
-        self._loop.start(self.interval, now=False)
-
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+# -- a large packument over sockets ----------------------------------------------------------
 
 
 class LargePackumentTests(IntegrationTestCase):
-    """A 30 MB packument through real sockets, a real disk pool and the real reactor."""
+    """A large packument through real sockets, a real disk pool and the real reactor.
 
-    timeout = 120
+    How long the 30 MB case could hold the reactor is measured by
+    ``docs/bench/rewrite.py npm-huge``; here, what is served and learned.
+    """
 
-    async def test_30mb_packument_does_not_hold_the_reactor(self) -> None:
-        """While a 30 MB packument is downloaded, parsed, rewritten, stored, read for its
-        checks and served, the reactor is never held for more than 100 ms at a time."""
+    async def test_large_packument_served_and_learned(self) -> None:
+        """A 3 MB packument of thousands of versions is downloaded, rewritten, stored,
+        learned and served: every tarball link names the proxy, every version is checked."""
         upstream = await self.start_upstream()
-        doc = npmrepo.huge_packument(30_000_000, upstream.url("/"), name="huge")
+        doc = npmrepo.huge_packument(3_000_000, upstream.url("/"), name="huge")
         body = json.dumps(doc).encode()
         versions = len(doc["versions"])
-        # The test's own copy would make every garbage collection in this process slow,
-        # the reactor's included: only the bytes are kept.
         del doc
-        gc.collect()
-        self.assertGreater(len(body), 30_000_000)
-
-        def handle(request: Any, conn: Any) -> None:
-            head = response_head(
-                200,
-                [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")],
-            )
-            conn.write(head + body)
-            conn.done()
-
-        upstream.handlers[b"/huge"] = handle
+        upstream.handlers[b"/huge"] = static(body, [(b"content-type", b"application/json")])
         proxy = await self.start_proxy({"routes": {"npm": {"upstream": upstream.url("/")}}})
-        client = self.client()
-        probe = ReactorProbe()
-        probe.start()
-        self.addCleanup(probe.stop)
-        started = time.monotonic()
-        result = await client.get(proxy.url("/npm/huge"), timeout=100)
-        await proxy.settled(60)
-        await proxy.no_temp_files(30)
-        # Wait for the checks to be learned from the stored document (in the pool too).
-        deadline = time.monotonic() + 60
+        result = await self.client().get(proxy.url("/npm/huge"), timeout=30)
+        await proxy.settled()
+        await proxy.no_temp_files()
+        deadline = time.monotonic() + 20
         while len(proxy.learner.facts) < versions and time.monotonic() < deadline:
             await sleep(0.05)
-        elapsed = time.monotonic() - started
-        probe.stop()
 
         self.assertEqual((result.status, result.error), (200, None))
         assert result.body is not None
         served = json.loads(result.body)
         self.assertEqual(len(served["versions"]), versions)
-        first = next(iter(served["versions"].values()))
-        self.assertTrue(first["dist"]["tarball"].startswith(proxy.url("/npm/huge/-/")))
+        for manifest in served["versions"].values():
+            self.assertTrue(manifest["dist"]["tarball"].startswith(proxy.url("/npm/huge/-/")))
         self.assertEqual(len(proxy.learner.facts), versions)
-        self.assertGreater(probe.ticks, 10)
-        self.assertLess(
-            probe.longest,
-            0.1,
-            f"the reactor was held for {probe.longest * 1000:.0f} ms at a time "
-            f"(longest wall-clock gap {probe.longest_wall * 1000:.0f} ms, "
-            f"whole exchange {elapsed:.1f} s, {probe.ticks} ticks)",
-        )
 
 
 class RevalidationOverSocketsTests(IntegrationTestCase):
@@ -818,7 +751,7 @@ class RevalidationOverSocketsTests(IntegrationTestCase):
         etag = first.header(b"etag")
         assert etag is not None
         await proxy.settled()
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         again = await client.get(proxy.url(f"/npm/{DEP.name}"), headers={b"if-none-match": etag})
         self.assertEqual(upstream.requests[-1].headers.get(b"if-none-match"), b'"registry-etag"')
         self.assertEqual(again.header(b"etag"), etag)

@@ -69,14 +69,9 @@ class OCITestCase(SynchronousTestCase):
                 }
             },
             cache_dir=self.mktemp(),
+            upstream=self.upstream_class(),
         )
         self.addCleanup(self.proxy.close)
-        if self.upstream_class is not FakeUpstream:
-            from treq.testing import RequestTraversalAgent
-
-            self.proxy.upstream = self.upstream_class()
-            self.proxy.upstream_agent = RequestTraversalAgent(self.proxy.upstream)
-            self.proxy.client._agent = self.proxy.upstream_agent
         self.up = self.proxy.upstream
 
     def manifest(self, tag: str, body: bytes, path: str = "/v2/library/alpine") -> None:
@@ -239,6 +234,8 @@ class CredentialTests(OCITestCase):
     upstream_class = TokenRegistry
 
     def setUp(self) -> None:
+        registry = TokenRegistry()
+        registry.token_auth = b"Basic cHVsbGVyOnMzY3JldA=="
         self.proxy = MemoryProxy(
             {
                 "routes": {
@@ -250,14 +247,9 @@ class CredentialTests(OCITestCase):
                 }
             },
             cache_dir=self.mktemp(),
+            upstream=registry,
         )
         self.addCleanup(self.proxy.close)
-        from treq.testing import RequestTraversalAgent
-
-        self.proxy.upstream = TokenRegistry()
-        self.proxy.upstream.token_auth = b"Basic cHVsbGVyOnMzY3JldA=="
-        self.proxy.upstream_agent = RequestTraversalAgent(self.proxy.upstream)
-        self.proxy.client._agent = self.proxy.upstream_agent
         self.up = self.proxy.upstream
 
     def test_configured_credentials_go_to_the_token_service(self) -> None:

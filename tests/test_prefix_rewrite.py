@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.server import Site
 
 from pkgproxy.config import config_from_dict
 from pkgproxy.families import Expect, Facts, Learned, RewriteContext, debian, npm, pypi
@@ -548,14 +549,17 @@ class GzipClientTests(ProxyCase):
 
 class HostTests(ProxyCase):
     def test_non_ascii_host_is_not_a_base(self) -> None:
-        """A Host that is not an ASCII name (``isalnum`` takes any script) is not put in
-        rewritten links: the address the client connected to is."""
+        """A Host that is not an ASCII name (``isalnum`` takes any script) is refused by
+        the site (400); behind a front that let it through, it is not put in rewritten
+        links: the address the client connected to is."""
         doc = simple_page("demo", 2).replace(FILES.encode(), b"http://upstream.test/files/")
         self.up.add("/index/simple/demo/", doc)
-        raw = self.proxy.raw(
+        request = (
             b"GET /pypi/simple/demo/ HTTP/1.1\r\nHost: \xe9xample\r\n"
             b"Accept: " + V1_JSON.encode() + b"\r\n\r\n"
         )
+        self.assertIn(b" 400 ", self.proxy.raw(request).split(b"\r\n", 1)[0])
+        raw = self.proxy.raw(request, Site(self.proxy.root, reactor=self.proxy.clock))
         self.assertIn(b"200 OK", raw.split(b"\r\n", 1)[0])
         body = raw.partition(b"\r\n\r\n")[2]
         self.assertNotIn(b"xample/pypi/files/", body)

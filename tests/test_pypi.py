@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from html.parser import HTMLParser
 from urllib.parse import urljoin
 
@@ -35,6 +34,7 @@ from pkgproxy.rewrite import htmldoc, pypi_simple
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.routing import RouteTable
+from tests.support import pypirepo
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pypi")
 PIP_ACCEPT = (
@@ -280,22 +280,19 @@ class HtmlRewriteTests(SynchronousTestCase):
             got, page.replace(b'href="/simple/', b'href="http://cache:3142/pypi/simple/')
         )
 
-    def test_large_page_does_not_hold_the_reactor(self) -> None:
-        """A 20 MB root list (340,000 links) is rewritten in a worker thread while the main
-        thread keeps running: it is never held up for more than a fraction of a second,
-        and the whole page takes a few seconds, not minutes (the work is linear)."""
+    def test_large_root_page(self) -> None:
+        """A root list of 30,000 links, rewritten in a worker thread as the disk pool
+        does: every link rewritten. (How long it takes and how long it could hold the
+        reactor is measured by ``docs/bench/rewrite.py pypi-large``, at 20 MB.)"""
         lines = [b"<!DOCTYPE html>\n<html><body>\n"]
-        size = n = 0
-        while size < 20_000_000:
-            line = b'    <a href="/simple/project-%07d/">project-%07d</a>\n' % (n, n)
-            lines.append(line)
-            size += len(line)
-            n += 1
+        n = 30_000
+        lines += [
+            b'    <a href="/simple/project-%07d/">project-%07d</a>\n' % (i, i) for i in range(n)
+        ]
         lines.append(b"</body></html>\n")
         raw, out = self.mktemp(), self.mktemp()
         with open(raw, "wb") as f:
             f.write(b"".join(lines))
-        del lines
         errors: list[BaseException] = []
 
         def work() -> None:
@@ -306,49 +303,22 @@ class HtmlRewriteTests(SynchronousTestCase):
             except BaseException as e:  # reported by the main thread
                 errors.append(e)
 
-        started = time.monotonic()
         worker = threading.Thread(target=work)
         worker.start()
-        longest, last = 0.0, time.monotonic()
-        while worker.is_alive() and time.monotonic() - started < 120:
-            time.sleep(0.002)
-            now = time.monotonic()
-            longest, last = max(longest, now - last), now
-        worker.join(10)
-        elapsed = time.monotonic() - started
+        worker.join(60)
+        self.assertFalse(worker.is_alive())
         self.assertEqual(errors, [])
-        self.assertLess(longest, 0.5)
-        self.assertLess(elapsed, 60)
         with open(out, "rb") as f:
             self.assertEqual(f.read().count(b'href="http://cache:3142/pypi/simple/project-'), n)
 
-    def test_pathological_pages_are_linear(self) -> None:
+    def test_pathological_pages_are_unchanged(self) -> None:
         """Pages built to make a scanner backtrack or re-read (an unterminated quote after
-        many tags, endless '<', an attribute name of megabytes, an unclosed comment or
-        script) are handled unchanged (their links lead nowhere the proxy serves), in CPU
-        time that grows linearly: four times the page costs about four times the CPU, where
-        a quadratic scan would cost sixteen (CPU time of this thread, so a busy machine
-        does not change the ratio)."""
-
-        def pages(mb: int) -> list[bytes]:
-            return [
-                b'<a href="//elsewhere.test/x">' * (mb // 30) + b'<a href="' + b"y" * mb,
-                b"<" * mb,
-                b"<a " + b"n" * mb,
-                b"<a href=" + b"'" * mb,
-                b"<!--" + b"<a href=x>" * (mb // 10),
-                b"<script>" + b"<a href=x>" * (mb // 10),
-                b"<a x=1 " * (mb // 7),
-            ]
-
-        for small, large in zip(pages(250_000), pages(1_000_000), strict=True):
-            costs = []
-            for page in (small, large):
-                started = time.thread_time()
-                got = self.rewrite(page, "https://pypi.org/simple/demo/")
-                costs.append(time.thread_time() - started)
-                self.assertEqual(got, page, page[:30])
-            self.assertLess(costs[1], 8 * costs[0] + 0.2, (page[:30], costs))
+        many tags, endless '<', an attribute name of 100 KB, an unclosed comment or
+        script) are handled unchanged: their links lead nowhere the proxy serves. (That
+        their CPU time grows linearly with their size is measured by
+        ``docs/bench/rewrite.py pypi-linear``.)"""
+        for page in pypirepo.pathological_pages(100_000):
+            self.assertEqual(self.rewrite(page, "https://pypi.org/simple/demo/"), page, page[:30])
 
 
 class JsonRewriteTests(SynchronousTestCase):

@@ -116,7 +116,7 @@ class RequestErrorTests(ProxyTestCase):
         results = []
         d = self.proxy.stub.request("GET", "http://proxy.test/x")
         d.addCallback(results.append)
-        self.proxy.stub.flush()
+        self.proxy.flush()
         self.assertEqual(results[0].code, 404)
 
 

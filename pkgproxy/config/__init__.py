@@ -435,6 +435,7 @@ _CACHE_KEYS = {
     "sync_read_max",
     "memory",
     "disk_retry_after",
+    "check_interval",
     "revalidate_window",
 }
 _LIMITS_KEYS = {
@@ -532,6 +533,11 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if "disk_retry_after" in cache:
         seconds = parse_duration(cache["disk_retry_after"], "cache.disk_retry_after")
         cc = replace(cc, disk_retry_after=seconds)
+    if "check_interval" in cache:
+        seconds = parse_duration(cache["check_interval"], "cache.check_interval")
+        if seconds <= 0:
+            raise ConfigError("cache.check_interval", f"must be greater than zero, got {seconds}")
+        cc = replace(cc, check_interval=seconds)
     if "revalidate_window" in cache:
         key = "cache.revalidate_window"
         seconds = parse_duration(cache["revalidate_window"], key)

@@ -54,6 +54,8 @@ class CacheConfig:
     memory: int = 16 * 1024**2
     #: After the cache disk refuses a write, misses bypass it for this long.
     disk_retry_after: float = 30.0
+    #: Seconds between checks that the cache directory is still usable (health follows).
+    check_interval: float = 10.0
     #: A client's ``max-age=0``/``no-cache`` on an index checked upstream less than this
     #: long ago is answered from the cache, so a fleet's ``apt update`` makes one check.
     revalidate_window: float = 30.0

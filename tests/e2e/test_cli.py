@@ -424,8 +424,9 @@ class RunningHealthTests(TestCase):
 
     def test_cache_failing_later_fails_health(self) -> None:
         """The cache directory goes away (a disk unmounted): ``/_pkgproxy/health`` and
-        ``/ready`` answer 503 with one line naming it; back again, 200."""
-        proxy = start_pkgproxy(self, "")
+        ``/ready`` answer 503 with one line naming it; back again, 200. (Checked every
+        half second here, every 10 s by default.)"""
+        proxy = start_pkgproxy(self, '[cache]\ncheck_interval = "0.5s"\n')
         self.assertEqual(_request(proxy.port, "GET", "/_pkgproxy/health")[0], 200)
         moved = proxy.cache_dir + ".gone"
         os.rename(proxy.cache_dir, moved)

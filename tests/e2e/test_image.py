@@ -26,6 +26,7 @@ import re
 import signal
 import subprocess
 import time
+from typing import ClassVar
 
 from twisted.trial.unittest import SkipTest, TestCase
 
@@ -87,7 +88,16 @@ class ContainerTestCase(TestCase):
 
 
 class PkgproxyImageTest(ContainerTestCase):
-    """The Dockerfile at the top, on the Debian base."""
+    """The Dockerfile at the top, on the Debian base: built once, by the first test."""
+
+    #: The image, shared by this class's tests (removed when the test process exits).
+    built: ClassVar[str | None] = None
+
+    def image(self) -> str:
+        """The image, built now if no test of this class has built it yet."""
+        if PkgproxyImageTest.built is None:
+            PkgproxyImageTest.built = self.build_image()
+        return PkgproxyImageTest.built
 
     def build_image(self) -> str:
         work = os.path.abspath(self.mktemp())
@@ -102,6 +112,7 @@ class PkgproxyImageTest(ContainerTestCase):
             extra=containers.pip_build_secrets(work),
             env=proxies,
             name="pkgproxy",
+            shared=True,
         )
         return image
 
@@ -157,11 +168,10 @@ class PkgproxyImageTest(ContainerTestCase):
         except subprocess.TimeoutExpired:
             self.fail(f"the server did not stop on SIGTERM\n{server.logs()}")
 
-    def test_build_run_restart_healthcheck(self) -> None:
-        """The image builds, runs as pkgproxy (uid 10001) with its own CMD, serves a file
-        from a local upstream, serves it again from the volume in a new container with the
-        upstream gone, and its HEALTHCHECK passes while it runs and fails once it stops."""
-        image = self.build_image()
+    def test_built_as_documented(self) -> None:
+        """The image builds; it runs as pkgproxy (uid 10001) with its own CMD, a volume
+        and a HEALTHCHECK, and keeps nothing of the build's pip settings."""
+        image = self.image()
         config = self.image_config(image)
         self.assertEqual(config["User"], "pkgproxy")
         self.assertEqual(config["Volumes"], {"/var/cache/pkgproxy": {}})
@@ -178,6 +188,14 @@ class PkgproxyImageTest(ContainerTestCase):
         )
         self.assertEqual(leftovers.returncode, 0, leftovers.report())
         self.assertEqual(leftovers.output.strip(), str(IMAGE_UID), leftovers.report())
+
+    def test_run_restart_healthcheck(self) -> None:
+        """The image runs as pkgproxy with its own CMD, serves a file from a local
+        upstream, serves it again from the volume in a new container with the upstream
+        gone, and its HEALTHCHECK passes while it runs and fails once it stops."""
+        image = self.image()
+        healthcheck = self.image_config(image)["Healthcheck"]
+        assert isinstance(healthcheck, dict)
 
         payload = os.urandom(200_000)
         upstream = start_static_server(self, file_tree(self, {"tool-1.0.tar.gz": payload}))

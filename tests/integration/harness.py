@@ -3,7 +3,8 @@
 - :class:`ProxyUnderTest` builds the objects :func:`pkgproxy.tap.build_service` builds
   (DiskPool, CacheStore, UpstreamService, InFlight, Learner, ProxyResource, Site),
   listens on 127.0.0.1 port 0, and stops them one after the other so that the reactor
-  is left clean.
+  is left clean. Its store and resource read the time from a :class:`ServerClock`,
+  which a test advances to let an entry expire instead of sleeping.
 - :class:`FakeUpstream` is an HTTP/1.1 server written on a raw :class:`Protocol`: its
   handlers write whatever bytes a test wants, broken ones included, and it records every
   request it receives.
@@ -29,7 +30,7 @@ from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -37,6 +38,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from pkgproxy.cache.store import CacheStore
 from pkgproxy.config import Config, config_from_dict
@@ -60,6 +62,33 @@ T = TypeVar("T")
 def sleep(seconds: float) -> Deferred[None]:
     """A Deferred that fires after ``seconds`` of real time."""
     return deferLater(reactor, seconds, lambda: None)
+
+
+@implementer(IReactorTime)
+class ServerClock:
+    """The server's clock: the reactor's time, moved forward by :meth:`advance`.
+
+    Timers are the reactor's own (a delay is a delay), so everything keeps running; only
+    what the server reads as "now" (freshness, expiry, the hit path's records) jumps, so
+    a test lets an entry expire without waiting for it.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+        self.offset = 0.0
+
+    def advance(self, seconds: float) -> None:
+        """Move the server's "now" ``seconds`` forward."""
+        self.offset += seconds
+
+    def seconds(self) -> float:
+        return float(self._reactor.seconds()) + self.offset
+
+    def callLater(self, delay: float, f: Callable[..., object], *a: object, **kw: object) -> Any:
+        return self._reactor.callLater(delay, f, *a, **kw)
+
+    def getDelayedCalls(self) -> Any:
+        return self._reactor.getDelayedCalls()
 
 
 def bounded(work: Deferred[T] | Coroutine[Any, Any, T], seconds: float) -> Deferred[T]:
@@ -344,8 +373,10 @@ class ProxyUnderTest:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        #: What the store and the resource read the time from; a test may advance it.
+        self.clock = ServerClock(reactor)
         self.diskpool = DiskPool(reactor)
-        self.store = CacheStore(config.cache.dir, config.cache.max_size, self.diskpool, reactor)
+        self.store = CacheStore(config.cache.dir, config.cache.max_size, self.diskpool, self.clock)
         self.upstream = UpstreamService(
             reactor,
             config.upstream,
@@ -362,7 +393,7 @@ class ProxyUnderTest:
             self.inflight,
             self.upstream.client,
             self.diskpool,
-            reactor,
+            self.clock,
             config.upstream.idle_timeout,
             self.learner,
             revalidate_window=config.cache.revalidate_window,

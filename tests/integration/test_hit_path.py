@@ -22,7 +22,6 @@ from tests.integration.harness import (
     SlowBody,
     parse_responses,
     pattern,
-    sleep,
     static,
     wait_until,
 )
@@ -242,7 +241,7 @@ class HitPathTests(IntegrationTestCase):
         await self._exchange(proxy, get("/files/index"))
         (r,), _ = await self._exchange(proxy, get("/files/index"))
         self.assertEqual((r.body, hits.answered), (OTHER, 1))
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         (r,), _ = await self._exchange(proxy, get("/files/index"))
         self.assertEqual(r.body, OTHER)
         self.assertNotEqual(r.headers[b"x-cache"], b"HIT")
@@ -261,12 +260,12 @@ class HitPathTests(IntegrationTestCase):
         hits = self._hits(proxy)
         await self._exchange(proxy, get("/debian/dists/old/Release"))
         await proxy.settled()
-        await sleep(1.0)
+        proxy.clock.advance(1.0)
         for _ in range(3):  # recorded, then replayed
             (r,), _ = await self._exchange(proxy, get("/debian/dists/old/Release.gpg"))
         await proxy.settled()
         self.assertEqual((r.body, r.headers[b"x-cache"], hits.answered), (b"sig v1\n", b"HIT", 1))
-        await sleep(1.2)  # Release is due; its signature, fetched later, is not yet
+        proxy.clock.advance(1.2)  # Release is due; its signature, fetched later, is not yet
         upstream.handlers[b"/dists/old/Release"] = static(b"Release v2\n", [(b"etag", b'"2"')])
         upstream.handlers[b"/dists/old/Release.gpg"] = static(b"sig v2\n", [(b"etag", b'"2"')])
         (r,), _ = await self._exchange(proxy, get("/debian/dists/old/Release"))

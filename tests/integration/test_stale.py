@@ -10,7 +10,6 @@ from tests.integration.harness import (
     UpstreamRequest,
     pattern,
     response_head,
-    sleep,
     static,
 )
 from tests.support.pgp import armour, sig_v4
@@ -59,7 +58,7 @@ class StaleTests(IntegrationTestCase):
         self.assertTrue(proxy.stored("debian:dists/stable/InRelease"))
 
         await upstream.stop()
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         stale = await client.get(url)
         self.assertEqual((stale.status, stale.x_cache, stale.error), (200, b"STALE", None))
         self.assertEqual(stale.body, IN_RELEASE)
@@ -95,7 +94,7 @@ class StaleTests(IntegrationTestCase):
             conn.done()
 
         upstream.handlers[b"/debian/dists/stable/InRelease"] = broken
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         stale = await client.get(url)
         self.assertEqual((stale.status, stale.x_cache), (200, b"STALE"))
         self.assertEqual(stale.body, IN_RELEASE)
@@ -121,7 +120,7 @@ class LaggingMirrorTests(IntegrationTestCase):
         first = await client.get(proxy.url(path))
         self.assertEqual((first.x_cache, first.body), (b"MISS", newer))
         await proxy.settled()
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         upstream.handlers[path.encode()] = static(older, [(b"etag", b'"lagging"')])
         kept = await client.get(proxy.url(path))
         self.assertEqual((kept.status, kept.x_cache, kept.body), (200, b"REVALIDATED", newer))
@@ -140,7 +139,7 @@ class LaggingMirrorTests(IntegrationTestCase):
         again = await client.get(proxy.url(path))
         self.assertEqual((again.x_cache, again.body), (b"HIT", newer))
 
-        await sleep(1.2)
+        proxy.clock.advance(1.2)
         upstream.handlers[path.encode()] = static(newest, [(b"etag", b'"next"')])
         moved = await client.get(proxy.url(path))
         self.assertEqual((moved.x_cache, moved.body), (b"MISS", newest))

@@ -8,7 +8,6 @@ from tests.integration.harness import (
     IntegrationTestCase,
     SlowBody,
     pattern,
-    sleep,
     static,
     wait_until,
 )
@@ -52,7 +51,7 @@ class StaleWhileRevalidateTests(IntegrationTestCase):
 
         slow = SlowBody(NEW, chunk=400, delay=0.2, headers=[(b"etag", b'"new"')])
         upstream.handlers[PATH] = slow
-        await sleep(1.2)  # past the 1 s TTL
+        proxy.clock.advance(1.2)  # past the 1 s TTL
         stale = await client.get(url, timeout=5.0)
         answered_at = time.monotonic()
         self.assertEqual((stale.status, stale.x_cache, stale.error), (200, b"STALE", None))

@@ -21,6 +21,7 @@ pid and removed by the test's cleanup, as are the containers made from them.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import glob
 import hashlib
@@ -125,9 +126,11 @@ class Engine:
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         name: str = "image",
+        shared: bool = False,
     ) -> tuple[str, Run]:
         """Build ``context`` as a Docker-format image (ONBUILD, SHELL and HEALTHCHECK are
-        Docker-format only) on the host's network; remove it when the test ends.
+        Docker-format only) on the host's network; remove it when the test ends, or, if
+        ``shared`` (one image for several tests), when the test process exits.
 
         Returns its tag and the build's output. A failed build fails the test.
         """
@@ -139,7 +142,10 @@ class Engine:
         if dockerfile:
             argv += ["-f", dockerfile]
         argv += [*extra, context]
-        testcase.addCleanup(self.run, ["buildah", "rmi", "-f", tag])
+        if shared:
+            atexit.register(self.run, ["buildah", "rmi", "-f", tag])
+        else:
+            testcase.addCleanup(self.run, ["buildah", "rmi", "-f", tag])
         result = self.run(argv, timeout=BUILD_TIMEOUT, env=env)
         if result.returncode != 0:
             testcase.fail(f"the build of {name} failed\n{result.report()}")

@@ -102,6 +102,22 @@ DEFAULT_RELEASES = (
 )
 
 
+def pathological_pages(size: int) -> list[bytes]:
+    """Simple pages of about ``size`` bytes built to make a scanner backtrack or re-read:
+    an unterminated quote after many tags, endless ``<``, an attribute name of the whole
+    size, an unterminated quote of quotes, an unclosed comment or script, attributes with
+    no end. None of their links leads anywhere a proxy serves."""
+    return [
+        b'<a href="//elsewhere.test/x">' * (size // 30) + b'<a href="' + b"y" * size,
+        b"<" * size,
+        b"<a " + b"n" * size,
+        b"<a href=" + b"'" * size,
+        b"<!--" + b"<a href=x>" * (size // 10),
+        b"<script>" + b"<a href=x>" * (size // 10),
+        b"<a x=1 " * (size // 7),
+    ]
+
+
 def _module(project: str) -> str:
     return normalize(project).replace("-", "_")
 
