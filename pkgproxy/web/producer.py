@@ -33,7 +33,7 @@ STALL_TIMEOUT = 300.0
 
 
 class FileRef(Protocol):
-    """An open file shared by readers (see ``fetch._SharedFile``).
+    """An open file shared by readers (see ``pkgproxy.fetch.body.SharedFile``).
 
     A small download held in memory has no fd (``-1``) and is only ever :meth:`read`.
     """

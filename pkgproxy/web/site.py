@@ -131,6 +131,10 @@ class ProxyChannel(HTTPChannel):
 
     hit_path: HitPath | None = None
     pkgproxy_peer = "-"
+    #: The origin (``https://host[:port]``) of the intercepted tunnel this connection
+    #: carries, once a CONNECT to a routed host made it one (:mod:`pkgproxy.web.connect`);
+    #: requests inside it name that origin, and the hit path leaves them alone.
+    pkgproxy_tunnel: str | None = None
     _first_data = True
     #: Seconds a request may take to arrive, from its first byte; ``None``: no limit.
     request_timeout: float | None = LimitsConfig.request_head_timeout
@@ -233,7 +237,7 @@ class ProxyChannel(HTTPChannel):
             and self.persistent
             and not self._waitingForTransport
             and getattr(self, "_HTTPChannel__first_line", 0) == 1
-            and getattr(self, "pkgproxy_tunnel", None) is None
+            and self.pkgproxy_tunnel is None
         )
 
 
