@@ -40,8 +40,11 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
+    IResolutionReceiver,
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
@@ -560,7 +563,13 @@ class UpstreamService(Service):
         proxies = proxy_settings(
             config.proxy, config.no_proxy, environ or {}, config.parent, config.parent_only
         )
-        endpoints = _Endpoints(reactor, policy, config.connect_timeout, proxies)
+        endpoints = _Endpoints(
+            reactor,
+            policy,
+            config.connect_timeout,
+            proxies,
+            internal_ok=RedirectPolicy(routes).may_resolve_internal,
+        )
         self.pool = _Pool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = config.max_connections_per_host
         self.pool.cachedConnectionTimeout = config.keepalive_timeout  # type: ignore[assignment]
@@ -695,28 +704,36 @@ class _Endpoints:
         policy: IPolicyForHTTPS,
         connect_timeout: float,
         proxies: ProxySettings | None = None,
+        internal_ok: Callable[[str], bool] | None = None,
     ) -> None:
+        """:param internal_ok: whether a host name may resolve to an internal address
+        (see :meth:`RedirectPolicy.may_resolve_internal`); by default every one may."""
         self._reactor = reactor
         self._policy = policy
         self._timeout = connect_timeout
         self._proxies = proxies or ProxySettings()
+        self._internal_ok = internal_ok
         self._kept: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
         self._proxy_kept: dict[Proxy, IStreamClientEndpoint] = {}
 
-    def _tcp(self, host: str, port: int) -> IStreamClientEndpoint:
+    def _tcp(self, host: str, port: int, guard: bool = True) -> IStreamClientEndpoint:
+        """A TCP endpoint; ``guard``: a host name that may not resolve to an internal
+        address (``internal_ok``) is connected to at its external addresses only."""
         if isIPAddress(host):
             # An address needs no resolving: HostnameEndpoint would still ask getaddrinfo
             # in a thread (one thread hop per new connection) and race one attempt.
             return TCP4ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
         if isIPv6Address(host):
             return TCP6ClientEndpoint(self._reactor, host, port, timeout=self._timeout)
+        if guard and self._internal_ok is not None and not self._internal_ok(host):
+            return _ExternalHostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
         return HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
 
     def proxy_endpoint(self, proxy: Proxy) -> IStreamClientEndpoint:
         """The (kept) endpoint of an outbound proxy."""
         endpoint = self._proxy_kept.get(proxy)
         if endpoint is None:
-            endpoint = self._proxy_kept[proxy] = self._tcp(proxy.host, proxy.port)
+            endpoint = self._proxy_kept[proxy] = self._tcp(proxy.host, proxy.port, guard=False)
         return endpoint
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -742,6 +759,68 @@ class _Endpoints:
             self._kept.clear()
         self._kept[key] = endpoint
         return endpoint
+
+
+class _ExternalHostnameEndpoint(HostnameEndpoint):
+    """A ``HostnameEndpoint`` that connects to external addresses only (:class:`ExternalOnly`)."""
+
+    def _getNameResolverAndMaybeWarn(self, reactor: object) -> IHostnameResolver:
+        # Where HostnameEndpoint takes the reactor's resolver, at each connect.
+        return ExternalOnly(super()._getNameResolverAndMaybeWarn(reactor))
+
+
+@implementer(IHostnameResolver)
+class ExternalOnly:
+    """A name resolver that passes on only the addresses outside this machine and its
+    private networks (:func:`~pkgproxy.upstream.redirects.is_internal`): for a host that
+    only a redirect or a token challenge leads to, so that its name cannot stand for a
+    loopback, link-local or private address the redirect rules refuse."""
+
+    def __init__(self, resolver: IHostnameResolver) -> None:
+        self._resolver = resolver
+
+    def resolveHostName(
+        self,
+        resolutionReceiver: IResolutionReceiver,
+        hostName: str,
+        portNumber: int = 0,
+        addressTypes: Sequence[Any] | None = None,
+        transportSemantics: str = "TCP",
+    ) -> IHostResolution:
+        return self._resolver.resolveHostName(
+            _ExternalAddresses(resolutionReceiver, hostName),
+            hostName,
+            portNumber,
+            addressTypes,
+            transportSemantics,
+        )
+
+
+@implementer(IResolutionReceiver)
+class _ExternalAddresses:
+    def __init__(self, receiver: IResolutionReceiver, host: str) -> None:
+        self._receiver = receiver
+        self._host = host
+        self._refused: list[str] = []
+
+    def resolutionBegan(self, resolutionInProgress: Any) -> None:
+        self._receiver.resolutionBegan(resolutionInProgress)
+
+    def addressResolved(self, address: Any) -> None:
+        if is_internal(str(getattr(address, "host", ""))):
+            self._refused.append(address.host)
+            return
+        self._receiver.addressResolved(address)
+
+    def resolutionComplete(self) -> None:
+        if self._refused:
+            log.warn(
+                "not connecting to {host} at {addresses}: a host only a redirect or token "
+                "challenge names may not be an internal address",
+                host=self._host,
+                addresses=", ".join(self._refused),
+            )
+        self._receiver.resolutionComplete()
 
 
 def _trust_root(ca_bundle: str | None) -> Any:

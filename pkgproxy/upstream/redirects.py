@@ -10,7 +10,10 @@ address. A redirect is followed only to
 - a host in the route's ``redirect_hosts`` (a registry's blob CDN),
 
 never to a ``/_pkgproxy/`` path, and never to a loopback, link-local, private or
-unspecified address (or ``localhost``) unless the route's own upstream is one.
+unspecified address (or ``localhost``) unless the route's own upstream is one. A host
+name is checked again by what it resolves to: one only a redirect (or a registry's token
+challenge) leads to is never connected to at an internal address unless a route that
+names it has an internal upstream (:meth:`RedirectPolicy.may_resolve_internal`).
 """
 
 from __future__ import annotations
@@ -67,6 +70,18 @@ class RedirectPolicy:
         for r in routes:
             key = _host_port(r.upstream)
             self._extra[key] = (*self._extra.get(key, ()), *r.redirect_hosts)
+
+    def may_resolve_internal(self, host: str) -> bool:
+        """Whether a connection to the host name ``host`` may go to an internal address:
+        the host of a route's upstream (the operator named it), or a ``redirect_hosts``
+        entry of a route whose own upstream is internal."""
+        host = host.lower().rstrip(".")
+        if any(h == host for h, _ in self._origins):
+            return True
+        return any(
+            is_internal(origin[0]) and any(_matches(host, pat) for pat in patterns)
+            for origin, patterns in self._extra.items()
+        )
 
     def refusal(self, start: str, target: str) -> str | None:
         """Why a redirect to ``target`` of a request that started at ``start`` may not

@@ -5,9 +5,14 @@ Each test drives pkgproxy over real sockets against fake upstreams on 127.0.0.1.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import reactor, ssl
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
+from zope.interface import implementer
 
 from pkgproxy.upstream.client import MAX_RESPONSE_HEAD
 from tests.integration.harness import (
@@ -23,6 +28,45 @@ from tests.integration.harness import (
     static,
 )
 from tests.support.tlsserver import make_tls_files
+
+
+@implementer(IHostResolution)
+class _Resolution:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def cancel(self) -> None:
+        pass
+
+
+class _Names:
+    """A name resolver for the test's own host names, all on 127.0.0.1 (others go to
+    the resolver it is put over)."""
+
+    def __init__(self, names: set[str]) -> None:
+        self.names = names
+        self.asked: list[str] = []
+
+    def over(self, fallback: Any) -> Any:
+        names = self
+
+        @implementer(IHostnameResolver)
+        class Resolver:
+            def resolveHostName(  # type: ignore[no-untyped-def]
+                self, receiver, hostName, portNumber=0, addressTypes=None, transportSemantics="TCP"
+            ):
+                if hostName not in names.names:
+                    return fallback.resolveHostName(
+                        receiver, hostName, portNumber, addressTypes, transportSemantics
+                    )
+                names.asked.append(hostName)
+                resolution = _Resolution(hostName)
+                receiver.resolutionBegan(resolution)
+                receiver.addressResolved(IPv4Address("TCP", "127.0.0.1", portNumber))
+                receiver.resolutionComplete()
+                return resolution
+
+        return Resolver()
 
 
 def redirect(location: bytes, status: int = 302):  # type: ignore[no-untyped-def]
@@ -76,6 +120,35 @@ class RedirectTests(IntegrationTestCase):
         self.assertEqual((result.status, result.body), (200, b"A" * 100))
         result = await client.get(proxy.url("/files/b"))
         self.assertEqual((result.status, result.body), (200, b"B" * 100))
+
+    async def test_listed_host_resolving_to_loopback_is_not_connected(self) -> None:
+        """A host that only a redirect names (listed in redirect_hosts) is connected to at
+        its external addresses only: one whose name resolves to loopback, while the
+        route's own upstream is not internal by its name, is refused (502, nothing
+        asked there). The route's own host may resolve anywhere."""
+        names = _Names({"origin.test", "cdn.test"})
+        previous = reactor.installNameResolver(names.over(reactor.nameResolver))
+        self.addCleanup(reactor.installNameResolver, previous)
+        up = await self.start_upstream()
+        other = await self.start_upstream()
+        route = {
+            "family": "generic",
+            "immutable": True,
+            "upstream": f"http://origin.test:{up.port_number}/",
+            "redirect_hosts": ["cdn.test"],
+        }
+        proxy = await self.start_proxy({"routes": {"files": route}})
+        other.handlers[b"/blob"] = static(b"B" * 100)
+        up.handlers[b"/x"] = redirect(f"http://cdn.test:{other.port_number}/blob".encode())
+        up.handlers[b"/y"] = redirect(b"/real-y")
+        up.handlers[b"/real-y"] = static(b"Y" * 10)
+        client = self.client()
+        result = await client.get(proxy.url("/files/x"))
+        self.assertEqual(result.status, 502, result.body)
+        self.assertEqual(other.count(b"/blob"), 0)
+        self.assertIn("cdn.test", names.asked)
+        result = await client.get(proxy.url("/files/y"))
+        self.assertEqual((result.status, result.body), (200, b"Y" * 10))
 
     async def test_refused_redirect_does_not_open_the_circuit(self) -> None:
         """Refused redirects are not upstream failures: after many, the origin still
