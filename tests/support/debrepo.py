@@ -561,10 +561,12 @@ def republish(
             if os.path.exists(path):
                 os.unlink(path)
     _wait_past_release_date(os.path.join(repo.dists_dir, "Release"))
+    signed = [os.path.join(repo.dists_dir, n) for n in ("InRelease", "Release", "Release.gpg")]
+    before = {path: os.stat(path).st_mtime for path in signed if os.path.exists(path)}
     gnupg = _GnuPG()
     try:
         gnupg.gpg("--import", repo.secret_key)
-        return _publish(
+        new = _publish(
             gnupg,
             base_dir=repo.base_dir,
             serve_dir=repo.serve_dir,
@@ -581,3 +583,10 @@ def republish(
         )
     finally:
         gnupg.close()
+    # The stand-in mirror (http.server) answers If-Modified-Since by whole seconds of the
+    # file's mtime: a new InRelease written within the second of the old one would be
+    # "not modified" to a cache revalidating it.
+    for path, mtime in before.items():
+        if os.path.exists(path) and int(os.stat(path).st_mtime) <= int(mtime):
+            os.utime(path, (mtime + 1, mtime + 1))
+    return new
