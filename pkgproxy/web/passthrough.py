@@ -23,6 +23,7 @@ from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.families import FAMILIES, CacheClass, Decision
 from pkgproxy.upstream.client import UpstreamClient, UpstreamError, UpstreamResponse
 from pkgproxy.web.exchange import Exchange, Trace
+from pkgproxy.web.producer import frame_as_upstream
 from pkgproxy.web.relay import Relay
 from pkgproxy.web.respond import VIA, Error, internal_error
 from pkgproxy.web.routing import RouteError, RouteTable
@@ -123,6 +124,7 @@ class Passthrough:
                 resp.discard()
                 req.finish()
                 return
+            frame_as_upstream(req, resp, proven=False)
             resp.response.deliverBody(Relay(req, resp, self._clock, self._idle_timeout))
 
         def failed(f: Failure) -> None:

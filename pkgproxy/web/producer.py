@@ -99,6 +99,28 @@ def reset_on_close(transport: Any) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
+def abort_response(request: Request) -> None:
+    """End ``request``'s response as a failed transfer: its connection is reset, so even
+    a body framed by the connection's end (:func:`frame_as_upstream`) is not taken as
+    whole."""
+    transport: Any = request.channel.transport if request.channel else None
+    if transport is not None:
+        reset_on_close(transport)
+        transport.abortConnection()
+
+
+def frame_as_upstream(request: Request, upstream: Any, proven: bool) -> None:
+    """Before the first write: send a body the way the upstream framed it when it ends
+    with its connection (``UpstreamResponse.close_delimited``) and nothing proves it
+    whole (``proven``: an index's size or digest checks it). Nothing can tell such a body
+    cut by a clean close from a complete one, so the client is promised no more than the
+    upstream promised (a chunked response's last chunk would say it is whole)."""
+    if upstream is not None and upstream.close_delimited and not proven:
+        close_delimited = getattr(request, "close_delimited", None)
+        if close_delimited is not None:
+            close_delimited()
+
+
 class _ResponseBody:
     """What both body producers share: the request, the file, and how a response ends.
 
@@ -151,19 +173,12 @@ class _ResponseBody:
             request.finish()
 
     def _abort(self) -> None:
-        """End the response as a failed transfer: the client must not see a clean end.
-
-        The connection is reset, not closed: a body framed by the connection's end (see
-        ``CappedRequest.close_delimited``) is then a failed transfer for the client too.
-        """
+        """End the response as a failed transfer: the client must not see a clean end."""
         request = self._request
         self._close()
         if request is not None:
             request.unregisterProducer()
-            transport: Any = request.channel.transport if request.channel else None
-            if transport is not None:
-                reset_on_close(transport)
-                transport.abortConnection()
+            abort_response(request)
 
     def _close(self) -> None:
         self._unwatch_stall()

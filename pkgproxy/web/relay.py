@@ -8,8 +8,6 @@ price of a full disk, not the normal way of working.
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -19,6 +17,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from pkgproxy.upstream.client import UpstreamResponse
+from pkgproxy.web.producer import abort_response
 
 
 @implementer(IPushProducer)
@@ -72,9 +71,7 @@ class Relay(Protocol):
         if complete:
             request.finish()
         else:
-            transport: Any = request.channel.transport if request.channel else None
-            if transport is not None:
-                transport.abortConnection()
+            abort_response(request)
 
     # IPushProducer, for the client side
 

@@ -42,6 +42,7 @@ from pkgproxy.web.producer import (
     FileRef,
     OwnedFile,
     SendfileProducer,
+    frame_as_upstream,
 )
 
 log = Logger()
@@ -294,13 +295,8 @@ class Streamed:
             req.finish()
             return
         want = fetch.request.decision
-        if up is not None and up.close_delimited and want.size is None and not want.digests:
-            # The upstream's body ends with its connection and nothing here can tell a
-            # cut from the end: the client gets it framed the same way, not promised
-            # whole by a last chunk (nor is it stored: fetch.finish.storable).
-            close_delimited = getattr(req, "close_delimited", None)
-            if close_delimited is not None:
-                close_delimited()
+        # (Nor is such a body stored: fetch.finish.storable.)
+        frame_as_upstream(req, up, want.size is not None or bool(want.digests))
         closed = fetch.subscribe()
 
         def unstarted(_: Request) -> None:

@@ -183,6 +183,35 @@ class TruncationTests(FaultTestCase):
             await proxy.settled()
             self.assertFalse(proxy.stored("files:" + name.decode()))
 
+    async def test_relayed_close_delimited_body_is_framed_the_same(self) -> None:
+        """The same rule where a miss is relayed uncached (the cache disk in trouble):
+        a body that ended with its connection goes out framed so, and one cut by a reset
+        ends in a reset."""
+        body = pattern(100 * 1024, b"relay")
+        upstream, proxy = await self.files_setup()
+
+        def until_close(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, [(b"connection", b"close")]) + body)
+            conn.close()
+
+        def reset(request: UpstreamRequest, conn: UpstreamConnection) -> None:
+            conn.write(response_head(200, []) + body[:7000])
+            conn.later(0.05, conn.abort)
+
+        upstream.handlers[b"/whole.bin"] = until_close
+        upstream.handlers[b"/cut.bin"] = reset
+        proxy.store.disk_error("test: the disk refuses writes")
+        head, got, was_reset = await raw_get(proxy.port_number, b"/files/whole.bin")
+        lines = head.lower().split(b"\r\n")
+        self.assertIn(b"x-cache: miss", lines)
+        self.assertIn(b"connection: close", lines)
+        self.assertFalse([h for h in lines if h.startswith(b"transfer-encoding")], head)
+        self.assertEqual((got, was_reset), (body, False))
+        head, _, was_reset = await raw_get(proxy.port_number, b"/files/cut.bin")
+        self.assertIn(b"connection: close", head.lower())
+        self.assertTrue(was_reset, "a clean close would say the body is whole")
+        self.assertFalse(proxy.stored("files:whole.bin"))
+
     async def test_chunked_and_verified_bodies_stay_chunked(self) -> None:
         """Only an unverifiable close-delimited body is relayed so: a chunked upstream
         body is still relayed chunked, on a connection that stays open."""
