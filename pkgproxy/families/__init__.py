@@ -38,6 +38,12 @@ class CacheClass(Enum):
     PASS = "pass"
 
 
+def on_both_schemes(*locations: str) -> tuple[str, ...]:
+    """``http://`` and ``https://`` of each ``host/path/`` in turn: the forward-proxy
+    prefixes of a built-in route, whose clients may name its upstream either way."""
+    return tuple(f"{scheme}://{loc}" for loc in locations for scheme in ("http", "https"))
+
+
 @dataclass(frozen=True)
 class Expect:
     """What an index says one artifact must be.

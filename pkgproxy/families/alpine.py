@@ -16,7 +16,7 @@ import tarfile
 import zlib
 
 from pkgproxy.config.model import Route
-from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request, on_both_schemes
 from pkgproxy.families.compressed import Chunks, stream
 
 _BRANCH = r"(?:v\d+\.\d+|edge|latest-stable)"
@@ -140,10 +140,7 @@ ROUTES: tuple[Route, ...] = (
         family="alpine",
         prefix="/alpine/",
         upstream="https://dl-cdn.alpinelinux.org/alpine/",
-        forward=(
-            "http://dl-cdn.alpinelinux.org/alpine/",
-            "https://dl-cdn.alpinelinux.org/alpine/",
-        ),
+        forward=on_both_schemes("dl-cdn.alpinelinux.org/alpine/"),
         index_ttl=300.0,
     ),
 )

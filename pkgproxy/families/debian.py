@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import IO
 
 from pkgproxy.config.model import Route
-from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request, on_both_schemes
 from pkgproxy.families.compressed import Chunks, open_index
 from pkgproxy.httputil import parse_http_date
 
@@ -323,10 +323,7 @@ ROUTES: tuple[Route, ...] = (
         prefix="/ubuntu-security/",
         upstream="http://security.ubuntu.com/ubuntu/",
         share_pool="ubuntu",
-        forward=(
-            "http://security.ubuntu.com/ubuntu/",
-            "https://security.ubuntu.com/ubuntu/",
-        ),
+        forward=on_both_schemes("security.ubuntu.com/ubuntu/"),
     ),
     Route(
         name="ubuntu-ports",

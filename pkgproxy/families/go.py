@@ -39,6 +39,7 @@ from pkgproxy.families import (
     LocalAnswer,
     Request,
     listed,
+    on_both_schemes,
     upstream_base,
 )
 from pkgproxy.families.compressed import Chunks, head
@@ -349,10 +350,7 @@ ROUTES: tuple[Route, ...] = (
         family="go",
         prefix="/go/",
         upstream="https://proxy.golang.org/",
-        forward=(
-            "http://proxy.golang.org/",
-            "https://proxy.golang.org/",
-        ),
+        forward=on_both_schemes("proxy.golang.org/"),
         index_ttl=300.0,
     ),
 )

@@ -50,6 +50,7 @@ from pkgproxy.families import (
     LocalAnswer,
     Request,
     RewriteContext,
+    on_both_schemes,
 )
 from pkgproxy.rewrite.npm_packument import (
     JSONObject,
@@ -318,10 +319,7 @@ ROUTES: tuple[Route, ...] = (
         family="npm",
         prefix="/npm/",
         upstream="https://registry.npmjs.org/",
-        forward=(
-            "http://registry.npmjs.org/",
-            "https://registry.npmjs.org/",
-        ),
+        forward=on_both_schemes("registry.npmjs.org/"),
         index_ttl=300.0,
     ),
 )

@@ -46,6 +46,7 @@ from pkgproxy.families import (
     LocalAnswer,
     Request,
     RewriteContext,
+    on_both_schemes,
 )
 from pkgproxy.httputil import BadPath, canonical_path
 from pkgproxy.rewrite import pypi_simple
@@ -361,10 +362,7 @@ ROUTES: tuple[Route, ...] = (
         family="pypi",
         prefix="/pypi/",
         upstream="https://pypi.org/",
-        forward=(
-            "http://pypi.org/",
-            "https://pypi.org/",
-        ),
+        forward=on_both_schemes("pypi.org/"),
         index_ttl=600.0,
     ),
     Route(
@@ -372,10 +370,7 @@ ROUTES: tuple[Route, ...] = (
         family="pypi",
         prefix="/pypi/files/",
         upstream="https://files.pythonhosted.org/",
-        forward=(
-            "http://files.pythonhosted.org/",
-            "https://files.pythonhosted.org/",
-        ),
+        forward=on_both_schemes("files.pythonhosted.org/"),
         index_ttl=600.0,
     ),
 )

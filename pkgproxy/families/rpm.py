@@ -19,7 +19,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import replace
 
 from pkgproxy.config.model import Route
-from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request
+from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Request, on_both_schemes
 from pkgproxy.families.compressed import Chunks, open_index, stream
 from pkgproxy.families.debian import signature_time
 from pkgproxy.rewrite.metalink import rewrite_metalink
@@ -191,11 +191,8 @@ ROUTES: tuple[Route, ...] = (
         family="rpm",
         prefix="/fedora/",
         upstream="https://dl.fedoraproject.org/pub/fedora/linux/",
-        forward=(
-            "http://dl.fedoraproject.org/pub/fedora/linux/",
-            "https://dl.fedoraproject.org/pub/fedora/linux/",
-            "http://download.fedoraproject.org/pub/fedora/linux/",
-            "https://download.fedoraproject.org/pub/fedora/linux/",
+        forward=on_both_schemes(
+            "dl.fedoraproject.org/pub/fedora/linux/", "download.fedoraproject.org/pub/fedora/linux/"
         ),
     ),
     Route(
@@ -203,11 +200,8 @@ ROUTES: tuple[Route, ...] = (
         family="rpm",
         prefix="/epel/",
         upstream="https://dl.fedoraproject.org/pub/epel/",
-        forward=(
-            "http://dl.fedoraproject.org/pub/epel/",
-            "https://dl.fedoraproject.org/pub/epel/",
-            "http://download.fedoraproject.org/pub/epel/",
-            "https://download.fedoraproject.org/pub/epel/",
+        forward=on_both_schemes(
+            "dl.fedoraproject.org/pub/epel/", "download.fedoraproject.org/pub/epel/"
         ),
     ),
     Route(
@@ -215,21 +209,15 @@ ROUTES: tuple[Route, ...] = (
         family="rpm",
         prefix="/fedora-metalink/",
         upstream="https://mirrors.fedoraproject.org/",
-        forward=(
-            "http://mirrors.fedoraproject.org/",
-            "https://mirrors.fedoraproject.org/",
-        ),
+        forward=on_both_schemes("mirrors.fedoraproject.org/"),
     ),
     Route(
         name="rocky",
         family="rpm",
         prefix="/rocky/",
         upstream="https://dl.rockylinux.org/pub/rocky/",
-        forward=(
-            "http://dl.rockylinux.org/pub/rocky/",
-            "https://dl.rockylinux.org/pub/rocky/",
-            "http://download.rockylinux.org/pub/rocky/",
-            "https://download.rockylinux.org/pub/rocky/",
+        forward=on_both_schemes(
+            "dl.rockylinux.org/pub/rocky/", "download.rockylinux.org/pub/rocky/"
         ),
     ),
     Route(
@@ -237,32 +225,21 @@ ROUTES: tuple[Route, ...] = (
         family="rpm",
         prefix="/almalinux/",
         upstream="https://repo.almalinux.org/almalinux/",
-        forward=(
-            "http://repo.almalinux.org/almalinux/",
-            "https://repo.almalinux.org/almalinux/",
-        ),
+        forward=on_both_schemes("repo.almalinux.org/almalinux/"),
     ),
     Route(
         name="centos-stream",
         family="rpm",
         prefix="/centos-stream/",
         upstream="https://mirror.stream.centos.org/",
-        forward=(
-            "http://mirror.stream.centos.org/",
-            "https://mirror.stream.centos.org/",
-        ),
+        forward=on_both_schemes("mirror.stream.centos.org/"),
     ),
     Route(
         name="opensuse",
         family="rpm",
         prefix="/opensuse/",
         upstream="https://download.opensuse.org/",
-        forward=(
-            "http://download.opensuse.org/",
-            "https://download.opensuse.org/",
-            "http://cdn.opensuse.org/",
-            "https://cdn.opensuse.org/",
-        ),
+        forward=on_both_schemes("download.opensuse.org/", "cdn.opensuse.org/"),
     ),
 )
 

@@ -38,6 +38,7 @@ from pkgproxy.families import (
     LocalAnswer,
     Request,
     listed,
+    on_both_schemes,
     upstream_base,
 )
 from pkgproxy.families.compressed import Chunks, stream
@@ -120,12 +121,7 @@ ROUTES: tuple[Route, ...] = (
         family="rubygems",
         prefix="/rubygems/",
         upstream="https://rubygems.org/",
-        forward=(
-            "http://rubygems.org/",
-            "https://rubygems.org/",
-            "http://index.rubygems.org/",
-            "https://index.rubygems.org/",
-        ),
+        forward=on_both_schemes("rubygems.org/", "index.rubygems.org/"),
         index_ttl=300.0,
     ),
 )
