@@ -15,13 +15,10 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
-
-#: Documents larger than this are worked on one at a time (:meth:`DiskPool.run_document`).
-LARGE_DOCUMENT = 2 * 1024 * 1024
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -50,7 +47,6 @@ class DiskPool(Service):
         self._io: ThreadPool | None = None
         self._durable: ThreadPool | None = None
         self._cpu: ThreadPool | None = None
-        self._large = DeferredSemaphore(1)
         if reactor is not None:
             self._io = ThreadPool(minthreads=1, maxthreads=threads, name="pkgproxy-disk")
             self._durable = ThreadPool(
@@ -86,15 +82,6 @@ class DiskPool(Service):
     def run_cpu(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Like :meth:`run`, in the pool for CPU-heavy work (rewriting, reading indexes)."""
         return self._run(self._cpu, f, *args, **kwargs)
-
-    def run_document(self, size: int, f: Callable[[], T]) -> Deferred[T]:
-        """:meth:`run_cpu` for work on a document of ``size`` bytes held in memory whole
-        (parsed, rewritten): one larger than :data:`LARGE_DOCUMENT` at a time, since
-        such work needs about ten times the document's size while it runs (with more
-        than one index thread, small documents still go on beside a large one)."""
-        if size <= LARGE_DOCUMENT or self._cpu is None:
-            return self.run_cpu(f)
-        return self._large.run(self.run_cpu, f)
 
     def _run(
         self, pool: ThreadPool | None, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs

@@ -183,8 +183,8 @@ class Learner:
             d.callback(0)
             return d
         self._store.pin(entry)
-        parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run_document(
-            entry.size, partial(read_and_learn, family, path, self._store.path_of(entry), entry.url)
+        parsed: Deferred[list[tuple[str, Expect]]] = self._pool.run_cpu(
+            read_and_learn, family, path, self._store.path_of(entry), entry.url
         )
 
         def learned(items: list[tuple[str, Expect]]) -> int:

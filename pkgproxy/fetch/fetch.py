@@ -17,7 +17,6 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -521,10 +520,8 @@ class Fetch:
             self._store.discard(packed)
             self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")
 
-        # A gzip body is counted at what JSON and HTML indexes usually expand to.
-        size = self.written * (8 if plain is not None else 1)
-        work = self._pool.run_document(
-            size, partial(finish.rewrite_document, rewrite, context, raw, out, plain, packed)
+        work = self._pool.run_cpu(
+            finish.rewrite_document, rewrite, context, raw, out, plain, packed
         )
         work.addCallbacks(swapped, failed)
 
