@@ -72,6 +72,11 @@ Learned = list[tuple[str, "Expect"]]
 #: and returns what the upstream's document teaches (learned in the same pass), or
 #: ``None`` where the document is not learned from.
 Rewriter = Callable[[str, str, RewriteContext], Learned | None]
+#: ``(document, context) -> served bytes | None``: the rewrite done on the bytes alone,
+#: where they prove it exact (``None``: the :data:`Rewriter` does it). Nothing is learned
+#: on the way: what the served document says of a file is read when that file is asked
+#: for (:attr:`Family.lookup`).
+Relinker = Callable[[bytes, RewriteContext], bytes | None]
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ class Decision:
     :ivar upstream_headers: headers to send upstream (the negotiated ``Accept``).
     :ivar response_headers: headers to add to the response (``Vary``, a content type).
     :ivar rewrite: turns the verified upstream body into what clients are served.
+    :ivar relink: the same, on a document the family can rewrite from its bytes alone
+        (tried first; see :data:`Relinker`).
     :ivar local: answer this without contacting upstream.
     :ivar upstream_url: fetch this URL instead of the one the path maps to (the same
         content under a name that cannot be out of step, such as a by-hash URL); the
@@ -136,6 +143,7 @@ class Decision:
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     response_headers: Mapping[str, str] = field(default_factory=dict)
     rewrite: Rewriter | None = None
+    relink: Relinker | None = None
     local: LocalAnswer | None = None
     upstream_url: str | None = None
     digest_header: str | None = None
@@ -197,14 +205,18 @@ class Facts:
         """What must be true of the file at ``url``, if an index said."""
         return self._known.get(url)
 
-    def add(self, items: Iterable[tuple[str, Expect]], source: str | None = None) -> int:
+    def add(
+        self, items: Iterable[tuple[str, Expect]], source: str | None = None, more: bool = False
+    ) -> int:
         """Record what an index lists; returns how many items it had.
 
-        :param source: the index's upstream URL; what it taught before is replaced.
+        :param source: the index's upstream URL; what it taught before is replaced,
+            unless ``more`` (then these are more of what the same copy teaches, read
+            from it one file at a time).
         """
-        if source is not None:
+        if source is not None and not more:
             self._drop(source)
-        taught = []
+        taught = self._taught.get(source, []) if source is not None and more else []
         sources = self._sources_of
         for url, expect in items:
             self._known[url] = expect
@@ -328,6 +340,16 @@ class Family:
     #: ``(package, path) -> bool``: whether the file at ``path`` belongs to ``package``
     #: by the same rule ``learn`` keeps to.
     owns: Callable[[str, str], bool] | None = None
+    #: ``path -> packages``: the packages whose indexes may list the file at ``path``
+    #: (below its route), by the rule of :attr:`owns`; with :attr:`lookup`.
+    file_owners: Callable[[str], tuple[str, ...]] | None = None
+    #: ``(document, url, document path, document url) -> learned | None``: what a stored
+    #: document says of the file at upstream ``url`` (and its companions), read from
+    #: that file's own entry, as ``learn`` would (keys are links as the document writes
+    #: them). ``None``: the entry cannot be told apart, so ``learn`` reads the whole
+    #: document instead. A family with it learns its documents when a file is asked for,
+    #: not when they arrive (see :mod:`pkgproxy.learning`).
+    lookup: Callable[[bytes, str, str, str], Learned | None] | None = None
     #: ``(path, query, routes) -> (route, rest) | None``: where a reverse-mode target
     #: under :attr:`prefix_root` goes when more than its path names the route
     #: (containerd's ``?ns=<registry>``); ``routes`` are this family's configured ones,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 from collections.abc import Iterable
 from functools import partial
@@ -52,6 +53,7 @@ from pkgproxy.families import (
     RewriteContext,
     on_both_schemes,
 )
+from pkgproxy.rewrite import prefix
 from pkgproxy.rewrite.npm_packument import (
     JSONObject,
     dists,
@@ -123,6 +125,7 @@ def _document(route: Route, bare: str, request: Request | None) -> Decision:
         upstream_headers={"Accept": UPSTREAM_ACCEPT[which], **REWRITTEN_CODING},
         response_headers={"Vary": f"Accept, {VARY_CODING}"},
         rewrite=partial(_rewrite, base=route.upstream, owner=_owner(bare)),
+        relink=relink,
         upstream_url=upstream_url,
     )
 
@@ -286,6 +289,45 @@ def _rewrite(
     return learned if learned is not None else []
 
 
+def relink(data: bytes, context: RewriteContext) -> bytes | None:
+    """A document whose tarballs are all under the registry's own prefix, with that
+    prefix replaced in its bytes (see :func:`pkgproxy.rewrite.prefix.relink`); ``None``
+    for any other."""
+    if context.public_prefix is None:
+        return None
+    found = context.public_prefix(context.page_url)
+    return None if found is None else prefix.relink(data, "tarball", *found)
+
+
+def file_owners(path: str) -> tuple[str, ...]:
+    """The package whose documents may list the tarball at ``path``."""
+    name, sep, _ = path.partition("/-/")
+    return (name,) if sep else ()
+
+
+def lookup(data: bytes, url: str, path: str, page_url: str) -> Learned | None:
+    """What a stored document says of the tarball at ``url``, read from its ``dist``.
+
+    ``None`` when the document has escapes, or the tarball is not found in it as the
+    URL spells it: then the whole document is read.
+    """
+    file = url[url.rfind("/-/") :]
+    needle = file.encode() + b'"'
+    entries = prefix.entry_at(data, needle, b'"dist":{') if file.startswith("/-/") else []
+    if not entries:
+        return None
+    base, owner = _registry_base(path, page_url), _owner(path)
+    out: Learned = []
+    for text in entries:
+        try:
+            dist = json.loads(text)
+        except ValueError:
+            return None
+        if isinstance(dist, dict):
+            out.extend(_learn_document({"dist": dist}, base, owner))
+    return out
+
+
 def _learn_document(doc: JSONObject, base: str | None, owner: str | None) -> Learned:
     """The checks of each version's tarball, by the upstream URL requests map to.
 
@@ -335,4 +377,6 @@ FAMILY = Family(
     routes=ROUTES,
     index_owner=_owner,
     owns=owns,
+    file_owners=file_owners,
+    lookup=lookup,
 )

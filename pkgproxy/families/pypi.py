@@ -26,6 +26,7 @@ PROTOCOLS.md section 4 gives the details.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -49,7 +50,8 @@ from pkgproxy.families import (
     on_both_schemes,
 )
 from pkgproxy.httputil import BadPath, canonical_path
-from pkgproxy.rewrite import pypi_simple
+from pkgproxy.rewrite import prefix, pypi_simple
+from pkgproxy.rewrite.links import Linker
 from pkgproxy.rewrite.pypi_simple import HTML, V1_HTML, V1_JSON, normalize
 
 #: The root project list is tens of megabytes and changes only by new projects, which
@@ -153,6 +155,7 @@ def _index_page(route: Route, request: Request | None, root: bool) -> Decision:
         upstream_headers={"Accept": chosen, **REWRITTEN_CODING},
         response_headers={"Vary": f"Accept, {VARY_CODING}", "Content-Type": chosen},
         rewrite=partial(_rewrite_simple, want_json=chosen == V1_JSON, root=root),
+        relink=relink if chosen == V1_JSON and not root else None,
         query_consumed=consumed,
     )
 
@@ -205,6 +208,7 @@ def classify(
             CacheClass.MUTABLE,
             ttl=route.index_ttl,
             rewrite=rewrite_api,
+            relink=relink,
             upstream_headers=REWRITTEN_CODING,
             response_headers={"Vary": VARY_CODING},
         )
@@ -347,6 +351,60 @@ def rewrite_api(raw_path: str, out_path: str, context: RewriteContext) -> Learne
     return teach(context.page_url, pypi_simple.rewrite_api(raw_path, out_path, context))
 
 
+def relink(data: bytes, context: RewriteContext) -> bytes | None:
+    """A PEP 691 page or JSON API document whose file URLs all start with the files
+    route's upstream prefix, with that prefix replaced in its bytes (see
+    :func:`pkgproxy.rewrite.prefix.relink`); ``None`` for any other."""
+    first = prefix.first_value(data, "url")
+    if first is None or context.public_prefix is None:
+        return None
+    found = context.public_prefix(first)
+    return None if found is None else prefix.relink(data, "url", *found)
+
+
+def file_owners(path: str) -> tuple[str, ...]:
+    """The projects whose pages may list the file at ``path``, by the rule of
+    :func:`owns`: a wheel's one, or each name an sdist's file name can be cut into
+    (``foo-bar-1.0.tar.gz``: ``foo-bar``, or ``foo`` with version ``bar-1.0``? only
+    where a version starts)."""
+    name = path[path.rfind("/") + 1 :]
+    if "%" in name:
+        name = unquote(name)
+    for sidecar in _SIDECAR:
+        name = name.removesuffix(sidecar)
+    if name.lower().endswith(".whl"):
+        return (normalize(name.split("-", 1)[0]),)
+    flat = normalize(name)
+    return tuple(
+        flat[:i] for i, c in enumerate(flat) if c == "-" and _VERSION_START.match(flat, i + 1)
+    )
+
+
+def lookup(data: bytes, url: str, path: str, page_url: str) -> Learned | None:
+    """What a stored PEP 691 page or JSON API document says of the file at ``url``
+    (a distribution, or its ``.metadata``), read from that file's own entry.
+
+    ``None`` when the document is not JSON without escapes, or the file's link is not
+    found in it as the URL spells it: then the whole page is read.
+    """
+    if data[:1] != b"{":
+        return None
+    url = url.removesuffix(".metadata")
+    name = url[url.rfind("/") + 1 :]
+    entries = prefix.entry_at(data, b"/" + name.encode() + b'"')
+    if not entries:
+        return None
+    items: Learned = []
+    linker = Linker(page_url)
+    for text in entries:
+        try:
+            entry = json.loads(text)
+        except ValueError:
+            return None
+        items.extend(teach(page_url, pypi_simple.listed_in_json({"files": [entry]}, linker)))
+    return items
+
+
 def _blake2b_256() -> Hasher:
     """BLAKE2b with a 32-byte digest: the one files.pythonhosted.org paths are made of
     (``hashlib.new("blake2b")`` gives the 64-byte one)."""
@@ -384,4 +442,6 @@ FAMILY = Family(
     hashers={"blake2b-256": _blake2b_256},
     index_owner=index_owner,
     owns=owns,
+    file_owners=file_owners,
+    lookup=lookup,
 )

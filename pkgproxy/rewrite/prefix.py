@@ -144,3 +144,141 @@ def write_replaced(
             pending.clear()
             size = 0
     write(b"".join(pending))
+
+
+# -- the bytes alone -------------------------------------------------------------------
+#
+# In valid JSON a ``"`` outside strings opens or closes one, and inside a string it is
+# always escaped (``\"``). A closing quote is followed by ``:``, ``,``, ``}``, ``]`` or
+# white space. So ``"<prefix>`` (a prefix starting with a letter) and ``"key":`` that
+# no backslash precedes can only open a string, and a member name: an escaped quote has
+# its backslash before it, and an escaped backslash before a quote would make that
+# quote a closing one followed by a letter. :func:`relink` and :func:`entry_at` rest on
+# that; a document that breaks it is refused (or, not being JSON, fails its client as
+# the upstream's own would).
+
+#: A JSON string or a bracket, read from a point outside any string.
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)
+#: A JSON string without escapes, or a bracket (for reading backwards, where an escape
+#: cannot be told from its end).
+_PLAIN_TOKEN = re.compile(rb'"[^"]*"|[{}\[\]]')
+#: A member name written with a ``\u`` escape (which could spell any name).
+_ESCAPED_NAME = re.compile(rb'\\u[0-9a-fA-F]{4}(?:[^"\\]|\\.)*"[ \t\n\r]*:', re.DOTALL)
+#: How far around a link :func:`entry_at` looks for the object holding it.
+ENTRY_MAX = 64 * 1024
+
+
+def first_value(data: bytes, key: str) -> str | None:
+    """The first ``"key":"<value>"`` string, where it is written without escapes."""
+    keyed = b'"' + key.encode() + b'":"'
+    at = data.find(keyed)
+    if at < 0:
+        return None
+    start = at + len(keyed)
+    end = data.find(b'"', start)
+    value = data[start:end]
+    return None if end < 0 or b"\\" in value else value.decode("utf-8", "replace")
+
+
+def relink(data: bytes, key: str, prefix: str, public: str) -> bytes | None:
+    """``data`` with every ``"prefix`` as ``"public``, if its bytes alone prove that this
+    rewrites exactly the links a parser would: ``None`` otherwise.
+
+    The proof: the document is an object; every member named ``key`` is written
+    ``"key":"<prefix>...`` (compact, as registries write it), so every link is under the
+    prefix, and there is no other ``"<prefix>`` (in another field); no link has an
+    escape or a dot segment; no backslash stands before any of these quotes, and no
+    member name is written with a ``\\u`` escape. The bytes around the links are the
+    upstream's: whether they are valid JSON, the client finds out as it would directly.
+    """
+    if not _SAFE.match(prefix) or not _SAFE.match(public):
+        return None
+    if data.lstrip()[:1] != b"{" or data.rstrip()[-1:] != b"}":
+        return None
+    quoted = b'"' + prefix.encode()
+    keyed = b'"' + key.encode() + b'":'
+    n = data.count(quoted)
+    if n == 0 or data.count(keyed) != n or data.count(keyed + quoted) != n:
+        return None
+    if b"\\" in data and (
+        b"\\" + quoted in data
+        or b"\\" + keyed in data
+        or re.search(re.escape(quoted) + rb'[^"\\]*\\', data) is not None
+        or _ESCAPED_NAME.search(data) is not None
+    ):
+        return None
+    if re.search(re.escape(quoted) + rb'[^"]*/\.', data) is not None:
+        return None
+    return data.replace(quoted, b'"' + public.encode())
+
+
+def entry_at(data: bytes, needle: bytes, anchor: bytes | None = None) -> list[bytes]:
+    """The objects holding each occurrence of ``needle``, as JSON texts.
+
+    ``needle`` must contain a ``/`` and no ``"`` but a last one (the end of the string),
+    nor a backslash: outside strings JSON has no ``/``, so every occurrence lies within
+    one string. In a document without backslashes the innermost object around it is
+    found; in any other, the nearest object before it that opens with ``anchor`` (a
+    member name and ``{``, as ``"dist":{``) and holds it. Used to read what a stored
+    document says of one file without parsing all of it. An object reaching further
+    than :data:`ENTRY_MAX` from the needle is not found.
+    """
+    found: list[bytes] = []
+    inside = needle.removesuffix(b'"')
+    if b"/" not in inside or b'"' in inside or b"\\" in inside:
+        return found
+    plain = b"\\" not in data
+    if not plain and anchor is None:
+        return found
+    at = data.find(needle)
+    while at >= 0:
+        if plain:
+            text = _innermost(data, at, len(inside))
+        else:
+            assert anchor is not None
+            text = _anchored(data, at, anchor)
+        if text is not None:
+            found.append(text)
+        at = data.find(needle, at + len(inside))
+    return found
+
+
+def _innermost(data: bytes, at: int, length: int) -> bytes | None:
+    opened = data.rfind(b'"', 0, at)
+    closed = data.find(b'"', at + length)
+    if opened < 0 or closed < 0:
+        return None
+    back = _scan(data[max(0, opened - ENTRY_MAX) : opened][::-1], b"}]", _PLAIN_TOKEN)
+    ahead = _scan(data[closed + 1 : closed + 1 + ENTRY_MAX], b"{[", _PLAIN_TOKEN)
+    if back is None or ahead is None:
+        return None
+    return data[opened - 1 - back : closed + 2 + ahead]
+
+
+def _anchored(data: bytes, at: int, anchor: bytes) -> bytes | None:
+    start = data.rfind(anchor, max(0, at - ENTRY_MAX), at)
+    if start <= 0 or data[start - 1] == 0x5C:  # not a member name if escaped
+        return None
+    opened = start + len(anchor) - 1
+    end = _scan(data[opened + 1 : opened + 1 + 2 * ENTRY_MAX], b"{[", _TOKEN)
+    if end is None or opened + 1 + end < at:
+        return None
+    return data[opened : opened + 2 + end]
+
+
+def _scan(data: bytes, deeper: bytes, token: re.Pattern[bytes]) -> int | None:
+    """The index of the brace that ends the object holding the point ``data`` is read
+    from (a point outside any string; ``deeper``: the brackets that open a level in the
+    direction read), or ``None`` (no such brace within ``data``, or an array holds it)."""
+    depth = 0
+    for m in token.finditer(data):
+        c = data[m.start()]
+        if c == 0x22:  # a string
+            continue
+        if c in deeper:
+            depth += 1
+        elif depth:
+            depth -= 1
+        else:
+            return m.start() if c in b"{}" else None
+    return None
