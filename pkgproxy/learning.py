@@ -9,6 +9,15 @@ document's upstream URL, whichever client base a rewritten copy was made for, an
 when its last cached copy goes. On start the cached indexes are read again (links of
 rewritten copies mapped back to upstream URLs), so the checks survive a restart.
 
+A family that can read one file's entry of a document (:attr:`Family.lookup`: PyPI's
+JSON pages, npm's packuments) is not learned from when a document arrives, if it was
+rewritten by its bytes alone: the document is filed under the package it describes, and
+a request for one of that package's files with no facts yet waits while the stored copy
+is searched for that file's entry, in the index thread (a few milliseconds, where
+reading all of a large page's 15,000 entries takes a fraction of a second). Where the
+entry cannot be told apart, the whole document is read then. So are documents already
+in the cache at start.
+
 A family is "busy" from the moment one of its indexes is verified (its client is about
 to see the whole index and ask for what it lists) until what the index lists is in the
 facts; requests of a busy family wait for that, so none slips through unchecked. The
@@ -37,6 +46,26 @@ log = Logger()
 
 #: A stored index is handed to its family in pieces of this size.
 CHUNK = 1 << 20
+
+
+def read_and_look_up(
+    family: Family, docs: list[tuple[str, str, str]], url: str
+) -> tuple[str, list[tuple[str, Expect]] | None]:
+    """In the index thread: what the first of ``docs`` (``(stored file, path, upstream
+    URL)``) that has the file at ``url`` says of it, as ``(document URL, learned)``;
+    ``learned`` is ``None`` where an entry could not be told apart (then the whole
+    document it came from is to be read)."""
+    assert family.lookup is not None
+    for local_file, path, doc_url in docs:
+        try:
+            with open(local_file, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        found = family.lookup(data, url, path, doc_url)
+        if found is None or found:
+            return doc_url, found
+    return "", []
 
 
 def read_and_learn(
@@ -101,6 +130,11 @@ class Learner:
         self._idle_waiters: dict[str, list[tuple[str | None, Route, Deferred[None]]]] = {}
         #: False until the indexes already in the cache have been read again.
         self.ready = False
+        #: Documents learned from one file at a time (:attr:`Family.lookup`), by family
+        #: and package: ``{upstream URL: (cache key of a stored copy, path)}``.
+        self._lazy: dict[str, dict[str, dict[str, tuple[str, str]]]] = {}
+        #: Lookups under way, by file URL: the requests waiting for each.
+        self._looking: dict[str, list[Deferred[None]]] = {}
 
     def wants(self, route: Route, path: str) -> bool:
         """Whether a body at ``path`` of ``route`` is an index to learn from."""
@@ -129,6 +163,104 @@ class Learner:
         else:
             d.callback(None)
         return d
+
+    def ready_for(self, route: Route, path: str) -> Deferred[None] | None:
+        """``None`` if what is known of the file at ``path`` (below ``route``) may be used
+        now; else fires once it may: no index that may list it is being read, and a
+        document learned one file at a time has been searched for it."""
+        if self.busy(route, path):
+            d = self.idle(route, path)
+            d.addCallback(lambda _: self.look_up(route, path))
+            return d
+        return self.look_up(route, path)
+
+    def look_up(self, route: Route, path: str) -> Deferred[None] | None:
+        """Read what a document learned one file at a time says of the file at ``path``,
+        if nothing is known of it yet (see :meth:`ready_for`)."""
+        lazy = self._lazy.get(route.family)
+        if not lazy:
+            return None
+        url = route.upstream + path
+        if self.facts.get(url) is not None:
+            return None
+        family = FAMILIES[route.family]
+        assert family.file_owners is not None
+        docs = []
+        for owner in family.file_owners(path):
+            for doc_url, (key, doc_path) in lazy.get(owner, {}).items():
+                entry = self._store.peek(key)
+                if entry is not None:
+                    docs.append((entry, doc_path, doc_url))
+        if not docs:
+            return None
+        d: Deferred[None] = Deferred()
+        waiting = self._looking.get(url)
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._looking[url] = [d]
+        for entry, _, _ in docs:
+            self._store.pin(entry)
+        work = self._pool.run_cpu(
+            read_and_look_up,
+            family,
+            [(self._store.path_of(e), p, u) for e, p, u in docs],
+            url,
+        )
+
+        def found(result: tuple[str, list[tuple[str, Expect]] | None]) -> Deferred[None] | None:
+            doc_url, items = result
+            if items is not None:
+                mapped = [(self.upstream_url(u), e) for u, e in items]
+                if any(u == url for u, _ in mapped):
+                    self.facts.add(mapped, source=doc_url, more=True)
+                    return None
+            # Not told apart: read the whole document, as any other index.
+            if not doc_url:
+                return None
+            for entry, _, u in docs:
+                if u == doc_url:
+                    return self._whole(route.family, entry)
+            return None
+
+        def failed(f: Failure) -> None:
+            log.warn("cannot look up {url}: {e}", url=url, e=f.getErrorMessage())
+
+        def done(_: object) -> None:
+            for entry, _p, _u in docs:
+                self._store.unpin(entry)
+            for waiter in self._looking.pop(url, []):
+                waiter.callback(None)
+
+        work.addCallback(found).addErrback(failed).addBoth(done)
+        return d
+
+    def _whole(self, family: str, entry: Entry) -> Deferred[None]:
+        """Learn from all of a document that was to be learned one file at a time."""
+        self._forget_lazy(family, entry.url)
+        return self.committed(entry).addCallback(lambda _: None)
+
+    def _lazily(self, route: Route, owner: str, entry: Entry) -> None:
+        """File a document to be learned from one file at a time (its new copy's facts
+        replace what an older copy taught)."""
+        if self._store.peek(entry.key) is not entry:
+            return
+        self.facts.forget(entry.url)
+        self.facts.generation += 1
+        self._copies.setdefault(entry.url, set()).add(entry.key)
+        _, path = split_key(entry.key)
+        self._lazy.setdefault(route.family, {}).setdefault(owner, {})[entry.url] = (
+            entry.key,
+            path,
+        )
+
+    def _forget_lazy(self, family: str, url: str) -> None:
+        by_owner = self._lazy.get(family)
+        if not by_owner:
+            return
+        for owner, docs in list(by_owner.items()):
+            if docs.pop(url, None) is not None and not docs:
+                del by_owner[owner]
 
     def _begin(self, family: str, owner: str | None) -> None:
         pending = self._pending.setdefault(family, {})
@@ -162,7 +294,10 @@ class Learner:
         def on_settled(fetch: Fetch) -> None:
             if not began:
                 return
-            if fetch.entry is not None and fetch.learned is not None:
+            if fetch.entry is not None and fetch.relinked and owner is not None:
+                self._lazily(route, owner, fetch.entry)
+                self._end(route.family, owner)
+            elif fetch.entry is not None and fetch.learned is not None:
                 # Learned from the upstream's own document while it was rewritten.
                 self._learned(fetch.entry, fetch.learned)
                 self._end(route.family, owner)
@@ -205,6 +340,7 @@ class Learner:
         (the same for every client base), for as long as a copy of it is cached."""
         if self._store.peek(entry.key) is not entry:
             return 0  # gone already
+        self._forget_lazy(self._routes[split_key(entry.key)[0]].family, entry.url)
         n = self.facts.add(items, source=entry.url)
         self._copies.setdefault(entry.url, set()).add(entry.key)
         log.debug("learned {n} entries from {key}", n=n, key=entry.key)
@@ -215,9 +351,18 @@ class Learner:
         if copies is None:
             return
         copies.discard(entry.key)
+        route = self._routes.get(split_key(entry.key)[0])
         if not copies:
             del self._copies[entry.url]
             self.facts.forget(entry.url)
+            if route is not None:
+                self._forget_lazy(route.family, entry.url)
+        elif route is not None:
+            # Another copy (for another client base) stands in for this one.
+            for docs in self._lazy.get(route.family, {}).values():
+                held = docs.get(entry.url)
+                if held is not None and held[0] == entry.key:
+                    docs[entry.url] = (next(iter(copies)), held[1])
 
     def relearn(self) -> Deferred[None]:
         """Read every cached index again (at start)."""
@@ -248,6 +393,13 @@ class Learner:
                 finished()
 
         def relearn_one(route: Route, e: Entry) -> None:
+            family = FAMILIES[route.family]
+            owner = family.index_owner(split_key(e.key)[1]) if family.index_owner else None
+            if family.lookup is not None and owner is not None:
+                # Read when one of its files is asked for (and wholly, if need be).
+                self._lazily(route, owner, e)
+                one_done(None)
+                return
             self._begin(route.family, None)
             learned = self.committed(e)
             learned.addBoth(lambda _: self._end(route.family, None))

@@ -171,6 +171,7 @@ class LearnerTests(SynchronousTestCase):
 
         class Settled:
             learned = None
+            relinked = False
 
         fetch: Any = Settled()
         fetch.entry = entry
@@ -185,7 +186,7 @@ class LearnerTests(SynchronousTestCase):
             DEBIAN, "dists/stable/main/binary-amd64/Packages"
         )
         on_verified()
-        fetch: Any = type("Settled", (), {"entry": None, "learned": None})()
+        fetch: Any = type("Settled", (), {"entry": None, "learned": None, "relinked": False})()
         on_settled(fetch)
         self.assertFalse(self.learner.busy(DEBIAN))
 
@@ -197,7 +198,7 @@ class LearnerTests(SynchronousTestCase):
         on_verified()
         entry = self.put(PACKAGES, packages())
         taught = [(UPSTREAM + "pool/x.deb", Expect(1))]
-        fetch: Any = type("Settled", (), {"entry": entry, "learned": taught})()
+        fetch: Any = type("Settled", (), {"entry": entry, "learned": taught, "relinked": False})()
         on_settled(fetch)
         self.assertEqual(self.facts.get(UPSTREAM + "pool/x.deb"), Expect(1))
 

@@ -560,6 +560,8 @@ class NpmProxyTests(SynchronousTestCase):
             {"routes": {"npm": {"upstream": UP}}}, cache_dir=self.proxy.config.cache.dir
         )
         self.addCleanup(again.close)
+        again.upstream.add(f"/npm/{DEP.tarball_path}", b"\x1f\x8b not the real tarball")
+        self.assertRaises(ResponseFailed, again.get, f"/npm/{DEP.tarball_path}")
         self.assertEqual(
             again.facts.get(UP + DEP.tarball_path),
             Expect(None, {"sha512": DEP.sha512, "sha1": DEP.sha1}),

@@ -388,8 +388,16 @@ class ServerTests(ProxyCase):
         for i in range(30):
             resp, body = self.proxy.get("/pypi/simple/demo/", headers={**accept, "Host": f"h{i}"})
             self.assertIn(f'"url":"http://h{i}/pypi/files/packages/'.encode(), body)
-        self.assertEqual(len(self.proxy.facts), 60)
+        # Learned when a file is asked for, from that file's entry alone.
+        self.assertEqual(len(self.proxy.facts), 0)
+        wheel = f"packages/ab/cd/{sha(3)[:60]}/demo-1.3-py3-none-any.whl"
+        self.proxy.get("/pypi/files/" + wheel)
+        self.assertEqual(len(self.proxy.facts), 2)  # the wheel and its metadata
         self.assertEqual(self.proxy.facts.sources(), 1)
+        self.assertEqual(
+            self.proxy.facts.get("http://upstream.test/files/" + wheel),
+            Expect(1003, {"sha256": sha(3)}),
+        )
         keys = [
             e.key
             for e in self.proxy.store.entries()
@@ -398,7 +406,7 @@ class ServerTests(ProxyCase):
         self.assertEqual(len(keys), 30)
         for key in keys[:-1]:
             self.proxy.store.remove(key)
-        self.assertEqual(len(self.proxy.facts), 60)
+        self.assertEqual(len(self.proxy.facts), 2)
         self.proxy.store.remove(keys[-1])
         self.assertEqual(len(self.proxy.facts), 0)
 
@@ -453,7 +461,13 @@ class GzipUpstreamTests(ProxyCase):
         self.assertEqual(self.up.seen[-1].headers[b"accept-encoding"], b"gzip")
         self.assertFalse(any(resp.headers.getRawHeaders(b"content-encoding") or []))
         self.assertEqual(body, doc.replace(b"upstream.test/files/", b"proxy.test/pypi/files/"))
-        self.assertEqual(len(self.proxy.facts), 15)
+        self.proxy.get(f"/pypi/files/packages/ab/cd/{sha(4)[:60]}/demo-1.4.tar.gz")
+        self.assertEqual(
+            self.proxy.facts.get(
+                f"http://upstream.test/files/packages/ab/cd/{sha(4)[:60]}/demo-1.4.tar.gz"
+            ),
+            Expect(1004, {"sha256": sha(4)}),
+        )
         resp, again = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
         self.assertEqual((again, resp.headers.getRawHeaders(b"x-cache")), (body, [b"HIT"]))
 
@@ -573,15 +587,18 @@ class RestartTests(ProxyCase):
         doc = simple_page("demo", 20).replace(FILES.encode(), b"http://upstream.test/files/")
         self.up.add("/index/simple/demo/", doc)
         self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON, "Host": "h1"})
-        self.assertEqual(len(self.proxy.facts), 60)
-        url = f"http://upstream.test/files/packages/ab/cd/{sha(0)[:60]}/demo-1.0.tar.gz"
+        path = f"packages/ab/cd/{sha(0)[:60]}/demo-1.0.tar.gz"
+        url = "http://upstream.test/files/" + path
+        self.proxy.get("/pypi/files/" + path)
         expect = self.proxy.facts.get(url)
-        self.assertIsNotNone(expect)
+        self.assertEqual(expect, Expect(1000, {"sha256": sha(0)}))
         self.assertTrue(any(e.key.endswith(PACKED) for e in self.proxy.store.entries()))
         self.proxy.close()
         again = MemoryProxy(ROUTES, cache_dir=self.proxy.config.cache.dir)
         self.addCleanup(again.close)
-        self.assertEqual((len(again.facts), again.facts.sources()), (60, 1))
+        self.assertEqual(len(again.facts), 0)  # read when a file is asked for
+        again.get("/pypi/files/" + path)
+        self.assertEqual((len(again.facts), again.facts.sources()), (1, 1))
         self.assertEqual(again.facts.get(url), expect)
 
     def test_gzip_form_goes_with_its_document(self) -> None:

@@ -767,12 +767,12 @@ class ProxyTests(SynchronousTestCase):
             cache_dir=self.proxy.config.cache.dir,
         )
         self.addCleanup(again.close)
+        again.upstream.add("/files/" + self.path + ".metadata", b"Metadata-Version: 2.1\n")
+        self.assertRaises(ResponseFailed, again.get, "/pypi/files/" + self.path + ".metadata")
         self.assertEqual(
             again.facts.get(f"http://upstream.test/files/{self.path}.metadata").digests,
             {"sha256": self.meta_sha},
         )
-        again.upstream.add("/files/" + self.path + ".metadata", b"Metadata-Version: 2.1\n")
-        self.assertRaises(ResponseFailed, again.get, "/pypi/files/" + self.path + ".metadata")
         self.assertEqual(len(again.store), 1)
 
     def test_revalidation(self) -> None:

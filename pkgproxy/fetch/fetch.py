@@ -138,6 +138,9 @@ class Fetch:
         #: What the upstream's document taught, read while it was rewritten (``None``
         #: where it was not: the learner then reads the stored copy).
         self.learned: Learned | None = None
+        #: The rewritten document was rewritten by its bytes alone and is learned from
+        #: as files are asked for (:attr:`pkgproxy.families.Family.lookup`).
+        self.relinked = False
         #: The gzip form of a rewritten document, committed beside it.
         self._packed: Packed | None = None
         self._subscribers = 0
@@ -504,6 +507,7 @@ class Fetch:
 
         def swapped(done: finish.Rewritten) -> None:
             self.learned = done.learned
+            self.relinked = done.relinked
             if plain is not None:
                 del self.headers[b"content-encoding"]
             self._discard_temp()
@@ -521,7 +525,14 @@ class Fetch:
             self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")
 
         work = self._pool.run_cpu(
-            finish.rewrite_document, rewrite, context, raw, out, plain, packed
+            finish.rewrite_document,
+            rewrite,
+            context,
+            raw,
+            out,
+            plain,
+            packed,
+            self.request.decision.relink,
         )
         work.addCallbacks(swapped, failed)
 

@@ -30,9 +30,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pkgproxy import httputil
+from pkgproxy import deflate, httputil
 from pkgproxy.cache.keys import PACKED
-from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, Rewriter
+from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, Relinker, Rewriter
 from pkgproxy.rewrite.context import RewriteContext
 from pkgproxy.upstream.client import UpstreamResponse
 
@@ -223,13 +223,24 @@ def older(new: float | None, old: float | None) -> bool:
 
 @dataclass(frozen=True)
 class Rewritten:
-    """A rewritten document, open and hashed, ready to serve."""
+    """A rewritten document, open and hashed, ready to serve.
+
+    :ivar learned: what the upstream's document teaches, read in the same pass; ``None``
+        when it is not learned from, or (``relinked``) when it is learned from one file's
+        entry at a time, as files are asked for.
+    """
 
     fd: int
     sha256: str
     size: int
     learned: Learned | None
     packed: Packed | None
+    relinked: bool = False
+
+
+#: A document rewritten in memory by its bytes (:attr:`Decision.relink`) is at most this
+#: large; a larger one takes the file-based rewriter.
+RELINK_MAX = 8 * 1024 * 1024
 
 
 def rewrite_document(
@@ -239,16 +250,32 @@ def rewrite_document(
     out: str,
     plain: str | None,
     packed: str,
+    relink: Relinker | None = None,
 ) -> Rewritten:
     """Disk pool: rewrite the verified document ``raw`` into ``out`` (through ``plain``
-    when it came gzip-compressed), hash it and write its gzip form to ``packed``."""
+    when it came gzip-compressed), hash it and write its gzip form to ``packed``.
+
+    With ``relink``, a document of up to :data:`RELINK_MAX` bytes is first tried in
+    memory: decompressed, rewritten by its bytes, hashed and compressed without a
+    parse or a second read.
+    """
+    data = _small_document(raw, plain is not None) if relink is not None else None
+    if data is not None and relink is not None:
+        served = relink(data, context)
+        if served is not None:
+            return _write_relinked(served, out, packed)
     if plain is None:
         learned = rewrite(raw, out, context)
     else:
         # Taken compressed (verified as the upstream sent it); rewritten and
         # served as the document itself.
         try:
-            gunzip(raw, plain, MAX_DOCUMENT)
+            if data is None:
+                gunzip(raw, plain, MAX_DOCUMENT)
+            else:
+                with open(plain, "wb") as f:
+                    f.write(data)
+                del data
             learned = rewrite(plain, out, context)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -257,18 +284,59 @@ def rewrite_document(
     return Rewritten(os.open(out, os.O_RDWR), digest, size, learned, gz)
 
 
+def _small_document(raw: str, compressed: bool) -> bytes | None:
+    """The document in ``raw`` (decompressed), if it is at most :data:`RELINK_MAX` bytes
+    and (compressed) one whole gzip member; ``None`` leaves it to the file path."""
+    if os.path.getsize(raw) > RELINK_MAX:
+        return None
+    with open(raw, "rb") as f:
+        data = f.read()
+    if not compressed:
+        return data
+    inflate = deflate.inflater()
+    try:
+        plain = inflate.decompress(data, RELINK_MAX + 1)
+    except deflate.ERRORS:
+        return None  # the file path says what is wrong with it
+    if not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
+        return None
+    return plain if len(plain) <= RELINK_MAX else None
+
+
+def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
+    fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(served)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    digest = hashlib.sha256(served).hexdigest()
+    gz: Packed | None = None
+    if len(served) >= PACK_MIN:
+        body = deflate.compress(served)
+        with open(packed, "wb") as f:
+            f.write(body)
+        gz = Packed(packed, hashlib.sha256(body).hexdigest(), len(body))
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(packed)
+    return Rewritten(fd, digest, len(served), None, gz, relinked=True)
+
+
 def hash_and_pack(path: str, packed: str) -> tuple[str, int, Packed | None]:
     """The sha256 and size of the file at ``path``, and its gzip form written to
     ``packed`` when it is worth serving (in the disk pool, one read of the file)."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f, open(packed, "wb") as out:
-        # No name and no time in the header: the same document, the same bytes.
-        with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=1) as gz:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-                size += len(chunk)
-                gz.write(chunk)
+        gz = deflate.deflater()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+            out.write(gz.compress(chunk))
+        out.write(gz.flush())
     if size < PACK_MIN:
         os.unlink(packed)
         return h.hexdigest(), size, None

@@ -217,10 +217,11 @@ class ProxyResource(Resource):
             request, trace, route, path, cache_key(route.name, suffix), route.upstream + suffix
         )
         ex.watch()
-        if self._learner.busy(route, path):
-            # An index of this route was just verified and is being read: what this
-            # request fetches may be listed there, so wait for its checks.
-            self._learner.idle(route, path).addCallback(lambda _: self._classify(ex))
+        waiting = self._learner.ready_for(route, path)
+        if waiting is not None:
+            # An index that may list what this request fetches is being read, or is to
+            # be searched for it: wait for its checks.
+            waiting.addCallback(lambda _: self._classify(ex))
         else:
             self._classify(ex)
         return NOT_DONE_YET
