@@ -152,8 +152,14 @@ class Learner:
             return False
         if path is None or None in pending:
             return True
-        owns = FAMILIES[route.family].owns
-        return owns is None or any(owns(owner, path) for owner in pending if owner is not None)
+        family = FAMILIES[route.family]
+        owns = family.owns
+        if owns is None:
+            return True
+        if family.file_owners is not None:
+            # The few packages the file may belong to, not every index being read.
+            return any(o in pending and owns(o, path) for o in family.file_owners(path))
+        return any(owns(owner, path) for owner in pending if owner is not None)
 
     def idle(self, route: Route, path: str | None = None) -> Deferred[None]:
         """Fires once no index that may list ``path`` (below ``route``) is being read."""

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -18,7 +19,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.fetch.body import MemoryBody
+from pkgproxy.fetch.body import BodyWriter, MemoryBody, SharedFile
 from pkgproxy.web import producer
 from pkgproxy.web.producer import (
     CHUNK,
@@ -126,6 +127,43 @@ class ProducerTests(SynchronousTestCase):
             )
 
         return make
+
+    def test_following_subscriber_reads_the_last_piece_from_memory(self) -> None:
+        """The bytes a download just wrote are sent from memory: a subscriber at the
+        front never reads them back from the file (where a read can wait for the next
+        write). Bytes before the last piece still come from the file."""
+        path = self.mktemp()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        body = SharedFile(fd)
+        self.addCleanup(body.release)
+        reads: list[int] = []
+        real = body.read
+        body.read = lambda size, offset: reads.append(offset) or real(size, offset)  # type: ignore[method-assign,func-returns-value]
+        hashers: dict[str, Any] = {}
+        source = GrowingSource()
+        writer = BodyWriter(
+            body,
+            hashers,
+            self.pool,
+            url="http://up.test/x",
+            length=None,
+            may_spill=False,
+            on_written=lambda n: source.grow(writer.written),
+            on_finished=lambda _: source.grow(writer.written, complete=True),
+            on_refused=lambda why: None,
+            disk_error=lambda why: None,
+        )
+        transport, _ = self.serve(self.body_producer(body.acquire(), source), None)
+        for piece in (b"a" * 1000, b"b" * 2000, b"c" * 10):
+            writer.add(piece)
+        writer.end(Failure(ConnectionDone()))
+        sent = transport.value()
+        for piece in (b"a" * 1000, b"b" * 2000, b"c" * 10 + b"\r\n0\r\n\r\n"):
+            self.assertIn(piece, sent)
+        self.assertEqual(reads, [])
+        self.assertEqual(body.recent(10, 3000), b"c" * 10)
+        self.assertIsNone(body.recent(10, 2990))
+        self.assertEqual(body.read(10, 2990), b"b" * 10)
 
     def test_complete_file(self) -> None:
         """A complete file is sent whole, the response finished, the fd closed once."""

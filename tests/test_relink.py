@@ -218,16 +218,41 @@ class EntryTests(SynchronousTestCase):
         self.assertEqual(prefix.entry_at(data, b'/p/z.whl"'), [b'{"url":"http://h/p/z.whl"}'])
         self.assertEqual(prefix.entry_at(data, b'x.whl"'), [])  # not surely in a string
 
-    def test_escapes_need_an_anchor(self) -> None:
-        data = b'{"r":"say \\"hi\\" {","dist":{"s":"\\"}","tarball":"http://h/d/-/d.tgz"}}'
-        self.assertEqual(prefix.entry_at(data, b'/-/d.tgz"'), [])
-        self.assertEqual(
-            prefix.entry_at(data, b'/-/d.tgz"', b'"dist":{'),
-            [b'{"s":"\\"}","tarball":"http://h/d/-/d.tgz"}'],
+    def test_escapes(self) -> None:
+        """Escaped quotes and backslashes before and after the link; an escaped
+        backslash ending a string."""
+        data = (
+            b'{"r":"say \\"hi\\" {","dist":{"s":"\\"}\\\\","tarball":"http://h/d/-/d.tgz",'
+            b'"t":"\\\\"}}'
         )
-        # An anchor written inside a string is escaped there: never taken.
-        fake = b'{"r":"\\"dist\\":{","tarball":"http://h/d/-/d.tgz"}'
-        self.assertEqual(prefix.entry_at(fake, b'/-/d.tgz"', b'"dist":{'), [])
+        self.assertEqual(
+            prefix.entry_at(data, b'/-/d.tgz"'),
+            [b'{"s":"\\"}\\\\","tarball":"http://h/d/-/d.tgz","t":"\\\\"}'],
+        )
+        self.assertEqual(json.loads(prefix.entry_at(data, b'/-/d.tgz"')[0])["s"], '"}\\')
+        # The needle inside a string, after an escaped quote: no object is made up.
+        fake = b'{"r":"x \\"http://h/d/-/d.tgz","tarball":"http://h/e/-/e.tgz"}'
+        for text in prefix.entry_at(fake, b'/-/d.tgz"'):
+            self.assertNotIn("http://h/d/-/d.tgz", json.loads(text).values())
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        st.dictionaries(
+            st.text(max_size=6), st.text(alphabet='"\\{}[],:/ab', max_size=8), max_size=4
+        ),
+        st.lists(st.text(alphabet='"\\{}[]/ab', max_size=8), max_size=4),
+    )
+    def test_the_object_around_a_link_whatever_its_neighbours(
+        self, siblings: dict[str, str], before: list[str]
+    ) -> None:
+        link = "http://h/d/-/d.tgz"
+        entry = {**siblings, "tarball": link, "nested": {"k": list(siblings.values())}}
+        doc = {"before": before, "versions": {"1": {"dist": entry}}, "after": siblings}
+        data = compact(doc)
+        found = [json.loads(t) for t in prefix.entry_at(data, b'/-/d.tgz"')]
+        self.assertIn(entry, found)
+        for other in found:
+            self.assertEqual(other, entry)
 
     def test_file_owners(self) -> None:
         cases = {

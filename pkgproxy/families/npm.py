@@ -313,7 +313,7 @@ def lookup(data: bytes, url: str, path: str, page_url: str) -> Learned | None:
     """
     file = url[url.rfind("/-/") :]
     needle = file.encode() + b'"'
-    entries = prefix.entry_at(data, needle, b'"dist":{') if file.startswith("/-/") else []
+    entries = prefix.entry_at(data, needle) if file.startswith("/-/") else []
     if not entries:
         return None
     base, owner = _registry_base(path, page_url), _owner(path)

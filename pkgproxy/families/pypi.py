@@ -392,6 +392,8 @@ def lookup(data: bytes, url: str, path: str, page_url: str) -> Learned | None:
     url = url.removesuffix(".metadata")
     name = url[url.rfind("/") + 1 :]
     entries = prefix.entry_at(data, b"/" + name.encode() + b'"')
+    if not entries and "+" in name:  # a local version, as the index may write it
+        entries = prefix.entry_at(data, b"/" + name.replace("+", "%2B").encode() + b'"')
     if not entries:
         return None
     items: Learned = []

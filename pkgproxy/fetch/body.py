@@ -89,10 +89,25 @@ class SharedFile:
         #: What :attr:`spill` may grow to, reserved from :attr:`budget`.
         self.reserved = 0
         self.budget: SpillBudget | None = None
+        #: ``(offset, bytes)``: the last piece written, kept so that the subscribers
+        #: following the download read it from memory, not back from the file (where
+        #: a read may wait for the next write to the same file).
+        self.tail: tuple[int, bytes] | None = None
 
     def acquire(self) -> SharedFile:
         self._refs += 1
         return self
+
+    def recent(self, size: int, offset: int) -> bytes | None:
+        """The ``size`` bytes at ``offset`` if they are of the last piece written."""
+        tail = self.tail
+        if tail is None:
+            return None
+        start = offset - tail[0]
+        data = tail[1]
+        if start < 0 or start + size > len(data):
+            return None
+        return data if start == 0 and size == len(data) else data[start : start + size]
 
     def read(self, size: int, offset: int) -> bytes:
         spill = self.spill
@@ -108,6 +123,7 @@ class SharedFile:
         if self._refs == 0:
             os.close(self.fd)
             self.spill = None
+            self.tail = None
             if self.budget is not None:
                 self.budget.give(self.reserved)
                 self.budget = None
@@ -129,6 +145,9 @@ class MemoryBody:
 
     def release(self) -> None:
         pass
+
+    def recent(self, size: int, offset: int) -> bytes | None:
+        return self.read(size, offset)
 
     def read(self, size: int, offset: int) -> bytes:
         return bytes(self.data[offset : offset + size])
@@ -239,6 +258,8 @@ class BodyWriter:
 
     def _wrote(self, n: int) -> None:
         self._writing = False
+        if isinstance(self.body, SharedFile) and self.body.spill is None:
+            self.body.tail = (self.written, self._in_write)
         self._in_write = b""
         self._pending_bytes -= n
         self.written += n

@@ -159,9 +159,9 @@ def write_replaced(
 
 #: A JSON string or a bracket, read from a point outside any string.
 _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)
-#: A JSON string without escapes, or a bracket (for reading backwards, where an escape
-#: cannot be told from its end).
-_PLAIN_TOKEN = re.compile(rb'"[^"]*"|[{}\[\]]')
+#: The same, in reversed bytes: there a quote is escaped when an odd run of backslashes
+#: follows it.
+_BACK_TOKEN = re.compile(rb'"(?:[^"]|"(?=(?:\\\\)*\\(?!\\)))*"|[{}\[\]]', re.DOTALL)
 #: A member name written with a ``\u`` escape (which could spell any name).
 _ESCAPED_NAME = re.compile(rb'\\u[0-9a-fA-F]{4}(?:[^"\\]|\\.)*"[ \t\n\r]*:', re.DOTALL)
 #: How far around a link :func:`entry_at` looks for the object holding it.
@@ -212,58 +212,41 @@ def relink(data: bytes, key: str, prefix: str, public: str) -> bytes | None:
     return data.replace(quoted, b'"' + public.encode())
 
 
-def entry_at(data: bytes, needle: bytes, anchor: bytes | None = None) -> list[bytes]:
-    """The objects holding each occurrence of ``needle``, as JSON texts.
+def entry_at(data: bytes, needle: bytes) -> list[bytes]:
+    """The innermost objects holding each occurrence of ``needle``, as JSON texts.
 
-    ``needle`` must contain a ``/`` and no ``"`` but a last one (the end of the string),
-    nor a backslash: outside strings JSON has no ``/``, so every occurrence lies within
-    one string. In a document without backslashes the innermost object around it is
-    found; in any other, the nearest object before it that opens with ``anchor`` (a
-    member name and ``{``, as ``"dist":{``) and holds it. Used to read what a stored
-    document says of one file without parsing all of it. An object reaching further
-    than :data:`ENTRY_MAX` from the needle is not found.
+    ``needle`` ends a string: it contains a ``/``, ends with ``"`` and has no other
+    quote and no backslash. Outside strings JSON has no ``/``, and an unescaped quote
+    after it closes the string, so every occurrence ends one string; the objects around
+    it are read from there, forwards and (from the string's opening quote) backwards.
+    Used to read what a stored document says of one file without parsing all of it.
+    An object reaching further than :data:`ENTRY_MAX` from the needle is not found, nor
+    a string an array holds. What is found is only text of the document: its caller
+    parses it, and keeps only what it says of the file it looked for.
     """
     found: list[bytes] = []
-    inside = needle.removesuffix(b'"')
-    if b"/" not in inside or b'"' in inside or b"\\" in inside:
-        return found
-    plain = b"\\" not in data
-    if not plain and anchor is None:
+    inside = needle[:-1]
+    if needle[-1:] != b'"' or b"/" not in inside or b'"' in inside or b"\\" in inside:
         return found
     at = data.find(needle)
     while at >= 0:
-        if plain:
-            text = _innermost(data, at, len(inside))
-        else:
-            assert anchor is not None
-            text = _anchored(data, at, anchor)
-        if text is not None:
-            found.append(text)
-        at = data.find(needle, at + len(inside))
+        closed = at + len(inside)
+        opened = data.rfind(b'"', 0, at)
+        if opened >= 0 and _unescaped(data, opened):
+            back = _scan(data[max(0, opened - ENTRY_MAX) : opened][::-1], b"}]", _BACK_TOKEN)
+            ahead = _scan(data[closed + 1 : closed + 1 + ENTRY_MAX], b"{[", _TOKEN)
+            if back is not None and ahead is not None:
+                found.append(data[opened - 1 - back : closed + 2 + ahead])
+        at = data.find(needle, closed + 1)
     return found
 
 
-def _innermost(data: bytes, at: int, length: int) -> bytes | None:
-    opened = data.rfind(b'"', 0, at)
-    closed = data.find(b'"', at + length)
-    if opened < 0 or closed < 0:
-        return None
-    back = _scan(data[max(0, opened - ENTRY_MAX) : opened][::-1], b"}]", _PLAIN_TOKEN)
-    ahead = _scan(data[closed + 1 : closed + 1 + ENTRY_MAX], b"{[", _PLAIN_TOKEN)
-    if back is None or ahead is None:
-        return None
-    return data[opened - 1 - back : closed + 2 + ahead]
-
-
-def _anchored(data: bytes, at: int, anchor: bytes) -> bytes | None:
-    start = data.rfind(anchor, max(0, at - ENTRY_MAX), at)
-    if start <= 0 or data[start - 1] == 0x5C:  # not a member name if escaped
-        return None
-    opened = start + len(anchor) - 1
-    end = _scan(data[opened + 1 : opened + 1 + 2 * ENTRY_MAX], b"{[", _TOKEN)
-    if end is None or opened + 1 + end < at:
-        return None
-    return data[opened : opened + 2 + end]
+def _unescaped(data: bytes, at: int) -> bool:
+    """Whether the quote at ``at`` is a real one: an even run of backslashes before it."""
+    run = 0
+    while at - run > 0 and data[at - run - 1] == 0x5C:
+        run += 1
+    return run % 2 == 0
 
 
 def _scan(data: bytes, deeper: bytes, token: re.Pattern[bytes]) -> int | None:

@@ -42,6 +42,10 @@ class FileRef(Protocol):
 
     def read(self, size: int, offset: int) -> bytes: ...
 
+    def recent(self, size: int, offset: int) -> bytes | None:
+        """The bytes if they are still in memory (just written), else ``None``."""
+        ...
+
     def release(self) -> None: ...
 
 
@@ -85,6 +89,9 @@ class OwnedFile:
 
     def read(self, size: int, offset: int) -> bytes:
         return os.pread(self.fd, size, offset)
+
+    def recent(self, size: int, offset: int) -> bytes | None:
+        return None
 
     def release(self) -> None:
         os.close(self.fd)
@@ -267,6 +274,10 @@ class BodyProducer(_ResponseBody):
             n = min(CHUNK, limit - self._offset)
             self._busy = True
             assert self._file is not None
+            recent = self._file.recent(n, self._offset)
+            if recent is not None:
+                self._got(recent)
+                return
             if n <= self._sync_read or self._file.fd < 0:
                 # A few KiB just written by the download are in the page cache (or in
                 # memory): reading them here costs less than two trips through the pool.
