@@ -239,8 +239,9 @@ class Rewritten:
 
 
 #: A document rewritten in memory by its bytes (:attr:`Decision.relink`) is at most this
-#: large; a larger one takes the file-based rewriter.
-RELINK_MAX = 8 * 1024 * 1024
+#: large (it is held twice, as received and as served, for a moment; parsed, it would
+#: take several times that); a larger one takes the file-based rewriter.
+RELINK_MAX = 32 * 1024 * 1024
 
 
 def rewrite_document(
@@ -263,6 +264,7 @@ def rewrite_document(
     if data is not None and relink is not None:
         served = relink(data, context)
         if served is not None:
+            del data
             return _write_relinked(served, out, packed)
     if plain is None:
         learned = rewrite(raw, out, context)
