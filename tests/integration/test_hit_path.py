@@ -354,6 +354,13 @@ class GzipHitTests(IntegrationTestCase):
     _exchange = HitPathTests._exchange
 
     async def test_gzip_and_identity_replays(self) -> None:
+        await self._replays(compact=False)
+
+    async def test_gzip_and_identity_replays_of_a_relinked_page(self) -> None:
+        """A compact page is rewritten by its bytes and compressed in memory."""
+        await self._replays(compact=True)
+
+    async def _replays(self, compact: bool) -> None:
         import gzip
         import json
 
@@ -367,7 +374,8 @@ class GzipHitTests(IntegrationTestCase):
                     {"filename": f"demo-1.{i}.tar.gz", "url": f"{files}demo-1.{i}.tar.gz"}
                     for i in range(100)
                 ],
-            }
+            },
+            separators=(",", ":") if compact else None,
         ).encode()
         upstream.handlers[b"/index/simple/demo/"] = static(
             doc, [(b"content-type", b"application/vnd.pypi.simple.v1+json")]
@@ -387,7 +395,8 @@ class GzipHitTests(IntegrationTestCase):
         await wait_until(lambda: len(parse_responses(bytes(raw.received))[0]) >= 1, 10, "miss")
         raw.abort()
         want = parse_responses(bytes(raw.received))[0][0].body
-        self.assertIn(b'"url": "http://proxy/pypi/files/demo-1.0.tar.gz"', want)
+        sep = b":" if compact else b": "
+        self.assertIn(b'"url"' + sep + b'"http://proxy/pypi/files/demo-1.0.tar.gz"', want)
         await proxy.settled()
         hits = proxy.site.hit_path
         assert hits is not None
