@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pkgproxy import digests, httputil
 from pkgproxy.digests import Hasher
 from pkgproxy.rewrite.context import RewriteContext as RewriteContext
+from pkgproxy.rewrite.prefix import Document
 
 if TYPE_CHECKING:
     from pkgproxy.config.model import Route
@@ -349,7 +350,7 @@ class Family:
     #: them). ``None``: the entry cannot be told apart, so ``learn`` reads the whole
     #: document instead. A family with it learns its documents when a file is asked for,
     #: not when they arrive (see :mod:`pkgproxy.learning`).
-    lookup: Callable[[bytes, str, str, str], Learned | None] | None = None
+    lookup: Callable[[Document, str, str, str], Learned | None] | None = None
     #: ``(path, query, routes) -> (route, rest) | None``: where a reverse-mode target
     #: under :attr:`prefix_root` goes when more than its path names the route
     #: (containerd's ``?ns=<registry>``); ``routes`` are this family's configured ones,

@@ -305,7 +305,7 @@ def file_owners(path: str) -> tuple[str, ...]:
     return (name,) if sep else ()
 
 
-def lookup(data: bytes, url: str, path: str, page_url: str) -> Learned | None:
+def lookup(data: prefix.Document, url: str, path: str, page_url: str) -> Learned | None:
     """What a stored document says of the tarball at ``url``, read from its ``dist``.
 
     ``None`` when the document has escapes, or the tarball is not found in it as the

@@ -380,7 +380,7 @@ def file_owners(path: str) -> tuple[str, ...]:
     )
 
 
-def lookup(data: bytes, url: str, path: str, page_url: str) -> Learned | None:
+def lookup(data: prefix.Document, url: str, path: str, page_url: str) -> Learned | None:
     """What a stored PEP 691 page or JSON API document says of the file at ``url``
     (a distribution, or its ``.metadata``), read from that file's own entry.
 

@@ -24,6 +24,7 @@ URL in some other field) fails the check, and the caller takes the parsing path.
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from collections.abc import Callable
 from typing import Any
@@ -212,7 +213,11 @@ def relink(data: bytes, key: str, prefix: str, public: str) -> bytes | None:
     return data.replace(quoted, b'"' + public.encode())
 
 
-def entry_at(data: bytes, needle: bytes) -> list[bytes]:
+#: A document as :func:`entry_at` reads it: bytes, or a stored file mapped in memory.
+Document = bytes | mmap.mmap
+
+
+def entry_at(data: Document, needle: bytes) -> list[bytes]:
     """The innermost objects holding each occurrence of ``needle``, as JSON texts.
 
     ``needle`` ends a string: it contains a ``/``, ends with ``"`` and has no other
@@ -241,7 +246,7 @@ def entry_at(data: bytes, needle: bytes) -> list[bytes]:
     return found
 
 
-def _unescaped(data: bytes, at: int) -> bool:
+def _unescaped(data: Document, at: int) -> bool:
     """Whether the quote at ``at`` is a real one: an even run of backslashes before it."""
     run = 0
     while at - run > 0 and data[at - run - 1] == 0x5C:
