@@ -15,8 +15,8 @@ rewritten by its bytes alone: the document is filed under the package it describ
 a request for one of that package's files with no facts yet waits while the stored copy
 is searched for that file's entry, mapped in the disk pool (a few milliseconds, where
 reading all of a large page's 15,000 entries takes a fraction of a second). Where the
-entry cannot be told apart, the whole document is read then. So are documents already
-in the cache at start.
+entry cannot be told apart, the whole document is read then. Such documents already in
+the cache at start are filed the same way: a restart reads none of them.
 
 A family is "busy" from the moment one of its indexes is verified (its client is about
 to see the whole index and ask for what it lists) until what the index lists is in the
