@@ -289,8 +289,11 @@ class Learner:
     def hooks(self, route: Route, path: str) -> tuple[Callable[[], None], Callable[[Fetch], None]]:
         """``(on_verified, on_settled)`` for the fetch of the index at ``path`` of ``route``."""
         began = False
-        index_owner = FAMILIES[route.family].index_owner
+        family = FAMILIES[route.family]
+        index_owner = family.index_owner
         owner = index_owner(path) if index_owner is not None else None
+        # A document rewritten by its bytes is read one file's entry at a time.
+        lazy_ok = family.lookup is not None and family.file_owners is not None
 
         def on_verified() -> None:
             nonlocal began
@@ -300,7 +303,7 @@ class Learner:
         def on_settled(fetch: Fetch) -> None:
             if not began:
                 return
-            if fetch.entry is not None and fetch.relinked and owner is not None:
+            if fetch.entry is not None and fetch.relinked and owner is not None and lazy_ok:
                 self._lazily(route, owner, fetch.entry)
                 self._end(route.family, owner)
             elif fetch.entry is not None and fetch.learned is not None:
@@ -401,7 +404,7 @@ class Learner:
         def relearn_one(route: Route, e: Entry) -> None:
             family = FAMILIES[route.family]
             owner = family.index_owner(split_key(e.key)[1]) if family.index_owner else None
-            if family.lookup is not None and owner is not None:
+            if family.lookup is not None and family.file_owners is not None and owner:
                 # Read when one of its files is asked for (and wholly, if need be).
                 self._lazily(route, owner, e)
                 one_done(None)
