@@ -387,7 +387,12 @@ class Learner:
         remaining = len(entries)
 
         def finished() -> None:
-            log.info("learned {n} artifact checks from cached indexes", n=len(self.facts))
+            log.info(
+                "learned {n} artifact checks from cached indexes; {lazy} more indexes are "
+                "read as their files are asked for",
+                n=len(self.facts),
+                lazy=sum(len(d) for by in self._lazy.values() for d in by.values()),
+            )
             self.ready = True
             d.callback(None)
 
