@@ -29,7 +29,7 @@ from pkgproxy.admin.accesslog import NAMESPACE, AccessLog, escape
 from pkgproxy.admin.metrics import ErrorRecord, FamilyStats
 from pkgproxy.admin.status import DownloadView, human_bytes, human_duration, render_status
 from pkgproxy.config import ConfigError, config_from_dict
-from pkgproxy.observe import Observers, RequestRecord
+from pkgproxy.observe import Hit, Observer, Observers, RequestRecord
 from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import MAX_REQUEST_BODY, ProxySite
@@ -256,6 +256,72 @@ class MetricsTests(OpsTestCase):
         self.assertEqual((stats.hit_ratio, stats.served, stats.fetched), (0.75, 4000, 1000))
         self.assertEqual(stats.saved, 3000)
         self.assertIsNone(FamilyStats("x").hit_ratio)
+
+
+class ReplayedHitMetricsTests(SynchronousTestCase):
+    def test_same_counts_as_request_records(self) -> None:
+        """A hit reported by the hit path counts exactly as its request record would,
+        a HEAD (no body) and a warm-up's hit included."""
+        proxy = MemoryProxy({"routes": {"debian": {"upstream": UP}}}, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        by_hit = Operations(proxy.config, proxy.store, proxy.inflight, proxy.clock).metrics
+        by_record = Operations(proxy.config, proxy.store, proxy.inflight, proxy.clock).metrics
+        hits = [
+            Hit("GET", DEB, 1000, "debian", "debian", "apt"),
+            Hit("HEAD", DEB, 0, "debian", "debian", "apt"),
+            Hit("GET", DEB, 1000, "debian", "", "pkgproxy-warm/1 (tag=t)"),
+        ]
+        for hit in hits * 3:
+            by_hit.hit_done(hit, "10.0.0.7", 0.0001)
+            by_record.request_done(hit.record("10.0.0.7", 0.0001))
+
+        def samples(metrics: Any) -> dict[Any, float]:
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in metrics.registry.collect()
+                if family.name.startswith(("pkgproxy_requests", "pkgproxy_served"))
+                for s in family.samples
+                if not s.name.endswith("_created")
+            }
+
+        self.assertEqual(samples(by_hit), samples(by_record))
+        ok = {"family": "debian", "route": "debian", "code": "2xx", "cache": "hit"}
+        self.assertEqual(value(samples(by_hit), "pkgproxy_requests_total", **ok), 9)
+        self.assertEqual(
+            [(w.tag, w.requests, w.cached) for w in by_hit.warmups()],
+            [(w.tag, w.requests, w.cached) for w in by_record.warmups()],
+        )
+        self.assertEqual(by_hit.warmups()[0].requests, 3)
+
+    def test_default_is_the_request_record(self) -> None:
+        """An observer that does nothing special for hits gets their request records."""
+        seen: list[RequestRecord] = []
+
+        class Listener(Observer):
+            def request_done(self, record: RequestRecord) -> None:
+                seen.append(record)
+
+        hit = Hit("GET", DEB, 1000, "debian", "debian", "apt")
+        Observers(Listener()).hit_done(hit, "10.0.0.7", 0.25)
+        self.assertEqual(
+            seen,
+            [
+                RequestRecord(
+                    "10.0.0.7",
+                    "GET",
+                    DEB,
+                    200,
+                    1000,
+                    "HIT",
+                    "debian",
+                    "debian",
+                    0.25,
+                    None,
+                    "apt",
+                    True,
+                )
+            ],
+        )
 
 
 class AccessLogTests(OpsTestCase):
@@ -819,6 +885,58 @@ class AccessLogBatchTests(SynchronousTestCase):
         alog.request_done(_record("/last"))
         alog.stopService()
         self.assertIn('"GET /last"', out.getvalue().splitlines()[-1])
+
+    def test_replayed_hits_same_lines(self) -> None:
+        """A hit reported by the hit path writes the line its request record would, odd
+        text escaped the same way; the fixed parts are made once per hit."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        publisher = LogPublisher(textFileLogObserver(out))
+        alog = AccessLog(clock=self.clock, pool=self.pool, publisher=publisher)
+        alog.startService()
+        hits = [
+            Hit("GET", "/files/a", 10, "files", "generic", "apt"),
+            Hit("HEAD", '/we"ird\\\x7f', 0, "files", "generic", 'x" 200\x1b[2J'),
+            Hit("GET", "/files/\xe9", 12_000_000, "", "", ""),
+        ]
+        calls = [
+            (hit, client, duration)
+            for hit in hits
+            for client, duration in (("10.0.0.7", 0.0001), ("::1", 0.0006), ('f"e\n', 12.3456))
+        ]
+        for hit, client, duration in calls:
+            alog.hit_done(hit, client, duration)
+        self.assertTrue(all(alog in hit.memo for hit in hits))
+        self.clock.advance(alog.DELAY)
+        records = [hit.record(client, duration) for hit, client, duration in calls]
+        self.assertEqual(out.getvalue(), self.one_event_per_request(records))
+        alog.stopService()
+
+    def test_replayed_hits_as_events(self) -> None:
+        """Where lines go as events (JSON lines here), a replayed hit is its record's event."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        alog = AccessLog(
+            json_lines=True,
+            clock=self.clock,
+            pool=self.pool,
+            publisher=LogPublisher(textFileLogObserver(out)),
+        )
+        alog.startService()
+        alog.hit_done(Hit("GET", "/files/a", 10, "files", "generic", "apt"), "10.0.0.7", 0.5)
+        self.clock.advance(alog.DELAY)
+        alog.stopService()
+        line = json.loads(out.getvalue().split("] ", 1)[1])
+        self.assertEqual(
+            (line["uri"], line["cache"], line["bytes"], line["duration_seconds"]),
+            ("/files/a", "HIT", 10, 0.5),
+        )
 
     def test_batched_behind_the_log_level_filter(self) -> None:
         """twistd's text log behind pkgproxy's --log-level filter (the default setup) is

@@ -38,7 +38,7 @@ from twisted.logger import (
 )
 
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.observe import Hit, Observer, RequestRecord
 
 NAMESPACE = "pkgproxy.access"
 
@@ -89,6 +89,16 @@ def text_line(record: RequestRecord) -> str:
         f"upstream={'-' if upstream is None else f'{upstream:.3f}s'} "
         f"time={record.duration:.3f}s route={record.route or '-'} "
         f'agent="{escape(record.user_agent)}"{"" if record.completed else " ABORTED"}'
+    )
+
+
+def hit_parts(hit: Hit) -> tuple[str, str]:
+    """The text line of a replayed hit around its client and its duration:
+    ``escape(client) + before + f"{duration:.3f}" + after`` is :func:`text_line` of
+    ``hit.record(client, duration)``."""
+    return (
+        f' "{escape(hit.method)} {escape(hit.uri)}" 200 {hit.bytes_sent} HIT upstream=- time=',
+        f's route={hit.route or "-"} agent="{escape(hit.user_agent)}"',
     )
 
 
@@ -271,6 +281,21 @@ class AccessLog(_Batch, Service, Observer):
         else:
             text = text_line(record)
         self._add(self._prefix(self._clock.seconds()) + text + "\n")
+
+    def hit_done(self, hit: Hit, client: str, duration: float) -> None:
+        """:meth:`request_done` of ``hit.record(client, duration)``, from the line's
+        fixed parts made once per hit (in ``hit.memo``)."""
+        direct = self._destination() if self.log is self._own_log else None
+        if direct is None or self._json:
+            self.request_done(hit.record(client, duration))
+            return
+        parts = hit.memo.get(self)
+        if parts is None:
+            before, after = hit_parts(hit)
+            parts = hit.memo[self] = (before, after + "\n")
+        assert self._clock is not None
+        prefix = self._prefix(self._clock.seconds())
+        self._add(f"{prefix}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}")
 
     def _emit(self, record: RequestRecord) -> None:
         fields = record_fields(record)

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from pkgproxy import __version__
 from pkgproxy.fetch.fetch import Outcome, State
-from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.observe import Hit, Observer, RequestRecord
 
 if TYPE_CHECKING:
     from pkgproxy.cache.store import CacheStore
@@ -296,6 +296,26 @@ class ProxyMetrics(Observer):
             served.inc(record.bytes_sent)
         if not record.completed or record.user_agent.startswith(WARM_AGENT):
             self._rare_request(record)
+
+    def hit_done(self, hit: Hit, client: str, duration: float) -> None:
+        """:meth:`request_done` of ``hit.record(client, duration)``, with the counters
+        looked up once per hit (in ``hit.memo``)."""
+        counters = hit.memo.get(self)
+        if counters is None:
+            if hit.user_agent.startswith(WARM_AGENT):
+                counters = hit.memo[self] = ()
+            else:
+                family = hit.family or self.family_of(hit.route)
+                counters = hit.memo[self] = (
+                    self.requests.labels(family, hit.route, "hit", "2xx"),
+                    self.served_bytes.labels(family, hit.route, "hit") if hit.bytes_sent else None,
+                )
+        if not counters:
+            self.request_done(hit.record(client, duration))
+            return
+        counters[0].inc()
+        if counters[1] is not None:
+            counters[1].inc(hit.bytes_sent)
 
     def _rare_request(self, record: RequestRecord) -> None:
         cache = record.cache.lower() or NO_CACHE
