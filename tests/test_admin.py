@@ -292,6 +292,31 @@ class ReplayedHitMetricsTests(SynchronousTestCase):
             [(w.tag, w.requests, w.cached) for w in by_record.warmups()],
         )
         self.assertEqual(by_hit.warmups()[0].requests, 3)
+        self.assertEqual(by_hit.family_stats(), by_record.family_stats())
+        by_hit.hit_done(hits[0], "10.0.0.7", 0.0001)
+        self.assertEqual(by_hit.family_stats()[0].requests, {"hit": 10})
+
+    def test_unsettled_hits_bounded(self) -> None:
+        """Replayed hits are added to the counters when read, or once this many distinct
+        ones wait, whichever comes first."""
+        from pkgproxy.admin import metrics as metrics_module
+
+        self.patch(metrics_module, "MAX_UNSETTLED", 3)
+        proxy = MemoryProxy({"routes": {"debian": {"upstream": UP}}}, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        metrics = Operations(proxy.config, proxy.store, proxy.inflight, proxy.clock).metrics
+        for i in range(7):
+            hit = Hit("GET", f"{DEB}{i}", 10, "debian", "debian", "apt")
+            metrics.hit_done(hit, "10.0.0.7", 0.0001)
+            metrics.hit_done(hit, "10.0.0.7", 0.0001)
+            self.assertLess(len(metrics._unsettled), 3)
+        self.assertEqual(
+            metrics.registry.get_sample_value(
+                "pkgproxy_requests_total",
+                {"family": "debian", "route": "debian", "cache": "hit", "code": "2xx"},
+            ),
+            14,
+        )
 
     def test_default_is_the_request_record(self) -> None:
         """An observer that does nothing special for hits gets their request records."""
