@@ -934,11 +934,36 @@ class AccessLogBatchTests(SynchronousTestCase):
         ]
         for hit, client, duration in calls:
             alog.hit_done(hit, client, duration)
-        self.assertTrue(all(alog in hit.memo for hit in hits))
+        self.assertEqual(out.getvalue(), "", "nothing written per request")
         self.clock.advance(alog.DELAY)
+        self.assertTrue(all(alog in hit.memo for hit in hits))
         records = [hit.record(client, duration) for hit, client, duration in calls]
         self.assertEqual(out.getvalue(), self.one_event_per_request(records))
         alog.stopService()
+
+    def test_replayed_hits_in_order_at_their_time(self) -> None:
+        """A replayed hit's line keeps its place among other lines and the time it was
+        answered, though it is made when the batch is written."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, formatTime, textFileLogObserver
+
+        out = StringIO()
+        alog = AccessLog(
+            clock=self.clock, pool=self.pool, publisher=LogPublisher(textFileLogObserver(out))
+        )
+        alog.startService()
+        answered = self.clock.seconds()
+        alog.request_done(_record("/before"))
+        alog.hit_done(Hit("GET", "/hit", 10, "files", "generic", "apt"), "10.0.0.7", 0.0001)
+        alog.request_done(_record("/after"))
+        self.clock.advance(2.5)  # the batch is written now, seconds later
+        alog.stopService()
+        lines = out.getvalue().splitlines()
+        self.assertEqual(
+            [line.split('"')[1] for line in lines], ["GET /before", "GET /hit", "GET /after"]
+        )
+        self.assertTrue(lines[1].startswith(formatTime(answered) + " "), lines[1])
 
     def test_replayed_hits_as_events(self) -> None:
         """Where lines go as events (JSON lines here), a replayed hit is its record's event."""

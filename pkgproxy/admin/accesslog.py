@@ -102,13 +102,17 @@ def hit_parts(hit: Hit) -> tuple[str, str]:
     )
 
 
+#: What a replayed hit's line is counted as towards :attr:`_Batch.BATCH` until it is made.
+_HIT_LINE = 200
+
+
 class _Batch:
     """Lines buffered until :attr:`BATCH` bytes or :attr:`DELAY` seconds, then
     :meth:`flush`-ed (by the access log classes below)."""
 
     BATCH = 64 * 1024
     DELAY = 1.0
-    _lines: list[str]
+    _lines: list[Any]
     _size: int
     _timer: IDelayedCall | None
     _clock: IReactorTime | None
@@ -116,9 +120,9 @@ class _Batch:
     def flush(self) -> Deferred[None]:
         raise NotImplementedError
 
-    def _add(self, line: str) -> None:
+    def _add(self, line: Any, size: int | None = None) -> None:
         self._lines.append(line)
-        self._size += len(line)
+        self._size += len(line) if size is None else size
         if self._size >= self.BATCH:
             self.flush()
         elif self._timer is None and self._clock is not None:
@@ -249,7 +253,9 @@ class AccessLog(_Batch, Service, Observer):
         self._seen: list[Any] | None = None
         self._seen_count = -1
         self._direct: _Direct | None = None
-        self._lines: list[str] = []
+        #: Text lines, and replayed hits to be made lines: ``(time, hit, client,
+        #: duration)``, formatted together when the batch is written.
+        self._lines: list[str | tuple[float, Hit, str, float]] = []
         self._size = 0
         self._timer: IDelayedCall | None = None
         self._writing: Deferred[None] | None = None
@@ -283,19 +289,31 @@ class AccessLog(_Batch, Service, Observer):
         self._add(self._prefix(self._clock.seconds()) + text + "\n")
 
     def hit_done(self, hit: Hit, client: str, duration: float) -> None:
-        """:meth:`request_done` of ``hit.record(client, duration)``, from the line's
-        fixed parts made once per hit (in ``hit.memo``)."""
+        """:meth:`request_done` of ``hit.record(client, duration)``; its line is made
+        when the batch is written (in one loop for the whole batch, which costs less
+        than one line at a time between requests), from fixed parts made once per hit
+        (in ``hit.memo``)."""
         direct = self._destination() if self.log is self._own_log else None
         if direct is None or self._json:
             self.request_done(hit.record(client, duration))
             return
-        parts = hit.memo.get(self)
-        if parts is None:
-            before, after = hit_parts(hit)
-            parts = hit.memo[self] = (before, after + "\n")
         assert self._clock is not None
-        prefix = self._prefix(self._clock.seconds())
-        self._add(f"{prefix}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}")
+        self._add((self._clock.seconds(), hit, client, duration), _HIT_LINE)
+
+    def _text(self, lines: list[str | tuple[float, Hit, str, float]]) -> list[str]:
+        """The batch's lines, those of replayed hits made now."""
+        out = []
+        prefix = self._prefix
+        for line in lines:
+            if isinstance(line, tuple):
+                when, hit, client, duration = line
+                parts = hit.memo.get(self)
+                if parts is None:
+                    before, after = hit_parts(hit)
+                    parts = hit.memo[self] = (before, after + "\n")
+                line = f"{prefix(when)}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}"
+            out.append(line)
+        return out
 
     def _emit(self, record: RequestRecord) -> None:
         fields = record_fields(record)
@@ -317,9 +335,10 @@ class AccessLog(_Batch, Service, Observer):
             self._timer = None
         if self._writing is not None:
             return self._writing  # the lines wait for it: batches stay in order
-        lines, self._lines, self._size = self._lines, [], 0
-        if not lines:
+        batch, self._lines, self._size = self._lines, [], 0
+        if not batch:
             return succeed(None)
+        lines = self._text(batch)
         direct = self._direct
         if direct is None:
             for line in lines:
