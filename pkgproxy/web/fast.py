@@ -6,7 +6,10 @@ of that when the answer is written straight to the transport. So the first time 
 resource answers a plain ``GET`` with a complete cache hit, it records the answer's
 header block here (:meth:`HitPath.remember`); the next identical request (same target,
 ``Host`` and ``Accept``, nothing else that could change the answer) is answered from
-that record by :class:`ProxyChannel` before twisted.web parses it.
+that record by :class:`ProxyChannel` before twisted.web parses it. Request heads are
+kept parsed by their bytes (clients ask again in the same bytes), and a replayed hit is
+reported to the observer as a :class:`~pkgproxy.observe.Hit` made once per head and
+record, so a repeated hit costs little more than a dictionary lookup and a ``send``.
 
 Nothing is decided here: the resource decides, and this replays only its decision, and
 only while it still holds. A record is dropped as soon as its cache entry is no longer
