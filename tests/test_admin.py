@@ -965,6 +965,24 @@ class AccessLogBatchTests(SynchronousTestCase):
         )
         self.assertTrue(lines[1].startswith(formatTime(answered) + " "), lines[1])
 
+    def test_replayed_hits_fill_a_batch(self) -> None:
+        """Replayed hits count towards the batch size: a full batch is written at once."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        alog = AccessLog(
+            clock=self.clock, pool=self.pool, publisher=LogPublisher(textFileLogObserver(out))
+        )
+        alog.BATCH = 1000
+        alog.startService()
+        hit = Hit("GET", "/hit", 10, "files", "generic", "apt")
+        for _ in range(5):
+            alog.hit_done(hit, "10.0.0.7", 0.0001)
+        self.assertEqual(len(out.getvalue().splitlines()), 5, "written without the timer")
+        alog.stopService()
+
     def test_replayed_hits_as_events(self) -> None:
         """Where lines go as events (JSON lines here), a replayed hit is its record's event."""
         from io import StringIO
