@@ -499,6 +499,40 @@ class AccessLogFileTests(SynchronousTestCase):
         self.assertIn('"GET /last"', self.lines()[-1])
         self.assertEqual(alog.dropped, 0)
 
+    def test_replayed_hits_same_lines(self) -> None:
+        """A hit reported by the hit path writes the line its request record would, in
+        text and in JSON, at the second it was answered."""
+        from twisted.internet.task import Clock
+
+        from pkgproxy.admin.accesslog import AccessLogFile
+
+        hits = [
+            Hit("GET", "/files/a", 10, "files", "generic", "apt"),
+            Hit("HEAD", '/we"ird\\\x7f', 0, "", "", 'x" 200\x1b[2J'),
+        ]
+        for json_lines in (False, True):
+            written = []
+            for report in ("hit", "record"):
+                path = os.path.join(self.dir, f"{report}-{json_lines}.log")
+                clock = Clock()
+                clock.advance(1_764_000_000.25)
+                alog = AccessLogFile(path, self.pool, clock, json_lines)
+                alog.startService()
+                for i, hit in enumerate(hits * 2):
+                    duration = 0.0001 * i
+                    if report == "hit":
+                        alog.hit_done(hit, f"10.0.0.{i}", duration)
+                    else:
+                        alog.request_done(hit.record(f"10.0.0.{i}", duration))
+                    clock.advance(0.5)  # a new second every other line
+                alog.stopService()
+                with open(path, encoding="utf-8") as f:
+                    written.append(f.read())
+            self.assertEqual(written[0], written[1])
+            self.assertEqual(len(written[0].splitlines()), 4)
+            if not json_lines:
+                self.assertEqual(len({line[:19] for line in written[0].splitlines()}), 2)
+
     def test_json_lines(self) -> None:
         from pkgproxy.admin.accesslog import AccessLogFile
 

@@ -102,6 +102,15 @@ def hit_parts(hit: Hit) -> tuple[str, str]:
     )
 
 
+def _hit_line_parts(hit: Hit, owner: object) -> tuple[str, str]:
+    """:func:`hit_parts`, the second with the line's end, kept in ``hit.memo[owner]``."""
+    parts: tuple[str, str] | None = hit.memo.get(owner)
+    if parts is None:
+        before, after = hit_parts(hit)
+        parts = hit.memo[owner] = (before, after + "\n")
+    return parts
+
+
 #: What a replayed hit's line is counted as towards :attr:`_Batch.BATCH` until it is made.
 _HIT_LINE = 200
 
@@ -307,10 +316,7 @@ class AccessLog(_Batch, Service, Observer):
         for line in lines:
             if isinstance(line, tuple):
                 when, hit, client, duration = line
-                parts = hit.memo.get(self)
-                if parts is None:
-                    before, after = hit_parts(hit)
-                    parts = hit.memo[self] = (before, after + "\n")
+                parts = _hit_line_parts(hit, self)
                 line = f"{prefix(when)}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}"
             out.append(line)
         return out
@@ -391,10 +397,29 @@ class AccessLogFile(_Batch, Service, Observer):
         #: Lines lost to failed writes.
         self.dropped = 0
         self._log = Logger(namespace=NAMESPACE)
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self) -> str:
+        """The line's timestamp, now (made once a second)."""
+        assert self._clock is not None
+        now = self._clock.seconds()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
+        return self._stamp
+
+    def hit_done(self, hit: Hit, client: str, duration: float) -> None:
+        """:meth:`request_done` of ``hit.record(client, duration)``, from the line's
+        fixed parts made once per hit (in ``hit.memo``)."""
+        if self._json:
+            self.request_done(hit.record(client, duration))
+            return
+        parts = _hit_line_parts(hit, self)
+        self._add(f"{self._time()} {escape(client)}{parts[0]}{duration:.3f}{parts[1]}")
 
     def request_done(self, record: RequestRecord) -> None:
-        assert self._clock is not None
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._clock.seconds()))
+        stamp = self._time()
         if self._json:
             fields = record_fields(record)
             fields["time"] = stamp
