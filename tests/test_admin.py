@@ -29,7 +29,7 @@ from pkgproxy.admin.accesslog import NAMESPACE, AccessLog, escape
 from pkgproxy.admin.metrics import ErrorRecord, FamilyStats
 from pkgproxy.admin.status import DownloadView, human_bytes, human_duration, render_status
 from pkgproxy.config import ConfigError, config_from_dict
-from pkgproxy.observe import Observers, RequestRecord
+from pkgproxy.observe import Hit, Observer, Observers, RequestRecord
 from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.root import ProxyResource
 from pkgproxy.web.site import MAX_REQUEST_BODY, ProxySite
@@ -258,6 +258,97 @@ class MetricsTests(OpsTestCase):
         self.assertIsNone(FamilyStats("x").hit_ratio)
 
 
+class ReplayedHitMetricsTests(SynchronousTestCase):
+    def test_same_counts_as_request_records(self) -> None:
+        """A hit reported by the hit path counts exactly as its request record would,
+        a HEAD (no body) and a warm-up's hit included."""
+        proxy = MemoryProxy({"routes": {"debian": {"upstream": UP}}}, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        by_hit = Operations(proxy.config, proxy.store, proxy.inflight, proxy.clock).metrics
+        by_record = Operations(proxy.config, proxy.store, proxy.inflight, proxy.clock).metrics
+        hits = [
+            Hit("GET", DEB, 1000, "debian", "debian", "apt"),
+            Hit("HEAD", DEB, 0, "debian", "debian", "apt"),
+            Hit("GET", DEB, 1000, "debian", "", "pkgproxy-warm/1 (tag=t)"),
+        ]
+        for hit in hits * 3:
+            by_hit.hit_done(hit, "10.0.0.7", 0.0001)
+            by_record.request_done(hit.record("10.0.0.7", 0.0001))
+
+        def samples(metrics: Any) -> dict[Any, float]:
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in metrics.registry.collect()
+                if family.name.startswith(("pkgproxy_requests", "pkgproxy_served"))
+                for s in family.samples
+                if not s.name.endswith("_created")
+            }
+
+        self.assertEqual(samples(by_hit), samples(by_record))
+        ok = {"family": "debian", "route": "debian", "code": "2xx", "cache": "hit"}
+        self.assertEqual(value(samples(by_hit), "pkgproxy_requests_total", **ok), 9)
+        self.assertEqual(
+            [(w.tag, w.requests, w.cached) for w in by_hit.warmups()],
+            [(w.tag, w.requests, w.cached) for w in by_record.warmups()],
+        )
+        self.assertEqual(by_hit.warmups()[0].requests, 3)
+        self.assertEqual(by_hit.family_stats(), by_record.family_stats())
+        by_hit.hit_done(hits[0], "10.0.0.7", 0.0001)
+        self.assertEqual(by_hit.family_stats()[0].requests, {"hit": 10})
+
+    def test_unsettled_hits_bounded(self) -> None:
+        """Replayed hits are added to the counters when read, or once this many distinct
+        ones wait, whichever comes first."""
+        from pkgproxy.admin import metrics as metrics_module
+
+        self.patch(metrics_module, "MAX_UNSETTLED", 3)
+        proxy = MemoryProxy({"routes": {"debian": {"upstream": UP}}}, cache_dir=self.mktemp())
+        self.addCleanup(proxy.close)
+        metrics = Operations(proxy.config, proxy.store, proxy.inflight, proxy.clock).metrics
+        for i in range(7):
+            hit = Hit("GET", f"{DEB}{i}", 10, "debian", "debian", "apt")
+            metrics.hit_done(hit, "10.0.0.7", 0.0001)
+            metrics.hit_done(hit, "10.0.0.7", 0.0001)
+            self.assertLess(len(metrics._unsettled), 3)
+        self.assertEqual(
+            metrics.registry.get_sample_value(
+                "pkgproxy_requests_total",
+                {"family": "debian", "route": "debian", "cache": "hit", "code": "2xx"},
+            ),
+            14,
+        )
+
+    def test_default_is_the_request_record(self) -> None:
+        """An observer that does nothing special for hits gets their request records."""
+        seen: list[RequestRecord] = []
+
+        class Listener(Observer):
+            def request_done(self, record: RequestRecord) -> None:
+                seen.append(record)
+
+        hit = Hit("GET", DEB, 1000, "debian", "debian", "apt")
+        Observers(Listener()).hit_done(hit, "10.0.0.7", 0.25)
+        self.assertEqual(
+            seen,
+            [
+                RequestRecord(
+                    "10.0.0.7",
+                    "GET",
+                    DEB,
+                    200,
+                    1000,
+                    "HIT",
+                    "debian",
+                    "debian",
+                    0.25,
+                    None,
+                    "apt",
+                    True,
+                )
+            ],
+        )
+
+
 class AccessLogTests(OpsTestCase):
     def test_one_line_per_request(self) -> None:
         """Each request gives exactly one access event with client, request, result, times."""
@@ -407,6 +498,40 @@ class AccessLogFileTests(SynchronousTestCase):
         alog.stopService()
         self.assertIn('"GET /last"', self.lines()[-1])
         self.assertEqual(alog.dropped, 0)
+
+    def test_replayed_hits_same_lines(self) -> None:
+        """A hit reported by the hit path writes the line its request record would, in
+        text and in JSON, at the second it was answered."""
+        from twisted.internet.task import Clock
+
+        from pkgproxy.admin.accesslog import AccessLogFile
+
+        hits = [
+            Hit("GET", "/files/a", 10, "files", "generic", "apt"),
+            Hit("HEAD", '/we"ird\\\x7f', 0, "", "", 'x" 200\x1b[2J'),
+        ]
+        for json_lines in (False, True):
+            written = []
+            for report in ("hit", "record"):
+                path = os.path.join(self.dir, f"{report}-{json_lines}.log")
+                clock = Clock()
+                clock.advance(1_764_000_000.25)
+                alog = AccessLogFile(path, self.pool, clock, json_lines)
+                alog.startService()
+                for i, hit in enumerate(hits * 2):
+                    duration = 0.0001 * i
+                    if report == "hit":
+                        alog.hit_done(hit, f"10.0.0.{i}", duration)
+                    else:
+                        alog.request_done(hit.record(f"10.0.0.{i}", duration))
+                    clock.advance(0.5)  # a new second every other line
+                alog.stopService()
+                with open(path, encoding="utf-8") as f:
+                    written.append(f.read())
+            self.assertEqual(written[0], written[1])
+            self.assertEqual(len(written[0].splitlines()), 4)
+            if not json_lines:
+                self.assertEqual(len({line[:19] for line in written[0].splitlines()}), 2)
 
     def test_json_lines(self) -> None:
         from pkgproxy.admin.accesslog import AccessLogFile
@@ -819,6 +944,101 @@ class AccessLogBatchTests(SynchronousTestCase):
         alog.request_done(_record("/last"))
         alog.stopService()
         self.assertIn('"GET /last"', out.getvalue().splitlines()[-1])
+
+    def test_replayed_hits_same_lines(self) -> None:
+        """A hit reported by the hit path writes the line its request record would, odd
+        text escaped the same way; the fixed parts are made once per hit."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        publisher = LogPublisher(textFileLogObserver(out))
+        alog = AccessLog(clock=self.clock, pool=self.pool, publisher=publisher)
+        alog.startService()
+        hits = [
+            Hit("GET", "/files/a", 10, "files", "generic", "apt"),
+            Hit("HEAD", '/we"ird\\\x7f', 0, "files", "generic", 'x" 200\x1b[2J'),
+            Hit("GET", "/files/\xe9", 12_000_000, "", "", ""),
+        ]
+        calls = [
+            (hit, client, duration)
+            for hit in hits
+            for client, duration in (("10.0.0.7", 0.0001), ("::1", 0.0006), ('f"e\n', 12.3456))
+        ]
+        for hit, client, duration in calls:
+            alog.hit_done(hit, client, duration)
+        self.assertEqual(out.getvalue(), "", "nothing written per request")
+        self.clock.advance(alog.DELAY)
+        self.assertTrue(all(alog in hit.memo for hit in hits))
+        records = [hit.record(client, duration) for hit, client, duration in calls]
+        self.assertEqual(out.getvalue(), self.one_event_per_request(records))
+        alog.stopService()
+
+    def test_replayed_hits_in_order_at_their_time(self) -> None:
+        """A replayed hit's line keeps its place among other lines and the time it was
+        answered, though it is made when the batch is written."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, formatTime, textFileLogObserver
+
+        out = StringIO()
+        alog = AccessLog(
+            clock=self.clock, pool=self.pool, publisher=LogPublisher(textFileLogObserver(out))
+        )
+        alog.startService()
+        answered = self.clock.seconds()
+        alog.request_done(_record("/before"))
+        alog.hit_done(Hit("GET", "/hit", 10, "files", "generic", "apt"), "10.0.0.7", 0.0001)
+        alog.request_done(_record("/after"))
+        self.clock.advance(2.5)  # the batch is written now, seconds later
+        alog.stopService()
+        lines = out.getvalue().splitlines()
+        self.assertEqual(
+            [line.split('"')[1] for line in lines], ["GET /before", "GET /hit", "GET /after"]
+        )
+        self.assertTrue(lines[1].startswith(formatTime(answered) + " "), lines[1])
+
+    def test_replayed_hits_fill_a_batch(self) -> None:
+        """Replayed hits count towards the batch size: a full batch is written at once."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        alog = AccessLog(
+            clock=self.clock, pool=self.pool, publisher=LogPublisher(textFileLogObserver(out))
+        )
+        alog.BATCH = 1000
+        alog.startService()
+        hit = Hit("GET", "/hit", 10, "files", "generic", "apt")
+        for _ in range(5):
+            alog.hit_done(hit, "10.0.0.7", 0.0001)
+        self.assertEqual(len(out.getvalue().splitlines()), 5, "written without the timer")
+        alog.stopService()
+
+    def test_replayed_hits_as_events(self) -> None:
+        """Where lines go as events (JSON lines here), a replayed hit is its record's event."""
+        from io import StringIO
+
+        from twisted.logger import LogPublisher, textFileLogObserver
+
+        out = StringIO()
+        alog = AccessLog(
+            json_lines=True,
+            clock=self.clock,
+            pool=self.pool,
+            publisher=LogPublisher(textFileLogObserver(out)),
+        )
+        alog.startService()
+        alog.hit_done(Hit("GET", "/files/a", 10, "files", "generic", "apt"), "10.0.0.7", 0.5)
+        self.clock.advance(alog.DELAY)
+        alog.stopService()
+        line = json.loads(out.getvalue().split("] ", 1)[1])
+        self.assertEqual(
+            (line["uri"], line["cache"], line["bytes"], line["duration_seconds"]),
+            ("/files/a", "HIT", 10, 0.5),
+        )
 
     def test_batched_behind_the_log_level_filter(self) -> None:
         """twistd's text log behind pkgproxy's --log-level filter (the default setup) is

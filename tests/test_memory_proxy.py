@@ -51,3 +51,31 @@ class MemoryProxyTests(SynchronousTestCase):
             port for reactor, port in self.proxy.network.made if reactor is self.proxy.clock
         ]
         self.assertEqual(upstream, [80])
+
+    def test_parsed_heads_kept_and_bounded(self) -> None:
+        """A head the hit path parsed is kept for its next hit, yet a site allowing fewer
+        header lines than it has still leaves it to twisted.web, and no more than
+        ``MAX_HEADS`` heads are kept."""
+        from pkgproxy.web import fast
+
+        hits = self.proxy.root.hit_path
+        head = b"GET %s HTTP/1.1\r\nHost: proxy.test\r\n" % PATH.encode()
+        many = head + b"".join(b"Accept-Language: l%d\r\n" % i for i in range(5)) + b"\r\n"
+        self.proxy.get(PATH)  # MISS
+        first = self.proxy.raw(many)  # recorded by twisted.web
+        second = self.proxy.raw(many)
+        self.assertTrue(second.startswith(b"HTTP/1.1 200 OK\r\n"), second)
+        self.assertTrue(second.endswith(b"\r\n\r\n" + BODY))
+        self.assertTrue(first.endswith(b"\r\n\r\n" + BODY))
+        self.assertEqual(hits.answered, 1)
+        self.assertIn(many[:-4], hits._heads)
+        self.proxy.site.max_headers = 5
+        refused = self.proxy.raw(many)
+        self.assertTrue(refused.startswith(b"HTTP/1.1 400 "), refused)
+        self.assertEqual(hits.answered, 1)
+        self.patch(fast, "MAX_HEADS", 3)
+        self.proxy.site.max_headers = 100
+        for i in range(7):
+            self.proxy.raw(head + b"User-Agent: a%d\r\n\r\n" % i)
+        self.assertLessEqual(len(hits._heads), 3)
+        self.assertEqual(hits.answered, 8)

@@ -38,7 +38,7 @@ from twisted.logger import (
 )
 
 from pkgproxy.diskpool import DiskPool
-from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.observe import Hit, Observer, RequestRecord
 
 NAMESPACE = "pkgproxy.access"
 
@@ -92,13 +92,36 @@ def text_line(record: RequestRecord) -> str:
     )
 
 
+def hit_parts(hit: Hit) -> tuple[str, str]:
+    """The text line of a replayed hit around its client and its duration:
+    ``escape(client) + before + f"{duration:.3f}" + after`` is :func:`text_line` of
+    ``hit.record(client, duration)``."""
+    return (
+        f' "{escape(hit.method)} {escape(hit.uri)}" 200 {hit.bytes_sent} HIT upstream=- time=',
+        f's route={hit.route or "-"} agent="{escape(hit.user_agent)}"',
+    )
+
+
+def _hit_line_parts(hit: Hit, owner: object) -> tuple[str, str]:
+    """:func:`hit_parts`, the second with the line's end, kept in ``hit.memo[owner]``."""
+    parts: tuple[str, str] | None = hit.memo.get(owner)
+    if parts is None:
+        before, after = hit_parts(hit)
+        parts = hit.memo[owner] = (before, after + "\n")
+    return parts
+
+
+#: What a replayed hit's line is counted as towards :attr:`_Batch.BATCH` until it is made.
+_HIT_LINE = 200
+
+
 class _Batch:
     """Lines buffered until :attr:`BATCH` bytes or :attr:`DELAY` seconds, then
     :meth:`flush`-ed (by the access log classes below)."""
 
     BATCH = 64 * 1024
     DELAY = 1.0
-    _lines: list[str]
+    _lines: list[Any]
     _size: int
     _timer: IDelayedCall | None
     _clock: IReactorTime | None
@@ -106,9 +129,9 @@ class _Batch:
     def flush(self) -> Deferred[None]:
         raise NotImplementedError
 
-    def _add(self, line: str) -> None:
+    def _add(self, line: Any, size: int | None = None) -> None:
         self._lines.append(line)
-        self._size += len(line)
+        self._size += len(line) if size is None else size
         if self._size >= self.BATCH:
             self.flush()
         elif self._timer is None and self._clock is not None:
@@ -239,7 +262,9 @@ class AccessLog(_Batch, Service, Observer):
         self._seen: list[Any] | None = None
         self._seen_count = -1
         self._direct: _Direct | None = None
-        self._lines: list[str] = []
+        #: Text lines, and replayed hits to be made lines: ``(time, hit, client,
+        #: duration)``, formatted together when the batch is written.
+        self._lines: list[str | tuple[float, Hit, str, float]] = []
         self._size = 0
         self._timer: IDelayedCall | None = None
         self._writing: Deferred[None] | None = None
@@ -272,6 +297,30 @@ class AccessLog(_Batch, Service, Observer):
             text = text_line(record)
         self._add(self._prefix(self._clock.seconds()) + text + "\n")
 
+    def hit_done(self, hit: Hit, client: str, duration: float) -> None:
+        """:meth:`request_done` of ``hit.record(client, duration)``; its line is made
+        when the batch is written (in one loop for the whole batch, which costs less
+        than one line at a time between requests), from fixed parts made once per hit
+        (in ``hit.memo``)."""
+        direct = self._destination() if self.log is self._own_log else None
+        if direct is None or self._json:
+            self.request_done(hit.record(client, duration))
+            return
+        assert self._clock is not None
+        self._add((self._clock.seconds(), hit, client, duration), _HIT_LINE)
+
+    def _text(self, lines: list[str | tuple[float, Hit, str, float]]) -> list[str]:
+        """The batch's lines, those of replayed hits made now."""
+        out = []
+        prefix = self._prefix
+        for line in lines:
+            if isinstance(line, tuple):
+                when, hit, client, duration = line
+                parts = _hit_line_parts(hit, self)
+                line = f"{prefix(when)}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}"
+            out.append(line)
+        return out
+
     def _emit(self, record: RequestRecord) -> None:
         fields = record_fields(record)
         if self._json:
@@ -292,9 +341,10 @@ class AccessLog(_Batch, Service, Observer):
             self._timer = None
         if self._writing is not None:
             return self._writing  # the lines wait for it: batches stay in order
-        lines, self._lines, self._size = self._lines, [], 0
-        if not lines:
+        batch, self._lines, self._size = self._lines, [], 0
+        if not batch:
             return succeed(None)
+        lines = self._text(batch)
         direct = self._direct
         if direct is None:
             for line in lines:
@@ -347,10 +397,29 @@ class AccessLogFile(_Batch, Service, Observer):
         #: Lines lost to failed writes.
         self.dropped = 0
         self._log = Logger(namespace=NAMESPACE)
+        self._second = -1
+        self._stamp = ""
+
+    def _time(self) -> str:
+        """The line's timestamp, now (made once a second)."""
+        assert self._clock is not None
+        now = self._clock.seconds()
+        if int(now) != self._second:
+            self._second = int(now)
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(now))
+        return self._stamp
+
+    def hit_done(self, hit: Hit, client: str, duration: float) -> None:
+        """:meth:`request_done` of ``hit.record(client, duration)``, from the line's
+        fixed parts made once per hit (in ``hit.memo``)."""
+        if self._json:
+            self.request_done(hit.record(client, duration))
+            return
+        parts = _hit_line_parts(hit, self)
+        self._add(f"{self._time()} {escape(client)}{parts[0]}{duration:.3f}{parts[1]}")
 
     def request_done(self, record: RequestRecord) -> None:
-        assert self._clock is not None
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self._clock.seconds()))
+        stamp = self._time()
         if self._json:
             fields = record_fields(record)
             fields["time"] = stamp

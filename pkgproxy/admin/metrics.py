@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from pkgproxy import __version__
 from pkgproxy.fetch.fetch import Outcome, State
-from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.observe import Hit, Observer, RequestRecord
 
 if TYPE_CHECKING:
     from pkgproxy.cache.store import CacheStore
@@ -193,6 +193,10 @@ class ProxyMetrics(Observer):
         self, config: Config, store: CacheStore, inflight: InFlight, clock: IReactorTime
     ) -> None:
         self.registry = CollectorRegistry()
+        #: Replayed hits counted here and added to the counters in one go before they
+        #: are read (a counter's ``inc`` takes a lock, twice per hit otherwise).
+        self._unsettled: list[_HitCount] = []
+        self.registry.register(_Settle(self))  # first: collected before the counters
         self.started = clock.seconds()
         self.recent_errors: deque[ErrorRecord] = deque(maxlen=RECENT_ERRORS)
         self._clock = clock
@@ -297,6 +301,40 @@ class ProxyMetrics(Observer):
         if not record.completed or record.user_agent.startswith(WARM_AGENT):
             self._rare_request(record)
 
+    def hit_done(self, hit: Hit, client: str, duration: float) -> None:
+        """:meth:`request_done` of ``hit.record(client, duration)``, with the counters
+        looked up once per hit (in ``hit.memo``)."""
+        count = hit.memo.get(self)
+        if count is None:
+            count = hit.memo[self] = self._hit_count(hit)
+        if count is _WARM_UP:
+            self.request_done(hit.record(client, duration))
+            return
+        count.count += 1
+        if count.count == 1:
+            self._unsettled.append(count)
+            if len(self._unsettled) >= MAX_UNSETTLED:
+                self.settle()
+
+    def _hit_count(self, hit: Hit) -> _HitCount:
+        if hit.user_agent.startswith(WARM_AGENT):
+            return _WARM_UP  # a warm-up's requests are also its statistics
+        family = hit.family or self.family_of(hit.route)
+        return _HitCount(
+            self.requests.labels(family, hit.route, "hit", "2xx"),
+            self.served_bytes.labels(family, hit.route, "hit") if hit.bytes_sent else None,
+            hit.bytes_sent,
+        )
+
+    def settle(self) -> None:
+        """Add the replayed hits counted since the last call to the counters."""
+        unsettled, self._unsettled = self._unsettled, []
+        for c in unsettled:
+            count, c.count = c.count, 0
+            c.requests.inc(count)
+            if c.served is not None:
+                c.served.inc(count * c.bytes)
+
     def _rare_request(self, record: RequestRecord) -> None:
         cache = record.cache.lower() or NO_CACHE
         family = record.family or self.family_of(record.route)
@@ -361,6 +399,7 @@ class ProxyMetrics(Observer):
 
     def family_stats(self) -> list[FamilyStats]:
         """Per-family totals since start, read back from the counters."""
+        self.settle()
         stats: dict[str, FamilyStats] = {}
 
         def get(family: str) -> FamilyStats:
@@ -407,6 +446,37 @@ def _totals(counter: Counter) -> Iterator[tuple[dict[str, str], float]]:
         for sample in metric.samples:
             if sample.name.endswith("_total"):
                 yield sample.labels, sample.value
+
+
+#: Distinct replayed hits counted before they are added to the counters regardless.
+MAX_UNSETTLED = 1024
+
+
+class _HitCount:
+    """One replayed hit's counters, and its answers not yet added to them."""
+
+    __slots__ = ("bytes", "count", "requests", "served")
+
+    def __init__(self, requests: Any, served: Any, size: int) -> None:
+        self.requests = requests
+        self.served = served
+        self.bytes = size
+        self.count = 0
+
+
+#: A warm-up's hit: counted through :meth:`ProxyMetrics.request_done`.
+_WARM_UP = _HitCount(None, None, 0)
+
+
+class _Settle(Collector):
+    """Yields nothing; collected before the counters, it brings them up to date."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        self._m.settle()
+        return ()
 
 
 class _LiveCollector(Collector):

@@ -6,7 +6,10 @@ of that when the answer is written straight to the transport. So the first time 
 resource answers a plain ``GET`` with a complete cache hit, it records the answer's
 header block here (:meth:`HitPath.remember`); the next identical request (same target,
 ``Host`` and ``Accept``, nothing else that could change the answer) is answered from
-that record by :class:`ProxyChannel` before twisted.web parses it.
+that record by :class:`ProxyChannel` before twisted.web parses it. Request heads are
+kept parsed by their bytes (clients ask again in the same bytes), and a replayed hit is
+reported to the observer as a :class:`~pkgproxy.observe.Hit` made once per head and
+record, so a repeated hit costs little more than a dictionary lookup and a ``send``.
 
 Nothing is decided here: the resource decides, and this replays only its decision, and
 only while it still holds. A record is dropped as soon as its cache entry is no longer
@@ -20,9 +23,10 @@ observer, so the access log and the metrics cannot tell them apart.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -33,7 +37,7 @@ from pkgproxy.cache.keys import split_key
 from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config.model import Route
 from pkgproxy.learning import Learner
-from pkgproxy.observe import Observer, RequestRecord
+from pkgproxy.observe import Hit, Observer
 from pkgproxy.tcpwrite import plain_tcp, send_now
 from pkgproxy.web.routing import valid_host
 
@@ -46,6 +50,12 @@ _NEUTRAL = frozenset(
 
 #: Records kept; past this the oldest half is forgotten (a record is cheap to remake).
 MAX_RECORDS = 20_000
+
+#: Request heads kept parsed (the hits of recent clients), and the longest one kept: a
+#: client asks for the same file in the same bytes again. Past this many, all are
+#: forgotten.
+MAX_HEADS = 4096
+MAX_HEAD_BYTES = 1024
 
 #: ``(target, host, accept, accept-encoding)``: a rewritten document's gzip form is
 #: its own answer.
@@ -69,6 +79,8 @@ class _Record:
     body: bytes | None
     #: The path below the route (what an index being read may list).
     route_path: str
+    #: Tells this record from any other made before or after it.
+    serial: int = field(default_factory=itertools.count().__next__)
 
 
 class HitPath:
@@ -90,6 +102,7 @@ class HitPath:
         self._observer = observer
         self._clock = clock
         self._records: dict[_Key, _Record] = {}
+        self._heads: dict[bytes, _Head] = {}
         self._date_second = -1
         self._date = b""
         #: Requests answered here since start.
@@ -152,11 +165,18 @@ class HitPath:
 
         :return: False to leave the request to twisted.web, untouched.
         """
-        parsed = _parse_head(head, getattr(channel, "maxHeaders", 100))
+        parsed = self._heads.get(head)
         if parsed is None:
+            parsed = _Head.parse(head)
+            if parsed is None:
+                return False
+            if len(head) <= MAX_HEAD_BYTES:
+                if len(self._heads) >= MAX_HEADS:
+                    self._heads.clear()
+                self._heads[head] = parsed
+        if parsed.lines > getattr(channel, "maxHeaders", 100):
             return False
-        method, target, host, accept, agent, coding = parsed
-        key = (target, host, accept, coding)
+        key = parsed.key
         record = self._records.get(key)
         if record is None:
             return False
@@ -171,7 +191,7 @@ class HitPath:
             self._drop(key)
             return False
         body = b""
-        if method == b"GET":
+        if parsed.get:
             body = record.body  # type: ignore[assignment]
             if body is None:
                 try:
@@ -185,28 +205,57 @@ class HitPath:
             self._date_second = second
             self._date = b"Date: " + http.datetimeToString(second) + b"\r\n\r\n"
         transport = channel.transport
+        data = b"".join((record.head, self._date, body))
         if plain_tcp(transport):
-            send_now(transport, record.head + self._date + body)
+            send_now(transport, data)
         else:
-            transport.write(record.head + self._date + body)
+            transport.write(data)
         self.answered += 1
-        self._observer.request_done(
-            RequestRecord(
-                client=channel.pkgproxy_peer,
-                method=method.decode("latin-1"),
-                uri=target.decode("latin-1"),
-                status=200,
-                bytes_sent=len(body),
-                cache="HIT",
-                route=record.route.name,
-                family=record.route.family,
-                duration=self._clock.seconds() - now,
-                upstream_seconds=None,
-                user_agent=agent.decode("latin-1"),
-                completed=True,
-            )
-        )
+        hit = parsed.hit
+        if hit is None or parsed.hit_of != record.serial:
+            hit = parsed.hit_for(record, len(body))
+        self._observer.hit_done(hit, channel.pkgproxy_peer, self._clock.seconds() - now)
         return True
+
+
+class _Head:
+    """A request head the hit path may answer, parsed (kept per head: a client asks
+    again in the same bytes)."""
+
+    __slots__ = ("get", "hit", "hit_of", "key", "lines", "method", "target", "agent")
+
+    def __init__(self, method: bytes, target: bytes, key: _Key, agent: bytes, lines: int) -> None:
+        self.get = method == b"GET"
+        self.method = method
+        self.target = target
+        self.agent = agent
+        self.key = key
+        #: Header lines: a channel allowing fewer leaves the request to twisted.web.
+        self.lines = lines
+        #: What the last answer reported, and the record it answered from.
+        self.hit: Hit | None = None
+        self.hit_of = -1
+
+    @classmethod
+    def parse(cls, head: bytes) -> _Head | None:
+        parsed = _parse_head(head, len(head))  # the channel's cap is checked per answer
+        if parsed is None:
+            return None
+        method, target, host, accept, agent, coding = parsed
+        return cls(method, target, (target, host, accept, coding), agent, head.count(b"\r\n"))
+
+    def hit_for(self, record: _Record, sent: int) -> Hit:
+        """What an answer from ``record`` reports."""
+        self.hit_of = record.serial
+        self.hit = Hit(
+            self.method.decode("latin-1"),
+            self.target.decode("latin-1"),
+            sent,
+            record.route.name,
+            record.route.family,
+            self.agent.decode("latin-1"),
+        )
+        return self.hit
 
 
 def _request_key(request: Request) -> _Key | None:
