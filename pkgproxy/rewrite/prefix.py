@@ -208,7 +208,7 @@ def relink(data: bytes, key: str, prefix: str, public: str) -> bytes | None:
         or _ESCAPED_NAME.search(data) is not None
     ):
         return None
-    if re.search(re.escape(quoted) + rb'[^"]*/\.', data) is not None:
+    if b"/." in data and re.search(re.escape(quoted) + rb'[^"]*/\.', data) is not None:
         return None
     return data.replace(quoted, b'"' + public.encode())
 
