@@ -163,8 +163,6 @@ _TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)
 #: The same, in reversed bytes: there a quote is escaped when an odd run of backslashes
 #: follows it.
 _BACK_TOKEN = re.compile(rb'"(?:[^"]|"(?=(?:\\\\)*\\(?!\\)))*"|[{}\[\]]', re.DOTALL)
-#: A member name written with a ``\u`` escape (which could spell any name).
-_ESCAPED_NAME = re.compile(rb'\\u[0-9a-fA-F]{4}(?:[^"\\]|\\.)*"[ \t\n\r]*:', re.DOTALL)
 #: How far around a link :func:`entry_at` looks for the object holding it.
 ENTRY_MAX = 64 * 1024
 
@@ -205,7 +203,7 @@ def relink(data: bytes, key: str, prefix: str, public: str) -> bytes | None:
         b"\\" + quoted in data
         or b"\\" + keyed in data
         or re.search(re.escape(quoted) + rb'[^"\\]*\\', data) is not None
-        or _ESCAPED_NAME.search(data) is not None
+        or _spelled_with_escapes(data, key)
     ):
         return None
     if b"/." in data and re.search(re.escape(quoted) + rb'[^"]*/\.', data) is not None:
@@ -215,6 +213,30 @@ def relink(data: bytes, key: str, prefix: str, public: str) -> bytes | None:
 
 #: A document as :func:`entry_at` reads it: bytes, or a stored file mapped in memory.
 Document = bytes | mmap.mmap
+
+
+def _spelled_with_escapes(data: bytes, key: str) -> bool:
+    """Whether a member name in ``data`` spells ``key`` with a ``\\u`` escape.
+
+    Such a name has exactly ``len(key)`` characters, each one byte or an escape, and an
+    escape among them: the pattern looks at most that far from any quote, so the search
+    is linear in the document, however many escapes a readme holds. A match that is not
+    a name (a quote that closes a string) only costs a decode.
+    """
+    if b"\\u" not in data:
+        return False
+    k = len(key)
+    atom = rb'(?:[^"\\]|\\u[0-9A-Fa-f]{4})'
+    name = re.compile(
+        rb'"((?=' + atom + rb"{0,%d}\\u)" % (k - 1) + atom + rb'{%d})"[ \t\n\r]*:' % k
+    )
+    for m in name.finditer(data):
+        try:
+            if json.loads(b'"' + m[1] + b'"') == key:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def entry_at(data: Document, needle: bytes) -> list[bytes]:
@@ -247,11 +269,12 @@ def entry_at(data: Document, needle: bytes) -> list[bytes]:
 
 
 def _unescaped(data: Document, at: int) -> bool:
-    """Whether the quote at ``at`` is a real one: an even run of backslashes before it."""
-    run = 0
-    while at - run > 0 and data[at - run - 1] == 0x5C:
-        run += 1
-    return run % 2 == 0
+    """Whether the quote at ``at`` is a real one: an even run of backslashes before it
+    (one longer than :data:`ENTRY_MAX` is not told)."""
+    start = max(0, at - ENTRY_MAX)
+    before = data[start:at]
+    run = len(before) - len(before.rstrip(b"\\"))
+    return run % 2 == 0 and (run < len(before) or start == 0)
 
 
 def _scan(data: bytes, deeper: bytes, token: re.Pattern[bytes]) -> int | None:
