@@ -279,6 +279,18 @@ class EntryTests(SynchronousTestCase):
         for other in found:
             self.assertEqual(other, entry)
 
+    def test_unclosed_strings_cost_linear_time(self) -> None:
+        """Escaped quotes that open no whole string within reach stop the reading; it
+        never searches on from each of them."""
+        after = b'{"dist":{"tarball":"http://h/d/-/d.tgz",' + b'\\"' * 30_000
+        before = b'\\"' * 30_000 + b'{"tarball":"http://h/d/-/d.tgz"}'
+        started = time.process_time()
+        self.assertEqual(prefix.entry_at(after, b'/-/d.tgz"'), [])
+        self.assertEqual(
+            prefix.entry_at(before, b'/-/d.tgz"'), [b'{"tarball":"http://h/d/-/d.tgz"}']
+        )
+        self.assertLess(time.process_time() - started, 0.5)
+
     def test_file_owners(self) -> None:
         cases = {
             "packages/a/b/Foo_Bar-1.0-py3-none-any.whl": ("foo-bar",),

@@ -158,11 +158,12 @@ def write_replaced(
 # that; a document that breaks it is refused (or, not being JSON, fails its client as
 # the upstream's own would).
 
-#: A JSON string or a bracket, read from a point outside any string.
-_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)
+#: A JSON string or a bracket, read from a point outside any string; or a quote that
+#: opens no whole string (the reading stops there: it never searches on from inside one).
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]|"', re.DOTALL)
 #: The same, in reversed bytes: there a quote is escaped when an odd run of backslashes
 #: follows it.
-_BACK_TOKEN = re.compile(rb'"(?:[^"]|"(?=(?:\\\\)*\\(?!\\)))*"|[{}\[\]]', re.DOTALL)
+_BACK_TOKEN = re.compile(rb'"(?:[^"]|"(?=(?:\\\\)*\\(?!\\)))*"|[{}\[\]]|"', re.DOTALL)
 #: How far around a link :func:`entry_at` looks for the object holding it.
 ENTRY_MAX = 64 * 1024
 
@@ -285,6 +286,8 @@ def _scan(data: bytes, deeper: bytes, token: re.Pattern[bytes]) -> int | None:
     for m in token.finditer(data):
         c = data[m.start()]
         if c == 0x22:  # a string
+            if m.end() - m.start() < 2:
+                return None  # not closed within reach
             continue
         if c in deeper:
             depth += 1
