@@ -72,3 +72,25 @@ def flush(transport: Any) -> None:
         and not getattr(transport, "_writeDisconnecting", True)
     ):
         transport.doWrite()
+
+
+def no_delay(transport: Any) -> None:
+    """Send small segments at once on ``transport``'s TCP socket (``TCP_NODELAY``), also
+    beneath TLS.
+
+    With Nagle's algorithm on, a segment smaller than a full one waits for the peer's
+    acknowledgement of the previous one, which a peer delays by up to 40 ms: a
+    response whose head and body (or last verified byte) leave in two sends arrived
+    30-40 ms late. nginx sets it on keep-alive connections too.
+    """
+    for _ in range(3):
+        set_no_delay = getattr(transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except OSError:
+                pass  # closed already, or not TCP after all
+            return
+        transport = getattr(transport, "transport", None)  # under TLS
+        if transport is None:
+            return

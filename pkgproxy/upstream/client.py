@@ -75,7 +75,7 @@ from twisted.web.iweb import (
 from zope.interface import implementer
 
 from pkgproxy.config.model import Route, UpstreamConfig
-from pkgproxy.tcpwrite import flush
+from pkgproxy.tcpwrite import flush, no_delay
 from pkgproxy.upstream.errors import UpstreamError as UpstreamError
 from pkgproxy.upstream.limits import HeldResponse, LimitedAgent, _origin
 from pkgproxy.upstream.pool import HedgingPool
@@ -612,6 +612,10 @@ class _ClientProtocol(HTTP11ClientProtocol):  # type: ignore[misc]
       transfer instead of ending as a possibly complete one; a response with such a
       body says so (``pkgproxy_close_delimited``), as a clean close proves nothing.
     """
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        no_delay(self.transport)
 
     def request(self, request: Any) -> Deferred[Any]:
         d: Deferred[Any] = super().request(request)

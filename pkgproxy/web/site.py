@@ -31,7 +31,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.server import Request, Site
 
 from pkgproxy.config.model import LimitsConfig
-from pkgproxy.tcpwrite import flush
+from pkgproxy.tcpwrite import flush, no_delay
 from pkgproxy.web.fast import HitPath
 from pkgproxy.web.routing import valid_host
 
@@ -144,6 +144,7 @@ class ProxyChannel(HTTPChannel):
         super().connectionMade()
         transport: Any = self.transport
         self.pkgproxy_peer = getattr(transport.getPeer(), "host", "-")
+        no_delay(transport)
 
     def dataReceived(self, data: bytes) -> None:
         transport: Any = self.transport

@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 
-from pkgproxy.tcpwrite import flush, unsent
+from pkgproxy.tcpwrite import flush, no_delay, unsent
 from pkgproxy.upstream import client as upstream_client
 from pkgproxy.web.site import ProxyChannel
 from tests.integration.harness import (
@@ -105,3 +105,49 @@ class FlushTests(IntegrationTestCase):
         flush(None)
         await sleep(0)
         self.assertEqual(t.written, b"")
+
+
+class NoDelayTests(IntegrationTestCase):
+    async def test_client_and_upstream_sockets_send_small_segments_at_once(self) -> None:
+        """Through the server: the client's connection and the upstream connection have
+        TCP_NODELAY set. Without it, a response whose last verified byte leaves in a send
+        of its own waited for the client's delayed acknowledgement (30-40 ms a miss)."""
+        channels: list[bool] = []
+        upstreams: list[bool] = []
+        original_done = ProxyChannel.requestDone
+        original_request = upstream_client._ClientProtocol.request
+
+        def request_done(channel: ProxyChannel, request: Any) -> None:
+            channels.append(bool(channel.transport.getTcpNoDelay()))  # type: ignore[attr-defined]
+            original_done(channel, request)
+
+        def request(protocol: Any, req: Any) -> Any:
+            upstreams.append(bool(protocol.transport.getTcpNoDelay()))
+            return original_request(protocol, req)
+
+        self.patch(ProxyChannel, "requestDone", request_done)
+        self.patch(upstream_client._ClientProtocol, "request", request)
+        upstream, proxy = await self.files_setup()
+        upstream.handlers[b"/small"] = static(pattern(5_000, b"s"))
+        client = HTTPTestClient()
+        self.addCleanup(client.close)
+        result = await client.get(proxy.url("/files/small"))
+        self.assertEqual((result.status, result.body), (200, pattern(5_000, b"s")))
+        self.assertEqual((channels, upstreams), ([True], [True]))
+
+    def test_beneath_tls_and_on_what_is_not_tcp(self) -> None:
+        class Tcp:
+            nodelay = False
+
+            def setTcpNoDelay(self, on: bool) -> None:
+                self.nodelay = on
+
+        class Tls:
+            def __init__(self, below: Any) -> None:
+                self.transport = below
+
+        tcp = Tcp()
+        no_delay(Tls(tcp))
+        self.assertTrue(tcp.nodelay)
+        no_delay(object())  # a transport that is not TCP: nothing to set
+        no_delay(None)
