@@ -33,6 +33,8 @@ class DiskPool(Service):
     :param cpu_threads: threads for rewriting and reading indexes: one by default, as
         such work holds the GIL (more threads gain no time, only memory: measured with
         the workload harness, uv's fan-out peaked at 141 MiB with one, 147-178 with more).
+    :param quick_threads: threads for short reads a request waits for before it can go
+        on (one file's entry in a stored index): never queued behind body writes.
     """
 
     def __init__(
@@ -41,19 +43,22 @@ class DiskPool(Service):
         threads: int = 4,
         durable_threads: int = 2,
         cpu_threads: int = 1,
+        quick_threads: int = 2,
     ) -> None:
         self._reactor = reactor
         self._pools: list[ThreadPool] = []
         self._io: ThreadPool | None = None
         self._durable: ThreadPool | None = None
         self._cpu: ThreadPool | None = None
+        self._quick: ThreadPool | None = None
         if reactor is not None:
             self._io = ThreadPool(minthreads=1, maxthreads=threads, name="pkgproxy-disk")
             self._durable = ThreadPool(
                 minthreads=1, maxthreads=durable_threads, name="pkgproxy-commit"
             )
             self._cpu = ThreadPool(minthreads=1, maxthreads=cpu_threads, name="pkgproxy-index")
-            self._pools = [self._io, self._durable, self._cpu]
+            self._quick = ThreadPool(minthreads=1, maxthreads=quick_threads, name="pkgproxy-lookup")
+            self._pools = [self._io, self._durable, self._cpu, self._quick]
 
     @property
     def synchronous(self) -> bool:
@@ -82,6 +87,10 @@ class DiskPool(Service):
     def run_cpu(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Like :meth:`run`, in the pool for CPU-heavy work (rewriting, reading indexes)."""
         return self._run(self._cpu, f, *args, **kwargs)
+
+    def run_quick(self, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
+        """Like :meth:`run`, for short reads a request waits for (never behind writes)."""
+        return self._run(self._quick, f, *args, **kwargs)
 
     def _run(
         self, pool: ThreadPool | None, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs

@@ -13,7 +13,7 @@ A family that can read one file's entry of a document (:attr:`Family.lookup`: Py
 JSON pages, npm's packuments) is not learned from when a document arrives, if it was
 rewritten by its bytes alone: the document is filed under the package it describes, and
 a request for one of that package's files with no facts yet waits while the stored copy
-is searched for that file's entry, mapped in the disk pool (a few milliseconds, where
+is searched for that file's entry, mapped in a thread of its own (a millisecond, where
 reading all of a large page's 15,000 entries takes a fraction of a second). Where the
 entry cannot be told apart, the whole document is read then. Such documents already in
 the cache at start are filed the same way: a restart reads none of them.
@@ -52,7 +52,7 @@ CHUNK = 1 << 20
 def read_and_look_up(
     family: Family, docs: list[tuple[str, str, str]], url: str
 ) -> tuple[str, list[tuple[str, Expect]] | None]:
-    """In the disk pool (each stored file mapped, not read): what the first of ``docs``
+    """In the lookup threads (each stored file mapped, not read): what the first of ``docs``
     (``(stored file, path, upstream URL)``) that has the file at ``url`` says of it, as
     ``(document URL, learned)``; ``learned`` is ``None`` where an entry could not be
     told apart (then the whole document it came from is to be read)."""
@@ -207,7 +207,7 @@ class Learner:
         self._looking[url] = [d]
         for entry, _, _ in docs:
             self._store.pin(entry)
-        work = self._pool.run(
+        work = self._pool.run_quick(
             read_and_look_up,
             family,
             [(self._store.path_of(e), p, u) for e, p, u in docs],
