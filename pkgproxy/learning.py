@@ -50,19 +50,26 @@ CHUNK = 1 << 20
 
 
 def read_and_look_up(
-    family: Family, docs: list[tuple[str, str, str]], url: str
+    family: Family, docs: list[tuple[str | bytes, str, str]], url: str
 ) -> tuple[str, list[tuple[str, Expect]] | None]:
-    """In the lookup threads (each stored file mapped, not read): what the first of ``docs``
-    (``(stored file, path, upstream URL)``) that has the file at ``url`` says of it, as
-    ``(document URL, learned)``; ``learned`` is ``None`` where an entry could not be
-    told apart (then the whole document it came from is to be read)."""
+    """In the lookup threads: what the first of ``docs`` (``(stored file, or the bytes
+    of one not committed yet, path, upstream URL)``) that has the file at ``url`` says
+    of it, as ``(document URL, learned)``; ``learned`` is ``None`` where an entry could
+    not be told apart (then the whole document it came from is to be read). A stored
+    file is mapped, not read."""
     assert family.lookup is not None
-    for local_file, path, doc_url in docs:
-        try:
-            with open(local_file, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data:
-                found = family.lookup(data, url, path, doc_url)
-        except (OSError, ValueError):  # gone, or empty
-            continue
+    for source, path, doc_url in docs:
+        if isinstance(source, bytes):
+            found = family.lookup(source, url, path, doc_url)
+        else:
+            try:
+                with (
+                    open(source, "rb") as f,
+                    mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as data,
+                ):
+                    found = family.lookup(data, url, path, doc_url)
+            except (OSError, ValueError):  # gone, or empty
+                continue
         if found is None or found:
             return doc_url, found
     return "", []
@@ -131,8 +138,9 @@ class Learner:
         #: False until the indexes already in the cache have been read again.
         self.ready = False
         #: Documents learned from one file at a time (:attr:`Family.lookup`), by family
-        #: and package: ``{upstream URL: (cache key of a stored copy, path)}``.
-        self._lazy: dict[str, dict[str, dict[str, tuple[str, str]]]] = {}
+        #: and package: ``{upstream URL: (cache key of a stored copy, path, bytes)}``;
+        #: from its verification until its commit, a document is its bytes (no key).
+        self._lazy: dict[str, dict[str, dict[str, tuple[str, str, bytes | None]]]] = {}
         #: Lookups under way, by file URL: the requests waiting for each.
         self._looking: dict[str, list[Deferred[None]]] = {}
 
@@ -191,12 +199,12 @@ class Learner:
             return None
         family = FAMILIES[route.family]
         assert family.file_owners is not None
-        docs = []
+        docs: list[tuple[Entry | bytes, str, str]] = []
         for owner in family.file_owners(path):
-            for doc_url, (key, doc_path) in lazy.get(owner, {}).items():
-                entry = self._store.peek(key)
-                if entry is not None:
-                    docs.append((entry, doc_path, doc_url))
+            for doc_url, (key, doc_path, data) in lazy.get(owner, {}).items():
+                held = data if data is not None else self._store.peek(key)
+                if held is not None:
+                    docs.append((held, doc_path, doc_url))
         if not docs:
             return None
         d: Deferred[None] = Deferred()
@@ -205,12 +213,13 @@ class Learner:
             waiting.append(d)
             return d
         self._looking[url] = [d]
-        for entry, _, _ in docs:
+        pinned = [e for e, _, _ in docs if isinstance(e, Entry)]
+        for entry in pinned:
             self._store.pin(entry)
         work = self._pool.run_quick(
             read_and_look_up,
             family,
-            [(self._store.path_of(e), p, u) for e, p, u in docs],
+            [(e if isinstance(e, bytes) else self._store.path_of(e), p, u) for e, p, u in docs],
             url,
         )
 
@@ -224,16 +233,16 @@ class Learner:
             # Not told apart: read the whole document, as any other index.
             if not doc_url:
                 return None
-            for entry, _, u in docs:
+            for held, doc_path, u in docs:
                 if u == doc_url:
-                    return self._whole(route.family, entry)
+                    return self._whole(route.family, held, doc_path, doc_url)
             return None
 
         def failed(f: Failure) -> None:
             log.warn("cannot look up {url}: {e}", url=url, e=f.getErrorMessage())
 
         def done(_: object) -> None:
-            for entry, _p, _u in docs:
+            for entry in pinned:
                 self._store.unpin(entry)
             for waiter in self._looking.pop(url, []):
                 waiter.callback(None)
@@ -241,24 +250,44 @@ class Learner:
         work.addCallback(found).addErrback(failed).addBoth(done)
         return d
 
-    def _whole(self, family: str, entry: Entry) -> Deferred[None]:
+    def _whole(self, family: str, held: Entry | bytes, path: str, url: str) -> Deferred[None]:
         """Learn from all of a document that was to be learned one file at a time."""
-        self._forget_lazy(family, entry.url)
-        return self.committed(entry).addCallback(lambda _: None)
+        if isinstance(held, Entry):
+            self._forget_lazy(family, url)
+            return self.committed(held).addCallback(lambda _: None)
+        # Not committed yet: its bytes, read in the index thread; it stays filed, so its
+        # commit makes it a stored document like any other.
+        learn = FAMILIES[family].learn
+        assert learn is not None
+        parsed = self._pool.run_cpu(learn, path, [held], url)
 
-    def _lazily(self, route: Route, owner: str, entry: Entry) -> None:
-        """File a document to be learned from one file at a time (its new copy's facts
-        replace what an older copy taught)."""
+        def learned(items: list[tuple[str, Expect]]) -> None:
+            self.facts.add([(self.upstream_url(u), e) for u, e in items], source=url)
+
+        return parsed.addCallback(learned)
+
+    def _lazily(self, route: Route, owner: str, entry: Entry, fresh: bool = True) -> None:
+        """File a document to be learned from one file at a time (with ``fresh``, its
+        new copy's facts replace what an older copy taught)."""
         if self._store.peek(entry.key) is not entry:
             return
-        self.facts.forget(entry.url)
+        if fresh:
+            self.facts.forget(entry.url)
         self.facts.generation += 1
         self._copies.setdefault(entry.url, set()).add(entry.key)
         _, path = split_key(entry.key)
         self._lazy.setdefault(route.family, {}).setdefault(owner, {})[entry.url] = (
             entry.key,
             path,
+            None,
         )
+
+    def _provisional(self, family: str, owner: str, url: str, path: str, data: bytes) -> None:
+        """File a relinked document by its bytes from its verification (its client is
+        about to ask for its files) until it is committed or not."""
+        self.facts.forget(url)
+        self.facts.generation += 1
+        self._lazy.setdefault(family, {}).setdefault(owner, {})[url] = ("", path, data)
 
     def _forget_lazy(self, family: str, url: str) -> None:
         by_owner = self._lazy.get(family)
@@ -286,7 +315,9 @@ class Learner:
             else:
                 d.callback(None)
 
-    def hooks(self, route: Route, path: str) -> tuple[Callable[[], None], Callable[[Fetch], None]]:
+    def hooks(
+        self, route: Route, path: str
+    ) -> tuple[Callable[[Fetch], None], Callable[[Fetch], None]]:
         """``(on_verified, on_settled)`` for the fetch of the index at ``path`` of ``route``."""
         began = False
         family = FAMILIES[route.family]
@@ -295,12 +326,30 @@ class Learner:
         # A document rewritten by its bytes is read one file's entry at a time.
         lazy_ok = family.lookup is not None and family.file_owners is not None
 
-        def on_verified() -> None:
-            nonlocal began
+        provisional = False
+
+        def on_verified(fetch: Fetch) -> None:
+            nonlocal began, provisional
+            if lazy_ok and owner is not None and fetch.relinked and fetch.document is not None:
+                # Nothing to read now: its files are looked up in its bytes meanwhile.
+                provisional = True
+                self._provisional(route.family, owner, fetch.request.url, path, fetch.document)
+                return
             began = True
             self._begin(route.family, owner)
 
         def on_settled(fetch: Fetch) -> None:
+            if provisional:
+                assert owner is not None
+                url = fetch.request.url
+                docs = self._lazy.get(route.family, {}).get(owner, {})
+                if docs.get(url, ("", "", None))[2] is fetch.document:
+                    del docs[url]  # still this fetch's: the stored copy takes its place
+                if fetch.entry is not None:
+                    self._lazily(route, owner, fetch.entry, fresh=False)
+                elif url not in self._copies:
+                    self.facts.forget(url)  # not stored: what it taught goes with it
+                return
             if not began:
                 return
             if fetch.entry is not None and fetch.relinked and owner is not None and lazy_ok:
@@ -371,7 +420,7 @@ class Learner:
             for docs in self._lazy.get(route.family, {}).values():
                 held = docs.get(entry.url)
                 if held is not None and held[0] == entry.key:
-                    docs[entry.url] = (next(iter(copies)), held[1])
+                    docs[entry.url] = (next(iter(copies)), held[1], None)
 
     def relearn(self) -> Deferred[None]:
         """Read every cached index again (at start)."""

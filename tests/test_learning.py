@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -42,6 +43,10 @@ def packages(*names: str) -> bytes:
         f"Package: {n}\nFilename: pool/main/{n}.deb\nSize: 3\nSHA256: {'a' * 64}\n\n" for n in names
     )
     return gzip.compress(text.encode())
+
+
+#: A fetch whose document was parsed (not relinked): learned from when it is stored.
+PARSED: Any = SimpleNamespace(relinked=False, document=None)
 
 
 class UpstreamLinksTests(SynchronousTestCase):
@@ -162,7 +167,7 @@ class LearnerTests(SynchronousTestCase):
             DEBIAN, "dists/stable/main/binary-amd64/Packages"
         )
         self.assertFalse(self.learner.busy(DEBIAN))
-        on_verified()
+        on_verified(PARSED)
         self.assertTrue(self.learner.busy(DEBIAN))
         idle: list[None] = []
         self.learner.idle(DEBIAN).addCallback(idle.append)
@@ -185,7 +190,7 @@ class LearnerTests(SynchronousTestCase):
         on_verified, on_settled = self.learner.hooks(
             DEBIAN, "dists/stable/main/binary-amd64/Packages"
         )
-        on_verified()
+        on_verified(PARSED)
         fetch: Any = type("Settled", (), {"entry": None, "learned": None, "relinked": False})()
         on_settled(fetch)
         self.assertFalse(self.learner.busy(DEBIAN))
@@ -195,7 +200,7 @@ class LearnerTests(SynchronousTestCase):
         on_verified, on_settled = self.learner.hooks(
             DEBIAN, "dists/stable/main/binary-amd64/Packages"
         )
-        on_verified()
+        on_verified(PARSED)
         entry = self.put(PACKAGES, packages())
         taught = [(UPSTREAM + "pool/x.deb", Expect(1))]
         fetch: Any = type("Settled", (), {"entry": entry, "learned": taught, "relinked": False})()

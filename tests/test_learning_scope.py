@@ -9,6 +9,7 @@ their family (a Debian Packages file) still hold back the whole family.
 from __future__ import annotations
 
 import tempfile
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -23,6 +24,10 @@ from pkgproxy.learning import Learner
 PYPI = Route(name="pypi", family="pypi", prefix="/pypi/", upstream="http://up.test/")
 NPM = Route(name="npm", family="npm", prefix="/npm/", upstream="http://up.test/npm/")
 DEBIAN = Route(name="debian", family="debian", prefix="/debian/", upstream="http://up.test/d/")
+
+
+#: A fetch whose document was parsed (not relinked): learned from when it is stored.
+PARSED: Any = SimpleNamespace(relinked=False, document=None)
 
 
 class _Settled:
@@ -42,7 +47,7 @@ class LearningScopeTests(SynchronousTestCase):
     def reading(self, route: Route, path: str) -> Any:
         """Begin reading the index at ``path``; returns its ``on_settled``."""
         on_verified, on_settled = self.learner.hooks(route, path)
-        on_verified()
+        on_verified(PARSED)
         return on_settled
 
     def test_pypi_page_holds_its_own_files_only(self) -> None:

@@ -16,16 +16,22 @@ import gzip
 import hashlib
 import json
 import time
+from types import SimpleNamespace
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
 from pkgproxy import deflate
 from pkgproxy.cache.keys import PACKED
-from pkgproxy.families import Expect, npm, pypi
+from pkgproxy.cache.store import CacheStore, Entry
+from pkgproxy.config import Route
+from pkgproxy.diskpool import DiskPool
+from pkgproxy.families import Expect, Facts, npm, pypi
+from pkgproxy.learning import Learner
 from pkgproxy.rewrite import npm_packument, prefix
 from pkgproxy.rewrite.links import Linker
 from pkgproxy.rewrite.pypi_simple import V1_JSON
@@ -430,3 +436,84 @@ class ServerTests(SynchronousTestCase):
         (packed,) = [e for e in self.proxy.store.entries() if e.key.endswith(PACKED)]
         with open(self.proxy.store.path_of(packed), "rb") as f:
             self.assertEqual(gzip.decompress(f.read()), plain)
+
+
+class WindowTests(SynchronousTestCase):
+    """From a relinked page's verification (its client is about to ask for its files)
+    until its commit, its files are looked up in its bytes: nothing waits for the
+    commit's fsyncs, and nothing slips through unchecked."""
+
+    ROUTE = Route(name="pypi", family="pypi", prefix="/pypi/", upstream="http://up.test/")
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.store = CacheStore(self.mktemp(), 1 << 30, DiskPool(None), self.clock)
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
+        self.learner = Learner(Facts(), self.store, DiskPool(None), (self.ROUTE,))
+        page = self.page()
+        self.fetch: Any = SimpleNamespace(
+            relinked=True,
+            document=page,
+            learned=None,
+            entry=None,
+            request=SimpleNamespace(url="http://up.test/simple/demo/"),
+        )
+        self.wheel = "packages/ab/demo-1.0-py3-none-any.whl"
+
+    @staticmethod
+    def page(digest: str = "a" * 64) -> bytes:
+        entry = {
+            "filename": "demo-1.0-py3-none-any.whl",
+            "hashes": {"sha256": digest},
+            "url": "http://up.test/packages/ab/demo-1.0-py3-none-any.whl",
+        }
+        return compact({"files": [entry], "name": "demo"})
+
+    def commit(self, body: bytes) -> Entry:
+        key = "pypi:simple/demo/#application/vnd.pypi.simple.v1+json#@http://c"
+        temp = self.store.temp_name(key)
+        with open(temp, "wb") as f:
+            f.write(body)
+        now = self.clock.seconds()
+        entry = Entry(
+            key=key,
+            url="http://up.test/simple/demo/",
+            file="",
+            size=len(body),
+            sha256=hashlib.sha256(body).hexdigest(),
+            headers={},
+            etag=None,
+            last_modified=None,
+            fetched=now,
+            expires=now + 600,
+            last_access=now,
+        )
+        committed: list[Entry] = []
+        self.store.commit(entry, temp).addCallback(committed.append)
+        return committed[0]
+
+    def test_looked_up_in_the_bytes_before_the_commit(self) -> None:
+        on_verified, on_settled = self.learner.hooks(self.ROUTE, "simple/demo/")
+        on_verified(self.fetch)
+        self.assertFalse(self.learner.busy(self.ROUTE, self.wheel))
+        waiting = self.learner.ready_for(self.ROUTE, self.wheel)
+        self.assertIsNotNone(waiting)
+        url = "http://up.test/" + self.wheel
+        self.assertEqual(self.learner.facts.get(url), Expect(None, {"sha256": "a" * 64}))
+        # Committed: the stored copy takes the bytes' place; what they taught stays.
+        self.fetch.entry = self.commit(self.page())
+        on_settled(self.fetch)
+        self.assertEqual(self.learner.facts.get(url), Expect(None, {"sha256": "a" * 64}))
+        self.learner.facts.forget("http://up.test/simple/demo/")
+        self.assertIsNotNone(self.learner.ready_for(self.ROUTE, self.wheel))
+        self.assertEqual(self.learner.facts.get(url), Expect(None, {"sha256": "a" * 64}))
+
+    def test_not_stored_teaches_nothing_after(self) -> None:
+        on_verified, on_settled = self.learner.hooks(self.ROUTE, "simple/demo/")
+        on_verified(self.fetch)
+        self.learner.ready_for(self.ROUTE, self.wheel)
+        self.assertEqual(len(self.learner.facts), 1)
+        on_settled(self.fetch)  # no entry: not stored
+        self.assertEqual(len(self.learner.facts), 0)
+        self.assertIsNone(self.learner.ready_for(self.ROUTE, self.wheel))

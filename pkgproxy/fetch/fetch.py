@@ -91,7 +91,7 @@ class FetchRequest:
     stale: Entry | None = None
     extra_headers: dict[bytes, bytes] = field(default_factory=dict)
     #: Called once the body is complete and verified, before any client sees its end.
-    on_verified: Callable[[], object] | None = None
+    on_verified: Callable[[Fetch], object] | None = None
     #: Passed to the decision's rewriter, if it has one.
     rewrite_context: RewriteContext | None = None
 
@@ -141,6 +141,8 @@ class Fetch:
         #: The rewritten document was rewritten by its bytes alone and is learned from
         #: as files are asked for (:attr:`pkgproxy.families.Family.lookup`).
         self.relinked = False
+        #: A relinked document's bytes, from its verification until it is settled.
+        self.document: bytes | None = None
         #: The gzip form of a rewritten document, committed beside it.
         self._packed: Packed | None = None
         self._subscribers = 0
@@ -508,6 +510,7 @@ class Fetch:
         def swapped(done: finish.Rewritten) -> None:
             self.learned = done.learned
             self.relinked = done.relinked
+            self.document = done.document
             if plain is not None:
                 del self.headers[b"content-encoding"]
             self._discard_temp()
@@ -540,7 +543,7 @@ class Fetch:
         self.sha256 = self._hashers["sha256"].hexdigest()
         self.state = State.DONE
         if self.request.on_verified is not None:
-            self.request.on_verified()
+            self.request.on_verified(self)
         self._notify()
         if self._storable(reason):
             self._commit()
@@ -624,6 +627,7 @@ class Fetch:
         callbacks, self._settled_callbacks = self._settled_callbacks, []
         for f in callbacks:
             f(self)
+        self.document = None
 
 
 def _stored_headers(resp: UpstreamResponse, url: str) -> dict[bytes, bytes]:

@@ -236,6 +236,8 @@ class Rewritten:
     learned: Learned | None
     packed: Packed | None
     relinked: bool = False
+    #: The relinked document's bytes, for its files' lookups until it is committed.
+    document: bytes | None = None
 
 
 #: A document rewritten in memory by its bytes (:attr:`Decision.relink`) is at most this
@@ -324,7 +326,7 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(packed)
-    return Rewritten(fd, digest, len(served), None, gz, relinked=True)
+    return Rewritten(fd, digest, len(served), None, gz, relinked=True, document=served)
 
 
 def hash_and_pack(path: str, packed: str) -> tuple[str, int, Packed | None]:
