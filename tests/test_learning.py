@@ -4,7 +4,6 @@ directory, with a synchronous disk pool and a ``Clock``."""
 from __future__ import annotations
 
 import gzip
-import hashlib
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +17,7 @@ from pkgproxy.config.model import Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Expect, Facts
 from pkgproxy.learning import Learner, UpstreamLinks
+from tests.support.entries import commit
 
 UPSTREAM = "http://deb.test/debian/"
 DEBIAN = Route(
@@ -83,29 +83,9 @@ class LearnerTests(SynchronousTestCase):
 
     def put(self, path: str, body: bytes, store: CacheStore | None = None) -> Entry:
         """Commit ``body`` as the cached copy of ``path`` of the Debian route."""
-        store = store or self.store
-        key = "debian:" + path
-        temp = store.temp_name(key)
-        with open(temp, "wb") as f:
-            f.write(body)
-        now = self.clock.seconds()
-        entry = Entry(
-            key=key,
-            url=UPSTREAM + path,
-            file="",
-            size=len(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-            headers={},
-            etag=None,
-            last_modified=None,
-            fetched=now,
-            expires=now + 60,
-            last_access=now,
+        return commit(
+            store or self.store, "debian:" + path, UPSTREAM + path, body, self.clock.seconds(), 60
         )
-        committed: list[Entry] = []
-        store.commit(entry, temp).addCallback(committed.append)
-        self.assertEqual(len(committed), 1)
-        return committed[0]
 
     def learned(self, entry: Entry) -> int:
         out: list[int] = []

@@ -37,6 +37,7 @@ from pkgproxy.rewrite.links import Linker
 from pkgproxy.rewrite.pypi_simple import V1_JSON
 from pkgproxy.testing import MemoryProxy
 from tests.support import npmrepo
+from tests.support.entries import commit
 from tests.support.npmrepo import DEP, SCOPED, NpmPackage
 from tests.test_prefix_rewrite import FILES, REGISTRY, context, simple_page
 
@@ -472,26 +473,8 @@ class WindowTests(SynchronousTestCase):
 
     def commit(self, body: bytes) -> Entry:
         key = "pypi:simple/demo/#application/vnd.pypi.simple.v1+json#@http://c"
-        temp = self.store.temp_name(key)
-        with open(temp, "wb") as f:
-            f.write(body)
-        now = self.clock.seconds()
-        entry = Entry(
-            key=key,
-            url="http://up.test/simple/demo/",
-            file="",
-            size=len(body),
-            sha256=hashlib.sha256(body).hexdigest(),
-            headers={},
-            etag=None,
-            last_modified=None,
-            fetched=now,
-            expires=now + 600,
-            last_access=now,
-        )
-        committed: list[Entry] = []
-        self.store.commit(entry, temp).addCallback(committed.append)
-        return committed[0]
+        url = "http://up.test/simple/demo/"
+        return commit(self.store, key, url, body, self.clock.seconds(), 600)
 
     def test_looked_up_in_the_bytes_before_the_commit(self) -> None:
         on_verified, on_settled = self.learner.hooks(self.ROUTE, "simple/demo/")
