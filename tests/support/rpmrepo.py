@@ -274,11 +274,18 @@ def build_rpm_repo(
 def republish(repo: RpmRepo, specs: Sequence[RpmSpec]) -> None:
     """Add packages and publish new metadata with a newer revision (old repodata removed).
 
-    Waits until the second after the old repomd.xml was written: an upstream answering
-    ``If-Modified-Since`` from whole-second mtimes would call the new one unmodified.
+    Waits until the second after the old repomd.xml and its signature were written: an
+    upstream answering ``If-Modified-Since`` from whole-second mtimes would call the new
+    one unmodified, and a signature made in the same second as the old one would not be
+    newer than it (the cache orders signatures by their whole-second creation time).
     """
-    repomd = os.path.join(repo.root, "repodata", "repomd.xml")
-    wait = int(os.stat(repomd).st_mtime) + 1.05 - time.time()
+    repodata = os.path.join(repo.root, "repodata")
+    written = max(
+        os.stat(os.path.join(repodata, name)).st_mtime
+        for name in ("repomd.xml", "repomd.xml.asc")
+        if os.path.exists(os.path.join(repodata, name))
+    )
+    wait = int(written) + 1.05 - time.time()
     if wait > 0:
         time.sleep(wait)
     _add(repo, specs)
