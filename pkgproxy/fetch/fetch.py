@@ -141,8 +141,10 @@ class Fetch:
         #: The rewritten document was rewritten by its bytes alone and is learned from
         #: as files are asked for (:attr:`pkgproxy.families.Family.lookup`).
         self.relinked = False
-        #: A relinked document's bytes, from its verification until it is settled.
+        #: A relinked document's bytes, from its verification until it is settled, and
+        #: its gzip form's with that form's sha256 (what its clients are sent from).
         self.document: bytes | None = None
+        self.document_gz: tuple[bytes, str] | None = None
         #: The gzip form of a rewritten document, committed beside it.
         self._packed: Packed | None = None
         self._subscribers = 0
@@ -511,6 +513,8 @@ class Fetch:
             self.learned = done.learned
             self.relinked = done.relinked
             self.document = done.document
+            if done.document_gz is not None and done.packed is not None:
+                self.document_gz = (done.document_gz, done.packed.sha256)
             if plain is not None:
                 del self.headers[b"content-encoding"]
             self._discard_temp()
@@ -628,6 +632,7 @@ class Fetch:
         for f in callbacks:
             f(self)
         self.document = None
+        self.document_gz = None
 
 
 def _stored_headers(resp: UpstreamResponse, url: str) -> dict[bytes, bytes]:

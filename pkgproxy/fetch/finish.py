@@ -238,6 +238,8 @@ class Rewritten:
     relinked: bool = False
     #: The relinked document's bytes, for its files' lookups until it is committed.
     document: bytes | None = None
+    #: Its gzip form's bytes, for the clients of this fetch that take gzip.
+    document_gz: bytes | None = None
 
 
 #: A document rewritten in memory by its bytes (:attr:`Decision.relink`) is at most this
@@ -318,6 +320,7 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
         raise
     digest = hashlib.sha256(served).hexdigest()
     gz: Packed | None = None
+    body = b""
     if len(served) >= PACK_MIN:
         body = deflate.compress(served)
         with open(packed, "wb") as f:
@@ -326,7 +329,16 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(packed)
-    return Rewritten(fd, digest, len(served), None, gz, relinked=True, document=served)
+    return Rewritten(
+        fd,
+        digest,
+        len(served),
+        None,
+        gz,
+        relinked=True,
+        document=served,
+        document_gz=body if gz is not None else None,
+    )
 
 
 def hash_and_pack(path: str, packed: str) -> tuple[str, int, Packed | None]:

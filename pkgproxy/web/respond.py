@@ -267,6 +267,30 @@ class Streamed:
         etag = etag_b.decode("latin-1") if etag_b else None
         lm = lm_b.decode("latin-1") if lm_b else None
         headers = {k.decode(): v.decode("latin-1") for k, v in fetch.headers.items()}
+        packed = fetch.document_gz
+        if (
+            packed is not None
+            and decision.rewrite is not None
+            and req.getHeader(b"range") is None
+            and conditional.takes_gzip(req.getHeader(b"accept-encoding"))
+        ):
+            # The gzip form, in memory until stored, as a hit would be sent it.
+            file.release()
+            body, digest = packed
+            gz_etag = f'"{digest}"'
+            headers["content-encoding"] = "gzip"
+            set_headers(
+                req, headers, decision.response_headers, self._x_cache, gz_etag, lm, ranges=False
+            )
+            if conditional.not_modified(req, gz_etag, lm):
+                req.setResponseCode(http.NOT_MODIFIED)
+                req.finish()
+                return
+            req.setHeader(b"content-length", b"%d" % len(body))
+            if req.method != b"HEAD":
+                req.write(body)
+            req.finish()
+            return
         if decision.rewrite is not None:
             etag = f'"{fetch.sha256}"'  # this is our representation, not the upstream's
         # A part is sent only with the ETag it belongs to; a body whose own ETag is

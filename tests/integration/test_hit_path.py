@@ -360,6 +360,54 @@ class GzipHitTests(IntegrationTestCase):
         """A compact page is rewritten by its bytes and compressed in memory."""
         await self._replays(compact=True)
 
+    async def test_first_clients_of_a_relinked_page_get_its_gzip_form(self) -> None:
+        """The clients of the fetch itself, not only later hits, are sent the gzip form
+        when they take it (a quarter of the bytes), and it is the identity document's."""
+        import gzip
+        import json
+
+        upstream = await self.start_upstream()
+        files = upstream.url("/files/")
+        doc = json.dumps(
+            {
+                "meta": {"api-version": "1.1"},
+                "name": "demo",
+                "files": [
+                    {"filename": f"demo-1.{i}.tar.gz", "url": f"{files}demo-1.{i}.tar.gz"}
+                    for i in range(100)
+                ],
+            },
+            separators=(",", ":"),
+        ).encode()
+        upstream.handlers[b"/index/simple/demo/"] = static(
+            doc, [(b"content-type", b"application/vnd.pypi.simple.v1+json")]
+        )
+        proxy = await self.start_proxy(
+            {
+                "routes": {
+                    "pypi": {"upstream": upstream.url("/index/")},
+                    "pypi-files": {"upstream": files},
+                }
+            }
+        )
+        accept = b"Accept: application/vnd.pypi.simple.v1+json"
+        (first,), _ = await self._exchange(
+            proxy, get("/pypi/simple/demo/", accept, b"Accept-Encoding: gzip")
+        )
+        self.assertEqual(first.headers.get(b"x-cache"), b"MISS")
+        self.assertEqual(first.headers.get(b"content-encoding"), b"gzip")
+        self.assertIn(b"accept-encoding", first.headers.get(b"vary", b"").lower())
+        await proxy.settled()
+        (plain,), _ = await self._exchange(proxy, get("/pypi/simple/demo/", accept))
+        self.assertEqual(gzip.decompress(first.body), plain.body)
+        self.assertIn(b'"url":"http://proxy/pypi/files/demo-1.0.tar.gz"', plain.body)
+        (again,), _ = await self._exchange(
+            proxy, get("/pypi/simple/demo/", accept, b"Accept-Encoding: gzip")
+        )
+        self.assertEqual(
+            (again.body, again.headers.get(b"etag")), (first.body, first.headers.get(b"etag"))
+        )
+
     async def _replays(self, compact: bool) -> None:
         import gzip
         import json
