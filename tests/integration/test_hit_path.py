@@ -364,32 +364,8 @@ class GzipHitTests(IntegrationTestCase):
         """The clients of the fetch itself, not only later hits, are sent the gzip form
         when they take it (a quarter of the bytes), and it is the identity document's."""
         import gzip
-        import json
 
-        upstream = await self.start_upstream()
-        files = upstream.url("/files/")
-        doc = json.dumps(
-            {
-                "meta": {"api-version": "1.1"},
-                "name": "demo",
-                "files": [
-                    {"filename": f"demo-1.{i}.tar.gz", "url": f"{files}demo-1.{i}.tar.gz"}
-                    for i in range(100)
-                ],
-            },
-            separators=(",", ":"),
-        ).encode()
-        upstream.handlers[b"/index/simple/demo/"] = static(
-            doc, [(b"content-type", b"application/vnd.pypi.simple.v1+json")]
-        )
-        proxy = await self.start_proxy(
-            {
-                "routes": {
-                    "pypi": {"upstream": upstream.url("/index/")},
-                    "pypi-files": {"upstream": files},
-                }
-            }
-        )
+        proxy = await self._page_proxy(compact=True)
         accept = b"Accept: application/vnd.pypi.simple.v1+json"
         (first,), _ = await self._exchange(
             proxy, get("/pypi/simple/demo/", accept, b"Accept-Encoding: gzip")
@@ -408,8 +384,9 @@ class GzipHitTests(IntegrationTestCase):
             (again.body, again.headers.get(b"etag")), (first.body, first.headers.get(b"etag"))
         )
 
-    async def _replays(self, compact: bool) -> None:
-        import gzip
+    async def _page_proxy(self, compact: bool) -> Any:
+        """A proxy whose PyPI routes lead to a 100-file PEP 691 page, written compactly
+        (relinked in memory) or with spaces (rewritten through the parser)."""
         import json
 
         upstream = await self.start_upstream()
@@ -428,7 +405,7 @@ class GzipHitTests(IntegrationTestCase):
         upstream.handlers[b"/index/simple/demo/"] = static(
             doc, [(b"content-type", b"application/vnd.pypi.simple.v1+json")]
         )
-        proxy = await self.start_proxy(
+        return await self.start_proxy(
             {
                 "routes": {
                     "pypi": {"upstream": upstream.url("/index/")},
@@ -436,6 +413,11 @@ class GzipHitTests(IntegrationTestCase):
                 }
             }
         )
+
+    async def _replays(self, compact: bool) -> None:
+        import gzip
+
+        proxy = await self._page_proxy(compact)
         accept = b"Accept: application/vnd.pypi.simple.v1+json"
         gz = b"Accept-Encoding: gzip"
         raw = await self.raw_client(proxy)
