@@ -226,7 +226,7 @@ class Learner:
         def found(result: tuple[str, list[tuple[str, Expect]] | None]) -> Deferred[None] | None:
             doc_url, items = result
             if items is not None:
-                mapped = [(self.upstream_url(u), e) for u, e in items]
+                mapped = self._upstream(items)
                 if any(u == url for u, _ in mapped):
                     self.facts.add(mapped, source=doc_url, more=True)
                     return None
@@ -262,7 +262,7 @@ class Learner:
         parsed = self._pool.run_cpu(learn, path, [held], url)
 
         def learned(items: list[tuple[str, Expect]]) -> None:
-            self.facts.add([(self.upstream_url(u), e) for u, e in items], source=url)
+            self.facts.add(self._upstream(items), source=url)
 
         return parsed.addCallback(learned)
 
@@ -330,7 +330,7 @@ class Learner:
 
         def on_verified(fetch: Fetch) -> None:
             nonlocal began, provisional
-            if lazy_ok and owner is not None and fetch.relinked and fetch.document is not None:
+            if lazy_ok and owner is not None and fetch.document is not None:
                 # Nothing to read now: its files are looked up in its bytes meanwhile.
                 provisional = True
                 self._provisional(route.family, owner, fetch.request.url, path, fetch.document)
@@ -352,10 +352,7 @@ class Learner:
                 return
             if not began:
                 return
-            if fetch.entry is not None and fetch.relinked and owner is not None and lazy_ok:
-                self._lazily(route, owner, fetch.entry)
-                self._end(route.family, owner)
-            elif fetch.entry is not None and fetch.learned is not None:
+            if fetch.entry is not None and fetch.learned is not None:
                 # Learned from the upstream's own document while it was rewritten.
                 self._learned(fetch.entry, fetch.learned)
                 self._end(route.family, owner)
@@ -381,7 +378,7 @@ class Learner:
         )
 
         def learned(items: list[tuple[str, Expect]]) -> int:
-            return self._learned(entry, [(self.upstream_url(u), e) for u, e in items])
+            return self._learned(entry, self._upstream(items))
 
         def failed(f: Failure) -> int:
             log.warn("cannot read index {key}: {e}", key=entry.key, e=f.getErrorMessage())
@@ -392,6 +389,11 @@ class Learner:
             return n
 
         return parsed.addCallbacks(learned, failed).addBoth(done)
+
+    def _upstream(self, items: list[tuple[str, Expect]]) -> list[tuple[str, Expect]]:
+        """What a stored copy teaches, keyed by upstream URL (its links may lead
+        through this proxy, as one client reached it)."""
+        return [(self.upstream_url(u), e) for u, e in items]
 
     def _learned(self, entry: Entry, items: list[tuple[str, Expect]]) -> int:
         """Record what the document stored as ``entry`` teaches, under its upstream URL

@@ -46,7 +46,7 @@ def packages(*names: str) -> bytes:
 
 
 #: A fetch whose document was parsed (not relinked): learned from when it is stored.
-PARSED: Any = SimpleNamespace(relinked=False, document=None)
+PARSED: Any = SimpleNamespace(document=None)
 
 
 class UpstreamLinksTests(SynchronousTestCase):
@@ -156,7 +156,6 @@ class LearnerTests(SynchronousTestCase):
 
         class Settled:
             learned = None
-            relinked = False
 
         fetch: Any = Settled()
         fetch.entry = entry
@@ -171,7 +170,7 @@ class LearnerTests(SynchronousTestCase):
             DEBIAN, "dists/stable/main/binary-amd64/Packages"
         )
         on_verified(PARSED)
-        fetch: Any = type("Settled", (), {"entry": None, "learned": None, "relinked": False})()
+        fetch: Any = type("Settled", (), {"entry": None, "learned": None})()
         on_settled(fetch)
         self.assertFalse(self.learner.busy(DEBIAN))
 
@@ -183,7 +182,7 @@ class LearnerTests(SynchronousTestCase):
         on_verified(PARSED)
         entry = self.put(PACKAGES, packages())
         taught = [(UPSTREAM + "pool/x.deb", Expect(1))]
-        fetch: Any = type("Settled", (), {"entry": entry, "learned": taught, "relinked": False})()
+        fetch: Any = type("Settled", (), {"entry": entry, "learned": taught})()
         on_settled(fetch)
         self.assertEqual(self.facts.get(UPSTREAM + "pool/x.deb"), Expect(1))
 

@@ -27,7 +27,7 @@ DEBIAN = Route(name="debian", family="debian", prefix="/debian/", upstream="http
 
 
 #: A fetch whose document was parsed (not relinked): learned from when it is stored.
-PARSED: Any = SimpleNamespace(relinked=False, document=None)
+PARSED: Any = SimpleNamespace(document=None)
 
 
 class _Settled:

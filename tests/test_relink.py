@@ -454,7 +454,6 @@ class WindowTests(SynchronousTestCase):
         self.learner = Learner(Facts(), self.store, DiskPool(None), (self.ROUTE,))
         page = self.page()
         self.fetch: Any = SimpleNamespace(
-            relinked=True,
             document=page,
             learned=None,
             entry=None,

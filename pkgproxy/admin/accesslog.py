@@ -102,13 +102,14 @@ def hit_parts(hit: Hit) -> tuple[str, str]:
     )
 
 
-def _hit_line_parts(hit: Hit, owner: object) -> tuple[str, str]:
-    """:func:`hit_parts`, the second with the line's end, kept in ``hit.memo[owner]``."""
+def _hit_line(stamp: str, hit: Hit, client: str, duration: float, owner: object) -> str:
+    """A replayed hit's text line after ``stamp``, from :func:`hit_parts` (made once per
+    hit and kept in ``hit.memo[owner]``)."""
     parts: tuple[str, str] | None = hit.memo.get(owner)
     if parts is None:
         before, after = hit_parts(hit)
         parts = hit.memo[owner] = (before, after + "\n")
-    return parts
+    return f"{stamp}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}"
 
 
 #: What a replayed hit's line is counted as towards :attr:`_Batch.BATCH` until it is made.
@@ -316,8 +317,7 @@ class AccessLog(_Batch, Service, Observer):
         for line in lines:
             if isinstance(line, tuple):
                 when, hit, client, duration = line
-                parts = _hit_line_parts(hit, self)
-                line = f"{prefix(when)}{escape(client)}{parts[0]}{duration:.3f}{parts[1]}"
+                line = _hit_line(prefix(when), hit, client, duration, self)
             out.append(line)
         return out
 
@@ -415,8 +415,7 @@ class AccessLogFile(_Batch, Service, Observer):
         if self._json:
             self.request_done(hit.record(client, duration))
             return
-        parts = _hit_line_parts(hit, self)
-        self._add(f"{self._time()} {escape(client)}{parts[0]}{duration:.3f}{parts[1]}")
+        self._add(_hit_line(self._time() + " ", hit, client, duration, self))
 
     def request_done(self, record: RequestRecord) -> None:
         stamp = self._time()

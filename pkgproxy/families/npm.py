@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import re
 from collections.abc import Iterable
 from functools import partial
@@ -308,24 +307,15 @@ def file_owners(path: str) -> tuple[str, ...]:
 def lookup(data: prefix.Document, url: str, path: str, page_url: str) -> Learned | None:
     """What a stored document says of the tarball at ``url``, read from its ``dist``.
 
-    ``None`` when the document has escapes, or the tarball is not found in it as the
-    URL spells it: then the whole document is read.
+    ``None`` when the tarball is not found in it as the URL spells it: then the whole
+    document is read.
     """
     file = url[url.rfind("/-/") :]
-    needle = file.encode() + b'"'
-    entries = prefix.entry_at(data, needle) if file.startswith("/-/") else []
-    if not entries:
+    dists = prefix.objects_at(data, file.encode() + b'"') if file.startswith("/-/") else None
+    if dists is None:
         return None
     base, owner = _registry_base(path, page_url), _owner(path)
-    out: Learned = []
-    for text in entries:
-        try:
-            dist = json.loads(text)
-        except ValueError:
-            return None
-        if isinstance(dist, dict):
-            out.extend(_learn_document({"dist": dist}, base, owner))
-    return out
+    return [item for dist in dists for item in _learn_document({"dist": dist}, base, owner)]
 
 
 def _learn_document(doc: JSONObject, base: str | None, owner: str | None) -> Learned:

@@ -26,7 +26,6 @@ PROTOCOLS.md section 4 gives the details.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -384,27 +383,19 @@ def lookup(data: prefix.Document, url: str, path: str, page_url: str) -> Learned
     """What a stored PEP 691 page or JSON API document says of the file at ``url``
     (a distribution, or its ``.metadata``), read from that file's own entry.
 
-    ``None`` when the document is not JSON without escapes, or the file's link is not
-    found in it as the URL spells it: then the whole page is read.
+    ``None`` when the document is not JSON, or the file's link is not found in it as
+    the URL spells it: then the whole page is read.
     """
     if data[:1] != b"{":
         return None
     url = url.removesuffix(".metadata")
     name = url[url.rfind("/") + 1 :]
-    entries = prefix.entry_at(data, b"/" + name.encode() + b'"')
-    if not entries and "+" in name:  # a local version, as the index may write it
-        entries = prefix.entry_at(data, b"/" + name.replace("+", "%2B").encode() + b'"')
-    if not entries:
+    entries = prefix.objects_at(data, b"/" + name.encode() + b'"')
+    if entries is None and "+" in name:  # a local version, as the index may write it
+        entries = prefix.objects_at(data, b"/" + name.replace("+", "%2B").encode() + b'"')
+    if entries is None:
         return None
-    items: Learned = []
-    linker = Linker(page_url)
-    for text in entries:
-        try:
-            entry = json.loads(text)
-        except ValueError:
-            return None
-        items.extend(teach(page_url, pypi_simple.listed_in_json({"files": [entry]}, linker)))
-    return items
+    return teach(page_url, pypi_simple.listed_in_json({"files": entries}, Linker(page_url)))
 
 
 def _blake2b_256() -> Hasher:

@@ -138,9 +138,6 @@ class Fetch:
         #: What the upstream's document taught, read while it was rewritten (``None``
         #: where it was not: the learner then reads the stored copy).
         self.learned: Learned | None = None
-        #: The rewritten document was rewritten by its bytes alone and is learned from
-        #: as files are asked for (:attr:`pkgproxy.families.Family.lookup`).
-        self.relinked = False
         #: A relinked document's bytes, from its verification until it is settled, and
         #: its gzip form's with that form's sha256 (what its clients are sent from).
         self.document: bytes | None = None
@@ -511,7 +508,6 @@ class Fetch:
 
         def swapped(done: finish.Rewritten) -> None:
             self.learned = done.learned
-            self.relinked = done.relinked
             self.document = done.document
             if done.document_gz is not None and done.packed is not None:
                 self.document_gz = (done.document_gz, done.packed.sha256)

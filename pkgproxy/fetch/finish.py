@@ -226,8 +226,8 @@ class Rewritten:
     """A rewritten document, open and hashed, ready to serve.
 
     :ivar learned: what the upstream's document teaches, read in the same pass; ``None``
-        when it is not learned from, or (``relinked``) when it is learned from one file's
-        entry at a time, as files are asked for.
+        when it is not learned from, or (a ``document``, relinked) when it is learned
+        from one file's entry at a time, as files are asked for.
     """
 
     fd: int
@@ -235,7 +235,6 @@ class Rewritten:
     size: int
     learned: Learned | None
     packed: Packed | None
-    relinked: bool = False
     #: The relinked document's bytes, for its files' lookups until it is committed.
     document: bytes | None = None
     #: Its gzip form's bytes, for the clients of this fetch that take gzip.
@@ -335,7 +334,6 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
         len(served),
         None,
         gz,
-        relinked=True,
         document=served,
         document_gz=body if gz is not None else None,
     )

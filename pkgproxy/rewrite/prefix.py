@@ -269,6 +269,21 @@ def entry_at(data: Document, needle: bytes) -> list[bytes]:
     return found
 
 
+def objects_at(data: Document, needle: bytes) -> list[dict[str, Any]] | None:
+    """The objects :func:`entry_at` finds, parsed; ``None`` if there is none, or one
+    of them is not a JSON object (then the whole document has to be read)."""
+    found = []
+    for text in entry_at(data, needle):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(value, dict):
+            return None
+        found.append(value)
+    return found or None
+
+
 def _unescaped(data: Document, at: int) -> bool:
     """Whether the quote at ``at`` is a real one: an even run of backslashes before it
     (one longer than :data:`ENTRY_MAX` is not told)."""
