@@ -341,25 +341,26 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
 
 def hash_and_pack(path: str, packed: str) -> tuple[str, int, Packed | None]:
     """The sha256 and size of the file at ``path``, and its gzip form written to
-    ``packed`` when it is worth serving (in the disk pool, one read of the file)."""
-    h = hashlib.sha256()
-    size = 0
+    ``packed`` when it is worth serving (in the disk pool, one read of the file; the
+    gzip form is hashed as it is written)."""
+    h, ph = hashlib.sha256(), hashlib.sha256()
+    size = psize = 0
     with open(path, "rb") as f, open(packed, "wb") as out:
         gz = deflate.deflater()
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            size += len(chunk)
-            out.write(gz.compress(chunk))
-        out.write(gz.flush())
+        while True:
+            chunk = f.read(1 << 20)
+            if chunk:
+                h.update(chunk)
+                size += len(chunk)
+            piece = gz.compress(chunk) if chunk else gz.flush()
+            ph.update(piece)
+            psize += len(piece)
+            out.write(piece)
+            if not chunk:
+                break
     if size < PACK_MIN:
         os.unlink(packed)
         return h.hexdigest(), size, None
-    ph = hashlib.sha256()
-    psize = 0
-    with open(packed, "rb") as f:
-        while chunk := f.read(1 << 20):
-            ph.update(chunk)
-            psize += len(chunk)
     return h.hexdigest(), size, Packed(packed, ph.hexdigest(), psize)
 
 
