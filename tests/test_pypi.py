@@ -448,15 +448,13 @@ class LearnTests(SynchronousTestCase):
 
     def check(self, facts: Facts, size: int | None) -> None:
         """The files route's classify finds what the page said, for the file and its
-        metadata, alongside the path's own BLAKE2b-256."""
+        metadata; the path's own BLAKE2b-256 is then recorded as named, not computed."""
         d = classify(FILES, self.SIX_WHL, facts)
         self.assertEqual(d.cache_class, CacheClass.IMMUTABLE)
+        self.assertEqual(dict(d.digests), {"sha256": self.SIX_SHA})
         self.assertEqual(
-            dict(d.digests),
-            {
-                "sha256": self.SIX_SHA,
-                "blake2b-256": "b7ce149a00dd41f10bc29e5921b496af8b574d8413afcd5e30dfa0ed46c2cc5e",
-            },
+            dict(d.named_digests),
+            {"blake2b-256": "b7ce149a00dd41f10bc29e5921b496af8b574d8413afcd5e30dfa0ed46c2cc5e"},
         )
         self.assertEqual(d.size, size)
         m = classify(FILES, self.SIX_WHL + ".metadata", facts)
@@ -774,6 +772,38 @@ class ProxyTests(SynchronousTestCase):
             {"sha256": self.meta_sha},
         )
         self.assertEqual(len(again.store), 1)
+
+    def test_listed_file_hashed_once_and_found_by_its_path_alone(self) -> None:
+        """A file its page lists is checked against the page's sha256 only; the digest
+        its path names is recorded with it, so that after the page is gone (evicted,
+        and the cache reopened) the stored file still satisfies a request that knows
+        only the path: a hit, with no second download."""
+        self.proxy.get("/pypi/simple/demo/", headers={"Accept": PIP_ACCEPT})
+        resp, got = self.proxy.get("/pypi/files/" + self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (self.whl, "MISS"))
+        (stored,) = [e for e in self.proxy.store.entries() if e.url.endswith(self.path)]
+        named = self.path.split("/")
+        self.assertEqual(stored.digests, {"blake2b-256": "".join(named[1:4])})
+        self.assertEqual(stored.sha256, self.sha)
+        for e in self.proxy.store.entries():
+            if "/simple/" in e.url:
+                self.proxy.store.remove(e.key)
+        self.proxy.close()
+        again = MemoryProxy(
+            {
+                "routes": {
+                    "pypi": {"upstream": "http://upstream.test/index/"},
+                    "pypi-files": {"upstream": "http://upstream.test/files/"},
+                }
+            },
+            cache_dir=self.proxy.config.cache.dir,
+        )
+        self.addCleanup(again.close)
+        again.upstream.add("/files/" + self.path, b"not asked for")
+        self.assertIsNone(again.facts.get(f"http://upstream.test/files/{self.path}"))
+        resp, got = again.get("/pypi/files/" + self.path)
+        self.assertEqual((got, header(resp, "x-cache")), (self.whl, "HIT"))
+        self.assertEqual(again.upstream.count("/files/" + self.path), 0)
 
     def test_revalidation(self) -> None:
         """pip's max-age=0 within the shared window is a hit; after the TTL the page is

@@ -108,6 +108,11 @@ class Decision:
     :ivar digests: digests the body must match, by algorithm name (a :mod:`hashlib`
         name, or one of :data:`pkgproxy.digests.SPECIAL`), in that algorithm's usual
         text form (lower-case hex for hashlib).
+    :ivar named_digests: digests the URL itself names (a content-addressed path) that
+        are not checked because ``digests`` holds one an index gave: the index, checked,
+        vouches for the bytes behind the URL. They are recorded with the stored copy as
+        named, so a later request that knows only the URL finds it (one hash per body
+        instead of two).
     :ivar size: the byte count the body must have, when the family knows it.
     :ivar variant: which representation of the URL this is (from ``Accept``); part of
         the cache key, so one client's variant is never served to another.
@@ -139,6 +144,7 @@ class Decision:
     cache_class: CacheClass
     ttl: float | None = None
     digests: Mapping[str, str] = field(default_factory=dict)
+    named_digests: Mapping[str, str] = field(default_factory=dict)
     size: int | None = None
     variant: str = ""
     upstream_headers: Mapping[str, str] = field(default_factory=dict)

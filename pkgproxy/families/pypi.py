@@ -176,12 +176,20 @@ def _known(route: Route, path: str, facts: Facts | None) -> Expect | None:
 
 
 def _file(route: Route, path: str, facts: Facts | None) -> Decision:
-    """A distribution or metadata file: forever, once it matches what is known of it."""
-    decision = Decision(CacheClass.IMMUTABLE)
+    """A distribution or metadata file: forever, once it matches what is known of it.
+
+    A files-host path names the file's BLAKE2b-256. It is checked when no page says
+    what the file is; when one does, its sha256 is checked instead and the path's
+    digest recorded as named (the page listed the URL: one hash of the body, not two).
+    """
+    known = _known(route, path, facts)
     m = _HOSTED.match(path)
-    if m is not None and not path.endswith(_SIDECAR):
-        decision = Decision(CacheClass.IMMUTABLE, digests={"blake2b-256": m["a"] + m["b"] + m["c"]})
-    return decision.with_expect(_known(route, path, facts))
+    if m is None or path.endswith(_SIDECAR):
+        return Decision(CacheClass.IMMUTABLE).with_expect(known)
+    named = {"blake2b-256": m["a"] + m["b"] + m["c"]}
+    if known is not None and known.digests:
+        return Decision(CacheClass.IMMUTABLE, named_digests=named).with_expect(known)
+    return Decision(CacheClass.IMMUTABLE, digests=named).with_expect(known)
 
 
 def classify(

@@ -581,7 +581,10 @@ class Fetch:
             resp=resp,
             headers=self.headers,
             size=self.written,
-            digests={a: h.hexdigest() for a, h in self._hashers.items()},
+            digests={
+                **self.request.decision.named_digests,
+                **{a: h.hexdigest() for a, h in self._hashers.items()},
+            },
             now=self._clock.seconds(),
         )
         body = bytes(self._file.data) if isinstance(self._file, MemoryBody) else None
