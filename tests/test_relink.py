@@ -40,6 +40,7 @@ from tests.support import npmrepo
 from tests.support.entries import commit
 from tests.support.npmrepo import DEP, SCOPED, NpmPackage
 from tests.test_prefix_rewrite import FILES, REGISTRY, context, simple_page
+from tests.test_pypi import header
 
 COMPACT = (",", ":")
 PAGE_URL = "https://pypi.org/simple/demo/"
@@ -437,6 +438,31 @@ class ServerTests(SynchronousTestCase):
         (packed,) = [e for e in self.proxy.store.entries() if e.key.endswith(PACKED)]
         with open(self.proxy.store.path_of(packed), "rb") as f:
             self.assertEqual(gzip.decompress(f.read()), plain)
+
+    def test_both_forms_of_a_relinked_page_are_stored(self) -> None:
+        """A relinked page and its gzip form are stored, each the bytes its entry's
+        sha256 names, and later clients of either form are hits from them."""
+        doc = self.page({f"demo-1.{i}.tar.gz": b"x" for i in range(30)})
+        self.up.add("/index/simple/demo/", doc, headers={b"content-type": V1_JSON.encode()})
+        resp, plain = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
+        self.assertEqual(header(resp, "x-cache"), "MISS")
+        self.assertEqual(plain, doc.replace(b"upstream.test/files/", b"proxy.test/pypi/files/"))
+        entries = self.proxy.store.entries()
+        (packed,) = [e for e in entries if e.key.endswith(PACKED)]
+        (page,) = [e for e in entries if "/simple/" in e.url and e is not packed]
+        for e in (page, packed):
+            with open(self.proxy.store.path_of(e), "rb") as f:
+                self.assertEqual(hashlib.sha256(f.read()).hexdigest(), e.sha256)
+        with open(self.proxy.store.path_of(packed), "rb") as f:
+            self.assertEqual(gzip.decompress(f.read()), plain)
+        resp, again = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
+        self.assertEqual((again, header(resp, "x-cache")), (plain, "HIT"))
+        # (treq inflates what it is sent gzip)
+        resp, inflated = self.proxy.get(
+            "/pypi/simple/demo/", headers={"Accept": V1_JSON, "Accept-Encoding": "gzip"}
+        )
+        self.assertEqual((inflated, header(resp, "x-cache")), (plain, "HIT"))
+        self.assertEqual(self.up.count("/index/simple/demo/"), 1)
 
 
 class WindowTests(SynchronousTestCase):
