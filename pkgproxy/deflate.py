@@ -20,34 +20,32 @@ class _Deflate(Protocol):
     def flush(self, mode: int = ..., /) -> bytes: ...
 
 
-class _Inflate(Protocol):
-    @property
-    def unused_data(self) -> bytes: ...
-
-    @property
-    def unconsumed_tail(self) -> bytes: ...
-
-    @property
-    def eof(self) -> bool: ...
-
-    def decompress(self, data: bytes, /, max_length: int = ...) -> bytes: ...
-
-
 try:
-    from isal import isal_zlib
+    from isal import igzip_lib, isal_zlib
 
     #: What a corrupt stream raises.
     # (Its stub types the exception class as an instance.)
-    ERRORS: tuple[type[Exception], ...] = (zlib.error, cast("type[Exception]", isal_zlib.error))
+    ERRORS: tuple[type[Exception], ...] = (
+        zlib.error,
+        cast("type[Exception]", isal_zlib.error),
+        cast("type[Exception]", igzip_lib.IsalError),
+    )
     ENGINE = "isal"
 
     def deflater() -> _Deflate:
         """A gzip member's compressor, fastest level."""
         return isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
 
-    def inflater() -> _Inflate:
-        """A gzip member's decompressor (checks its CRC and length at the end)."""
-        return isal_zlib.decompressobj(wbits=31)
+    def inflate_whole(data: bytes, limit: int) -> bytes | None:
+        """``data``, one whole gzip member, decompressed (its CRC and length checked);
+        ``None`` if it holds anything else, or more than ``limit`` bytes."""
+        # One call with its limit as the output's size, so the GIL is let go for the
+        # whole of it (a decompressobj takes it back each time its output grows).
+        inflate = igzip_lib.IgzipDecompressor(igzip_lib.DECOMP_GZIP)
+        plain = inflate.decompress(data, limit + 1)
+        if not inflate.eof or inflate.unused_data or len(plain) > limit:
+            return None
+        return plain
 
 except ImportError:  # pragma: no cover - where ISA-L has no build
     ERRORS = (zlib.error,)
@@ -57,9 +55,14 @@ except ImportError:  # pragma: no cover - where ISA-L has no build
         """A gzip member's compressor, fastest level."""
         return zlib.compressobj(1, zlib.DEFLATED, 31)
 
-    def inflater() -> _Inflate:
-        """A gzip member's decompressor (checks its CRC and length at the end)."""
-        return zlib.decompressobj(wbits=31)
+    def inflate_whole(data: bytes, limit: int) -> bytes | None:
+        """``data``, one whole gzip member, decompressed (its CRC and length checked);
+        ``None`` if it holds anything else, or more than ``limit`` bytes."""
+        inflate = zlib.decompressobj(wbits=31)
+        plain = inflate.decompress(data, limit + 1)
+        if not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
+            return None
+        return plain if len(plain) <= limit else None
 
 
 def compress(data: bytes) -> bytes:

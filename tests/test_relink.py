@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +32,8 @@ from pkgproxy.cache.store import CacheStore, Entry
 from pkgproxy.config import Route
 from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import Expect, Facts, npm, pypi
+from pkgproxy.fetch import body as fetch_body
+from pkgproxy.fetch import fetch
 from pkgproxy.learning import Learner
 from pkgproxy.rewrite import npm_packument, prefix
 from pkgproxy.rewrite.links import Linker
@@ -318,9 +321,23 @@ class EntryTests(SynchronousTestCase):
     def test_gzip_form_reads_as_gzip(self) -> None:
         data = simple_page("demo", 50)
         self.assertEqual(gzip.decompress(deflate.compress(data)), data)
-        inflate = deflate.inflater()
-        self.assertEqual(inflate.decompress(gzip.compress(data)), data)
-        self.assertTrue(inflate.eof)
+        packed = gzip.compress(data)
+        self.assertEqual(deflate.inflate_whole(packed, len(data)), data)
+
+    def test_only_one_whole_member_within_the_limit_is_inflated(self) -> None:
+        data = simple_page("demo", 50)
+        packed = gzip.compress(data)
+        self.assertIsNone(deflate.inflate_whole(packed, len(data) - 1))
+        self.assertIsNone(deflate.inflate_whole(packed[:-9], len(data)))
+        self.assertIsNone(deflate.inflate_whole(packed + packed, 2 * len(data)))
+        self.assertIsNone(deflate.inflate_whole(packed + b"x", len(data)))
+        for at in (-8, -2):  # its CRC, its length
+            bad = bytearray(packed)
+            bad[at] ^= 1
+            with self.assertRaises(deflate.ERRORS):
+                deflate.inflate_whole(bytes(bad), len(data))
+        bomb = gzip.compress(b"\0" * (4 << 20))
+        self.assertIsNone(deflate.inflate_whole(bomb, 1 << 20))
 
 
 ROUTES = {
@@ -331,10 +348,22 @@ ROUTES = {
     }
 }
 UP_FILES = "http://upstream.test/files/"
+GZIP_JSON = {b"content-encoding": b"gzip", b"content-type": V1_JSON.encode()}
 
 
 def hashlib_sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class _Counted(fetch_body.SpillBudget):
+    """A budget that counts the reservations it granted."""
+
+    taken = 0
+
+    def take(self, size: int) -> bool:
+        granted = super().take(size)
+        self.taken += granted
+        return granted
 
 
 class ServerTests(SynchronousTestCase):
@@ -463,6 +492,38 @@ class ServerTests(SynchronousTestCase):
         )
         self.assertEqual((inflated, header(resp, "x-cache")), (plain, "HIT"))
         self.assertEqual(self.up.count("/index/simple/demo/"), 1)
+
+    def test_documents_received_in_memory_within_a_budget(self) -> None:
+        """A document to relink is received in memory (no temp file), within a budget
+        shared by all downloads and given back once it is rewritten or has failed;
+        past the budget it comes through a temp file. Either way, and where its bytes
+        do not prove the rewrite (a link elsewhere: the parser), clients get the same."""
+        files = {f"demo-1.{i}.tar.gz": b"x" for i in range(30)}
+        foreign = compact(
+            {
+                "files": [{"filename": "a.tar.gz", "hashes": {}, "url": "http://elsewhere.test/a"}],
+                "meta": {"api-version": "1.1"},
+                "name": "other",
+            }
+        )
+        self.up.add("/index/simple/demo/", gzip.compress(self.page(files)), headers=GZIP_JSON)
+        self.up.add("/index/simple/other/", gzip.compress(foreign), headers=GZIP_JSON)
+        self.up.add("/index/simple/bad/", b"not gzip", headers=GZIP_JSON)
+        served = {}
+        for budget in (_Counted(fetch_body.DOCUMENT_BUDGET.limit), _Counted(0)):
+            self.patch(fetch, "DOCUMENT_BUDGET", budget)
+            for name in ("demo", "other"):
+                self.proxy.store.remove(f"pypi:simple/{name}/#{V1_JSON}#@http://proxy.test")
+                _, got = self.proxy.get(f"/pypi/simple/{name}/", headers={"Accept": V1_JSON})
+                self.assertEqual(served.setdefault(name, got), got)
+            resp, _ = self.proxy.get("/pypi/simple/bad/", headers={"Accept": V1_JSON})
+            self.assertEqual(resp.code, 502)
+            self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+            self.assertEqual(budget.held, 0)
+            self.assertEqual(budget.taken, 3 if budget.limit else 0)
+        self.assertIn(b'"url":"http://proxy.test/pypi/files/', served["demo"])
+        self.assertIn(b'"url":"http://elsewhere.test/a"', served["other"])
+        self.assertEqual(len(os.listdir(self.proxy.store.tmp_dir)), 0)
 
 
 class WindowTests(SynchronousTestCase):

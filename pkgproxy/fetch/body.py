@@ -43,7 +43,8 @@ _DONE = Failure(ResponseDone())
 
 
 class SpillBudget:
-    """The memory all downloads together may hold after the cache disk refused writes.
+    """The memory all downloads together may hold after the cache disk refused writes
+    (and, as :data:`DOCUMENT_BUDGET`, the documents received in memory to be relinked).
 
     A download the disk fails reserves what it still needs (its announced remainder, or
     :data:`SPILL_MAX` when no length was announced) before it holds any of it; when the
@@ -71,6 +72,10 @@ class SpillBudget:
 
 #: Shared by every download of the process (``limits.disk_error_memory``).
 SPILL_BUDGET = SpillBudget(256 * 1024 * 1024)
+#: Documents to be relinked in memory are received there too (no temp file, no disk
+#: write to wait for between their last byte and their rewrite), up to this much of
+#: them at once; past it, through a temp file as any other body.
+DOCUMENT_BUDGET = SpillBudget(48 * 1024 * 1024)
 
 
 class SharedFile:

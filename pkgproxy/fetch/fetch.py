@@ -34,8 +34,15 @@ from pkgproxy.families import (
     new_hasher,
 )
 from pkgproxy.fetch import finish, verify
+from pkgproxy.fetch.body import (
+    DOCUMENT_BUDGET,
+    Body,
+    BodyReceiver,
+    BodyWriter,
+    MemoryBody,
+    SharedFile,
+)
 from pkgproxy.fetch.body import SPILL_BUDGET as SPILL_BUDGET
-from pkgproxy.fetch.body import Body, BodyReceiver, BodyWriter, MemoryBody, SharedFile
 from pkgproxy.fetch.finish import Known, Packed
 from pkgproxy.upstream.client import (
     UpstreamClient,
@@ -149,6 +156,8 @@ class Fetch:
         #: When the upstream's answer was known (headers, or the error).
         self.answered_at = self.started_at
         self._file: Body | None = None
+        #: What a document received in memory reserved of :data:`DOCUMENT_BUDGET`.
+        self._held = 0
         self._temp: str | None = None
         self._hashers: dict[str, Any] = {}
         #: Digests the body must have: the family's, and one a response header names.
@@ -330,6 +339,18 @@ class Fetch:
             self._file = MemoryBody()
             self._start_body(resp)
             return None
+        if (
+            self.request.decision.relink is not None
+            and self.length is not None
+            and self.length <= finish.RELINK_MAX
+            and DOCUMENT_BUDGET.take(self.length)
+        ):
+            # A document to relink in memory is received there: its rewrite starts
+            # with its last byte, not after the disk writes of the ones before it.
+            self._held = self.length
+            self._file = MemoryBody()
+            self._start_body(resp)
+            return None
         # Creating a file costs a journal update: never in the reactor thread.
         d = self._pool.run(os.open, temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
@@ -505,8 +526,10 @@ class Fetch:
         coding = self.headers.get(b"content-encoding", b"").strip().lower()
         plain = self._store.temp_name(self.key) if coding in (b"gzip", b"x-gzip") else None
         packed = self._store.temp_name(self.key)
+        held = self._file.data if isinstance(self._file, MemoryBody) else None
 
         def swapped(done: finish.Rewritten) -> None:
+            self._release_held()
             self.learned = done.learned
             self.document = done.document
             if done.document_gz is not None and done.packed is not None:
@@ -522,6 +545,7 @@ class Fetch:
             self._answer(Outcome.STREAM)
 
         def failed(f: Failure) -> None:
+            self._release_held()
             log.failure("rewriting {url} failed", f, url=self.request.url)
             self._store.discard(out)
             self._store.discard(packed)
@@ -536,6 +560,7 @@ class Fetch:
             plain,
             packed,
             self.request.decision.relink,
+            held,
         )
         work.addCallbacks(swapped, failed)
 
@@ -623,7 +648,14 @@ class Fetch:
             self._file.release()
             self._file = None
 
+    def _release_held(self) -> None:
+        """Give back what a document received in memory reserved."""
+        if self._held:
+            DOCUMENT_BUDGET.give(self._held)
+            self._held = 0
+
     def _settle(self) -> None:
+        self._release_held()
         if self._file is not None:
             self._file.release()
             self._file = None

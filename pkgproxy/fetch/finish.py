@@ -255,20 +255,25 @@ def rewrite_document(
     plain: str | None,
     packed: str,
     relink: Relinker | None = None,
+    held: bytes | bytearray | None = None,
 ) -> Rewritten:
     """Disk pool: rewrite the verified document ``raw`` into ``out`` (through ``plain``
     when it came gzip-compressed), hash it and write its gzip form to ``packed``.
 
     With ``relink``, a document of up to :data:`RELINK_MAX` bytes is first tried in
     memory: decompressed, rewritten by its bytes, hashed and compressed without a
-    parse or a second read.
+    parse or a second read. ``held`` is the document as received, when it was received
+    in memory (``raw`` is then only its name, written if the file path needs it).
     """
-    data = _small_document(raw, plain is not None) if relink is not None else None
+    data = _small_document(raw, plain is not None, held) if relink is not None else None
     if data is not None and relink is not None:
         served = relink(data, context)
         if served is not None:
             del data
             return _write_relinked(served, out, packed)
+    if held is not None:
+        with open(raw, "wb") as f:
+            f.write(held)
     if plain is None:
         learned = rewrite(raw, out, context)
     else:
@@ -289,23 +294,27 @@ def rewrite_document(
     return Rewritten(os.open(out, os.O_RDWR), digest, size, learned, gz)
 
 
-def _small_document(raw: str, compressed: bool) -> bytes | None:
-    """The document in ``raw`` (decompressed), if it is at most :data:`RELINK_MAX` bytes
-    and (compressed) one whole gzip member; ``None`` leaves it to the file path."""
-    if os.path.getsize(raw) > RELINK_MAX:
+def _small_document(
+    raw: str, compressed: bool, held: bytes | bytearray | None = None
+) -> bytes | None:
+    """The document in ``raw`` (or ``held``; decompressed), if it is at most
+    :data:`RELINK_MAX` bytes and (compressed) one whole gzip member; ``None`` leaves it
+    to the file path."""
+    if held is None:
+        if os.path.getsize(raw) > RELINK_MAX:
+            return None
+        with open(raw, "rb") as f:
+            data = f.read()
+    elif len(held) > RELINK_MAX:
         return None
-    with open(raw, "rb") as f:
-        data = f.read()
+    else:
+        data = bytes(held)
     if not compressed:
         return data
-    inflate = deflate.inflater()
     try:
-        plain = inflate.decompress(data, RELINK_MAX + 1)
+        return deflate.inflate_whole(data, RELINK_MAX)
     except deflate.ERRORS:
         return None  # the file path says what is wrong with it
-    if not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
-        return None
-    return plain if len(plain) <= RELINK_MAX else None
 
 
 def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
