@@ -750,10 +750,8 @@ class ProxyTests(SynchronousTestCase):
             self.proxy.facts.get(f"http://upstream.test/files/{self.path}").size, len(self.whl)
         )
 
-    def test_checks_survive_restart(self) -> None:
-        """The stored (rewritten) page is read again when the cache reopens, and what it
-        says is checked as before."""
-        self.proxy.get("/pypi/simple/demo/", headers={"Accept": PIP_ACCEPT})
+    def reopened(self) -> MemoryProxy:
+        """The proxy closed, and a new one on its cache directory."""
         self.proxy.close()
         again = MemoryProxy(
             {
@@ -765,6 +763,13 @@ class ProxyTests(SynchronousTestCase):
             cache_dir=self.proxy.config.cache.dir,
         )
         self.addCleanup(again.close)
+        return again
+
+    def test_checks_survive_restart(self) -> None:
+        """The stored (rewritten) page is read again when the cache reopens, and what it
+        says is checked as before."""
+        self.proxy.get("/pypi/simple/demo/", headers={"Accept": PIP_ACCEPT})
+        again = self.reopened()
         again.upstream.add("/files/" + self.path + ".metadata", b"Metadata-Version: 2.1\n")
         self.assertRaises(ResponseFailed, again.get, "/pypi/files/" + self.path + ".metadata")
         self.assertEqual(
@@ -788,17 +793,7 @@ class ProxyTests(SynchronousTestCase):
         for e in self.proxy.store.entries():
             if "/simple/" in e.url:
                 self.proxy.store.remove(e.key)
-        self.proxy.close()
-        again = MemoryProxy(
-            {
-                "routes": {
-                    "pypi": {"upstream": "http://upstream.test/index/"},
-                    "pypi-files": {"upstream": "http://upstream.test/files/"},
-                }
-            },
-            cache_dir=self.proxy.config.cache.dir,
-        )
-        self.addCleanup(again.close)
+        again = self.reopened()
         again.upstream.add("/files/" + self.path, b"not asked for")
         self.assertIsNone(again.facts.get(f"http://upstream.test/files/{self.path}"))
         resp, got = again.get("/pypi/files/" + self.path)
