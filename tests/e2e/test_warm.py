@@ -11,11 +11,15 @@ disagrees with the index fails the warm-up with one clear line and stores nothin
 
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 import urllib.request
 
 from twisted.trial.unittest import SkipTest, TestCase
@@ -43,6 +47,37 @@ def warm(proxy: PkgProxy, *args: str) -> tuple[int, str, str]:
         argv, capture_output=True, timeout=CLIENT_TIMEOUT, check=False, env=env, cwd=os.getcwd()
     )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+def warm_on_a_terminal(proxy: PkgProxy, *args: str) -> tuple[int, str]:
+    """Run pkgproxy-warm with its stderr on a pseudo-terminal: exit status, and what the
+    terminal was shown."""
+    argv = [
+        sys.executable, "-c", "from pkgproxy.warm.cli import main; raise SystemExit(main())",
+        proxy.url(""), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), *sys.path])}
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        child = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=slave, env=env, cwd=os.getcwd()
+        )
+    finally:
+        os.close(slave)
+    shown = bytearray()
+    try:
+        while True:
+            try:
+                piece = os.read(master, 65536)
+            except OSError:  # the terminal's other end is closed: the command is done
+                break
+            if not piece:
+                break
+            shown += piece
+    finally:
+        os.close(master)
+    return child.wait(timeout=CLIENT_TIMEOUT), shown.decode(errors="replace")
 
 
 def write(path: str, text: str) -> str:
@@ -109,6 +144,17 @@ class PypiWarmTests(TestCase):
         self.assertEqual(status, 0, out)
         self.assertIn("fetched 0 files", out)
         self.assertIn("4 already cached", out)
+
+    def test_progress_bar_on_a_terminal(self) -> None:
+        """On a terminal the warm-up shows a progress bar: the files planned, each one
+        counted as it is done, the bytes and the rate."""
+        app = self.repo.dist("pkgproxy-demo-app", "1.0")
+        reqs = self.requirements(("pkgproxy-demo-app", "1.0", app.sha256))
+        status, shown = warm_on_a_terminal(self.proxy, reqs)
+        self.assertEqual(status, 0, shown + self.proxy.logs())
+        self.assertIn("2/2", shown)  # the wheel and its .metadata
+        self.assertIn("file/s", shown)
+        self.assertIn("B/s", shown)
 
     def test_a_lock_that_disagrees_fails_and_stores_nothing(self) -> None:
         """A pinned hash no file on the page has, and a file whose bytes the upstream
