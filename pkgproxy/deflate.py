@@ -36,7 +36,7 @@ try:
         """A gzip member's compressor, fastest level."""
         return isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
 
-    def inflate_whole(data: bytes, limit: int) -> bytes | None:
+    def inflate_whole(data: bytes | bytearray, limit: int) -> bytes | None:
         """``data``, one whole gzip member, decompressed (its CRC and length checked);
         ``None`` if it holds anything else, or more than ``limit`` bytes."""
         # One call with its limit as the output's size, so the GIL is let go for the
@@ -55,7 +55,7 @@ except ImportError:  # pragma: no cover - where ISA-L has no build
         """A gzip member's compressor, fastest level."""
         return zlib.compressobj(1, zlib.DEFLATED, 31)
 
-    def inflate_whole(data: bytes, limit: int) -> bytes | None:
+    def inflate_whole(data: bytes | bytearray, limit: int) -> bytes | None:
         """``data``, one whole gzip member, decompressed (its CRC and length checked);
         ``None`` if it holds anything else, or more than ``limit`` bytes."""
         inflate = zlib.decompressobj(wbits=31)

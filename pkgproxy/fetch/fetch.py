@@ -527,6 +527,8 @@ class Fetch:
         plain = self._store.temp_name(self.key) if coding in (b"gzip", b"x-gzip") else None
         packed = self._store.temp_name(self.key)
         held = self._file.data if isinstance(self._file, MemoryBody) else None
+        if held is not None:
+            self._temp = None  # a name only: the rewrite removes any file it makes of it
 
         def swapped(done: finish.Rewritten) -> None:
             self._release_held()

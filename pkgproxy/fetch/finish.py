@@ -271,25 +271,34 @@ def rewrite_document(
         if served is not None:
             del data
             return _write_relinked(served, out, packed)
-    if held is not None:
+    # The file path. A document received in memory reaches a file only where that
+    # path reads one (as received, or decompressed), and is removed again after.
+    written = held is not None and (plain is None or data is None)
+    if written:
+        assert held is not None
         with open(raw, "wb") as f:
             f.write(held)
-    if plain is None:
-        learned = rewrite(raw, out, context)
-    else:
-        # Taken compressed (verified as the upstream sent it); rewritten and
-        # served as the document itself.
-        try:
-            if data is None:
-                gunzip(raw, plain, MAX_DOCUMENT)
-            else:
-                with open(plain, "wb") as f:
-                    f.write(data)
-                del data
-            learned = rewrite(plain, out, context)
-        finally:
+    try:
+        if plain is None:
+            learned = rewrite(raw, out, context)
+        else:
+            # Taken compressed (verified as the upstream sent it); rewritten and
+            # served as the document itself.
+            try:
+                if data is None:
+                    gunzip(raw, plain, MAX_DOCUMENT)
+                else:
+                    with open(plain, "wb") as f:
+                        f.write(data)
+                    del data
+                learned = rewrite(plain, out, context)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(plain)
+    finally:
+        if written:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(plain)
+                os.unlink(raw)
     digest, size, gz = hash_and_pack(out, packed)
     return Rewritten(os.open(out, os.O_RDWR), digest, size, learned, gz)
 
@@ -300,17 +309,18 @@ def _small_document(
     """The document in ``raw`` (or ``held``; decompressed), if it is at most
     :data:`RELINK_MAX` bytes and (compressed) one whole gzip member; ``None`` leaves it
     to the file path."""
-    if held is None:
-        if os.path.getsize(raw) > RELINK_MAX:
-            return None
-        with open(raw, "rb") as f:
-            data = f.read()
-    elif len(held) > RELINK_MAX:
+    data: bytes | bytearray
+    if held is not None:
+        data = held
+    elif os.path.getsize(raw) > RELINK_MAX:
         return None
     else:
-        data = bytes(held)
+        with open(raw, "rb") as f:
+            data = f.read()
+    if len(data) > RELINK_MAX:
+        return None
     if not compressed:
-        return data
+        return bytes(data)  # (no copy of bytes read from the file)
     try:
         return deflate.inflate_whole(data, RELINK_MAX)
     except deflate.ERRORS:
@@ -334,9 +344,6 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
         with open(packed, "wb") as f:
             f.write(body)
         gz = Packed(packed, hashlib.sha256(body).hexdigest(), len(body))
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(packed)
     return Rewritten(
         fd,
         digest,

@@ -125,11 +125,8 @@ class Local:
         body = answer.message.encode()
         req.setResponseCode(answer.status)
         req.setHeader(b"content-type", answer.content_type.encode("latin-1"))
-        req.setHeader(b"content-length", str(len(body)).encode())
         req.setHeader(b"via", VIA)
-        if req.method != b"HEAD":
-            req.write(body)
-        req.finish()
+        send_whole(req, body)
 
 
 @dataclass(frozen=True)
@@ -148,10 +145,7 @@ class Small:
             req.setHeader(k, v)
         req.setHeader(b"via", VIA)
         req.setHeader(b"x-cache", self.x_cache)
-        req.setHeader(b"content-length", str(len(self.body)).encode())
-        if req.method != b"HEAD":
-            req.write(self.body)
-        req.finish()
+        send_whole(req, self.body)
 
 
 class Stored:
@@ -286,10 +280,7 @@ class Streamed:
                 req.setResponseCode(http.NOT_MODIFIED)
                 req.finish()
                 return
-            req.setHeader(b"content-length", b"%d" % len(body))
-            if req.method != b"HEAD":
-                req.write(body)
-            req.finish()
+            send_whole(req, body)
             return
         if decision.rewrite is not None:
             etag = f'"{fetch.sha256}"'  # this is our representation, not the upstream's
@@ -346,6 +337,14 @@ class Streamed:
             means.sync_read_max,
             unstarted,
         ).start()
+
+
+def send_whole(req: Request, body: bytes) -> None:
+    """Answer with ``body``, held in memory: its length, then it (not for HEAD)."""
+    req.setHeader(b"content-length", b"%d" % len(body))
+    if req.method != b"HEAD":
+        req.write(body)
+    req.finish()
 
 
 def _remember_hit(hit_path: HitPath, ex: Exchange, entry: Entry, body: bytes) -> None:
