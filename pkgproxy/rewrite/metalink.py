@@ -6,7 +6,8 @@ have. The rewritten metalink keeps the upstream's checksums, size and timestamp 
 of repomd.xml passes, and lists one mirror only: this proxy, by the route that serves the
 repository. A mirror URL is mapped to that route as it is, or by the tree it names
 (``.../fedora/linux/...``, ``.../epel/...``) under the master host's layout, which the
-built-in routes' forward prefixes name.
+built-in routes' forward prefixes name (:func:`mirror_public_url`, which the mirrorlist
+rewrite shares).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ if TYPE_CHECKING:
 NS = "http://www.metalinker.org/"
 MM0 = "http://fedorahosted.org/mirrormanager"
 
-#: Trees of the Fedora mirror layout, and where the master host has them.
+#: Trees of the mirror layouts (Fedora's, Rocky's, AlmaLinux's), and where each
+#: distribution's master host has them: a mirror names the tree somewhere in its path.
 TREES = {
     "/fedora/linux/": "https://dl.fedoraproject.org/pub/fedora/linux/",
     "/fedora-secondary/": "https://dl.fedoraproject.org/pub/fedora-secondary/",
     "/epel/": "https://dl.fedoraproject.org/pub/epel/",
+    "/rocky/": "https://dl.rockylinux.org/pub/rocky/",
+    "/almalinux/": "https://repo.almalinux.org/almalinux/",
 }
 
 
@@ -34,7 +38,10 @@ class MetalinkError(ValueError):
     """The upstream document is not a metalink this proxy can answer for."""
 
 
-def _public(url: str, context: RewriteContext) -> str | None:
+def mirror_public_url(url: str, context: RewriteContext) -> str | None:
+    """The URL a client uses, through this proxy, for a mirror's ``url``: the route
+    serving it as it is, else the route serving the same file of the master host by the
+    tree (:data:`TREES`) the URL names; ``None`` when no route serves it either way."""
     mapped = context.public_url(url)
     if mapped is not None:
         return mapped
@@ -88,7 +95,7 @@ def rewrite_metalink(raw_path: str, out_path: str, context: RewriteContext) -> N
         raise MetalinkError("upstream metalink lists no repomd.xml (an unknown repo or arch?)")
     public = None
     for url in file.iter(f"{{{NS}}}url"):
-        public = _public(_text(url), context)
+        public = mirror_public_url(_text(url), context)
         if public is not None:
             break
     if public is None:
