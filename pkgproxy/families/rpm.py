@@ -9,7 +9,8 @@ updateinfo, modules, comps) by content-addressed names with their checksums and 
 those are kept forever once they match. ``primary.xml`` lists every package's location,
 size and checksum: an ``.rpm`` is stored only once it matches them, then kept forever.
 Fedora's and EPEL's ``metalink`` answers are rewritten to name this proxy as the one
-mirror (:mod:`pkgproxy.rewrite.metalink`).
+mirror (:mod:`pkgproxy.rewrite.metalink`), and so are Rocky's and AlmaLinux's
+``mirrorlist`` answers (:mod:`pkgproxy.rewrite.mirrorlist`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pkgproxy.families import CacheClass, Decision, Expect, Facts, Family, Reque
 from pkgproxy.families.compressed import Chunks, open_index, stream
 from pkgproxy.families.debian import signature_time
 from pkgproxy.rewrite.metalink import rewrite_metalink
+from pkgproxy.rewrite.mirrorlist import rewrite_mirrorlist
 
 _REPOMD = re.compile(r"(?:^|/)repodata/repomd\.xml$")
 _REPOMD_ASC = re.compile(r"(?:^|/)repodata/repomd\.xml\.(?:asc|key)$")
@@ -33,6 +35,9 @@ _PRIMARY = re.compile(
     r"(?:^|/)repodata/(?:[0-9a-f]{32,128}-)?primary\.xml(?:\.(?:gz|xz|bz2|zst))?$"
 )
 _PACKAGE = re.compile(r"[^/]\.(?:rpm|drpm)$")
+#: MirrorManager's ``mirrorlist?repo=...&arch=...`` (Rocky), AlmaLinux's
+#: ``mirrorlist/<release>/<repo>``.
+_MIRRORLIST = re.compile(r"mirrorlist(?:/[^/]+/[^/]+)?")
 
 #: repomd/primary checksum types as :mod:`hashlib` names ("sha" is yum's old SHA-1).
 _ALGOS = {
@@ -60,6 +65,9 @@ def classify(
     if path == "metalink":
         # MirrorManager's answer for ?repo=...&arch=...: this proxy as the one mirror.
         return replace(decision, rewrite=rewrite_metalink)
+    if _MIRRORLIST.fullmatch(path):
+        # The same, as a plain list of repository URLs: this proxy's one.
+        return replace(decision, rewrite=rewrite_mirrorlist)
     if _REPOMD.search(path):
         # A mirror behind a round-robin name may lag behind the one asked last time;
         # repomd.xml and its signature are one pair, refreshed together.
@@ -186,6 +194,7 @@ ROUTES: tuple[Route, ...] = (
     # RPM (dnf, yum, zypper). Fedora and EPEL from Fedora's master host, which serves every
     # release and update; MirrorManager's metalink answers name this proxy as the one mirror
     # (revalidated as often as repomd.xml, so the checksums they carry keep up with it).
+    # Rocky's and AlmaLinux's mirrorlist answers, likewise, list this proxy alone.
     Route(
         name="fedora",
         family="rpm",
@@ -221,11 +230,25 @@ ROUTES: tuple[Route, ...] = (
         ),
     ),
     Route(
+        name="rocky-mirrorlist",
+        family="rpm",
+        prefix="/rocky-mirrorlist/",
+        upstream="https://mirrors.rockylinux.org/",
+        forward=on_both_schemes("mirrors.rockylinux.org/"),
+    ),
+    Route(
         name="almalinux",
         family="rpm",
         prefix="/almalinux/",
         upstream="https://repo.almalinux.org/almalinux/",
         forward=on_both_schemes("repo.almalinux.org/almalinux/"),
+    ),
+    Route(
+        name="almalinux-mirrorlist",
+        family="rpm",
+        prefix="/almalinux-mirrorlist/",
+        upstream="https://mirrors.almalinux.org/",
+        forward=on_both_schemes("mirrors.almalinux.org/"),
     ),
     Route(
         name="centos-stream",
