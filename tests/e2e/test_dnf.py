@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import re
 import subprocess
 import time
 from collections.abc import Sequence
@@ -126,10 +127,10 @@ class DnfTests(SynchronousTestCase):
         with open(self.upstream.log_path, encoding="utf-8", errors="replace") as f:
             return f.read().count(f'"GET /repo/{path} ')
 
-    def get(self, proxy: PkgProxy, path: str) -> tuple[int, bytes, str]:
+    def get(self, proxy: PkgProxy, path: str, prefix: str = "/testrpm/") -> tuple[int, bytes, str]:
         conn = http.client.HTTPConnection(HOST, proxy.port, timeout=20)
         try:
-            conn.request("GET", f"/testrpm/{path}")
+            conn.request("GET", f"{prefix}{path}")
             resp = conn.getresponse()
             try:
                 body = resp.read()
@@ -309,3 +310,49 @@ class DnfTests(SynchronousTestCase):
     def test_metalink_as_proxy(self) -> None:
         """A stock ``metalink=http://mirrors.fedoraproject.org/...`` with ``proxy=``."""
         self._metalink(forward=True)
+
+    def test_mirrorlist_by_path(self) -> None:
+        """``mirrorlist=http://cache/rocky-mirrorlist/mirrorlist?arch=...&repo=...``: the
+        upstream's answer lists, after comments, a mirror nothing serves and then one
+        whose ``/pub/rocky/`` tree is the built-in ``rocky`` route's (both on a closed
+        port, so dnf gets nothing from them itself); the proxy answers with that route
+        alone, and dnf downloads through it. Then again with the upstream stopped."""
+        mirrorlist = (
+            "# repo = rocky-BaseOS-1 arch = noarch country = XX\n\n"
+            f"http://{HOST}:1/rocky-unserved/1/BaseOS/noarch/os/\n"
+            "# the next mirror names Rocky's tree\n"
+            f"http://{HOST}:1/pub/rocky/\n"
+        )
+        with open(os.path.join(self.repo.serve_dir, "mirrorlist"), "w", encoding="utf-8") as f:
+            f.write(mirrorlist)
+        proxy = start_pkgproxy(
+            self,
+            f'[routes.rocky]\nupstream = "{self.upstream.url("/repo/")}"\n'
+            f'[routes.rocky-mirrorlist]\nupstream = "{self.upstream.url("/")}"\n',
+        )
+        where = proxy.url("/rocky-mirrorlist/mirrorlist?arch=$basearch&repo=BaseOS-$releasever")
+        repo_file = f"[t]\nname=t\nmirrorlist={where}\ngpgcheck=0\n"
+        want = self.repo.package("pkgproxy-hello")
+        for _ in ("cold", "offline"):
+            argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], repo_file=repo_file)
+            done = subprocess.run(
+                argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
+            )
+            self.assertEqual(
+                done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
+            )
+            self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
+            self.assertEqual(self.origin_gets(want.path), 1)
+            proxy.wait_for_entries(6)  # mirrorlist, repomd.xml and .asc, primary, filelists, rpm
+            self.upstream.stop()
+        with open(proxy.log_path, encoding="utf-8") as f:
+            log = f.read()
+        asked = re.findall(r'"GET /rocky-mirrorlist/(mirrorlist\?arch=\S+&repo=BaseOS-1)"', log)
+        self.assertGreaterEqual(len(asked), 2, log)  # each run asks (libdnf: more than once)
+        self.assertEqual(log.count(f'"GET /rocky/{want.path}"'), 2, log)
+        with open(self.upstream.log_path, encoding="utf-8", errors="replace") as f:
+            self.assertEqual(f.read().count('"GET /mirrorlist?'), 1)
+        # What dnf was told: the proxy's route alone.
+        status, body, x_cache = self.get(proxy, asked[0], prefix="/rocky-mirrorlist/")
+        self.assertEqual((status, body.decode()), (200, proxy.url("/rocky/") + "\n"))
+        self.assertIn("HIT", x_cache)
