@@ -10,6 +10,7 @@ from pkgproxy.config import Route
 from pkgproxy.families import CacheClass, RewriteContext, rpm
 from pkgproxy.rewrite.metalink import rewrite_metalink
 from pkgproxy.rewrite.mirrorlist import MAX_MIRRORLIST, MirrorlistError, rewrite_mirrorlist
+from pkgproxy.testing import MemoryProxy
 from pkgproxy.web.routing import RouteTable
 
 BASE = "http://cache:3142"
@@ -160,3 +161,45 @@ class MirrorlistTests(SynchronousTestCase):
         rewrite_metalink(src, out, RewriteContext("", lambda u: table.public_url(u, BASE)))
         urls = [u.text for u in ET.parse(out).getroot().iter("{http://www.metalinker.org/}url")]
         self.assertEqual(urls, [f"{BASE}/rocky/9.5/BaseOS/x86_64/os/repodata/repomd.xml"])
+
+
+class MirrorlistThroughProxyTests(SynchronousTestCase):
+    """The built-in ``rocky-mirrorlist`` route, in front of a fake MirrorManager."""
+
+    QUERY = "mirrorlist?arch=x86_64&repo=BaseOS-9"
+
+    def setUp(self) -> None:
+        self.proxy = MemoryProxy(
+            {"routes": {"rocky-mirrorlist": {"upstream": "http://upstream.test/mm/"}}},
+            cache_dir=self.mktemp(),
+        )
+        self.addCleanup(self.proxy.close)
+        self.up = self.proxy.upstream
+
+    def test_answer_cached_and_a_bad_one_never_replaces_it(self) -> None:
+        """The rewritten answer is cached per query; once stale, an upstream answer that
+        is not a mirrorlist leaves the cached one in place (served stale); a new query
+        answered so is a 502 saying why, and nothing is stored."""
+        self.up.add(f"/mm/{self.QUERY}", ROCKY)
+        resp, body = self.proxy.get(f"/rocky-mirrorlist/{self.QUERY}")
+        self.assertEqual(resp.code, 200)
+        lines = body.decode().splitlines()
+        self.assertEqual(len(lines), 1, body)
+        self.assertTrue(lines[0].endswith("/rocky/9.5/BaseOS/x86_64/os/"), body)
+        self.assertEqual(len(self.proxy.store), 1)
+
+        self.up.add(f"/mm/{self.QUERY}", b"<html><body>maintenance</body></html>")
+        self.proxy.clock.advance(24 * 3600)
+        resp, again = self.proxy.get(f"/rocky-mirrorlist/{self.QUERY}")
+        self.assertEqual((resp.code, again), (200, body))
+        self.assertEqual(self.up.count(f"/mm/{self.QUERY}"), 2)
+        self.assertEqual(len(self.proxy.store), 1)
+
+        other = "mirrorlist?arch=x86_64&repo=Nope-9"
+        self.up.add(f"/mm/{other}", b"<html><body>maintenance</body></html>")
+        resp, error = self.proxy.get(f"/rocky-mirrorlist/{other}")
+        self.assertEqual(resp.code, 502)
+        self.assertIn(b"cannot rewrite", error)
+        self.assertIn(b"not a URL", error)
+        self.assertEqual(len(self.proxy.store), 1)
+        self.flushLoggedErrors(MirrorlistError)
