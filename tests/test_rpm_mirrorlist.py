@@ -105,6 +105,15 @@ class MirrorlistTests(SynchronousTestCase):
         )
         self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/AppStream/aarch64/os/\n")
 
+    def test_dot_segments_are_not_followed(self) -> None:
+        """A mirror whose path climbs out of its tree is passed over, for the next one."""
+        raw = (
+            b"https://mirror.example.at/pub/rocky/../../npm/x/\n"
+            b"https://repo.almalinux.org/almalinux/./9.5/\n"
+            b"https://mirror.example.at/pub/rocky/9.5/BaseOS/x86_64/os/\n"
+        )
+        self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
+
     def test_nothing_served_is_an_error(self) -> None:
         """No listed mirror is a route's, as it is or by a tree: a clear error."""
         raw = b"https://a.example/9/BaseOS/x86_64/os/\nrsync://b.example/rockylinux/9/\n"

@@ -41,11 +41,14 @@ class MetalinkError(ValueError):
 def mirror_public_url(url: str, context: RewriteContext) -> str | None:
     """The URL a client uses, through this proxy, for a mirror's ``url``: the route
     serving it as it is, else the route serving the same file of the master host by the
-    tree (:data:`TREES`) the URL names; ``None`` when no route serves it either way."""
+    tree (:data:`TREES`) the URL names; ``None`` when no route serves it either way, or
+    its path has a dot segment (which would lead the client elsewhere on this proxy)."""
+    path = urlsplit(url).path
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return None  # a mirror of this layout never names one: not followed
     mapped = context.public_url(url)
     if mapped is not None:
         return mapped
-    path = urlsplit(url).path
     for tree, master in TREES.items():
         if tree in path:
             mapped = context.public_url(master + path.split(tree, 1)[1])
