@@ -19,9 +19,9 @@ ALMA_PAGE = "https://mirrors.almalinux.org/mirrorlist/9/baseos"
 
 #: As MirrorManager answers Rocky's ``mirrorlist?arch=x86_64&repo=BaseOS-9``: a comment
 #: naming the repo, then mirrors by preference. The first one names no tree this proxy
-#: knows (``/rockylinux/``), the second is reachable by the ``/rocky/`` tree.
+#: knows (at the root of its host), the second is reachable by the ``/rocky/`` tree.
 ROCKY = b"""# repo = rocky-BaseOS-9.5 arch = x86_64 country = DE country = AT country = CH
-https://ftp.example.de/linux/rockylinux/9.5/BaseOS/x86_64/os/
+https://ftp.example.de/9.5/BaseOS/x86_64/os/
 https://mirror.example.at/pub/rocky/9.5/BaseOS/x86_64/os/
 http://rocky.mirror.example.ch/9.5/BaseOS/x86_64/os/
 """
@@ -78,6 +78,11 @@ class MirrorlistTests(SynchronousTestCase):
         host's ``/pub/rocky/``) is the one: the answer is this proxy's URL alone."""
         self.assertEqual(self._rewrite(ROCKY), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
 
+    def test_rockylinux_tree(self) -> None:
+        """Many Rocky mirrors keep the tree as ``/rockylinux/``: the same layout."""
+        raw = b"https://mirror.example.fr/pub/linux/rockylinux/9.5/BaseOS/x86_64/os/\n"
+        self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
+
     def test_almalinux_keeps_basearch_for_dnf(self) -> None:
         """AlmaLinux's path-style answer, with ``$basearch`` left as dnf fills it in."""
         self.assertEqual(
@@ -116,7 +121,7 @@ class MirrorlistTests(SynchronousTestCase):
 
     def test_nothing_served_is_an_error(self) -> None:
         """No listed mirror is a route's, as it is or by a tree: a clear error."""
-        raw = b"https://a.example/9/BaseOS/x86_64/os/\nrsync://b.example/rockylinux/9/\n"
+        raw = b"https://a.example/9/BaseOS/x86_64/os/\nrsync://b.example/linux/9/\n"
         with self.assertRaises(MirrorlistError) as e:
             self._rewrite(raw)
         self.assertIn("no route of this proxy serves any mirror", str(e.exception))

@@ -30,6 +30,7 @@ TREES = {
     "/fedora-secondary/": "https://dl.fedoraproject.org/pub/fedora-secondary/",
     "/epel/": "https://dl.fedoraproject.org/pub/epel/",
     "/rocky/": "https://dl.rockylinux.org/pub/rocky/",
+    "/rockylinux/": "https://dl.rockylinux.org/pub/rocky/",
     "/almalinux/": "https://repo.almalinux.org/almalinux/",
 }
 
