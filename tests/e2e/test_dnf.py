@@ -278,15 +278,13 @@ class DnfTests(SynchronousTestCase):
             f'[routes.fedora-metalink]\nupstream = "{self.upstream.url("/")}"\n'
         )
 
-    def _metalink(self, forward: bool) -> None:
-        proxy = start_pkgproxy(self, self._metalink_config())
-        query = "metalink?repo=fedora-1&arch=noarch"
-        where = (
-            f"http://mirrors.fedoraproject.org/{query}"
-            if forward
-            else proxy.url(f"/fedora-metalink/{query}")
-        )
-        repo_file = f"[t]\nname=t\nmetalink={where}\ngpgcheck=0\n"
+    def _cold_then_offline(
+        self, proxy: PkgProxy, repo_file: str, forward: bool = False
+    ) -> rpmrepo.BuiltRpm:
+        """dnf downloads pkgproxy-hello through ``proxy`` with ``repo_file``, cold and then
+        with the upstream stopped: the origin is asked for the rpm once, and six entries
+        are stored (the mirror answer, repomd.xml and .asc, primary, filelists, the rpm).
+        The package, for the caller's further checks."""
         want = self.repo.package("pkgproxy-hello")
         for _ in ("cold", "offline"):
             argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
@@ -298,8 +296,20 @@ class DnfTests(SynchronousTestCase):
             )
             self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
             self.assertEqual(self.origin_gets(want.path), 1)
-            proxy.wait_for_entries(6)  # metalink, repomd.xml and .asc, primary, filelists, rpm
+            proxy.wait_for_entries(6)
             self.upstream.stop()
+        return want
+
+    def _metalink(self, forward: bool) -> None:
+        proxy = start_pkgproxy(self, self._metalink_config())
+        query = "metalink?repo=fedora-1&arch=noarch"
+        where = (
+            f"http://mirrors.fedoraproject.org/{query}"
+            if forward
+            else proxy.url(f"/fedora-metalink/{query}")
+        )
+        repo_file = f"[t]\nname=t\nmetalink={where}\ngpgcheck=0\n"
+        self._cold_then_offline(proxy, repo_file, forward)
 
     def test_metalink_by_path(self) -> None:
         """``metalink=http://cache/fedora-metalink/metalink?repo=...``: the answer names
@@ -332,19 +342,7 @@ class DnfTests(SynchronousTestCase):
         )
         where = proxy.url("/rocky-mirrorlist/mirrorlist?arch=$basearch&repo=BaseOS-$releasever")
         repo_file = f"[t]\nname=t\nmirrorlist={where}\ngpgcheck=0\n"
-        want = self.repo.package("pkgproxy-hello")
-        for _ in ("cold", "offline"):
-            argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], repo_file=repo_file)
-            done = subprocess.run(
-                argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
-            )
-            self.assertEqual(
-                done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
-            )
-            self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
-            self.assertEqual(self.origin_gets(want.path), 1)
-            proxy.wait_for_entries(6)  # mirrorlist, repomd.xml and .asc, primary, filelists, rpm
-            self.upstream.stop()
+        want = self._cold_then_offline(proxy, repo_file)
         with open(proxy.log_path, encoding="utf-8") as f:
             log = f.read()
         asked = re.findall(r'"GET /rocky-mirrorlist/(mirrorlist\?arch=\S+&repo=BaseOS-1)"', log)
