@@ -35,17 +35,32 @@ RUN set -eu; \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
-COPY . /src
+# The dependencies first, in a layer of their own, from the lists in setup.cfg and
+# pyproject.toml: a rebuild after a change to the code only reinstalls pkgproxy itself,
+# where the builder keeps layers.
 # A build that reaches PyPI through a TLS-inspecting proxy, or a private index, gets what
 # pip needs as build secrets, mounted for this step only and never stored in the image:
 #   --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt   (PIP_CERT)
 #   --secret id=pip.conf,src=build-pip.conf     (PIP_CONFIG_FILE: index-url, trusted-host, proxy)
+COPY setup.cfg pyproject.toml /src/
 RUN --mount=type=secret,id=pip.conf --mount=type=secret,id=ca-bundle \
     set -eu; \
     if [ -s /run/secrets/pip.conf ]; then export PIP_CONFIG_FILE=/run/secrets/pip.conf; fi; \
     if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi; \
     python3 -m venv /opt/pkgproxy; \
-    /opt/pkgproxy/bin/pip install /src; \
+    /opt/pkgproxy/bin/python -c 'import configparser, tomllib; \
+c = configparser.ConfigParser(); c.read("/src/setup.cfg"); \
+print(c["options"]["install_requires"]); \
+print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["build-system"]["requires"]))' \
+        > /tmp/requirements.txt; \
+    /opt/pkgproxy/bin/pip install -r /tmp/requirements.txt; \
+    rm -rf /tmp/requirements.txt /src
+
+# pkgproxy itself: no index is asked (its dependencies and build tools are all there).
+COPY . /src
+RUN set -eu; \
+    /opt/pkgproxy/bin/pip install --no-deps --no-build-isolation --no-index /src; \
+    /opt/pkgproxy/bin/pip check; \
     # twistd caches plugin discovery in dropin.cache; the non-root user below could not
     # rewrite it, so it is written now, as root.
     /opt/pkgproxy/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"; \

@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -115,6 +116,53 @@ class PkgproxyImageTest(ContainerTestCase):
             shared=True,
         )
         return image
+
+    def test_a_change_to_the_code_keeps_the_dependencies_layer(self) -> None:
+        """Built with layers kept, a change to pkgproxy's code rebuilds only the steps
+        from ``COPY . /src``: the step that installs the dependencies (downloading them)
+        is taken from the builder's cache."""
+        work = os.path.abspath(self.mktemp())
+        context = os.path.join(work, "context")
+        shutil.copytree(
+            REPO_ROOT,
+            context,
+            ignore=shutil.ignore_patterns(
+                ".git",
+                "_trial_temp*",
+                "bench-results",
+                "docs",
+                "examples",
+                "*.egg-info",
+                "__pycache__",
+                ".venv",
+                "build",
+                "dist",
+            ),
+        )
+        proxies = {k: v for k, v in os.environ.items() if k in PROXY_ENV_VARS}
+
+        def steps() -> dict[str, str]:
+            """The build's output by step, named by each step's first words."""
+            _, run = self.engine.build(
+                self,
+                context,
+                build_args={"BASE": self.base},
+                extra=containers.pip_build_secrets(work),
+                env=proxies,
+                name="pkgproxy-layers",
+                layers=True,
+            )
+            parts = re.split(r"^STEP \d+/\d+: ", run.output, flags=re.M)[1:]
+            return {part[:40]: part for part in parts}
+
+        steps()
+        with open(os.path.join(context, "pkgproxy", "__init__.py"), "a", encoding="utf-8") as f:
+            f.write("# a change to the code\n")
+        again = steps()
+        (dependencies,) = [s for s in again.values() if "pip install -r" in s.split("\n")[0]]
+        (code,) = [s for s in again.values() if s.startswith("COPY . /src")]
+        self.assertIn("Using cache", dependencies)
+        self.assertNotIn("Using cache", code)
 
     def start_server(
         self, image: str, config: str, volume: str, port: int, name: str

@@ -127,16 +127,20 @@ class Engine:
         env: Mapping[str, str] | None = None,
         name: str = "image",
         shared: bool = False,
+        layers: bool = False,
     ) -> tuple[str, Run]:
         """Build ``context`` as a Docker-format image (ONBUILD, SHELL and HEALTHCHECK are
         Docker-format only) on the host's network; remove it when the test ends, or, if
-        ``shared`` (one image for several tests), when the test process exits.
+        ``shared`` (one image for several tests), when the test process exits. With
+        ``layers``, each step's result is kept and reused by a later build, as a
+        developer's or a CI's builder does.
 
         Returns its tag and the build's output. A failed build fails the test.
         """
         tag = f"localhost/pkgproxy-test/{name}:{os.getpid()}-{_next_id()}"
         argv = ["buildah", "bud", "--isolation", "chroot", "--network", "host"]
-        argv += ["--format", "docker", "--layers=false", "--pull=never", "-t", tag]
+        argv += ["--format", "docker", f"--layers={str(layers).lower()}", "--pull=never"]
+        argv += ["-t", tag]
         for key, value in (build_args or {}).items():
             argv += ["--build-arg", f"{key}={value}"]
         if dockerfile:
