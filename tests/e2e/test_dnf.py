@@ -321,10 +321,9 @@ class DnfTests(SynchronousTestCase):
         """A stock ``metalink=http://mirrors.fedoraproject.org/...`` with ``proxy=``."""
         self._metalink(forward=True)
 
-    def test_mirrorlist_by_path(self) -> None:
-        """``mirrorlist=http://cache/rocky-mirrorlist/mirrorlist?arch=...&repo=...``: the
-        upstream's answer lists, after comments, a mirror nothing serves and then one
-        whose ``/pub/rocky/`` tree is the built-in ``rocky`` route's (both on a closed
+    def _mirrorlist(self, forward: bool) -> None:
+        """The upstream's answer lists, after comments, a mirror nothing serves and then
+        one whose ``/pub/rocky/`` tree is the built-in ``rocky`` route's (both on a closed
         port, so dnf gets nothing from them itself); the proxy answers with that route
         alone, and dnf downloads through it. Then again with the upstream stopped."""
         mirrorlist = (
@@ -340,17 +339,35 @@ class DnfTests(SynchronousTestCase):
             f'[routes.rocky]\nupstream = "{self.upstream.url("/repo/")}"\n'
             f'[routes.rocky-mirrorlist]\nupstream = "{self.upstream.url("/")}"\n',
         )
-        where = proxy.url("/rocky-mirrorlist/mirrorlist?arch=$basearch&repo=BaseOS-$releasever")
+        query = "mirrorlist?arch=$basearch&repo=BaseOS-$releasever"
+        where = (
+            f"http://mirrors.rockylinux.org/{query}"
+            if forward
+            else proxy.url(f"/rocky-mirrorlist/{query}")
+        )
         repo_file = f"[t]\nname=t\nmirrorlist={where}\ngpgcheck=0\n"
-        want = self._cold_then_offline(proxy, repo_file)
+        want = self._cold_then_offline(proxy, repo_file, forward)
         with open(proxy.log_path, encoding="utf-8") as f:
             log = f.read()
-        asked = re.findall(r'"GET /rocky-mirrorlist/(mirrorlist\?arch=\S+&repo=BaseOS-1)"', log)
+        asked = re.findall(r'"GET \S*?(mirrorlist\?arch=\S+&repo=BaseOS-1)"', log)
         self.assertGreaterEqual(len(asked), 2, log)  # each run asks (libdnf: more than once)
-        self.assertEqual(log.count(f'"GET /rocky/{want.path}"'), 2, log)
+        # dnf was told the proxy's route alone: by path, its URL; as an HTTP proxy, its
+        # forward prefix (Rocky's master host), which dnf then asked through the proxy.
+        master = "http://dl.rockylinux.org/pub/rocky/"
+        rpm_url = f"{master}{want.path}" if forward else f"/rocky/{want.path}"
+        self.assertEqual(log.count(f'"GET {rpm_url}"'), 2, log)
         with open(self.upstream.log_path, encoding="utf-8", errors="replace") as f:
             self.assertEqual(f.read().count('"GET /mirrorlist?'), 1)
-        # What dnf was told: the proxy's route alone.
-        status, body, x_cache = self.get(proxy, asked[0], prefix="/rocky-mirrorlist/")
-        self.assertEqual((status, body.decode()), (200, proxy.url("/rocky/") + "\n"))
-        self.assertIn("HIT", x_cache)
+        if not forward:
+            status, body, x_cache = self.get(proxy, asked[0], prefix="/rocky-mirrorlist/")
+            self.assertEqual((status, body.decode()), (200, proxy.url("/rocky/") + "\n"))
+            self.assertIn("HIT", x_cache)
+
+    def test_mirrorlist_by_path(self) -> None:
+        """``mirrorlist=http://cache/rocky-mirrorlist/mirrorlist?arch=...&repo=...``."""
+        self._mirrorlist(forward=False)
+
+    def test_mirrorlist_as_proxy(self) -> None:
+        """A stock ``mirrorlist=http://mirrors.rockylinux.org/...`` with ``proxy=``: the
+        answer names Rocky's master host, which dnf then asks through the proxy."""
+        self._mirrorlist(forward=True)
