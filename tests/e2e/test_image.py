@@ -97,25 +97,29 @@ class PkgproxyImageTest(ContainerTestCase):
     def image(self) -> str:
         """The image, built now if no test of this class has built it yet."""
         if PkgproxyImageTest.built is None:
-            PkgproxyImageTest.built = self.build_image()
+            PkgproxyImageTest.built, _ = self.build_image()
         return PkgproxyImageTest.built
 
-    def build_image(self) -> str:
+    def build_image(
+        self, context: str = REPO_ROOT, name: str = "pkgproxy", layers: bool = False
+    ) -> tuple[str, Run]:
+        """The image of the Dockerfile in ``context`` (this checkout: one image, shared by
+        the class's tests), and the build's output."""
         work = os.path.abspath(self.mktemp())
-        os.makedirs(work)
+        os.makedirs(work, exist_ok=True)
         # pip inside the build reaches PyPI as this machine's pip does: its CA bundle (and
         # index settings, if any) as build secrets; the machine's proxy variables too.
         proxies = {k: v for k, v in os.environ.items() if k in PROXY_ENV_VARS}
-        image, _ = self.engine.build(
+        return self.engine.build(
             self,
-            REPO_ROOT,
+            context,
             build_args={"BASE": self.base},
             extra=containers.pip_build_secrets(work),
             env=proxies,
-            name="pkgproxy",
-            shared=True,
+            name=name,
+            shared=context == REPO_ROOT,
+            layers=layers,
         )
-        return image
 
     def test_a_change_to_the_code_keeps_the_dependencies_layer(self) -> None:
         """Built with layers kept, a change to pkgproxy's code rebuilds only the steps
@@ -139,19 +143,10 @@ class PkgproxyImageTest(ContainerTestCase):
                 "dist",
             ),
         )
-        proxies = {k: v for k, v in os.environ.items() if k in PROXY_ENV_VARS}
 
         def steps() -> dict[str, str]:
             """The build's output by step, named by each step's first words."""
-            _, run = self.engine.build(
-                self,
-                context,
-                build_args={"BASE": self.base},
-                extra=containers.pip_build_secrets(work),
-                env=proxies,
-                name="pkgproxy-layers",
-                layers=True,
-            )
+            _, run = self.build_image(context, "pkgproxy-layers", layers=True)
             parts = re.split(r"^STEP \d+/\d+: ", run.output, flags=re.M)[1:]
             return {part[:40]: part for part in parts}
 
