@@ -338,7 +338,7 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
         raise
     digest = hashlib.sha256(served).hexdigest()
     gz: Packed | None = None
-    body = b""
+    body: bytes | None = None
     if len(served) >= PACK_MIN:
         body = deflate.compress(served)
         with open(packed, "wb") as f:
@@ -351,7 +351,7 @@ def _write_relinked(served: bytes, out: str, packed: str) -> Rewritten:
         None,
         gz,
         document=served,
-        document_gz=body if gz is not None else None,
+        document_gz=body,
     )
 
 
