@@ -122,10 +122,10 @@ class DnfTests(SynchronousTestCase):
         with open(os.path.join(dest, self.repo.package(name).basename), "rb") as f:
             return f.read()
 
-    def origin_gets(self, path: str) -> int:
-        """How many times the upstream was asked for ``path`` (below the repo root)."""
+    def origin_gets(self, path: str, root: str = "/repo/") -> int:
+        """How many times the upstream was asked for ``path`` (below ``root``)."""
         with open(self.upstream.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read().count(f'"GET /repo/{path} ')
+            return f.read().count(f'"GET {root}{path} ')
 
     def get(self, proxy: PkgProxy, path: str, prefix: str = "/testrpm/") -> tuple[int, bytes, str]:
         conn = http.client.HTTPConnection(HOST, proxy.port, timeout=20)
@@ -279,12 +279,13 @@ class DnfTests(SynchronousTestCase):
         )
 
     def _cold_then_offline(
-        self, proxy: PkgProxy, repo_file: str, forward: bool = False
+        self, proxy: PkgProxy, repo_file: str, forward: bool = False, root: str = "/repo/"
     ) -> rpmrepo.BuiltRpm:
         """dnf downloads pkgproxy-hello through ``proxy`` with ``repo_file``, cold and then
         with the upstream stopped: the origin is asked for the rpm once, and six entries
         are stored (the mirror answer, repomd.xml and .asc, primary, filelists, the rpm).
-        The package, for the caller's further checks."""
+        ``root``: where the upstream serves the repository. The package, for the caller's
+        further checks."""
         want = self.repo.package("pkgproxy-hello")
         for _ in ("cold", "offline"):
             argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
@@ -295,7 +296,7 @@ class DnfTests(SynchronousTestCase):
                 done.returncode, 0, done.stdout.decode() + done.stderr.decode() + proxy.logs()
             )
             self.assertEqual(self.downloaded(dest, "pkgproxy-hello"), want.data())
-            self.assertEqual(self.origin_gets(want.path), 1)
+            self.assertEqual(self.origin_gets(want.path, root), 1)
             proxy.wait_for_entries(6)
             self.upstream.stop()
         return want
@@ -371,3 +372,37 @@ class DnfTests(SynchronousTestCase):
         """A stock ``mirrorlist=http://mirrors.rockylinux.org/...`` with ``proxy=``: the
         answer names Rocky's master host, which dnf then asks through the proxy."""
         self._mirrorlist(forward=True)
+
+    def test_almalinux_mirrorlist_by_path(self) -> None:
+        """AlmaLinux's ``mirrorlist=http://cache/almalinux-mirrorlist/mirrorlist/$releasever/
+        baseos``: its mirrors' URLs keep a literal ``$basearch``, kept in the answer for dnf
+        to fill in; the mirror's ``/almalinux/`` tree is the built-in ``almalinux`` route's.
+        Cold, then with the upstream stopped."""
+        arch = subprocess.run(
+            ["/usr/bin/python3", "-c", "import dnf; print(dnf.Base().conf.basearch)"],
+            capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+        ).stdout.strip()  # fmt: skip
+        tree = os.path.join(self.repo.serve_dir, "alma", "1", "BaseOS", arch)
+        os.makedirs(tree)
+        os.symlink(self.repo.root, os.path.join(tree, "os"))
+        os.makedirs(os.path.join(self.repo.serve_dir, "mirrorlist", "1"))
+        with open(
+            os.path.join(self.repo.serve_dir, "mirrorlist", "1", "baseos"), "w", encoding="utf-8"
+        ) as f:
+            f.write(f"http://{HOST}:1/almalinux/1/BaseOS/$basearch/os/\n")
+        proxy = start_pkgproxy(
+            self,
+            f'[routes.almalinux]\nupstream = "{self.upstream.url("/alma/")}"\n'
+            f'[routes.almalinux-mirrorlist]\nupstream = "{self.upstream.url("/")}"\n',
+        )
+        where = proxy.url("/almalinux-mirrorlist/mirrorlist/$releasever/baseos")
+        repo_file = f"[t]\nname=t\nmirrorlist={where}\ngpgcheck=0\n"
+        want = self._cold_then_offline(proxy, repo_file, root=f"/alma/1/BaseOS/{arch}/os/")
+        with open(proxy.log_path, encoding="utf-8") as f:
+            log = f.read()
+        self.assertEqual(log.count(f'"GET /almalinux/1/BaseOS/{arch}/os/{want.path}"'), 2, log)
+        status, body, x_cache = self.get(proxy, "mirrorlist/1/baseos", "/almalinux-mirrorlist/")
+        self.assertEqual(
+            (status, body.decode()), (200, proxy.url("/almalinux/1/BaseOS/$basearch/os/") + "\n")
+        )
+        self.assertIn("HIT", x_cache)
