@@ -9,9 +9,10 @@ ends up in the file. The paths come from the built-in routes, or from the server
 configuration file with ``--config`` when its routes were renamed or moved.
 
 Tools: ``apt`` (HTTP proxy: the sources stay as they are), ``apt-sources`` (deb822 sources
-through the reverse paths), ``apk``, ``dnf`` (HTTP proxy), ``dnf-repo`` (Fedora's repositories
-through the reverse paths), ``pip``, ``uv``, ``npm``, ``go``, ``gem``, ``bundler``,
-``docker`` (Docker Hub mirror), ``containerd`` (``hosts.toml`` of one registry) and ``all``.
+through the reverse paths), ``apk``, ``dnf`` (HTTP proxy), ``dnf-repo`` (Fedora's, Rocky
+Linux's or AlmaLinux's repositories through their metalink or mirrorlist routes), ``pip``,
+``uv``, ``npm``, ``go``, ``gem``, ``bundler``, ``docker`` (Docker Hub mirror),
+``containerd`` (``hosts.toml`` of one registry) and ``all``.
 
 ``pkgproxy-config ca`` prints pkgproxy's CA certificate (for TLS interception), fetched
 from a running server or read from its cache directory, for the clients to install.
@@ -56,7 +57,7 @@ class Target:
 
     base: str
     routes: dict[str, Route]
-    distro: str = "debian"
+    distro: str | None = None  # the tool's own default where None
     suite: str | None = None
     alpine_release: str = "latest-stable"
     registry: str = "docker.io"
@@ -134,9 +135,12 @@ _DISTROS = {
 
 def apt_sources(t: Target) -> Snippet:
     """deb822 sources through pkgproxy's reverse paths (no proxy setting needed)."""
-    if t.distro not in _DISTROS:
-        raise ClientConfigError(f"--distro must be one of {', '.join(sorted(_DISTROS))}")
-    main, security, default_suite, components, keyring = _DISTROS[t.distro]
+    distro = t.distro or "debian"
+    if distro not in _DISTROS:
+        raise ClientConfigError(
+            f"apt-sources: --distro must be one of {', '.join(sorted(_DISTROS))}"
+        )
+    main, security, default_suite, components, keyring = _DISTROS[distro]
     suite = t.suite or default_suite
     text = (
         _comment("#", t)
@@ -146,7 +150,7 @@ def apt_sources(t: Target) -> Snippet:
         + f"Components: {components}\nSigned-By: {keyring}\n"
     )
     return Snippet(
-        f"/etc/apt/sources.list.d/{t.distro}.sources",
+        f"/etc/apt/sources.list.d/{distro}.sources",
         text,
         "replaces the distribution's own .sources file; apt still checks every signature",
     )
@@ -176,33 +180,110 @@ def dnf_proxy(t: Target) -> Snippet:
     return Snippet("/etc/dnf/dnf.conf", text, "merge the proxy= line into [main]")
 
 
-#: Fedora's repositories as MirrorManager names them: (section, name, metalink repo).
-_FEDORA_REPOS = (
-    ("fedora", "Fedora $releasever - $basearch", "fedora-$releasever"),
-    ("updates", "Fedora $releasever - $basearch - Updates", "updates-released-f$releasever"),
-)
+@dataclass(frozen=True)
+class _DnfDistro:
+    """A distribution's stock repositories, as ``dnf-repo`` writes them through the cache.
+
+    :ivar route: the route that answers the mirror list (a metalink or a mirrorlist).
+    :ivar kind: the repository file's key for it, ``metalink`` or ``mirrorlist``.
+    :ivar repos: ``(section, name, repository)``: the ids the distribution's own files
+        use, and the names its mirror lists take (:func:`_mirror_list_path`).
+    :ivar key: the signing key's file name under ``/etc/pki/rpm-gpg``.
+    :ivar content: the route the answers point dnf to.
+    :ivar own: the distribution's files these replace.
+    :ivar older: a line for releases whose key has another name, or empty.
+    """
+
+    route: str
+    kind: str
+    repos: tuple[tuple[str, str, str], ...]
+    key: str
+    content: str
+    own: str
+    older: str = ""
+
+
+_DNF_DISTROS = {
+    "fedora": _DnfDistro(
+        "fedora-metalink",
+        "metalink",
+        (
+            ("fedora", "Fedora $releasever - $basearch", "fedora-$releasever"),
+            (
+                "updates",
+                "Fedora $releasever - $basearch - Updates",
+                "updates-released-f$releasever",
+            ),
+        ),
+        "RPM-GPG-KEY-fedora-$releasever-$basearch",
+        "fedora",
+        "fedora.repo and fedora-updates.repo",
+    ),
+    "rocky": _DnfDistro(
+        "rocky-mirrorlist",
+        "mirrorlist",
+        (
+            ("baseos", "Rocky Linux $releasever - BaseOS", "BaseOS-$releasever"),
+            ("appstream", "Rocky Linux $releasever - AppStream", "AppStream-$releasever"),
+            ("extras", "Rocky Linux $releasever - Extras", "extras-$releasever"),
+        ),
+        "RPM-GPG-KEY-Rocky-$releasever",
+        "rocky",
+        "rocky.repo and rocky-extras.repo",
+        "Rocky Linux 8 names its key RPM-GPG-KEY-rockyofficial",
+    ),
+    "almalinux": _DnfDistro(
+        "almalinux-mirrorlist",
+        "mirrorlist",
+        (
+            ("baseos", "AlmaLinux $releasever - BaseOS", "baseos"),
+            ("appstream", "AlmaLinux $releasever - AppStream", "appstream"),
+            ("extras", "AlmaLinux $releasever - Extras", "extras"),
+        ),
+        "RPM-GPG-KEY-AlmaLinux-$releasever",
+        "almalinux",
+        "almalinux-baseos.repo, almalinux-appstream.repo and almalinux-extras.repo",
+        "AlmaLinux 8 names its key RPM-GPG-KEY-AlmaLinux",
+    ),
+}
+
+
+def _mirror_list_path(distro: str, repo: str) -> str:
+    """The path and query of ``repo``'s mirror list on the distribution's service."""
+    if distro == "fedora":
+        return f"metalink?repo={repo}&arch=$basearch"
+    if distro == "rocky":
+        return f"mirrorlist?arch=$basearch&repo={repo}"
+    return f"mirrorlist/$releasever/{repo}"
 
 
 def dnf_repo(t: Target) -> Snippet:
-    """Fedora's repositories through the ``fedora-metalink`` route: dnf still checks
-    repomd.xml against Fedora's metalink and every package against its signature."""
+    """A distribution's stock repositories (``--distro`` fedora, rocky or almalinux)
+    through its metalink or mirrorlist route: dnf still checks every package's
+    signature, and for Fedora repomd.xml against the metalink's checksums."""
+    name = t.distro or "fedora"
+    d = _DNF_DISTROS.get(name)
+    if d is None:
+        raise ClientConfigError(f"dnf-repo: --distro must be one of {', '.join(_DNF_DISTROS)}")
     lines = [_comment("#", t)]
-    for section, name, repo in _FEDORA_REPOS:
-        metalink = t.url("fedora-metalink", f"metalink?repo={repo}&arch=$basearch")
+    if d.older:
+        lines.append(f"# {d.older}: set gpgkey= to it there.\n")
+    for section, title, repo in d.repos:
+        where = t.url(d.route, _mirror_list_path(name, repo))
         lines += [
             f"[{section}]\n",
-            f"name={name} (pkgproxy)\n",
-            f"metalink={metalink}\n",
+            f"name={title} (pkgproxy)\n",
+            f"{d.kind}={where}\n",
             "enabled=1\n",
             "gpgcheck=1\n",
-            "gpgkey=file:///etc/pki/rpm-gpg/RPM-GPG-KEY-fedora-$releasever-$basearch\n",
+            f"gpgkey=file:///etc/pki/rpm-gpg/{d.key}\n",
             "\n",
         ]
-    t.url("fedora")  # the metalink answers point there
+    t.url(d.content)  # the answers point there
     return Snippet(
-        "/etc/yum.repos.d/pkgproxy-fedora.repo",
+        f"/etc/yum.repos.d/pkgproxy-{name}.repo",
         "".join(lines).rstrip("\n") + "\n",
-        "disable fedora.repo and fedora-updates.repo (enabled=0) beside it",
+        f"disable {d.own} (enabled=0) beside it",
     )
 
 
@@ -340,7 +421,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("server", help="the server's base URL, e.g. http://cache.example:3142")
     p.add_argument("tool", choices=[*TOOLS, "all"], help="which client to configure")
     p.add_argument("-c", "--config", help="the server's pkgproxy.toml (for its route prefixes)")
-    p.add_argument("--distro", default="debian", help="apt-sources: debian or ubuntu")
+    p.add_argument(
+        "--distro",
+        help="apt-sources: debian (default) or ubuntu; "
+        "dnf-repo: fedora (default), rocky or almalinux",
+    )
     p.add_argument("--suite", help="apt-sources: release codename (bookworm, noble, ...)")
     p.add_argument(
         "--alpine-release", default="latest-stable", help="apk: release branch, e.g. v3.20"

@@ -198,33 +198,70 @@ _READ_DNF = """
 import sys, dnf
 base = dnf.Base()
 base.conf.read(sys.argv[1])
-base.conf.substitutions["releasever"] = "40"
+base.conf.substitutions["releasever"] = "9"
 base.conf.substitutions["basearch"] = "x86_64"
 base.conf.reposdir = [sys.argv[2]]
 base.read_all_repos()
 print(base.conf.proxy)
 for r in base.repos.iter_enabled():
-    print(r.id, r.metalink, r.gpgcheck)
+    print(r.id, r.metalink or r.mirrorlist, r.gpgcheck, *r.gpgkey)
 """
 
 
 class DnfTests(ClientConfigTestCase):
-    def test_read_by_dnf(self) -> None:
-        """dnf's own configuration reader (Debian's python3-dnf, the interpreter dnf runs
-        on) takes the proxy line and the repository file: Fedora's metalinks on the
-        proxy's fedora-metalink route, signatures still checked."""
+    def read_by_dnf(self, *args: str) -> list[str]:
+        """The proxy line and the enabled repositories, as dnf's own configuration reader
+        (Debian's python3-dnf, the interpreter dnf runs on) takes them from the snippets."""
         need("dnf")
         conf = self.write("dnf.conf", self.snippet("dnf"))
-        repos = os.path.dirname(self.write("pkgproxy-fedora.repo", self.snippet("dnf-repo")))
+        repos = os.path.dirname(self.write("pkgproxy.repo", self.snippet("dnf-repo", *args)))
         out = self.run_tool(["/usr/bin/python3", "-c", _READ_DNF, conf, repos], clean_env())
+        return out.splitlines()
+
+    def test_fedora(self) -> None:
+        """Fedora's metalinks on the proxy's fedora-metalink route, signatures checked."""
         metalink = f"{SERVER}/fedora-metalink/metalink?repo="
+        key = "file:///etc/pki/rpm-gpg/RPM-GPG-KEY-fedora-9-x86_64"
         self.assertEqual(
-            out.splitlines(),
+            self.read_by_dnf(),
             [
                 SERVER,
-                f"fedora {metalink}fedora-40&arch=x86_64 True",
-                f"updates {metalink}updates-released-f40&arch=x86_64 True",
+                f"fedora {metalink}fedora-9&arch=x86_64 True {key}",
+                f"updates {metalink}updates-released-f9&arch=x86_64 True {key}",
             ],
+        )
+
+    def test_rocky_and_almalinux(self) -> None:
+        """Rocky Linux's and AlmaLinux's mirrorlists, as their own repository files name
+        them, on the proxy's mirrorlist routes, with their release's signing key."""
+        rocky = f"{SERVER}/rocky-mirrorlist/mirrorlist?arch=x86_64&repo="
+        key = "file:///etc/pki/rpm-gpg/RPM-GPG-KEY-Rocky-9"
+        self.assertEqual(
+            self.read_by_dnf("--distro", "rocky")[1:],
+            [
+                f"baseos {rocky}BaseOS-9 True {key}",
+                f"appstream {rocky}AppStream-9 True {key}",
+                f"extras {rocky}extras-9 True {key}",
+            ],
+        )
+        alma = f"{SERVER}/almalinux-mirrorlist/mirrorlist/9/"
+        key = "file:///etc/pki/rpm-gpg/RPM-GPG-KEY-AlmaLinux-9"
+        self.assertEqual(
+            self.read_by_dnf("--distro", "almalinux")[1:],
+            [
+                f"baseos {alma}baseos True {key}",
+                f"appstream {alma}appstream True {key}",
+                f"extras {alma}extras True {key}",
+            ],
+        )
+
+    def test_unknown_distro(self) -> None:
+        """A distribution dnf-repo does not know: exit 2 and one line naming those it does."""
+        result = generate(SERVER, "dnf-repo", "--distro", "debian")
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(
+            result.stderr,
+            "pkgproxy-config: dnf-repo: --distro must be one of fedora, rocky, almalinux\n",
         )
 
 
