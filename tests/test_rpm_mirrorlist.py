@@ -83,6 +83,12 @@ class MirrorlistTests(SynchronousTestCase):
         raw = b"https://mirror.example.fr/pub/linux/rockylinux/9.5/BaseOS/x86_64/os/\n"
         self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
 
+    def test_doubled_slashes_in_a_tree(self) -> None:
+        """A mirror that writes ``/pub/rocky//9.5/`` maps to the master host's one-slash
+        path, the same URL (and cache entry) as every other mirror's."""
+        raw = b"https://mirror.example.us/pub/rocky//9.5//BaseOS/x86_64/os/\n"
+        self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
+
     def test_almalinux_keeps_basearch_for_dnf(self) -> None:
         """AlmaLinux's path-style answer, with ``$basearch`` left as dnf fills it in."""
         self.assertEqual(

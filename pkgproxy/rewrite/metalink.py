@@ -12,6 +12,7 @@ rewrite shares).
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -35,6 +36,10 @@ TREES = {
 }
 
 
+#: A run of slashes in a mirror's path.
+_SLASHES = re.compile(r"/{2,}")
+
+
 class MetalinkError(ValueError):
     """The upstream document is not a metalink this proxy can answer for."""
 
@@ -52,7 +57,10 @@ def mirror_public_url(url: str, context: RewriteContext) -> str | None:
         return mapped
     for tree, master in TREES.items():
         if tree in path:
-            mapped = context.public_url(master + path.split(tree, 1)[1])
+            # (A mirror may write the tree as ``/pub/rocky//9.5/``: the master host's
+            # path has one slash, and so has the one cache entry of each file.)
+            rest = _SLASHES.sub("/", path.split(tree, 1)[1]).lstrip("/")
+            mapped = context.public_url(master + rest)
             if mapped is not None:
                 return mapped
     return None
