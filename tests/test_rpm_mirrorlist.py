@@ -125,12 +125,33 @@ class MirrorlistTests(SynchronousTestCase):
         )
         self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
 
+    def test_release_tree_at_the_root_of_a_mirror(self) -> None:
+        """Only mirrors that keep the release tree at the root of their host: the master
+        host's tree of the mirrorlist service's distribution (Rocky's for Rocky's
+        service, AlmaLinux's for AlmaLinux's), through its route."""
+        raw = b"https://a.example/linux/\nhttps://b.example//9.5/BaseOS/x86_64/os/\n"
+        self.assertEqual(self._rewrite(raw), f"{BASE}/rocky/9.5/BaseOS/x86_64/os/\n")
+        raw = b"https://almalinux.mirror.example.nl/10-kitten/AppStream/$basearch/os/\n"
+        self.assertEqual(
+            self._rewrite(raw, page=ALMA_PAGE),
+            f"{BASE}/almalinux/10-kitten/AppStream/$basearch/os/\n",
+        )
+        self.assertEqual(
+            self._rewrite(raw, base=None, page=ALMA_PAGE),
+            "http://repo.almalinux.org/almalinux/10-kitten/AppStream/$basearch/os/\n",
+        )
+
     def test_nothing_served_is_an_error(self) -> None:
-        """No listed mirror is a route's, as it is or by a tree: a clear error."""
-        raw = b"https://a.example/9/BaseOS/x86_64/os/\nrsync://b.example/linux/9/\n"
-        with self.assertRaises(MirrorlistError) as e:
-            self._rewrite(raw)
-        self.assertIn("no route of this proxy serves any mirror", str(e.exception))
+        """No listed mirror is a route's, as it is, by a tree, or at the root of its host
+        for a mirrorlist service this proxy knows: a clear error."""
+        for raw, page in (
+            (b"https://a.example/9/BaseOS/x86_64/os/\n", "https://mirrors.example/mirrorlist"),
+            (b"https://a.example/BaseOS/9/\nrsync://b.example/linux/9/\n", ROCKY_PAGE),
+            (b"https://a.example/9/../../npm/x/\n", ROCKY_PAGE),
+        ):
+            with self.assertRaises(MirrorlistError) as e:
+                self._rewrite(raw, page=page)
+            self.assertIn("no route of this proxy serves any mirror", str(e.exception))
 
     def test_not_a_mirrorlist_is_an_error(self) -> None:
         """Empty, only comments, binary, an HTML error page: one line saying which."""

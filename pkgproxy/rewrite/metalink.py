@@ -44,23 +44,31 @@ class MetalinkError(ValueError):
     """The upstream document is not a metalink this proxy can answer for."""
 
 
+def mirror_path(url: str) -> str | None:
+    """A mirror URL's path with each run of slashes as one (a mirror may write its tree
+    as ``/pub/rocky//9.5/``; the master host's path has one slash, and so has the one
+    cache entry of each file); ``None`` if it has a dot segment, which would lead the
+    client elsewhere on this proxy (a mirror of these layouts never names one)."""
+    path = urlsplit(url).path
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return None
+    return _SLASHES.sub("/", path)
+
+
 def mirror_public_url(url: str, context: RewriteContext) -> str | None:
     """The URL a client uses, through this proxy, for a mirror's ``url``: the route
     serving it as it is, else the route serving the same file of the master host by the
     tree (:data:`TREES`) the URL names; ``None`` when no route serves it either way, or
-    its path has a dot segment (which would lead the client elsewhere on this proxy)."""
-    path = urlsplit(url).path
-    if any(segment in (".", "..") for segment in path.split("/")):
-        return None  # a mirror of this layout never names one: not followed
+    its path has a dot segment (:func:`mirror_path`)."""
+    path = mirror_path(url)
+    if path is None:
+        return None
     mapped = context.public_url(url)
     if mapped is not None:
         return mapped
     for tree, master in TREES.items():
         if tree in path:
-            # (A mirror may write the tree as ``/pub/rocky//9.5/``: the master host's
-            # path has one slash, and so has the one cache entry of each file.)
-            rest = _SLASHES.sub("/", path.split(tree, 1)[1]).lstrip("/")
-            mapped = context.public_url(master + rest)
+            mapped = context.public_url(master + path.split(tree, 1)[1])
             if mapped is not None:
                 return mapped
     return None
