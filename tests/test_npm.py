@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any
 
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed
 
@@ -605,13 +606,18 @@ class NpmProxyTests(SynchronousTestCase):
         self.assertEqual(len(self.proxy.store), 0)
 
     def test_bad_upstream_document_is_not_cached(self) -> None:
-        """A 200 that is not JSON (a captive portal page) fails and is not kept."""
+        """A 200 that is not JSON (a captive portal page) fails and is not kept; the log
+        says so in one line, with no traceback."""
         self.up.add("/npm/portal", b"<html>log in to the wifi</html>")
-        resp, body = self.proxy.get("/npm/portal")
+        with capturedLogs() as events:
+            resp, body = self.proxy.get("/npm/portal")
         self.assertEqual(resp.code, 502)
         self.assertIn(b"cannot rewrite", body)
         self.assertEqual(len(self.proxy.store), 0)
-        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+        said = [formatEvent(e) for e in events if "cannot rewrite" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)
+        self.assertRegex(said[0], r"^cannot rewrite http://\S+/npm/portal: not a JSON document")
+        self.assertEqual([e for e in events if "log_failure" in e], [])
 
     def test_audit_passed_through_uncached(self) -> None:
         """npm's audit POST reaches the registry with its body, every time; the answer

@@ -417,7 +417,6 @@ class ServerTests(ProxyCase):
         resp, _ = self.proxy.get("/pypi/simple/demo/", headers=accept)
         self.assertEqual(resp.code, 502)
         self.assertEqual(len(self.proxy.store), 0)
-        self.flushLoggedErrors(ValueError)
 
 
 class IndexOwnershipTests(SynchronousTestCase):
@@ -487,7 +486,6 @@ class GzipUpstreamTests(ProxyCase):
         resp, _ = self.proxy.get("/pypi/simple/demo/", headers={"Accept": V1_JSON})
         self.assertEqual(resp.code, 502)
         self.assertEqual((len(self.proxy.store), len(self.proxy.facts)), (0, 0))
-        self.flushLoggedErrors(ValueError)
 
 
 class GzipClientTests(ProxyCase):

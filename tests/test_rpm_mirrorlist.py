@@ -243,4 +243,3 @@ class MirrorlistThroughProxyTests(SynchronousTestCase):
         self.assertIn(b"cannot rewrite", error)
         self.assertIn(b"not a URL", error)
         self.assertEqual(len(self.proxy.store), 1)
-        self.flushLoggedErrors(MirrorlistError)

@@ -548,7 +548,13 @@ class Fetch:
 
         def failed(f: Failure) -> None:
             self._release_held()
-            log.failure("rewriting {url} failed", f, url=self.request.url)
+            if f.check(ValueError):
+                # The document is not what its format says: each rewriter says how.
+                log.warn(
+                    "cannot rewrite {url}: {why}", url=self.request.url, why=f.getErrorMessage()
+                )
+            else:
+                log.failure("rewriting {url} failed", f, url=self.request.url)
             self._store.discard(out)
             self._store.discard(packed)
             self._fail(f"cannot rewrite the upstream document: {f.getErrorMessage()}")

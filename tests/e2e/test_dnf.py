@@ -373,18 +373,53 @@ class DnfTests(SynchronousTestCase):
         answer names Rocky's master host, which dnf then asks through the proxy."""
         self._mirrorlist(forward=True)
 
+    def _release_tree(self, top: str) -> str:
+        """The repository also served as ``<top>/1/BaseOS/<basearch>/os/`` (release 1, as
+        dnf runs here), the layout of Rocky's and AlmaLinux's trees; dnf's basearch."""
+        arch = subprocess.run(
+            ["/usr/bin/python3", "-c", "import dnf; print(dnf.Base().conf.basearch)"],
+            capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
+        ).stdout.strip()  # fmt: skip
+        tree = os.path.join(self.repo.serve_dir, top, "1", "BaseOS", arch)
+        os.makedirs(tree)
+        os.symlink(self.repo.root, os.path.join(tree, "os"))
+        return arch
+
+    def test_mirrorlist_mirror_with_the_tree_at_its_root(self) -> None:
+        """Rocky's mirrorlist service (``rocky-mirrorlist`` on its own host name, reached
+        through an outbound proxy that holds a copy of it) lists only a mirror that keeps
+        the release tree at the root of its host: the answer is the ``rocky`` route's
+        same tree, and dnf downloads through it, cold and then offline."""
+        arch = self._release_tree("rocky")
+        mirrors = os.path.abspath(self.mktemp())
+        os.makedirs(mirrors)
+        with open(os.path.join(mirrors, "mirrorlist"), "w", encoding="utf-8") as f:
+            f.write(f"# repo = rocky-BaseOS-1\nhttp://{HOST}:1/1/BaseOS/{arch}/os/\n")
+        # It answers an absolute-form request from its root, whatever the host.
+        outbound = start_slow_server(self, mirrors, rate=50_000_000)
+        proxy = start_pkgproxy(
+            self,
+            f'[upstream]\nproxy = "{outbound.url("/")}"\nno_proxy = ["{HOST}"]\n'
+            f'[routes.rocky]\nupstream = "{self.upstream.url("/rocky/")}"\n'
+            '[routes.rocky-mirrorlist]\nupstream = "http://mirrors.rockylinux.org/"\n',
+        )
+        query = "mirrorlist?arch=$basearch&repo=BaseOS-$releasever"
+        repo_file = (
+            f"[t]\nname=t\nmirrorlist={proxy.url(f'/rocky-mirrorlist/{query}')}\ngpgcheck=0\n"
+        )
+        want = self._cold_then_offline(proxy, repo_file, root=f"/rocky/1/BaseOS/{arch}/os/")
+        asked = f"http://mirrors.rockylinux.org/mirrorlist?arch={arch}&repo=BaseOS-1"
+        self.assertEqual(outbound.requests(asked), 1, outbound.logs())
+        with open(proxy.log_path, encoding="utf-8") as f:
+            log = f.read()
+        self.assertEqual(log.count(f'"GET /rocky/1/BaseOS/{arch}/os/{want.path}"'), 2, log)
+
     def test_almalinux_mirrorlist_by_path(self) -> None:
         """AlmaLinux's ``mirrorlist=http://cache/almalinux-mirrorlist/mirrorlist/$releasever/
         baseos``: its mirrors' URLs keep a literal ``$basearch``, kept in the answer for dnf
         to fill in; the mirror's ``/almalinux/`` tree is the built-in ``almalinux`` route's.
         Cold, then with the upstream stopped."""
-        arch = subprocess.run(
-            ["/usr/bin/python3", "-c", "import dnf; print(dnf.Base().conf.basearch)"],
-            capture_output=True, text=True, timeout=60, env=clean_env(), check=True,
-        ).stdout.strip()  # fmt: skip
-        tree = os.path.join(self.repo.serve_dir, "alma", "1", "BaseOS", arch)
-        os.makedirs(tree)
-        os.symlink(self.repo.root, os.path.join(tree, "os"))
+        arch = self._release_tree("alma")
         os.makedirs(os.path.join(self.repo.serve_dir, "mirrorlist", "1"))
         with open(
             os.path.join(self.repo.serve_dir, "mirrorlist", "1", "baseos"), "w", encoding="utf-8"
