@@ -234,26 +234,28 @@ class DnfTests(ClientConfigTestCase):
     def test_rocky_and_almalinux(self) -> None:
         """Rocky Linux's and AlmaLinux's mirrorlists, as their own repository files name
         them, on the proxy's mirrorlist routes, with their release's signing key."""
-        rocky = f"{SERVER}/rocky-mirrorlist/mirrorlist?arch=x86_64&repo="
-        key = "file:///etc/pki/rpm-gpg/RPM-GPG-KEY-Rocky-9"
-        self.assertEqual(
-            self.read_by_dnf("--distro", "rocky")[1:],
-            [
-                f"baseos {rocky}BaseOS-9 True {key}",
-                f"appstream {rocky}AppStream-9 True {key}",
-                f"extras {rocky}extras-9 True {key}",
-            ],
-        )
-        alma = f"{SERVER}/almalinux-mirrorlist/mirrorlist/9/"
-        key = "file:///etc/pki/rpm-gpg/RPM-GPG-KEY-AlmaLinux-9"
-        self.assertEqual(
-            self.read_by_dnf("--distro", "almalinux")[1:],
-            [
-                f"baseos {alma}baseos True {key}",
-                f"appstream {alma}appstream True {key}",
-                f"extras {alma}extras True {key}",
-            ],
-        )
+        for distro, mirrorlist, names, key in (
+            (
+                "rocky",
+                "rocky-mirrorlist/mirrorlist?arch=x86_64&repo=",
+                ("BaseOS-9", "AppStream-9", "extras-9"),
+                "Rocky-9",
+            ),
+            (
+                "almalinux",
+                "almalinux-mirrorlist/mirrorlist/9/",
+                ("baseos", "appstream", "extras"),
+                "AlmaLinux-9",
+            ),
+        ):
+            self.assertEqual(
+                self.read_by_dnf("--distro", distro)[1:],
+                [
+                    f"{section} {SERVER}/{mirrorlist}{name} True "
+                    f"file:///etc/pki/rpm-gpg/RPM-GPG-KEY-{key}"
+                    for section, name in zip(("baseos", "appstream", "extras"), names, strict=True)
+                ],
+            )
 
     def test_unknown_distro(self) -> None:
         """A distribution dnf-repo does not know: exit 2 and one line naming those it does."""
