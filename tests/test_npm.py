@@ -483,6 +483,37 @@ class NpmProxyTests(SynchronousTestCase):
         self.assertEqual((got, header(resp, "x-cache")), (DEP.tarball, "HIT"))
         self.assertEqual(self.up.count(f"/npm/{DEP.tarball_path}"), 1)
 
+    def test_tarball_stored_before_its_packument(self) -> None:
+        """A tarball fetched first (a lockfile install asks no packument), its packument
+        after: the stored copy is hashed once with the digests the packument gives,
+        which it matches, and it stays a hit, the upstream gone too. A tarball whose
+        packument says otherwise is fetched again."""
+        self.publish(DEP)
+        resp, got = self.proxy.get(f"/npm/{DEP.tarball_path}")
+        self.assertEqual((got, header(resp, "x-cache")), (DEP.tarball, "MISS"))
+        entry = self.proxy.store.peek(f"npm:{DEP.tarball_path}")
+        assert entry is not None
+        self.assertEqual(entry.digests, {})
+        self.proxy.get(f"/npm/{DEP.name}", headers={"Accept": NPM_ACCEPT})
+        self.up.down = True
+        for _ in range(2):
+            resp, got = self.proxy.get(f"/npm/{DEP.tarball_path}")
+            self.assertEqual((got, header(resp, "x-cache")), (DEP.tarball, "HIT"))
+        self.assertEqual(entry.digests, {"sha512": DEP.sha512, "sha1": DEP.sha1})
+        self.assertEqual(self.up.count(f"/npm/{DEP.tarball_path}"), 1)
+
+        self.up.down = False
+        other = npmrepo.NpmPackage(DEP_OLD.name, DEP_OLD.version, {"other": "1.0.0"})
+        self.up.add(f"/npm/{DEP_OLD.tarball_path}", other.tarball)
+        resp, got = self.proxy.get(f"/npm/{DEP_OLD.tarball_path}")
+        self.assertEqual((resp.code, got), (200, other.tarball))
+        self.publish(DEP_OLD, DEP)
+        self.proxy.clock.advance(61)
+        self.proxy.get(f"/npm/{DEP.name}", headers={"Accept": NPM_ACCEPT})
+        resp, got = self.proxy.get(f"/npm/{DEP_OLD.tarball_path}")
+        self.assertEqual((got, header(resp, "x-cache")), (DEP_OLD.tarball, "MISS"))
+        self.assertEqual(self.up.count(f"/npm/{DEP_OLD.tarball_path}"), 2)
+
     def test_variants_are_separate(self) -> None:
         """Corgi and full Accept: two upstream fetches, two entries, each its own type."""
         path = self.publish(DEP)

@@ -22,7 +22,7 @@ import gzip
 import hashlib
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,15 @@ from twisted.python.failure import Failure
 
 from pkgproxy import deflate, httputil
 from pkgproxy.cache.keys import PACKED
-from pkgproxy.families import VERSION_HEAD, CacheClass, Decision, Learned, Relinker, Rewriter
+from pkgproxy.families import (
+    VERSION_HEAD,
+    CacheClass,
+    Decision,
+    Learned,
+    Relinker,
+    Rewriter,
+    new_hasher,
+)
 from pkgproxy.rewrite.context import RewriteContext
 from pkgproxy.upstream.client import UpstreamResponse
 
@@ -378,6 +386,17 @@ def hash_and_pack(path: str, packed: str) -> tuple[str, int, Packed | None]:
         os.unlink(packed)
         return h.hexdigest(), size, None
     return h.hexdigest(), size, Packed(packed, ph.hexdigest(), psize)
+
+
+def digest_file(path: str, algos: Sequence[str]) -> dict[str, str]:
+    """The digests ``algos`` (any a family defines) of the file at ``path`` (in the disk
+    pool, one read)."""
+    hashers = {a: new_hasher(a) for a in algos}
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            for h in hashers.values():
+                h.update(chunk)
+    return {a: h.hexdigest() for a, h in hashers.items()}
 
 
 def gunzip(src: str, dst: str, limit: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -30,6 +31,7 @@ from pkgproxy.diskpool import DiskPool
 from pkgproxy.families import FAMILIES, CacheClass, Decision, Facts
 from pkgproxy.families import Request as FamilyRequest
 from pkgproxy.fetch.fetch import Fetch, Outcome
+from pkgproxy.fetch.finish import digest_file
 from pkgproxy.fetch.registry import InFlight
 from pkgproxy.learning import Learner
 from pkgproxy.observe import Observer
@@ -113,6 +115,9 @@ class ProxyResource(Resource):
         self._table = RouteTable(config.enabled_routes())
         self._node_name = config.node_name
         self._store = store
+        self._pool = diskpool
+        #: Requests waiting for a stored copy to be hashed (:meth:`_digest_stored`).
+        self._digesting: dict[str, list[Exchange]] = {}
         self._inflight = inflight
         self._clock = clock
         #: Serve only from the cache, stale entries too; a miss is a 503, never a fetch.
@@ -280,14 +285,53 @@ class ProxyResource(Resource):
     # -- the decision ---------------------------------------------------------------
 
     def _handle(self, ex: Exchange) -> None:
-        req = ex.request
         entry = self._store.get(ex.key)
+        if entry is not None:
+            if unrecorded(entry, ex.decision) and satisfies(entry, ex.decision, known=True):
+                self._digest_stored(ex, entry)
+                return
+            if not satisfies(entry, ex.decision):
+                # Stored before an index said what it must be, and it is not that: fetch
+                # it again, and let the new copy replace it.
+                log.warn("cached {key} does not match its index; fetching again", key=ex.key)
+                entry = None
+        self._decide(ex, entry)
+
+    def _digest_stored(self, ex: Exchange, entry: Entry) -> None:
+        """An entry stored before an index said what it must be, by a digest it was not
+        hashed with (a Go module zip fetched before go looked its hash up, an npm tarball
+        fetched from a lockfile before any packument named it): the stored copy is hashed
+        once (in the disk pool; the requests for it meanwhile wait for that), the digests
+        are recorded with it, and each waiting request is decided again."""
+        waiting = self._digesting.get(entry.key)
+        if waiting is not None:
+            waiting.append(ex)
+            return
+        self._digesting[entry.key] = [ex]
+        algos = unrecorded(entry, ex.decision)
+        self._store.pin(entry)
+        d = self._pool.run(digest_file, self._store.path_of(entry), algos)
+
+        def recorded(found: dict[str, str]) -> None:
+            entry.digests.update(found)
+            self._store.update(entry)
+
+        def unreadable(f: Failure) -> None:
+            log.warn("cannot hash cached {key}: {why}", key=entry.key, why=f.getErrorMessage())
+            if self._store.peek(entry.key) is entry:
+                self._store.remove(entry.key)
+
+        def again(_: None) -> None:
+            self._store.unpin(entry)
+            for one in self._digesting.pop(entry.key, []):
+                if not one.gone:
+                    self._handle(one)
+
+        d.addCallbacks(recorded, unreadable).addCallback(again)
+
+    def _decide(self, ex: Exchange, entry: Entry | None) -> None:
+        req = ex.request
         now = self._clock.seconds()
-        if entry is not None and not satisfies(entry, ex.decision):
-            # Stored before an index said what it must be, and it is not that (or it
-            # cannot be told): fetch it again, and let the new copy replace it.
-            log.warn("cached {key} does not match its index; fetching again", key=ex.key)
-            entry = None
         decision = ex.decision
         wants_check = httputil.client_wants_revalidation(
             req.getHeader(b"cache-control"), req.getHeader(b"pragma")
@@ -484,12 +528,19 @@ def _client_base(request: Request) -> str:
     return f"{scheme}://{getattr(addr, 'host', 'localhost')}:{getattr(addr, 'port', 80)}"
 
 
-def satisfies(entry: Entry, decision: Decision) -> bool:
-    """Whether a stored entry is known to be what the family now expects."""
+def satisfies(entry: Entry, decision: Decision, known: bool = False) -> bool:
+    """Whether a stored entry is known to be what the family now expects; with
+    ``known``, whether nothing recorded of it says otherwise (a digest it was never
+    hashed with is not counted against it)."""
     if decision.size is not None and entry.size != decision.size:
         return False
     for algo, want in decision.digests.items():
         have = entry.sha256 if algo == "sha256" else entry.digests.get(algo)
-        if have != want:
+        if have != want and not (known and have is None):
             return False
     return True
+
+
+def unrecorded(entry: Entry, decision: Decision) -> tuple[str, ...]:
+    """The digests ``decision`` expects that ``entry`` was never hashed with."""
+    return tuple(sorted(a for a in decision.digests if a != "sha256" and a not in entry.digests))
