@@ -22,9 +22,15 @@ from twisted.trial.unittest import SkipTest, TestCase
 
 from pkgproxy.clientconfig import Target, go
 from pkgproxy.config import BUILTIN_ROUTES
-from tests.support import goproxy
+from tests.support import goproxy, gosumdb
 from tests.support.goproxy import LIB, LIB_NEXT, UPPER, GoModule
-from tests.support.procs import HOST, clean_env, start_pkgproxy, start_static_server
+from tests.support.procs import (
+    HOST,
+    ServerProcess,
+    clean_env,
+    start_pkgproxy,
+    start_static_server,
+)
 
 GO_TIMEOUT = 180.0
 
@@ -93,16 +99,22 @@ def _get(port: int, path: str) -> tuple[int, str | None, bytes]:
         time.sleep(0.05)
 
 
-class GoThroughPkgproxyTests(TestCase):
-    """``go build`` of a module with dependencies: cold, warm, a new version, offline;
-    and a zip that does not match the hash a lookup gave, refused."""
+class _GoCase(TestCase):
+    """An application, a GOPROXY tree upstream, pkgproxy, and ``go`` run against it."""
+
+    #: ``GOSUMDB`` as go is given it (``off``: the modules are the test's own).
+    gosumdb = "off"
+
+    def start_upstream(self) -> ServerProcess:
+        """The upstream serving :attr:`root`."""
+        return start_static_server(self, self.root)
 
     def setUp(self) -> None:
         if shutil.which("go") is None:
             raise SkipTest("needs go (Debian's golang-go)")
         self.root = os.path.abspath(self.mktemp())
         goproxy.write_tree(self.root, [LIB, UPPER])
-        self.upstream = start_static_server(self, self.root)
+        self.upstream = self.start_upstream()
         self.proxy = start_pkgproxy(
             self, f'[routes.go]\nupstream = "{self.upstream.url("/")}"\nindex_ttl = "1s"\n'
         )
@@ -133,13 +145,14 @@ class GoThroughPkgproxyTests(TestCase):
         home = os.path.join(self.work, f"home{self.caches}")
         os.makedirs(home)
         env = {k: v for k, v in clean_env().items() if not k.startswith(("GO", "CGO", "XDG_"))}
+        if self.gosumdb == "off":
+            env["GONOSUMDB"] = "pkgproxy.test"
         env.update(
             {
                 "HOME": home,
                 "GOENV": self.goenv,
                 "GOFLAGS": "-mod=mod",
-                "GOSUMDB": "off",
-                "GONOSUMDB": "pkgproxy.test",
+                "GOSUMDB": self.gosumdb,
                 "GOTOOLCHAIN": "local",
                 "GO111MODULE": "on",
                 "GOPATH": os.path.join(home, "gopath"),
@@ -175,6 +188,11 @@ class GoThroughPkgproxyTests(TestCase):
     def _upstream_gets(self, path: str) -> int:
         with open(self.upstream.output_path, encoding="utf-8", errors="replace") as f:
             return f.read().count(f'"GET {path} ')
+
+
+class GoThroughPkgproxyTests(_GoCase):
+    """``go build`` of a module with dependencies: cold, warm, a new version, offline;
+    and a zip that does not match the hash a lookup gave, refused."""
 
     def test_build_warm_new_version_offline(self) -> None:
         """Cold and warm builds; go's go.sum hashes are pkgproxy's; a published version
@@ -270,3 +288,56 @@ class GoThroughPkgproxyTests(TestCase):
         result = self.go("mod", "download", "-json", f"{UPPER.path}@{UPPER.version}")
         self.assertIn(UPPER.h1, result.stdout)
         self.assertEqual(_get(self.proxy.port, f"/go/{UPPER.base()}.zip")[:2], (200, "HIT"))
+
+
+class GoChecksumDatabaseTests(_GoCase):
+    """``go`` with its checksum database on, asked through pkgproxy as go asks
+    proxy.golang.org: a real signed tree (golang.org/x/mod's sumdb.TestServer) behind
+    the upstream module proxy (tests/support/gosumdb.py). Its name resolves nowhere, so
+    a go that did not use the proxy for it would fail instead of reaching the internet."""
+
+    NAME = "sum.pkgproxy.test"
+
+    def start_upstream(self) -> ServerProcess:
+        gosumdb.write_sums(self.root, [LIB, UPPER])
+        self.sumdb = gosumdb.start_sumdb_proxy(self, self.root, self.NAME)
+        self.gosumdb = self.sumdb.verifier
+        return self.sumdb
+
+    def test_verified_cold_then_offline(self) -> None:
+        """go verifies both modules against the database through pkgproxy (lookups,
+        tiles, the signed tree head) and writes their hashes to go.sum; then, with the
+        upstream stopped and every cache of go's empty, it verifies them again from
+        pkgproxy's cache alone."""
+        self.assertTrue(self.gosumdb.startswith(f"{self.NAME}+"), self.gosumdb)
+        self.assertEqual(self._run_app(), "lib one / upper")
+        with open(os.path.join(self.app, "go.sum")) as f:
+            sums = f.read()
+        for m in (LIB, UPPER):
+            self.assertIn(f"{m.path} {m.version} {m.h1}\n", sums)
+        db = f"/sumdb/{self.NAME}/"
+        asked = self.sumdb.requests(db)
+        self.assertEqual(
+            sorted({p.split("/")[3] for p in asked}), ["lookup", "supported", "tile"], asked
+        )
+        self.assertIn(f"{db}lookup/{LIB.path}@{LIB.version}", asked)
+
+        self.sumdb.stop()
+        time.sleep(1.2)  # past index_ttl: offline, the cached answers must do
+        os.unlink(os.path.join(self.app, "go.sum"))
+        self.assertEqual(self._run_app(), "lib one / upper")
+        with open(self.proxy.log_path, encoding="utf-8") as f:
+            log = f.read()
+        self.assertEqual(log.count(f'"GET /go/sumdb/{self.NAME}/lookup/{LIB.path}@'), 2, log)
+
+    def test_database_disagreeing_with_the_zip(self) -> None:
+        """The database gives another hash than the module's zip has: go refuses the
+        module, and pkgproxy, told the hash by the lookup it relayed, keeps no zip."""
+        tampered = GoModule(LIB.path, LIB.version, says="tampered")
+        with open(os.path.join(self.root, LIB.base() + ".zip"), "wb") as f:
+            f.write(tampered.zip)
+        result = self.go("build", "-o", "app", ".", ok=False)
+        self.assertNotEqual(result.returncode, 0, result.stdout)
+        self.assertIn("SECURITY ERROR", result.stderr + result.stdout)
+        status, _, _ = _get(self.proxy.port, f"/go/{LIB.base()}.zip")
+        self.assertNotEqual(status, 200)
