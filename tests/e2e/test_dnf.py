@@ -17,6 +17,7 @@ import http.client
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from tests.support import rpmrepo
 from tests.support.procs import (
     HOST,
+    REPO_ROOT,
     PkgProxy,
     ServerProcess,
     clean_env,
@@ -71,9 +73,15 @@ class DnfTests(SynchronousTestCase):
         return start_pkgproxy(self, _config(self.upstream, ttl))
 
     def dnf_argv(
-        self, proxy: PkgProxy, names: Sequence[str], forward: bool = False, repo_file: str = ""
+        self,
+        proxy: PkgProxy,
+        names: Sequence[str],
+        forward: bool = False,
+        repo_file: str = "",
+        repo_id: str = "t",
     ) -> tuple[list[str], str]:
-        """A dnf command line with a fresh root, cache and download directory."""
+        """A dnf command line with a fresh root, cache and download directory; ``repo_file``
+        (whose repository is ``repo_id``) instead of ``--repofrompath``."""
         self.runs += 1
         work = os.path.abspath(self.mktemp())
         reposdir = os.path.join(work, "repos.d")
@@ -87,7 +95,8 @@ class DnfTests(SynchronousTestCase):
             f"--setopt=reposdir={reposdir}", f"--setopt=cachedir={work}/cache",
             "--setopt=install_weak_deps=0", "--nogpgcheck",
             # The packages are not signed; repomd.xml is, and dnf checks its .asc.
-            "--setopt=t.repo_gpgcheck=1", f"--setopt=t.gpgkey=file://{self.repo.public_key}",
+            f"--setopt={repo_id}.repo_gpgcheck=1",
+            f"--setopt={repo_id}.gpgkey=file://{self.repo.public_key}",
         ]  # fmt: skip
         if repo_file:
             with open(os.path.join(reposdir, "t.repo"), "w", encoding="utf-8") as f:
@@ -279,7 +288,12 @@ class DnfTests(SynchronousTestCase):
         )
 
     def _cold_then_offline(
-        self, proxy: PkgProxy, repo_file: str, forward: bool = False, root: str = "/repo/"
+        self,
+        proxy: PkgProxy,
+        repo_file: str,
+        forward: bool = False,
+        root: str = "/repo/",
+        repo_id: str = "t",
     ) -> rpmrepo.BuiltRpm:
         """dnf downloads pkgproxy-hello through ``proxy`` with ``repo_file``, cold and then
         with the upstream stopped: the origin is asked for the rpm once, and six entries
@@ -288,7 +302,9 @@ class DnfTests(SynchronousTestCase):
         further checks."""
         want = self.repo.package("pkgproxy-hello")
         for _ in ("cold", "offline"):
-            argv, dest = self.dnf_argv(proxy, ["pkgproxy-hello"], forward, repo_file=repo_file)
+            argv, dest = self.dnf_argv(
+                proxy, ["pkgproxy-hello"], forward, repo_file=repo_file, repo_id=repo_id
+            )
             done = subprocess.run(
                 argv, capture_output=True, timeout=DNF_TIMEOUT, env=clean_env(), check=False
             )
@@ -441,3 +457,54 @@ class DnfTests(SynchronousTestCase):
             (status, body.decode()), (200, proxy.url("/almalinux/1/BaseOS/$basearch/os/") + "\n")
         )
         self.assertIn("HIT", x_cache)
+
+    def _snippet(self, proxy: PkgProxy, distro: str) -> str:
+        """The first repository of ``pkgproxy-config dnf-repo --distro <distro>``, as the
+        program prints it for this server and its configuration."""
+        done = subprocess.run(
+            [sys.executable, "-m", "pkgproxy.clientconfig", "-c", proxy.config_path,
+             "--distro", distro, proxy.url("/").rstrip("/"), "dnf-repo"],
+            capture_output=True, text=True, timeout=60, check=False,
+            env=clean_env({"PYTHONPATH": REPO_ROOT}),
+        )  # fmt: skip
+        self.assertEqual(done.returncode, 0, done.stderr)
+        first, _, _ = done.stdout.partition("\n\n[")
+        self.assertIn(proxy.url("/"), first)
+        return first + "\n"
+
+    def test_dnf_repo_snippets_drive_dnf_through_the_server(self) -> None:
+        """What ``pkgproxy-config dnf-repo`` prints for Fedora, Rocky Linux and AlmaLinux,
+        its first repository put in dnf's repository directory as printed (dnf fills in
+        ``$releasever`` and ``$basearch``; the packages here are not signed, so dnf runs
+        with ``--nogpgcheck`` and the test's key for repomd.xml): dnf downloads through
+        the server, cold and then with the upstream stopped."""
+        arch = self._release_tree("rocky")
+        serve = self.repo.serve_dir
+        os.symlink(os.path.join(serve, "rocky"), os.path.join(serve, "alma"))
+        with open(os.path.join(serve, "mirrorlist"), "w", encoding="utf-8") as f:
+            f.write(f"http://{HOST}:1/pub/rocky/1/BaseOS/{arch}/os/\n")
+        alma_list = os.path.join(serve, "alma-mirrors", "mirrorlist", "1")
+        os.makedirs(alma_list)
+        with open(os.path.join(alma_list, "baseos"), "w", encoding="utf-8") as f:
+            f.write(f"http://{HOST}:1/almalinux/1/BaseOS/$basearch/os/\n")
+        for distro, repo_id in (("fedora", "fedora"), ("rocky", "baseos"), ("almalinux", "baseos")):
+            with self.subTest(distro):
+                self.upstream = start_static_server(self, serve)
+                config, root = {
+                    "fedora": (self._metalink_config(), "/repo/"),
+                    "rocky": (
+                        f'[routes.rocky]\nupstream = "{self.upstream.url("/rocky/")}"\n'
+                        f'[routes.rocky-mirrorlist]\nupstream = "{self.upstream.url("/")}"\n',
+                        f"/rocky/1/BaseOS/{arch}/os/",
+                    ),
+                    "almalinux": (
+                        f'[routes.almalinux]\nupstream = "{self.upstream.url("/alma/")}"\n'
+                        "[routes.almalinux-mirrorlist]\n"
+                        f'upstream = "{self.upstream.url("/alma-mirrors/")}"\n',
+                        f"/alma/1/BaseOS/{arch}/os/",
+                    ),
+                }[distro]
+                proxy = start_pkgproxy(self, config)
+                snippet = self._snippet(proxy, distro)
+                self.assertIn(f"[{repo_id}]\n", snippet)
+                self._cold_then_offline(proxy, snippet, root=root, repo_id=repo_id)
