@@ -32,8 +32,9 @@ class DiskPool(Service):
     :param durable_threads: threads for fsync, rename and index writes: one by default.
         Each of their calls lets the GIL go and takes it back, so a second thread made
         the reactor and the index thread wait more for it than it gained in overlapped
-        fsyncs (measured with the workload harness: uv's cold install 1.51 s with two,
-        1.38 with one; pip, npm and apt the same within the noise).
+        fsyncs in one workload-harness run (uv's cold install 1.51 s with two, 1.38 with
+        one); a second run, on a slower machine, put the two within each other's spread
+        in every workload (docs/performance.md).
     :param cpu_threads: threads for rewriting and reading indexes: one by default, as
         such work holds the GIL (more threads gain no time, only memory: measured with
         the workload harness, uv's fan-out peaked at 141 MiB with one, 147-178 with more).
