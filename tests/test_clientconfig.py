@@ -21,21 +21,9 @@ import tomllib
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from pkgproxy.clientconfig import main
-from tests.support.procs import REPO_ROOT, clean_env
+from tests.support.procs import REPO_ROOT, clean_env, pkgproxy_config_text
 
 SERVER = "http://127.0.0.1:3142"
-
-
-def generate(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``pkgproxy-config`` as a program (``python -m pkgproxy.clientconfig``)."""
-    env = clean_env({"PYTHONPATH": REPO_ROOT})
-    return subprocess.run(
-        [sys.executable, "-m", "pkgproxy.clientconfig", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
 
 
 def tool_env(home: str, **extra: str) -> dict[str, str]:
@@ -51,7 +39,7 @@ def tool_env(home: str, **extra: str) -> dict[str, str]:
 
 class ClientConfigTestCase(SynchronousTestCase):
     def snippet(self, *args: str) -> str:
-        result = generate(SERVER, *args)
+        result = pkgproxy_config_text(SERVER, *args)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertIn("pkgproxy-config: put this in ", result.stderr)
         return result.stdout
@@ -133,7 +121,7 @@ class PipTests(ClientConfigTestCase):
 
     def test_https_server_needs_no_trust(self) -> None:
         """Behind TLS there is no trusted-host line."""
-        result = generate("https://cache.example", "pip")
+        result = pkgproxy_config_text("https://cache.example", "pip")
         self.assertNotIn("trusted-host", result.stdout)
 
     def test_uv(self) -> None:
@@ -259,7 +247,7 @@ class DnfTests(ClientConfigTestCase):
 
     def test_unknown_distro(self) -> None:
         """A distribution dnf-repo does not know: exit 2 and one line naming those it does."""
-        result = generate(SERVER, "dnf-repo", "--distro", "debian")
+        result = pkgproxy_config_text(SERVER, "dnf-repo", "--distro", "debian")
         self.assertEqual(result.returncode, 2)
         self.assertEqual(
             result.stderr,
@@ -276,7 +264,7 @@ class OtherTests(ClientConfigTestCase):
 
     def test_all(self) -> None:
         """``all`` prints every tool's file under a heading that names it."""
-        out = generate(SERVER, "all").stdout
+        out = pkgproxy_config_text(SERVER, "all").stdout
         for path in ("/etc/apt/apt.conf.d/01pkgproxy", "/etc/pip.conf", "~/.npmrc"):
             self.assertIn(f"==> {path} <==", out)
 
@@ -290,11 +278,11 @@ class OtherTests(ClientConfigTestCase):
     def test_errors(self) -> None:
         """A bad URL, a disabled route or a bad config: exit 2 and one line saying why."""
         for url in ("cache:3142", "http://cache/path", "ftp://cache", "http://u:p@cache"):
-            result = generate(url, "pip")
+            result = pkgproxy_config_text(url, "pip")
             self.assertEqual(result.returncode, 2, url)
             self.assertTrue(result.stderr.startswith("pkgproxy-config: server URL"), result.stderr)
         conf = self.write("pkgproxy.toml", "[routes.pypi]\nenabled = false\n")
-        result = generate(SERVER, "pip", "--config", conf)
+        result = pkgproxy_config_text(SERVER, "pip", "--config", conf)
         self.assertEqual(result.returncode, 2)
         self.assertIn("no enabled route named 'pypi'", result.stderr)
         err = io.StringIO()

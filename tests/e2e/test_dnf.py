@@ -17,7 +17,6 @@ import http.client
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 
@@ -26,10 +25,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from tests.support import rpmrepo
 from tests.support.procs import (
     HOST,
-    REPO_ROOT,
     PkgProxy,
     ServerProcess,
     clean_env,
+    pkgproxy_config_text,
     start_pkgproxy,
     start_static_server,
 )
@@ -461,12 +460,9 @@ class DnfTests(SynchronousTestCase):
     def _snippet(self, proxy: PkgProxy, distro: str) -> str:
         """The first repository of ``pkgproxy-config dnf-repo --distro <distro>``, as the
         program prints it for this server and its configuration."""
-        done = subprocess.run(
-            [sys.executable, "-m", "pkgproxy.clientconfig", "-c", proxy.config_path,
-             "--distro", distro, proxy.url("/").rstrip("/"), "dnf-repo"],
-            capture_output=True, text=True, timeout=60, check=False,
-            env=clean_env({"PYTHONPATH": REPO_ROOT}),
-        )  # fmt: skip
+        done = pkgproxy_config_text(
+            "-c", proxy.config_path, "--distro", distro, proxy.url("/").rstrip("/"), "dnf-repo"
+        )
         self.assertEqual(done.returncode, 0, done.stderr)
         first, _, _ = done.stdout.partition("\n\n[")
         self.assertIn(proxy.url("/"), first)
@@ -490,20 +486,17 @@ class DnfTests(SynchronousTestCase):
         for distro, repo_id in (("fedora", "fedora"), ("rocky", "baseos"), ("almalinux", "baseos")):
             with self.subTest(distro):
                 self.upstream = start_static_server(self, serve)
-                config, root = {
-                    "fedora": (self._metalink_config(), "/repo/"),
-                    "rocky": (
-                        f'[routes.rocky]\nupstream = "{self.upstream.url("/rocky/")}"\n'
-                        f'[routes.rocky-mirrorlist]\nupstream = "{self.upstream.url("/")}"\n',
-                        f"/rocky/1/BaseOS/{arch}/os/",
-                    ),
-                    "almalinux": (
-                        f'[routes.almalinux]\nupstream = "{self.upstream.url("/alma/")}"\n'
-                        "[routes.almalinux-mirrorlist]\n"
-                        f'upstream = "{self.upstream.url("/alma-mirrors/")}"\n',
-                        f"/alma/1/BaseOS/{arch}/os/",
-                    ),
-                }[distro]
+                if distro == "fedora":
+                    config, root = self._metalink_config(), "/repo/"
+                else:
+                    tree, mirrors = (
+                        ("/rocky/", "/") if distro == "rocky" else ("/alma/", "/alma-mirrors/")
+                    )
+                    config = (
+                        f'[routes.{distro}]\nupstream = "{self.upstream.url(tree)}"\n'
+                        f'[routes.{distro}-mirrorlist]\nupstream = "{self.upstream.url(mirrors)}"\n'
+                    )
+                    root = f"{tree}1/BaseOS/{arch}/os/"
                 proxy = start_pkgproxy(self, config)
                 snippet = self._snippet(proxy, distro)
                 self.assertIn(f"[{repo_id}]\n", snippet)

@@ -85,6 +85,19 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def pkgproxy_config_text(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``pkgproxy-config`` as a program (``python -m pkgproxy.clientconfig``) with no
+    proxy in its environment; its output as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "pkgproxy.clientconfig", *args],
+        capture_output=True,
+        text=True,
+        env=clean_env({"PYTHONPATH": REPO_ROOT}),
+        timeout=60,
+        check=False,
+    )
+
+
 def tail(path: str, max_bytes: int = 8000) -> str:
     """The last ``max_bytes`` of a text file, or a note that it is missing."""
     try:
